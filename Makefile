@@ -1,0 +1,42 @@
+# The README's commands. Everything lives in .venv; a second run rebuilds only what changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
+
+.PHONY: setup build test bench info cuda-check gpu-check clean
+
+setup: build
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# Keep a torch that is already there; else the local CPU build (never an unpinned, multi-GB CUDA torch).
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m bench
+
+info: build
+	$(PY) -m llmkern.info
+
+cuda-check:
+	bash scripts/cuda_check.sh
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build $(VENV)/.built

@@ -1,0 +1,80 @@
+#include "cpu/vec/dispatch.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace llmkern {
+namespace {
+
+bool cpu_supports(CpuIsa isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  switch (isa) {
+    case CpuIsa::scalar: return true;
+    case CpuIsa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    case CpuIsa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  return false;
+#else
+  return isa == CpuIsa::scalar;
+#endif
+}
+
+CpuIsa parse_isa(const std::string& name) {
+  if (name == "scalar") return CpuIsa::scalar;
+  if (name == "avx2") return CpuIsa::avx2;
+  if (name == "avx512") return CpuIsa::avx512;
+  throw std::invalid_argument("LLMKERN_CPU_ISA / set_cpu_isa: expected one of scalar, avx2, avx512, got '" +
+                              name + "'");
+}
+
+CpuIsa widest_supported() {
+  for (CpuIsa isa : {CpuIsa::avx512, CpuIsa::avx2})
+    if (cpu_supports(isa)) return isa;
+  return CpuIsa::scalar;
+}
+
+CpuIsa checked(CpuIsa isa) {
+  if (!cpu_supports(isa))
+    throw std::invalid_argument(std::string("cpu isa '") + cpu_isa_name(isa) +
+                                "' is not supported by this CPU; supported: widest is '" +
+                                cpu_isa_name(widest_supported()) + "'");
+  return isa;
+}
+
+CpuIsa initial_isa() {
+  const char* env = std::getenv("LLMKERN_CPU_ISA");
+  return (env && *env) ? checked(parse_isa(env)) : widest_supported();
+}
+
+std::atomic<int>& active() {
+  static std::atomic<int> isa{int(initial_isa())};
+  return isa;
+}
+
+}  // namespace
+
+CpuIsa active_cpu_isa() { return CpuIsa(active().load(std::memory_order_relaxed)); }
+
+void set_cpu_isa(const std::string& name) { active().store(int(checked(parse_isa(name)))); }
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::avx512: return "avx512";
+    case CpuIsa::avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+std::vector<std::string> supported_cpu_isas() {
+  std::vector<std::string> names;
+  for (CpuIsa isa : {CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512})
+    if (cpu_supports(isa)) names.push_back(cpu_isa_name(isa));
+  return names;
+}
+
+}  // namespace llmkern

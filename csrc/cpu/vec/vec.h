@@ -1,0 +1,67 @@
+// The SIMD layer seen by kernel cores. Each kernel .cpp in csrc/kernels is compiled once per ISA with
+// LLMKERN_ISA set to that ISA's namespace (scalar, avx2, avx512); VecF is that ISA's float vector.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+#include "cpu/vec/vec_scalar.h"
+
+#if defined(LLMKERN_ISA_AVX512)
+#include "cpu/vec/vec_avx512.h"
+namespace llmkern { namespace LLMKERN_ISA { using VecF = VecAvx512; } }
+#elif defined(LLMKERN_ISA_AVX2)
+#include "cpu/vec/vec_avx2.h"
+namespace llmkern { namespace LLMKERN_ISA { using VecF = VecAvx2; } }
+#else
+namespace llmkern { namespace LLMKERN_ISA { using VecF = ArrayVec<8>; } }
+#endif
+
+namespace llmkern {
+namespace LLMKERN_ISA {
+
+// Vector type a kernel computes with for storage type T: float lanes (fp32 accumulation) for
+// fp32/bf16/fp16, one double lane for fp64 (the gradcheck path, where speed does not matter).
+template <typename T> struct VecFor { using type = VecF; };
+template <> struct VecFor<double> { using type = ScalarVec<double>; };
+
+// Calls body(V{}, i) for i = 0, W, 2W, ... while a whole vector fits, then body(ScalarVec{}, i) for the
+// tail, so one generic lambda is both the SIMD loop and its scalar twin.
+template <typename V, typename Body>
+inline void for_each_chunk(int64_t n, Body&& body) {
+  int64_t i = 0;
+  if constexpr (V::W > 1) {
+    for (; i + V::W <= n; i += V::W) body(V{}, i);
+  }
+  for (; i < n; ++i) body(ScalarVec<typename V::value_type>{}, i);
+}
+
+// A sum accumulated by for_each_chunk bodies of either width.
+template <typename V>
+struct VecSum {
+  using S = ScalarVec<typename V::value_type>;
+  V vec = V::zero();
+  S one = S::zero();
+  template <typename X> void add(X x) {
+    if constexpr (std::is_same_v<X, V>) vec = vec + x; else one = one + x;
+  }
+  typename V::value_type total() const { return vec.reduce_add() + one.v; }
+};
+
+}  // namespace LLMKERN_ISA
+}  // namespace llmkern
+
+namespace llmkern {
+namespace LLMKERN_ISA {
+
+// Calls fn(T{}) with the storage type named by dtype.
+template <typename Fn>
+inline void visit_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::f32: return fn(float{});
+    case DType::f64: return fn(double{});
+    case DType::bf16: return fn(bf16{});
+    case DType::f16: return fn(f16{});
+  }
+}
+
+}  // namespace LLMKERN_ISA
+}  // namespace llmkern

@@ -1,0 +1,69 @@
+// AVX2 + FMA + F16C vector of 8 floats.
+#pragma once
+#include <immintrin.h>
+#include "cpu/vec/vec_exp.h"
+#include "kernels/dtype.h"
+
+namespace llmkern {
+namespace LLMKERN_ISA {
+
+struct VecAvx2 {
+  using value_type = float;
+  static constexpr int W = 8;
+  __m256 v;
+
+  static VecAvx2 zero() { return {_mm256_setzero_ps()}; }
+  static VecAvx2 set1(float x) { return {_mm256_set1_ps(x)}; }
+  static VecAvx2 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static VecAvx2 load(const bf16* p) {
+    __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(u, 16))};
+  }
+  static VecAvx2 load(const f16* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(bf16* p) const {
+    // Round to nearest even; NaN lanes become quiet NaNs (same as to_bf16 in dtype.h).
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+    r = _mm256_srli_epi32(r, 16);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  }
+  void store(f16* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+
+  friend VecAvx2 operator+(VecAvx2 a, VecAvx2 b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend VecAvx2 operator-(VecAvx2 a, VecAvx2 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  friend VecAvx2 operator*(VecAvx2 a, VecAvx2 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend VecAvx2 operator/(VecAvx2 a, VecAvx2 b) { return {_mm256_div_ps(a.v, b.v)}; }
+  friend VecAvx2 fmadd(VecAvx2 a, VecAvx2 b, VecAvx2 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  friend VecAvx2 min(VecAvx2 a, VecAvx2 b) { return {_mm256_min_ps(a.v, b.v)}; }
+  friend VecAvx2 max(VecAvx2 a, VecAvx2 b) { return {_mm256_max_ps(a.v, b.v)}; }
+  friend VecAvx2 exp(VecAvx2 a) { return exp_cephes(a); }
+  float reduce_add() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+
+  static VecAvx2 round_nearest(VecAvx2 a) {
+    return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  static VecAvx2 pow2i(VecAvx2 n) {
+    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(e, 23))};
+  }
+  static VecAvx2 select_gt(VecAvx2 x, VecAvx2 t, VecAvx2 a, VecAvx2 b) {
+    return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(x.v, t.v, _CMP_GT_OQ))};
+  }
+};
+
+}  // namespace LLMKERN_ISA
+}  // namespace llmkern

@@ -1,0 +1,63 @@
+// AVX-512 (F, BW, VL, DQ) vector of 16 floats. Conversions to bf16 are done with integer ops, so no
+// AVX512_BF16 is needed; fp16 uses the F16C-style vcvtph2ps/vcvtps2ph of AVX-512F.
+#pragma once
+#include <immintrin.h>
+#include "cpu/vec/vec_exp.h"
+#include "kernels/dtype.h"
+
+namespace llmkern {
+namespace LLMKERN_ISA {
+
+struct VecAvx512 {
+  using value_type = float;
+  static constexpr int W = 16;
+  __m512 v;
+
+  static VecAvx512 zero() { return {_mm512_setzero_ps()}; }
+  static VecAvx512 set1(float x) { return {_mm512_set1_ps(x)}; }
+  static VecAvx512 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static VecAvx512 load(const bf16* p) {
+    __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(u, 16))};
+  }
+  static VecAvx512 load(const f16* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store(bf16* p) const {
+    // Round to nearest even; NaN lanes become quiet NaNs (same as to_bf16 in dtype.h).
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  }
+  void store(f16* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+
+  friend VecAvx512 operator+(VecAvx512 a, VecAvx512 b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend VecAvx512 operator-(VecAvx512 a, VecAvx512 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  friend VecAvx512 operator*(VecAvx512 a, VecAvx512 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend VecAvx512 operator/(VecAvx512 a, VecAvx512 b) { return {_mm512_div_ps(a.v, b.v)}; }
+  friend VecAvx512 fmadd(VecAvx512 a, VecAvx512 b, VecAvx512 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  friend VecAvx512 min(VecAvx512 a, VecAvx512 b) { return {_mm512_min_ps(a.v, b.v)}; }
+  friend VecAvx512 max(VecAvx512 a, VecAvx512 b) { return {_mm512_max_ps(a.v, b.v)}; }
+  friend VecAvx512 exp(VecAvx512 a) { return exp_cephes(a); }
+  float reduce_add() const { return _mm512_reduce_add_ps(v); }
+
+  static VecAvx512 round_nearest(VecAvx512 a) {
+    return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  static VecAvx512 pow2i(VecAvx512 n) {
+    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(e, 23))};
+  }
+  static VecAvx512 select_gt(VecAvx512 x, VecAvx512 t, VecAvx512 a, VecAvx512 b) {
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, t.v, _CMP_GT_OQ), b.v, a.v)};
+  }
+};
+
+}  // namespace LLMKERN_ISA
+}  // namespace llmkern

@@ -1,0 +1,135 @@
+// RMSNorm forward/backward cores, compiled once per CPU ISA (see cpu/vec/vec.h).
+// Memory-bound: each row is read once from memory and, being a few KB, re-read from L1 in the second
+// pass, so the floor is (read x [+ residual] + write out [+ residual_out]) / bandwidth.
+#include "kernels/norm.h"
+
+#include <cmath>
+
+#include "cpu/vec/vec.h"
+#include "kernels/parallel.h"
+
+namespace llmkern {
+namespace LLMKERN_ISA {
+namespace {
+
+template <typename T>
+struct NormRow {
+  using V = typename VecFor<T>::type;
+  using A = typename V::value_type;  // accumulation type
+  const T* weight;
+  bool offset;
+
+  // w'(i) as a vector of either width.
+  template <typename Vv> Vv scale(int64_t i) const {
+    if (!weight) return Vv::set1(A(1));
+    Vv w = Vv::load(weight + i);
+    return offset ? w + Vv::set1(A(1)) : w;
+  }
+};
+
+template <typename T>
+void fwd_rows(const RmsNormParams& p, int64_t r0, int64_t r1) {
+  using V = typename NormRow<T>::V;
+  using A = typename NormRow<T>::A;
+  const NormRow<T> row{static_cast<const T*>(p.weight), p.weight_offset};
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* src = static_cast<const T*>(p.x) + r * p.x_stride;
+    T* out = static_cast<T*>(p.out) + r * p.out_stride;
+    VecSum<V> ss;
+    if (p.residual) {
+      const T* res = static_cast<const T*>(p.residual) + r * p.residual_stride;
+      T* sum = static_cast<T*>(p.residual_out) + r * p.residual_out_stride;
+      for_each_chunk<V>(p.hidden, [&](auto v, int64_t i) {
+        using Vv = decltype(v);
+        (Vv::load(src + i) + Vv::load(res + i)).store(sum + i);
+        Vv s = Vv::load(sum + i);  // normalize the sum as stored (rounded to T), as vLLM does
+        ss.add(s * s);
+      });
+      src = sum;
+    } else {
+      for_each_chunk<V>(p.hidden, [&](auto v, int64_t i) {
+        using Vv = decltype(v);
+        Vv s = Vv::load(src + i);
+        ss.add(s * s);
+      });
+    }
+    const A rstd = A(1) / std::sqrt(ss.total() / A(p.hidden) + A(p.eps));
+    if (p.rstd) static_cast<A*>(p.rstd)[r] = rstd;
+    for_each_chunk<V>(p.hidden, [&](auto v, int64_t i) {
+      using Vv = decltype(v);
+      (Vv::load(src + i) * Vv::set1(rstd) * row.template scale<Vv>(i)).store(out + i);
+    });
+  }
+}
+
+// Rows [r0, r1): dx, and this block's dw partial (accumulated in A) when requested.
+template <typename T>
+void bwd_rows(const RmsNormBwdParams& p, int64_t r0, int64_t r1, typename NormRow<T>::A* dw_partial) {
+  using V = typename NormRow<T>::V;
+  using A = typename NormRow<T>::A;
+  const NormRow<T> row{static_cast<const T*>(p.weight), p.weight_offset};
+  if (dw_partial)
+    for (int64_t i = 0; i < p.hidden; ++i) dw_partial[i] = A(0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* dy = static_cast<const T*>(p.dy) + r * p.dy_stride;
+    const T* x = static_cast<const T*>(p.x) + r * p.x_stride;
+    T* dx = static_cast<T*>(p.dx) + r * p.dx_stride;
+    const T* dres = p.dresidual ? static_cast<const T*>(p.dresidual) + r * p.dresidual_stride : nullptr;
+    const A rstd = static_cast<const A*>(p.rstd)[r];
+    VecSum<V> dot;
+    for_each_chunk<V>(p.hidden, [&](auto v, int64_t i) {
+      using Vv = decltype(v);
+      dot.add(Vv::load(dy + i) * row.template scale<Vv>(i) * Vv::load(x + i));
+    });
+    const A c = dot.total() * rstd * rstd * rstd / A(p.hidden);
+    for_each_chunk<V>(p.hidden, [&](auto v, int64_t i) {
+      using Vv = decltype(v);
+      Vv g = Vv::load(dy + i), xv = Vv::load(x + i);
+      Vv d = g * row.template scale<Vv>(i) * Vv::set1(rstd) - Vv::set1(c) * xv;
+      if (dres) d = d + Vv::load(dres + i);
+      d.store(dx + i);
+      if (dw_partial) fmadd(g * xv, Vv::set1(rstd), Vv::load(dw_partial + i)).store(dw_partial + i);
+    });
+  }
+}
+
+template <typename T>
+void bwd(const RmsNormBwdParams& p) {
+  using V = typename NormRow<T>::V;
+  using A = typename NormRow<T>::A;
+  A* partial = static_cast<A*>(p.dweight_partial);
+  const int64_t blocks = p.dweight ? p.blocks : 1;
+  // Blocks own contiguous row ranges so each dw partial is summed by one thread, in a fixed order.
+  parallel_for(0, p.dweight ? blocks : p.rows, 1, [&](int64_t b0, int64_t b1) {
+    if (!p.dweight) return bwd_rows<T>(p, b0, b1, nullptr);
+    for (int64_t b = b0; b < b1; ++b)
+      bwd_rows<T>(p, b * p.rows / blocks, (b + 1) * p.rows / blocks, partial + b * p.hidden);
+  });
+  if (!p.dweight) return;
+  T* dw = static_cast<T*>(p.dweight);
+  parallel_for(0, p.hidden, 1024, [&](int64_t c0, int64_t c1) {
+    for_each_chunk<V>(c1 - c0, [&](auto v, int64_t i) {
+      using Vv = decltype(v);
+      Vv s = Vv::load(partial + c0 + i);
+      for (int64_t b = 1; b < blocks; ++b) s = s + Vv::load(partial + b * p.hidden + c0 + i);
+      s.store(dw + c0 + i);
+    });
+  });
+}
+
+}  // namespace
+
+void rms_norm_fwd_kernel(const RmsNormParams& p) {
+  visit_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    const int64_t row_bytes = p.hidden * int64_t(sizeof(T)) * (p.residual ? 4 : 2);
+    parallel_for(0, p.rows, grain_for(row_bytes), [&](int64_t r0, int64_t r1) { fwd_rows<T>(p, r0, r1); });
+  });
+}
+
+void rms_norm_bwd_kernel(const RmsNormBwdParams& p) {
+  visit_dtype(p.dtype, [&](auto t) { bwd<decltype(t)>(p); });
+}
+
+}  // namespace LLMKERN_ISA
+}  // namespace llmkern

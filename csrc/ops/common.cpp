@@ -1,0 +1,65 @@
+#include "ops/common.h"
+
+namespace llmkern {
+
+DType kernel_dtype(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    case at::kDouble: return DType::f64;
+    default:
+      TORCH_CHECK_TYPE(false, name, ": expected dtype float32, bfloat16, float16 or float64, got ",
+                       t.scalar_type());
+  }
+}
+
+void check_like(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, ": expected the dtype of ", ref_name, " (",
+                   ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected the device of ", ref_name, " (", ref.device(),
+              "), got ", t.device());
+}
+
+void check_device(const Tensor& t, const char* name, c10::DeviceType device) {
+  TORCH_CHECK(t.device().type() == device, name, ": expected a ", c10::DeviceTypeName(device),
+              " tensor, got one on ", t.device());
+}
+
+namespace {
+// Row stride if every leading dim steps by a multiple of the next one's extent, else -1.
+int64_t collapsed_row_stride(const Tensor& t) {
+  const int64_t nd = t.dim();
+  if (nd == 1) return t.size(0);
+  int64_t stride = -1, expected = -1;
+  for (int64_t d = nd - 2; d >= 0; --d) {
+    if (t.size(d) == 1) continue;
+    if (stride < 0) {
+      stride = t.stride(d);
+    } else if (t.stride(d) != expected) {
+      return -1;
+    }
+    expected = t.stride(d) * t.size(d);
+  }
+  return stride < 0 ? t.size(-1) : stride;
+}
+}  // namespace
+
+Rows as_rows(const Tensor& t, const char* name, bool writable) {
+  TORCH_CHECK(t.dim() >= 1, name, ": expected at least 1 dimension, got a 0-dim tensor");
+  const int64_t cols = t.size(-1);
+  int64_t stride = (t.stride(-1) == 1 || cols == 1) ? collapsed_row_stride(t) : -1;
+  Tensor held = t;
+  if (stride < 0) {
+    TORCH_CHECK(!writable, name, ": written in place, so its rows must be addressable with unit stride "
+                "along the last dim and one stride across the leading dims; got sizes ", t.sizes(),
+                " strides ", t.strides());
+    held = t.contiguous();
+    stride = cols;
+  }
+  return Rows{held, cols == 0 ? 0 : t.numel() / cols, cols, stride};
+}
+
+Tensor empty_like_contiguous(const Tensor& t) { return at::empty(t.sizes(), t.options()); }
+
+}  // namespace llmkern

@@ -1,0 +1,176 @@
+// RMSNorm ops at the tensor level: checks, output allocation and params, shared by the CPU and CUDA
+// bindings. Backend supplies `device`, fwd(RmsNormParams), bwd(RmsNormBwdParams) and dweight_blocks(rows).
+#pragma once
+#include <optional>
+#include <tuple>
+
+#include "kernels/norm.h"
+#include "ops/common.h"
+
+namespace llmkern {
+
+template <typename Backend>
+struct NormOps {
+  // x: [..., hidden]; weight: [hidden] or None. Fills the input side of the params.
+  static RmsNormParams params(const Tensor& x, const Rows& xr, const std::optional<Tensor>& weight,
+                              double eps, bool weight_offset) {
+    check_device(x, "x", Backend::device);
+    RmsNormParams p;
+    p.dtype = kernel_dtype(x, "x");
+    TORCH_CHECK(xr.cols > 0, "x: expected a non-empty last (hidden) dim, got sizes ", x.sizes());
+    TORCH_CHECK(eps >= 0, "eps: expected >= 0, got ", eps);
+    if (weight) {
+      check_like(*weight, "weight", x, "x");
+      TORCH_CHECK(weight->dim() == 1 && weight->size(0) == xr.cols, "weight: expected shape [", xr.cols,
+                  "] (the hidden size of x), got ", weight->sizes());
+      TORCH_CHECK(weight->stride(0) == 1 || xr.cols == 1, "weight: expected a contiguous tensor, got stride ",
+                  weight->stride(0));
+      p.weight = weight->data_ptr();
+    } else {
+      TORCH_CHECK(!weight_offset, "weight_offset: needs a weight, got weight=None");
+    }
+    p.rows = xr.rows;
+    p.hidden = xr.cols;
+    p.x = xr.data();
+    p.x_stride = xr.stride;
+    p.weight_offset = weight_offset;
+    p.eps = static_cast<float>(eps);
+    return p;
+  }
+
+  static Tensor rstd_for(const Tensor& x, int64_t rows) {
+    auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    return at::empty({rows}, x.options().dtype(acc));
+  }
+
+  // -> (out [..., hidden], rstd [rows] float32 (float64 for float64 x))
+  static std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, const std::optional<Tensor>& weight, double eps,
+                                             bool weight_offset) {
+    Rows xr = as_rows(x, "x");
+    RmsNormParams p = params(x, xr, weight, eps, weight_offset);
+    Tensor out = empty_like_contiguous(x), rstd = rstd_for(x, xr.rows);
+    p.out = out.data_ptr();
+    p.out_stride = xr.cols;
+    p.rstd = rstd.data_ptr();
+    if (p.rows) Backend::fwd(p);
+    return {out, rstd};
+  }
+
+  static void rms_norm_out(Tensor& out, const Tensor& x, const std::optional<Tensor>& weight, double eps,
+                           bool weight_offset) {
+    Rows xr = as_rows(x, "x");
+    RmsNormParams p = params(x, xr, weight, eps, weight_offset);
+    check_like(out, "out", x, "x");
+    TORCH_CHECK(out.sizes() == x.sizes(), "out: expected the shape of x ", x.sizes(), ", got ", out.sizes());
+    Rows outr = as_rows(out, "out", /*writable=*/true);
+    p.out = outr.data();
+    p.out_stride = outr.stride;
+    if (p.rows) Backend::fwd(p);
+  }
+
+  static void set_residual(RmsNormParams& p, const Tensor& x, const Tensor& residual, const Rows& rr) {
+    check_like(residual, "residual", x, "x");
+    TORCH_CHECK(residual.sizes() == x.sizes(), "residual: expected the shape of x ", x.sizes(), ", got ",
+                residual.sizes());
+    p.residual = rr.data();
+    p.residual_stride = rr.stride;
+  }
+
+  // -> (out, residual_out = x + residual, rstd); differentiable through rms_norm_bwd.
+  static std::tuple<Tensor, Tensor, Tensor> fused_add_rms_norm(const Tensor& x, const Tensor& residual,
+                                                               const std::optional<Tensor>& weight, double eps,
+                                                               bool weight_offset) {
+    Rows xr = as_rows(x, "x");
+    RmsNormParams p = params(x, xr, weight, eps, weight_offset);
+    set_residual(p, x, residual, as_rows(residual, "residual"));
+    Tensor out = empty_like_contiguous(x), sum = empty_like_contiguous(x), rstd = rstd_for(x, xr.rows);
+    p.out = out.data_ptr();
+    p.out_stride = xr.cols;
+    p.residual_out = sum.data_ptr();
+    p.residual_out_stride = xr.cols;
+    p.rstd = rstd.data_ptr();
+    if (p.rows) Backend::fwd(p);
+    return {out, sum, rstd};
+  }
+
+  // In place, for inference: residual += x, then x = rms_norm(residual).
+  static void fused_add_rms_norm_(Tensor& x, Tensor& residual, const std::optional<Tensor>& weight, double eps,
+                                  bool weight_offset) {
+    Rows xr = as_rows(x, "x", /*writable=*/true);
+    RmsNormParams p = params(x, xr, weight, eps, weight_offset);
+    Rows rr = as_rows(residual, "residual", /*writable=*/true);
+    set_residual(p, x, residual, rr);
+    p.out = xr.data();
+    p.out_stride = xr.stride;
+    p.residual_out = rr.data();
+    p.residual_out_stride = rr.stride;
+    if (p.rows) Backend::fwd(p);
+  }
+
+  // -> (dx, dweight); dweight is empty when weight is None.
+  static std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x,
+                                                 const std::optional<Tensor>& weight, const Tensor& rstd,
+                                                 bool weight_offset, const std::optional<Tensor>& dresidual) {
+    Rows xr = as_rows(x, "x");
+    RmsNormParams fp = params(x, xr, weight, 0.0, weight_offset);
+    check_like(dy, "dy", x, "x");
+    TORCH_CHECK(dy.sizes() == x.sizes(), "dy: expected the shape of x ", x.sizes(), ", got ", dy.sizes());
+    Tensor rstd_c = rstd.contiguous();
+    TORCH_CHECK(rstd.scalar_type() == rstd_for(x, 0).scalar_type() && rstd.numel() == xr.rows,
+                "rstd: expected the [", xr.rows, "] ", rstd_for(x, 0).scalar_type(),
+                " tensor returned by the forward, got ", rstd.scalar_type(), " ", rstd.sizes());
+    check_device(rstd, "rstd", Backend::device);
+    Rows dyr = as_rows(dy, "dy");
+    RmsNormBwdParams p;
+    p.dtype = fp.dtype;
+    p.rows = xr.rows;
+    p.hidden = xr.cols;
+    p.dy = dyr.data();
+    p.dy_stride = dyr.stride;
+    p.x = xr.data();
+    p.x_stride = xr.stride;
+    p.weight = fp.weight;
+    p.weight_offset = weight_offset;
+    p.rstd = rstd_c.data_ptr();
+    Rows dresr;
+    if (dresidual) {
+      check_like(*dresidual, "dresidual", x, "x");
+      TORCH_CHECK(dresidual->sizes() == x.sizes(), "dresidual: expected the shape of x ", x.sizes(), ", got ",
+                  dresidual->sizes());
+      dresr = as_rows(*dresidual, "dresidual");
+      p.dresidual = dresr.data();
+      p.dresidual_stride = dresr.stride;
+    }
+    Tensor dx = empty_like_contiguous(x);
+    p.dx = dx.data_ptr();
+    p.dx_stride = xr.cols;
+    Tensor dweight, partial;
+    if (weight) {
+      dweight = at::empty({xr.cols}, x.options());
+      p.blocks = std::max<int64_t>(1, std::min<int64_t>(xr.rows, Backend::dweight_blocks(xr.rows)));
+      partial = at::empty({p.blocks, xr.cols}, rstd_c.options());
+      p.dweight = dweight.data_ptr();
+      p.dweight_partial = partial.data_ptr();
+    } else {
+      dweight = at::empty({0}, x.options());
+    }
+    if (p.rows) {
+      Backend::bwd(p);
+    } else if (weight) {
+      dweight.zero_();
+    }
+    return {dx, dweight};
+  }
+};
+
+// Registers the family's ops for one dispatch key; called inside TORCH_LIBRARY_IMPL.
+template <typename Backend>
+void register_norm_ops(torch::Library& m) {
+  m.impl("rms_norm", &NormOps<Backend>::rms_norm);
+  m.impl("rms_norm_out", &NormOps<Backend>::rms_norm_out);
+  m.impl("fused_add_rms_norm", &NormOps<Backend>::fused_add_rms_norm);
+  m.impl("fused_add_rms_norm_", &NormOps<Backend>::fused_add_rms_norm_);
+  m.impl("rms_norm_bwd", &NormOps<Backend>::rms_norm_bwd);
+}
+
+}  // namespace llmkern

@@ -1,0 +1,72 @@
+// Every llmkern op schema, declared once. Backends register implementations from their own files
+// (csrc/cpu/<family>.cpp for CPU, csrc/cuda/bindings.cpp for CUDA).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <stdexcept>
+
+#include "cpu/vec/dispatch.h"
+
+namespace {
+
+std::string cpu_isa() { return llmkern::cpu_isa_name(llmkern::active_cpu_isa()); }
+
+void set_cpu_isa(const std::string& name) {
+  try {
+    llmkern::set_cpu_isa(name);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llmkern, m) {
+  // CPU ISA path: the one in use, the ones this CPU supports, and forcing one (like LLMKERN_CPU_ISA).
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("supported_cpu_isas() -> str[]", &llmkern::supported_cpu_isas);
+  m.def("set_cpu_isa(str isa) -> ()", &set_cpu_isa);
+
+  // RMSNorm over the last dim: returns (out, rstd); rstd [rows] is saved for the backward.
+  m.def("rms_norm(Tensor x, Tensor? weight, float eps, bool weight_offset) -> (Tensor, Tensor)");
+  // RMSNorm into a preallocated out.
+  m.def("rms_norm_out(Tensor(a!) out, Tensor x, Tensor? weight, float eps, bool weight_offset) -> ()");
+  // s = x + residual, then RMSNorm(s): returns (out, s, rstd).
+  m.def("fused_add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps, bool weight_offset)"
+        " -> (Tensor, Tensor, Tensor)");
+  // In place for inference: residual += x, then x = RMSNorm(residual).
+  m.def("fused_add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor? weight, float eps,"
+        " bool weight_offset) -> ()");
+  // RMSNorm backward: (dx (+ dresidual), dweight); dweight is empty when weight is None.
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, bool weight_offset,"
+        " Tensor? dresidual) -> (Tensor, Tensor)");
+
+  // act(x[..., :d]) * x[..., d:] for x [..., 2d]; activation is "silu" or "gelu_tanh".
+  m.def("act_and_mul(Tensor x, str activation) -> Tensor");
+  // act_and_mul into a preallocated out [..., d].
+  m.def("act_and_mul_out(Tensor(a!) out, Tensor x, str activation) -> ()");
+  // act_and_mul backward: dx [..., 2d].
+  m.def("act_and_mul_bwd(Tensor dy, Tensor x, str activation) -> Tensor");
+  // act(gate) * up for separate gate and up tensors of one shape.
+  m.def("act_mul(Tensor gate, Tensor up, str activation) -> Tensor");
+  // act_mul backward: (dgate, dup).
+  m.def("act_mul_bwd(Tensor dy, Tensor gate, Tensor up, str activation) -> (Tensor, Tensor)");
+
+  // RoPE in place on query [tokens, heads, head_dim] and key [tokens, kv_heads, head_dim] at
+  // positions [tokens]; cos_sin_cache [max_position, rotary_dim] holds cos then sin halves.
+  m.def("rotary_embedding_(Tensor positions, Tensor(a!) query, Tensor(b!)? key, Tensor cos_sin_cache,"
+        " bool is_neox) -> ()");
+  // RoPE out of place on one tensor; inverse=True rotates by -theta (the backward).
+  m.def("rotary_embedding(Tensor positions, Tensor x, Tensor cos_sin_cache, bool is_neox, bool inverse)"
+        " -> Tensor");
+
+  // Benchmark ceilings: wide-SIMD copy and read loops over all threads (bench/harness.py).
+  m.def("bench_copy_(Tensor(a!) dst, Tensor src) -> ()");
+  m.def("bench_read(Tensor src) -> float");
+}
+
+// `import llmkern._C` loads this library, which runs the registrations above.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "llmkern compiled ops", -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,20 @@
+"""The `llmkern` command: `llmkern info` (more subcommands arrive with serving, training and bench)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="llmkern")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, torch, CPU ISA path, threads, CUDA kernels, registered ops")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from llmkern.info import main as info_main
+
+        info_main()
+
+
+if __name__ == "__main__":
+    main()
