@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from llmkern._ext import available, ops
+from llmkern.ops._fake import check_same_device
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,6 +81,7 @@ def _register() -> None:
 
     @torch.library.register_fake("llmkern::rms_norm")
     def _(x, weight, eps, weight_offset):
+        check_same_device("x", x, weight=weight)
         return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
             rows(x), dtype=_acc_dtype(x.dtype)
         )
@@ -90,6 +92,7 @@ def _register() -> None:
 
     @torch.library.register_fake("llmkern::fused_add_rms_norm")
     def _(x, residual, weight, eps, weight_offset):
+        check_same_device("x", x, residual=residual, weight=weight)
         like = torch.empty_like(x, memory_format=torch.contiguous_format)
         return like, torch.empty_like(like), x.new_empty(rows(x), dtype=_acc_dtype(x.dtype))
 

@@ -1,0 +1,178 @@
+import pytest
+import torch
+
+import llmkern.ops as lk
+from tests.helpers import DTYPES, assert_close_derived, poisoned_like, strided
+
+HIDDEN = [8, 769, 4096, 5125]
+TOKENS = [1, 7, 33]
+WEIGHTS = ["weight", "none", "gemma"]  # weight, weight=None, Gemma's (1 + weight)
+
+
+def make(tokens, hidden, dtype, weight_kind, requires_grad=False):
+    x = torch.randn(tokens, hidden, dtype=dtype)
+    w = None if weight_kind == "none" else (torch.rand(hidden) + 0.5).to(dtype)
+    if requires_grad:
+        x.requires_grad_()
+        if w is not None:
+            w.requires_grad_()
+    return x, w
+
+
+def ref64(x, w, offset, eps=1e-6):
+    return lk.rms_norm_ref(x.double(), None if w is None else w.double(), eps, offset)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("weight_kind", WEIGHTS)
+def test_rms_norm_forward(cpu_isa, dtype, hidden, tokens, weight_kind):
+    x, w = make(tokens, hidden, dtype, weight_kind)
+    offset = weight_kind == "gemma"
+    out = lk.rms_norm(x, w, 1e-6, weight_offset=offset)
+    assert_close_derived(out, ref64(x, w, offset), lk.rms_norm_ref(x, w, 1e-6, offset))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_strided_leading_dims_and_out(cpu_isa, dtype):
+    x = strided(torch.randn(3, 5, 769, dtype=dtype))  # rows 772 apart
+    w = torch.randn(769, dtype=dtype)
+    want = ref64(x, w, False)
+    assert_close_derived(lk.rms_norm(x, w), want, lk.rms_norm_ref(x, w))
+    out = strided(poisoned_like(x))
+    assert lk.rms_norm(x, w, out=out) is out
+    assert_close_derived(out, want, lk.rms_norm_ref(x, w))
+    # Leading dims that no single row stride describes are copied, not misread.
+    xt = torch.randn(5, 3, 769, dtype=dtype).transpose(0, 1)
+    assert_close_derived(lk.rms_norm(xt, w), ref64(xt, w, False), lk.rms_norm_ref(xt, w))
+
+
+def test_qk_norm_per_head(cpu_isa):
+    q = torch.randn(7, 4, 111)  # [tokens, heads, head_dim] with a [head_dim] weight
+    w = torch.randn(111)
+    assert_close_derived(lk.rms_norm(q, w), ref64(q, w, False), lk.rms_norm_ref(q, w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [8, 769, 4096])
+@pytest.mark.parametrize("weight_kind", WEIGHTS)
+def test_fused_add_rms_norm(cpu_isa, dtype, hidden, weight_kind):
+    x, w = make(7, hidden, dtype, weight_kind)
+    res = torch.randn(7, hidden, dtype=dtype)
+    offset = weight_kind == "gemma"
+    out_t, sum_t = lk.fused_add_rms_norm_ref(x, res, w, 1e-6, offset)
+    # The kernel normalizes the sum as stored in dtype (as vLLM does), so the exact reference does too.
+    want = ref64(sum_t, w, offset)
+    out, s = lk.fused_add_rms_norm(x, res, w, 1e-6, weight_offset=offset)
+    assert torch.equal(s, sum_t)
+    assert_close_derived(out, want, out_t)
+    x2, res2 = strided(x.clone()), res.clone()
+    lk.fused_add_rms_norm_(x2, res2, w, 1e-6, weight_offset=offset)
+    assert torch.equal(res2, sum_t)
+    assert_close_derived(x2, want, out_t)
+
+
+@pytest.mark.parametrize("weight_kind", WEIGHTS)
+def test_gradcheck_float64(cpu_isa, weight_kind):
+    x, w = make(5, 37, torch.float64, weight_kind, requires_grad=True)
+    offset = weight_kind == "gemma"
+    inputs = (x,) if w is None else (x, w)
+    fn = lambda x, w=None: lk.rms_norm(x, w, 1e-5, weight_offset=offset)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+    res = torch.randn(5, 37, dtype=torch.float64, requires_grad=True)
+    fused = lambda x, r, w=None: lk.fused_add_rms_norm(x, r, w, 1e-5, weight_offset=offset)  # noqa: E731
+    assert torch.autograd.gradcheck(fused, (x, res) if w is None else (x, res, w))
+
+
+def grads(fn, inputs, dy):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, dy)])
+    return [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [8, 769, 4096])
+@pytest.mark.parametrize("weight_kind", ["weight", "gemma"])
+def test_backward_low_precision(cpu_isa, dtype, hidden, weight_kind):
+    x, w = make(33, hidden, dtype, weight_kind)
+    offset = weight_kind == "gemma"
+    dy = torch.randn(33, hidden)
+    kern = grads(lambda x, w: lk.rms_norm(x, w, 1e-6, weight_offset=offset), [x, w], [dy])
+    ref = grads(lambda x, w: lk.rms_norm_ref(x, w, 1e-6, offset), [x.double(), w.double()], [dy])
+    torch_same = grads(lambda x, w: lk.rms_norm_ref(x, w, 1e-6, offset), [x, w], [dy])
+    for name, g, r, t in zip(["dx", "dweight"], kern, ref, torch_same):
+        assert_close_derived(g, r, t, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_backward_low_precision(cpu_isa, dtype):
+    x, w = make(7, 769, dtype, "weight")
+    res = torch.randn(7, 769, dtype=dtype)
+    dy, ds = torch.randn(7, 769), torch.randn(7, 769)
+    fn = lambda x, r, w: lk.fused_add_rms_norm(x, r, w, 1e-6)  # noqa: E731
+    ref_fn = lambda x, r, w: lk.fused_add_rms_norm_ref(x, r, w, 1e-6)  # noqa: E731
+    kern = grads(fn, [x, res, w], [dy, ds])
+    ref = grads(ref_fn, [x.double(), res.double(), w.double()], [dy, ds])
+    torch_same = grads(ref_fn, [x, res, w], [dy, ds])
+    for name, g, r, t in zip(["dx", "dresidual", "dweight"], kern, ref, torch_same):
+        assert_close_derived(g, r, t, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_transformers_llama_rmsnorm(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hf = LlamaRMSNorm(769, eps=1e-5)
+    with torch.no_grad():
+        hf.weight.copy_(torch.rand(769) + 0.5)
+    hf = hf.to(dtype)
+    x = torch.randn(2, 7, 769, dtype=dtype)
+    want = ref64(x, hf.weight, False, 1e-5)
+    # transformers rounds x_normed to dtype before the weight multiply: two roundings where we do one.
+    assert_close_derived(lk.rms_norm(x, hf.weight, 1e-5), want, hf(x).detach())
+
+
+def test_opcheck():
+    x, w = torch.randn(7, 769), torch.randn(769)
+    res = torch.randn(7, 769)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ops = torch.ops.llmkern
+    torch.library.opcheck(ops.rms_norm, (xg, wg, 1e-6, False))
+    torch.library.opcheck(ops.rms_norm, (x, None, 1e-6, False))
+    torch.library.opcheck(ops.rms_norm_out, (torch.empty_like(x), x, w, 1e-6, True))
+    torch.library.opcheck(ops.fused_add_rms_norm, (xg, res.clone().requires_grad_(), wg, 1e-6, False))
+    torch.library.opcheck(ops.fused_add_rms_norm_, (x.clone(), res.clone(), w, 1e-6, False))
+    _, rstd = ops.rms_norm(x, w, 1e-6, False)
+    torch.library.opcheck(ops.rms_norm_bwd, (torch.randn(7, 769), x, w, rstd, False, None))
+    torch.library.opcheck(ops.rms_norm_bwd, (torch.randn(7, 769), x, None, rstd, False, res))
+
+
+def test_zero_rows():
+    x = torch.randn(0, 16)
+    assert lk.rms_norm(x, torch.randn(16)).shape == (0, 16)
+
+
+BAD = [
+    ("x", lambda: lk.rms_norm(torch.randint(0, 5, (3, 8)), None), "x: expected dtype"),
+    ("weight", lambda: lk.rms_norm(torch.randn(3, 8), torch.randn(8, dtype=torch.bfloat16)), "weight: expected the dtype of x"),
+    ("weight", lambda: lk.rms_norm(torch.randn(3, 8), torch.randn(7)), r"weight: expected shape \[8\]"),
+    ("weight", lambda: lk.rms_norm(torch.randn(3, 8), torch.randn(8, 2)[:, 0]), "weight: expected a contiguous"),
+    ("weight", lambda: lk.rms_norm(torch.randn(3, 8), torch.randn(8, device="meta")), "weight: expected the device of x"),
+    ("x", lambda: lk.rms_norm(torch.randn(3, 0), None), "x: expected a non-empty last"),
+    ("x", lambda: lk.rms_norm(torch.tensor(1.0), None), "x: expected at least 1 dimension"),
+    ("eps", lambda: lk.rms_norm(torch.randn(3, 8), None, -1.0), "eps: expected >= 0"),
+    ("weight_offset", lambda: lk.rms_norm(torch.randn(3, 8), None, weight_offset=True), "weight_offset: needs a weight"),
+    ("out", lambda: lk.rms_norm(torch.randn(3, 8), None, out=torch.empty(3, 9)), "out: expected the shape of x"),
+    ("out", lambda: lk.rms_norm(torch.randn(3, 8), None, out=torch.empty(8, 3).t()), "out: written in place"),
+    ("residual", lambda: lk.fused_add_rms_norm(torch.randn(3, 8), torch.randn(3, 9)), "residual: expected the shape"),
+    ("residual", lambda: lk.fused_add_rms_norm_(torch.randn(3, 8), torch.randn(3, 8).half()), "residual: expected the dtype"),
+]
+
+
+@pytest.mark.parametrize("arg,call,message", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_raises(arg, call, message):
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=message):
+        call()
