@@ -12,12 +12,12 @@ namespace llmkern {
 namespace cuda {
 namespace {
 
-constexpr int kBlockThreads = 256;
+constexpr int kBlockThreads = 256, kMaxThreads = 512;  // 512: ptxas keeps a 128-register budget
 
 // Threads per row (x) and rows per block (y) for rows of `packs` vector accesses.
 dim3 row_block(int64_t hidden, int vec) {
   const int64_t packs = (hidden + vec - 1) / vec;
-  const unsigned tpr = next_pow2(std::min<int64_t>(1024, (packs + 3) / 4));
+  const unsigned tpr = next_pow2(std::min<int64_t>(kMaxThreads, (packs + 3) / 4));
   return dim3(tpr, std::max(1u, kBlockThreads / tpr));
 }
 
@@ -37,7 +37,7 @@ __device__ __forceinline__ void load_scale(const T* weight, bool offset, int i, 
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(1024) rms_norm_fwd_kernel(const RmsNormParams p) {
+__global__ void __launch_bounds__(kMaxThreads) rms_norm_fwd_kernel(const RmsNormParams p) {
   using A = acc_t<T>;
   __shared__ A red[32];
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(1024) rms_norm_fwd_kernel(const RmsNormParams 
 // with dweight, sums its dw partial over them: in shared memory when it fits (dw_in_smem), else directly
 // in its row of the global partial buffer. Without dweight, groups == rows (one row each).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxThreads)
     rms_norm_bwd_kernel(const RmsNormBwdParams p, int64_t groups, int64_t iters, bool dw_in_smem) {
   using A = acc_t<T>;
   __shared__ A red[32];

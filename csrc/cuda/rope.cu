@@ -58,8 +58,17 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
   const float* cos = p.cos_sin_cache + pos * rd;
   const float* sin = cos + half;
   const A sign = p.inverse ? A(-1) : A(1);  // the inverse rotation (the backward) is the transpose
-  const int per_head = (NEOX ? half : rd) / N;
-  for (int it = threadIdx.x; it < heads * per_head; it += blockDim.x) {
+  // Items [0, rotated) rotate pairs; out of place, items [rotated, total) copy the features past
+  // rotary_dim unchanged (VEC divides hd - rd when VEC > 1). One loop: fewer live values than two.
+  const int per_head = (NEOX ? half : rd) / N, rest = (hd - rd) / VEC;
+  const int rotated = heads * per_head, total = rotated + (src == dst ? 0 : heads * rest);
+  for (int it = threadIdx.x; it < total; it += blockDim.x) {
+    if (it >= rotated) {
+      const int h = (it - rotated) / rest, j = rd + (it - rotated) % rest * VEC;
+      *reinterpret_cast<Pack<T, VEC>*>(dst + h * p.dst_head_stride + j) =
+          *reinterpret_cast<const Pack<T, VEC>*>(src + h * p.src_head_stride + j);
+      continue;
+    }
     const int h = it / per_head, j = (it % per_head) * N;
     const T* s = src + h * p.src_head_stride;
     T* d = dst + h * p.dst_head_stride;
@@ -86,14 +95,6 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
       }
       store_n<T, VEC, N>(d + j, v);
     }
-  }
-  if (src == dst || rd == hd) return;
-  // Out of place: copy the features past rotary_dim unchanged (VEC divides hd - rd when VEC > 1).
-  const int rest = (hd - rd) / VEC;
-  for (int it = threadIdx.x; it < heads * rest; it += blockDim.x) {
-    const int h = it / rest, j = rd + (it % rest) * VEC;
-    *reinterpret_cast<Pack<T, VEC>*>(dst + h * p.dst_head_stride + j) =
-        *reinterpret_cast<const Pack<T, VEC>*>(src + h * p.src_head_stride + j);
   }
 }
 
