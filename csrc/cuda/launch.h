@@ -1,0 +1,26 @@
+// CUDA kernel launchers: each takes a filled params struct (device pointers) and a stream, launches on
+// that stream and returns the launch's error (cudaSuccess when it went out). Torch-free; the current
+// device must be the one holding the pointers. Included by csrc/cuda/*.cu and bindings.cpp.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "kernels/activation.h"
+#include "kernels/norm.h"
+#include "kernels/rope.h"
+
+namespace llmkern {
+
+// RMSNorm forward, plain or with the fused residual add (see RmsNormParams).
+cudaError_t rms_norm_fwd_cuda(const RmsNormParams& p, cudaStream_t stream);
+// RMSNorm backward: dx, and when p.dweight is set, p.blocks dw partials then their column sum.
+cudaError_t rms_norm_bwd_cuda(const RmsNormBwdParams& p, cudaStream_t stream);
+
+cudaError_t act_mul_fwd_cuda(const ActMulParams& p, cudaStream_t stream);
+cudaError_t act_mul_bwd_cuda(const ActMulBwdParams& p, cudaStream_t stream);
+
+// RoPE. Unlike the CPU kernel (whose caller rejects bad positions up front, which on a GPU would cost a
+// device sync), a position outside [0, max_position) is never read from the cache: that token's dst
+// rows (all heads, all head_dim features) are written as NaN instead.
+cudaError_t rope_cuda(const RopeParams& p, cudaStream_t stream);
+
+}  // namespace llmkern
