@@ -1,5 +1,7 @@
 #include "ops/common.h"
 
+#include <ATen/MemoryOverlap.h>
+
 namespace llmkern {
 
 DType kernel_dtype(const Tensor& t, const char* name) {
@@ -26,30 +28,27 @@ void check_device(const Tensor& t, const char* name, c10::DeviceType device) {
               " tensor, got one on ", t.device());
 }
 
-namespace {
-// Row stride if every leading dim steps by a multiple of the next one's extent, else -1.
-int64_t collapsed_row_stride(const Tensor& t) {
-  const int64_t nd = t.dim();
-  if (nd == 1) return t.size(0);
-  int64_t stride = -1, expected = -1;
-  for (int64_t d = nd - 2; d >= 0; --d) {
+int64_t collapsed_stride(const Tensor& t, int64_t ndims) {
+  int64_t stride = 0, expected = -1;
+  for (int64_t d = ndims - 1; d >= 0; --d) {
     if (t.size(d) == 1) continue;
-    if (stride < 0) {
-      stride = t.stride(d);
-    } else if (t.stride(d) != expected) {
-      return -1;
-    }
+    if (expected >= 0 && t.stride(d) != expected) return -1;
+    if (expected < 0) stride = t.stride(d);
     expected = t.stride(d) * t.size(d);
   }
-  return stride < 0 ? t.size(-1) : stride;
+  return stride;
 }
-}  // namespace
 
 Rows as_rows(const Tensor& t, const char* name, bool writable) {
   TORCH_CHECK(t.dim() >= 1, name, ": expected at least 1 dimension, got a 0-dim tensor");
   const int64_t cols = t.size(-1);
-  int64_t stride = (t.stride(-1) == 1 || cols == 1) ? collapsed_row_stride(t) : -1;
+  int64_t stride = (t.stride(-1) == 1 || cols == 1) ? collapsed_stride(t, t.dim() - 1) : -1;
   Tensor held = t;
+  if (writable) {
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+                ": written in place, so its elements must not overlap (e.g. an expanded tensor); got strides ",
+                t.strides());
+  }
   if (stride < 0) {
     TORCH_CHECK(!writable, name, ": written in place, so its rows must be addressable with unit stride "
                 "along the last dim and one stride across the leading dims; got sizes ", t.sizes(),

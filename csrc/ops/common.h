@@ -18,6 +18,10 @@ void check_like(const Tensor& t, const char* name, const Tensor& ref, const char
 
 void check_device(const Tensor& t, const char* name, c10::DeviceType device);
 
+// The one stride that steps through dims [0, ndims) of t as a single flattened index (size-1 dims
+// ignored): -1 when no single stride does, 0 when every such dim has size 1.
+int64_t collapsed_stride(const Tensor& t, int64_t ndims);
+
 // A tensor seen as [rows, cols] rows with unit stride along the last dim and one row stride.
 struct Rows {
   Tensor tensor;  // t itself, or a contiguous copy when t's rows could not be addressed in place

@@ -1,7 +1,8 @@
 // RoPE ops at the tensor level: checks, output allocation and params, shared by the CPU and CUDA
-// bindings. Backend supplies `device`, rope(RopeParams) and check_positions(positions, max_position),
-// which must reject any position outside [0, max_position) BEFORE anything is written (an in-place op
-// must not leave q half-rotated on bad input).
+// bindings. Backend supplies `device`, rope(RopeParams) and check_positions(positions, max_position).
+// The CPU's check_positions rejects any position outside [0, max_position) BEFORE anything is written (an
+// in-place op must not leave q half-rotated); CUDA's does nothing (a check would sync the device) and its
+// kernel writes NaN rows for such positions instead of reading out of bounds.
 #pragma once
 #include <ATen/MemoryOverlap.h>
 
@@ -17,19 +18,7 @@ namespace rope_detail {
 // Stride between consecutive tokens when the leading dims of x [..., heads, head_dim] flatten to one
 // token index, else -1. (as_rows would also fold heads into rows, which fails for the common q/k views
 // into a fused qkv buffer, whose token stride is not heads * head_dim.)
-inline int64_t token_stride(const Tensor& x) {
-  int64_t stride = 0, expected = -1;
-  for (int64_t d = x.dim() - 3; d >= 0; --d) {
-    if (x.size(d) == 1) continue;
-    if (expected < 0) {
-      stride = x.stride(d);
-    } else if (x.stride(d) != expected) {
-      return -1;
-    }
-    expected = x.stride(d) * x.size(d);
-  }
-  return stride;
-}
+inline int64_t token_stride(const Tensor& x) { return collapsed_stride(x, x.dim() - 2); }
 
 // The kernel addresses x as tokens x heads x head_dim with unit stride along head_dim.
 inline bool addressable(const Tensor& x) {
