@@ -86,9 +86,13 @@ void bwd(const ActMulBwdParams& p) {
     for_each_chunk<V>(n, [&](auto v, int64_t i) {
       using Vv = decltype(v);
       Vv g = Vv::load(gate + i), gy = Vv::load(dy + i);
-      Vv s = sigmoid(sig_arg<A>(g));
+      // 1 - s as sigmoid(-z) = 1 / (1 + 1/e), e = exp(-z): 1 - s would cancel where s ~ 1 (it is below
+      // float's ulp of 1 from g ~ 17 for silu, ~5 for gelu_tanh), costing act' its relative accuracy there.
+      // At the ends e is 0 or inf and both forms still give exactly 0 or 1.
+      const Vv one = Vv::set1(1), e = exp(Vv::zero() - sig_arg<A>(g));
+      Vv s = one / (one + e), sm = one / (one + one / e);
       Vv gs = g * s;  // act(g)
-      Vv t = gs * (Vv::set1(1) - s);
+      Vv t = gs * sm;
       if constexpr (A != Activation::silu) t = t * sig_arg_grad<A>(g);
       (gy * Vv::load(up + i) * (s + t)).store(dgate + i);
       (gy * gs).store(dup + i);

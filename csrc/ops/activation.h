@@ -61,7 +61,8 @@ struct ActivationOps {
     Rows xr = as_rows(x, "x");
     ActMulParams p = packed(x, xr, activation);
     check_like(out, "out", x, "x");
-    TORCH_CHECK(out.sizes() == c10::IntArrayRef(half_shape(x)), "out: expected shape ", half_shape(x),
+    const std::vector<int64_t> want = half_shape(x);
+    TORCH_CHECK(out.sizes() == c10::IntArrayRef(want), "out: expected shape ", c10::IntArrayRef(want),
                 " (x's with the last dim halved), got ", out.sizes());
     Rows outr = as_rows(out, "out", /*writable=*/true);
     p.out = outr.data();
@@ -74,7 +75,8 @@ struct ActivationOps {
     Rows xr = as_rows(x, "x");
     ActMulParams fp = packed(x, xr, activation);
     check_like(dy, "dy", x, "x");
-    TORCH_CHECK(dy.sizes() == c10::IntArrayRef(half_shape(x)), "dy: expected shape ", half_shape(x),
+    const std::vector<int64_t> want = half_shape(x);
+    TORCH_CHECK(dy.sizes() == c10::IntArrayRef(want), "dy: expected shape ", c10::IntArrayRef(want),
                 " (x's with the last dim halved), got ", dy.sizes());
     Rows dyr = as_rows(dy, "dy");
     Tensor dx = empty_like_contiguous(x);
