@@ -58,13 +58,20 @@ void for_each_task(int64_t rows, int64_t d, int64_t bytes_per_col, Fn&& fn) {
   });
 }
 
+// Element (r, c) of a [rows, d] operand with row stride `stride`.
+template <typename T, typename Ptr>
+inline auto at(Ptr base, int64_t stride, int64_t r, int64_t c) {
+  using Elem = std::conditional_t<std::is_const_v<std::remove_pointer_t<Ptr>>, const T, T>;
+  return static_cast<Elem*>(base) + r * stride + c;
+}
+
 template <typename T, Activation A>
 void fwd(const ActMulParams& p) {
   using V = typename VecFor<T>::type;
   for_each_task(p.rows, p.d, 3 * sizeof(T), [&](int64_t r, int64_t c0, int64_t n) {
-    const T* gate = static_cast<const T*>(p.gate) + r * p.gate_stride + c0;
-    const T* up = static_cast<const T*>(p.up) + r * p.up_stride + c0;
-    T* out = static_cast<T*>(p.out) + r * p.out_stride + c0;
+    const T* gate = at<T>(p.gate, p.gate_stride, r, c0);
+    const T* up = at<T>(p.up, p.up_stride, r, c0);
+    T* out = at<T>(p.out, p.out_stride, r, c0);
     for_each_chunk<V>(n, [&](auto v, int64_t i) {
       using Vv = decltype(v);
       Vv g = Vv::load(gate + i);
@@ -78,11 +85,11 @@ template <typename T, Activation A>
 void bwd(const ActMulBwdParams& p) {
   using V = typename VecFor<T>::type;
   for_each_task(p.rows, p.d, 5 * sizeof(T), [&](int64_t r, int64_t c0, int64_t n) {
-    const T* dy = static_cast<const T*>(p.dy) + r * p.dy_stride + c0;
-    const T* gate = static_cast<const T*>(p.gate) + r * p.gate_stride + c0;
-    const T* up = static_cast<const T*>(p.up) + r * p.up_stride + c0;
-    T* dgate = static_cast<T*>(p.dgate) + r * p.dgate_stride + c0;
-    T* dup = static_cast<T*>(p.dup) + r * p.dup_stride + c0;
+    const T* dy = at<T>(p.dy, p.dy_stride, r, c0);
+    const T* gate = at<T>(p.gate, p.gate_stride, r, c0);
+    const T* up = at<T>(p.up, p.up_stride, r, c0);
+    T* dgate = at<T>(p.dgate, p.dgate_stride, r, c0);
+    T* dup = at<T>(p.dup, p.dup_stride, r, c0);
     for_each_chunk<V>(n, [&](auto v, int64_t i) {
       using Vv = decltype(v);
       Vv g = Vv::load(gate + i), gy = Vv::load(dy + i);

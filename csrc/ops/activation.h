@@ -45,6 +45,14 @@ struct ActivationOps {
     return s;
   }
 
+  // t (out or dy) is [..., d] for x [..., 2d], with x's dtype and device.
+  static void check_half_of(const Tensor& t, const char* name, const Tensor& x) {
+    check_like(t, name, x, "x");
+    const std::vector<int64_t> want = half_shape(x);
+    TORCH_CHECK(t.sizes() == c10::IntArrayRef(want), name, ": expected shape ", c10::IntArrayRef(want),
+                " (x's with the last dim halved), got ", t.sizes());
+  }
+
   // -> act(x[..., :d]) * x[..., d:], [..., d]
   static Tensor act_and_mul(const Tensor& x, c10::string_view activation) {
     Rows xr = as_rows(x, "x");
@@ -60,10 +68,7 @@ struct ActivationOps {
   static void act_and_mul_out(Tensor& out, const Tensor& x, c10::string_view activation) {
     Rows xr = as_rows(x, "x");
     ActMulParams p = packed(x, xr, activation);
-    check_like(out, "out", x, "x");
-    const std::vector<int64_t> want = half_shape(x);
-    TORCH_CHECK(out.sizes() == c10::IntArrayRef(want), "out: expected shape ", c10::IntArrayRef(want),
-                " (x's with the last dim halved), got ", out.sizes());
+    check_half_of(out, "out", x);
     Rows outr = as_rows(out, "out", /*writable=*/true);
     p.out = outr.data();
     p.out_stride = outr.stride;
@@ -74,10 +79,7 @@ struct ActivationOps {
   static Tensor act_and_mul_bwd(const Tensor& dy, const Tensor& x, c10::string_view activation) {
     Rows xr = as_rows(x, "x");
     ActMulParams fp = packed(x, xr, activation);
-    check_like(dy, "dy", x, "x");
-    const std::vector<int64_t> want = half_shape(x);
-    TORCH_CHECK(dy.sizes() == c10::IntArrayRef(want), "dy: expected shape ", c10::IntArrayRef(want),
-                " (x's with the last dim halved), got ", dy.sizes());
+    check_half_of(dy, "dy", x);
     Rows dyr = as_rows(dy, "dy");
     Tensor dx = empty_like_contiguous(x);
     ActMulBwdParams p = bwd_params(fp, dyr);
