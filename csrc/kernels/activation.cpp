@@ -27,7 +27,7 @@ inline Vv sigmoid(Vv z) {
 constexpr double kC2 = 2 * 0.7978845608028654;  // 2c
 constexpr double kC2A = kC2 * 0.044715;         // 2ca
 
-// The sigmoid argument z(g) and dz/dg: act(g) = g * sigmoid(z(g)).
+// The sigmoid argument z(g): act(g) = g * sigmoid(z(g)).
 template <Activation A, typename Vv>
 inline Vv sig_arg(Vv g) {
   using S = typename Vv::value_type;
@@ -35,8 +35,9 @@ inline Vv sig_arg(Vv g) {
   else return g * fmadd(g * g, Vv::set1(S(kC2A)), Vv::set1(S(kC2)));  // 2c (g + a g^3)
 }
 
-template <Activation A, typename Vv>
-inline Vv sig_arg_grad(Vv g) {
+// dz/dg for gelu_tanh (1 for silu).
+template <typename Vv>
+inline Vv gelu_arg_grad(Vv g) {
   using S = typename Vv::value_type;
   return fmadd(g * g, Vv::set1(S(3 * kC2A)), Vv::set1(S(kC2)));  // 2c (1 + 3a g^2)
 }
@@ -100,7 +101,7 @@ void bwd(const ActMulBwdParams& p) {
       Vv s = one / (one + e), sm = one / (one + one / e);
       Vv gs = g * s;  // act(g)
       Vv t = gs * sm;
-      if constexpr (A != Activation::silu) t = t * sig_arg_grad<A>(g);
+      if constexpr (A != Activation::silu) t = t * gelu_arg_grad(g);
       (gy * Vv::load(up + i) * (s + t)).store(dgate + i);
       (gy * gs).store(dup + i);
     });
