@@ -1,7 +1,6 @@
 // CUDA backends for the shared tensor-level ops (csrc/ops/*.h): each launches the torch-free kernels of
 // csrc/cuda/*.cu on the current stream of the device that holds the data. Built only with a CUDA torch.
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/launch.h"
@@ -12,20 +11,10 @@
 namespace llmkern {
 namespace {
 
-// The device of a CUDA pointer. The Backend interface passes params (raw pointers), not tensors, so the
-// device is found from the data itself: every op's tensors were checked to share one device.
-c10::DeviceIndex device_of(const void* ptr) {
-  cudaPointerAttributes attr{};
-  C10_CUDA_CHECK(cudaPointerGetAttributes(&attr, ptr));
-  TORCH_CHECK(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
-              "llmkern: expected CUDA device memory, got a pointer of memory type ", int(attr.type));
-  return static_cast<c10::DeviceIndex>(attr.device);
-}
-
-// Runs launch(stream) on data's device and current stream; a launch error becomes a Python exception.
+// Calls launch(stream) with the current stream of the current device, which the shared ops (csrc/ops/*.h) set to
+// the data's device with a DeviceGuard; a launch error becomes a Python exception.
 template <typename F>
-void launch_on(const void* data, const char* op, F&& launch) {
-  c10::cuda::CUDAGuard guard(device_of(data));
+void run_on_current_stream(const char* op, F&& launch) {
   const cudaError_t err = launch(c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "llmkern::", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -33,10 +22,10 @@ void launch_on(const void* data, const char* op, F&& launch) {
 struct CudaNorm {
   static constexpr c10::DeviceType device = c10::DeviceType::CUDA;
   static void fwd(const RmsNormParams& p) {
-    launch_on(p.x, "rms_norm", [&](cudaStream_t s) { return rms_norm_fwd_cuda(p, s); });
+    run_on_current_stream("rms_norm", [&](cudaStream_t s) { return rms_norm_fwd_cuda(p, s); });
   }
   static void bwd(const RmsNormBwdParams& p) {
-    launch_on(p.x, "rms_norm_bwd", [&](cudaStream_t s) { return rms_norm_bwd_cuda(p, s); });
+    run_on_current_stream("rms_norm_bwd", [&](cudaStream_t s) { return rms_norm_bwd_cuda(p, s); });
   }
   // Row groups summing their own dw partial: ~8 per SM keeps the SMs busy; the partials ([groups, hidden]
   // fp32) stay a small fraction of the bytes the backward moves.
@@ -50,17 +39,17 @@ struct CudaNorm {
 struct CudaActivation {
   static constexpr c10::DeviceType device = c10::DeviceType::CUDA;
   static void fwd(const ActMulParams& p) {
-    launch_on(p.gate, "act_mul", [&](cudaStream_t s) { return act_mul_fwd_cuda(p, s); });
+    run_on_current_stream("act_mul", [&](cudaStream_t s) { return act_mul_fwd_cuda(p, s); });
   }
   static void bwd(const ActMulBwdParams& p) {
-    launch_on(p.gate, "act_mul_bwd", [&](cudaStream_t s) { return act_mul_bwd_cuda(p, s); });
+    run_on_current_stream("act_mul_bwd", [&](cudaStream_t s) { return act_mul_bwd_cuda(p, s); });
   }
 };
 
 struct CudaRope {
   static constexpr c10::DeviceType device = c10::DeviceType::CUDA;
   static void rope(const RopeParams& p) {
-    launch_on(p.src, "rotary_embedding", [&](cudaStream_t s) { return rope_cuda(p, s); });
+    run_on_current_stream("rotary_embedding", [&](cudaStream_t s) { return rope_cuda(p, s); });
   }
   // Positions are not checked on the host (that would sync the device): the kernel writes NaN rows for
   // positions outside [0, max_position) instead of reading out of bounds (cuda/launch.h).

@@ -55,6 +55,7 @@ struct ActivationOps {
 
   // -> act(x[..., :d]) * x[..., d:], [..., d]
   static Tensor act_and_mul(const Tensor& x, c10::string_view activation) {
+    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
     Rows xr = as_rows(x, "x");
     ActMulParams p = packed(x, xr, activation);
     Tensor out = at::empty(half_shape(x), x.options());
@@ -66,6 +67,7 @@ struct ActivationOps {
 
   // out [..., d], possibly with strided rows.
   static void act_and_mul_out(Tensor& out, const Tensor& x, c10::string_view activation) {
+    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
     Rows xr = as_rows(x, "x");
     ActMulParams p = packed(x, xr, activation);
     check_half_of(out, "out", x);
@@ -77,6 +79,7 @@ struct ActivationOps {
 
   // dy [..., d] -> dx [..., 2d] = [dgate, dup], written as two row views of one tensor.
   static Tensor act_and_mul_bwd(const Tensor& dy, const Tensor& x, c10::string_view activation) {
+    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
     Rows xr = as_rows(x, "x");
     ActMulParams fp = packed(x, xr, activation);
     check_half_of(dy, "dy", x);
@@ -116,6 +119,7 @@ struct ActivationOps {
 
   // -> act(gate) * up, [..., d]
   static Tensor act_mul(const Tensor& gate, const Tensor& up, c10::string_view activation) {
+    const c10::DeviceGuard guard(gate.device());  // kernels run on the device of the data
     check_separate(gate, up);
     Rows gr = as_rows(gate, "gate"), ur = as_rows(up, "up");
     ActMulParams p = separate(gate, gr, up, ur, activation);
@@ -129,6 +133,7 @@ struct ActivationOps {
   // -> (dgate, dup), each of gate's shape.
   static std::tuple<Tensor, Tensor> act_mul_bwd(const Tensor& dy, const Tensor& gate, const Tensor& up,
                                                 c10::string_view activation) {
+    const c10::DeviceGuard guard(gate.device());  // kernels run on the device of the data
     check_separate(gate, up);
     check_like(dy, "dy", gate, "gate");
     TORCH_CHECK(dy.sizes() == gate.sizes(), "dy: expected the shape of gate ", gate.sizes(), ", got ", dy.sizes());

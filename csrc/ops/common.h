@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 
 #include "kernels/dtype.h"
 

@@ -46,6 +46,7 @@ struct NormOps {
   // -> (out [..., hidden], rstd [rows] float32 (float64 for float64 x))
   static std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, const std::optional<Tensor>& weight, double eps,
                                              bool weight_offset) {
+    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
     Rows xr = as_rows(x, "x");
     RmsNormParams p = params(x, xr, weight, eps, weight_offset);
     Tensor out = empty_like_contiguous(x), rstd = rstd_for(x, xr.rows);
@@ -58,6 +59,7 @@ struct NormOps {
 
   static void rms_norm_out(Tensor& out, const Tensor& x, const std::optional<Tensor>& weight, double eps,
                            bool weight_offset) {
+    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
     Rows xr = as_rows(x, "x");
     RmsNormParams p = params(x, xr, weight, eps, weight_offset);
     check_like(out, "out", x, "x");
@@ -80,6 +82,7 @@ struct NormOps {
   static std::tuple<Tensor, Tensor, Tensor> fused_add_rms_norm(const Tensor& x, const Tensor& residual,
                                                                const std::optional<Tensor>& weight, double eps,
                                                                bool weight_offset) {
+    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
     Rows xr = as_rows(x, "x");
     RmsNormParams p = params(x, xr, weight, eps, weight_offset);
     set_residual(p, x, residual, as_rows(residual, "residual"));
@@ -96,6 +99,7 @@ struct NormOps {
   // In place, for inference: residual += x, then x = rms_norm(residual).
   static void fused_add_rms_norm_(Tensor& x, Tensor& residual, const std::optional<Tensor>& weight, double eps,
                                   bool weight_offset) {
+    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
     Rows xr = as_rows(x, "x", /*writable=*/true);
     RmsNormParams p = params(x, xr, weight, eps, weight_offset);
     Rows rr = as_rows(residual, "residual", /*writable=*/true);
@@ -111,6 +115,7 @@ struct NormOps {
   static std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x,
                                                  const std::optional<Tensor>& weight, const Tensor& rstd,
                                                  bool weight_offset, const std::optional<Tensor>& dresidual) {
+    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
     Rows xr = as_rows(x, "x");
     RmsNormParams fp = params(x, xr, weight, 0.0, weight_offset);
     check_like(dy, "dy", x, "x");

@@ -89,6 +89,7 @@ struct RopeOps {
   // In place, vLLM-style: query [..., heads, head_dim], key [..., kv_heads, head_dim] or None.
   static void rotary_embedding_(const Tensor& positions, Tensor& query, const std::optional<Tensor>& key,
                                 const Tensor& cache, bool is_neox) {
+    const c10::DeviceGuard guard(query.device());  // kernels run on the device of the data
     Tensor pos = positions.contiguous();
     RopeParams pq = inplace_params(pos, query, "query", cache, is_neox);
     std::optional<RopeParams> pk;
@@ -110,6 +111,7 @@ struct RopeOps {
   // Out of place on x [..., heads, head_dim] -> [..., heads, head_dim] contiguous; inverse rotates by -theta.
   static Tensor rotary_embedding(const Tensor& positions, const Tensor& x, const Tensor& cache, bool is_neox,
                                  bool inverse) {
+    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
     // A layout the kernel cannot address (e.g. the expanded gradient of a sum) is copied once.
     const Tensor xs = rope_detail::addressable(x) ? x : x.contiguous();
     Tensor pos = positions.contiguous();
