@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import subprocess
 import time
@@ -56,13 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     md = args.markdown
     print()
     print(f"{cpu_model()}, {ceilings.threads} threads, torch {torch.__version__}, llmkern ISA "
-          f"{torch.ops.llmkern.cpu_isa()}, {time.strftime('%Y-%m-%d')}" + (", --quick" if args.quick else ""))
+          f"{torch.ops.llmkern.cpu_isa()}, {time.strftime('%Y-%m-%d')}" + (", --quick" if args.quick else "")
+          + f", THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     print()
     print(harness.format_table(harness.HEADER, harness.table_rows(rows, ceilings), md))
     print()
     print("GB/s: bytes the op must move / llmkern time; % copy BW: of the mean copy ceiling below; "
-          "x eager / x compile: baseline time / llmkern time (medians of "
-          f"{cfg.reps} interleaved calls, inputs rotated over > 4x LLC).")
+          "x eager / x compile: baseline time / llmkern time (medians of up to "
+          f"{cfg.reps} interleaved calls, fewer (>= 5) for calls slower than {cfg.budget_s / cfg.reps:.2f} s; "
+          "inputs rotated over > 4x LLC).")
     for s in skipped:
         print(s)
     print()

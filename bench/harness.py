@@ -35,11 +35,12 @@ class Config:
     mm_n: int = 2048  # square matmul size for the FLOP ceiling
     rotate_bytes: int | None = None  # total bytes the rotating sets must reach (default 4x LLC)
     compile: bool = True  # time torch.compile baselines
+    budget_s: float = 2.0  # timed seconds per implementation and case; slow ones get fewer reps (>= 5)
     max_sets: int = 64
 
     @classmethod
     def quick_config(cls) -> Config:
-        return cls(quick=True, reps=5, warmup=2, tokens=512, ceiling_bytes=64 * MiB, mm_n=512)
+        return cls(quick=True, reps=5, warmup=2, tokens=512, ceiling_bytes=64 * MiB, mm_n=512, budget_s=0.5)
 
     def min_rotate_bytes(self) -> int:
         return self.rotate_bytes if self.rotate_bytes is not None else 4 * llc_bytes()
@@ -81,18 +82,27 @@ def _timing(samples: list[float]) -> Timing:
     return Timing(statistics.median(samples), q[0], q[2])
 
 
-def measure(fns: dict[str, Callable[[int], Any]], *, reps: int, warmup: int) -> dict[str, Timing]:
-    """Times each fn(i) (i = call counter, for rotating sets): warm-up calls first, then `reps` timed
-    calls per fn, interleaved round-robin so drift on a shared machine hits every fn alike."""
-    for fn in fns.values():
+def measure(fns: dict[str, Callable[[int], Any]], *, reps: int, warmup: int, budget_s: float | None = None,
+            min_reps: int = 5) -> dict[str, Timing]:
+    """Times each fn(i) (i = call counter, for rotating sets): warm-up calls first, then up to `reps`
+    timed calls per fn, interleaved round-robin so drift on a shared machine hits every fn alike.
+    With budget_s, a slow fn gets only as many calls (at least min_reps) as fit in budget_s, judged by
+    its last warm-up call, so second-long eager baselines do not dominate the run."""
+    n_reps = {}
+    for name, fn in fns.items():
         for i in range(warmup):
-            fn(i)
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(reps):
-        for name, fn in fns.items():
             t0 = time.perf_counter()
-            fn(warmup + i)
-            samples[name].append(time.perf_counter() - t0)
+            fn(i)
+            last = time.perf_counter() - t0
+        fit = reps if budget_s is None or warmup == 0 else int(budget_s / max(last, 1e-9))
+        n_reps[name] = max(min(reps, min_reps), min(reps, fit))
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(max(n_reps.values())):
+        for name, fn in fns.items():
+            if i < n_reps[name]:
+                t0 = time.perf_counter()
+                fn(warmup + i)
+                samples[name].append(time.perf_counter() - t0)
     return {k: _timing(v) for k, v in samples.items()}
 
 
@@ -134,7 +144,7 @@ def run_case(
 ) -> Row:
     """Times the given implementations (None ones are skipped) and returns one table row."""
     fns = {k: v for k, v in impls.items() if v is not None}
-    times = measure(fns, reps=cfg.reps, warmup=max(cfg.warmup, n_sets))
+    times = measure(fns, reps=cfg.reps, warmup=max(cfg.warmup, n_sets), budget_s=cfg.budget_s)
     shape_s = shape if isinstance(shape, str) else "x".join(map(str, shape))
     row = Row(op, shape_s, str(dtype).removeprefix("torch."), nbytes, times)
     print(f"  {op} {shape_s} {row.dtype}: " + ", ".join(f"{k} {t.median_s * 1e3:.2f} ms" for k, t in times.items()),
