@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.ops.llmkern.cpu_isa()}, {time.strftime('%Y-%m-%d')}" + (", --quick" if args.quick else "")
           + f", THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     print()
-    print(harness.format_table(harness.HEADER, harness.table_rows(rows, ceilings), md))
+    print(harness.format_table(harness.HEADER, harness.table_rows(rows), md))
     print()
-    print("GB/s: bytes the op must move / llmkern time; % copy BW: of the mean copy ceiling below; "
+    print("GB/s: bytes the op must move / llmkern time; copy GB/s: bench_copy_ of as many bytes (read +"
+          " write), timed interleaved with the row's calls; % copy BW: GB/s / copy GB/s; "
           "x eager / x compile: baseline time / llmkern time (medians of up to "
           f"{cfg.reps} interleaved calls, fewer (>= 5) for calls slower than {cfg.budget_s / cfg.reps:.2f} s; "
           "inputs rotated over > 4x LLC).")
