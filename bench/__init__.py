@@ -1,0 +1,1 @@
+"""llmkern benchmarks: `python -m bench` (see bench/harness.py and DESIGN.md section 8)."""

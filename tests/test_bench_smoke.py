@@ -1,0 +1,49 @@
+"""Smoke test of the benchmark suite on tiny shapes (no torch.compile), so CI catches a broken bench.
+Asserts only that it runs and produces sane rows; speed is never asserted."""
+
+import pytest
+import torch
+
+from bench import bench_norm, harness
+from bench.__main__ import main
+
+TINY = dict(reps=2, warmup=1, tokens=16, ceiling_bytes=1 << 20, mm_n=64, rotate_bytes=1 << 16, compile=False)
+
+
+def test_probes_copy_and_read(cpu_isa):
+    src = torch.randn(70001)  # odd size: the scalar tail runs too
+    dst = torch.full_like(src, float("nan"))
+    torch.ops.llmkern.bench_copy_(dst, src)
+    assert torch.equal(dst, src)
+    assert torch.ops.llmkern.bench_read(src) == pytest.approx(src.double().sum().item(), rel=1e-5, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: torch.ops.llmkern.bench_read(torch.randn(8, 8).t()), "src: expected a contiguous"),
+        (lambda: torch.ops.llmkern.bench_read(torch.randn(8).bfloat16()), "src: expected dtype float32"),
+        (lambda: torch.ops.llmkern.bench_copy_(torch.empty(3), torch.randn(4)), "src: expected the numel"),
+        (lambda: torch.ops.llmkern.bench_copy_(torch.empty(4).double(), torch.randn(4)), "dst: expected dtype"),
+    ],
+)
+def test_probes_bad_inputs(call, match):
+    with pytest.raises((RuntimeError, TypeError), match=match):
+        call()
+
+
+def test_ceilings_and_norm_bench():
+    cfg = harness.Config(**TINY)
+    c = harness.measure_ceilings(cfg)
+    assert c.copy > 0 and c.read_gbps[0] > 0 and set(c.matmul_gflops) == {"float32", "bfloat16"}
+    rows = bench_norm.run(cfg)
+    assert len(rows) == 6 and all(r.times["llmkern"].median_s > 0 and "compile" not in r.times for r in rows)
+    table = harness.format_table(harness.HEADER, harness.table_rows(rows), markdown=True)
+    assert table.count("\n") == len(rows) + 1
+
+
+def test_main_quick_cli_runs(capsys, monkeypatch):
+    monkeypatch.setattr(harness.Config, "quick_config", classmethod(lambda cls: cls(**TINY)))
+    assert main(["--quick", "--only", "norm", "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "rms_norm bwd" in out and "copy bandwidth" in out
