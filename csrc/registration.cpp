@@ -40,6 +40,9 @@ TORCH_LIBRARY(llmkern, m) {
   // RMSNorm backward: (dx (+ dresidual), dweight); dweight is empty when weight is None.
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, bool weight_offset,"
         " Tensor? dresidual) -> (Tensor, Tensor)");
+  // rms_norm_bwd into preallocated dx [..., hidden] and dweight [hidden] (None when weight is None).
+  m.def("rms_norm_bwd_out(Tensor(a!) dx, Tensor(b!)? dweight, Tensor dy, Tensor x, Tensor? weight, Tensor rstd,"
+        " bool weight_offset, Tensor? dresidual) -> ()");
 
   // act(x[..., :d]) * x[..., d:] for x [..., 2d]; activation is "silu" or "gelu_tanh".
   m.def("act_and_mul(Tensor x, str activation) -> Tensor");
@@ -47,10 +50,14 @@ TORCH_LIBRARY(llmkern, m) {
   m.def("act_and_mul_out(Tensor(a!) out, Tensor x, str activation) -> ()");
   // act_and_mul backward: dx [..., 2d].
   m.def("act_and_mul_bwd(Tensor dy, Tensor x, str activation) -> Tensor");
+  // act_and_mul_bwd into a preallocated dx [..., 2d].
+  m.def("act_and_mul_bwd_out(Tensor(a!) dx, Tensor dy, Tensor x, str activation) -> ()");
   // act(gate) * up for separate gate and up tensors of one shape.
   m.def("act_mul(Tensor gate, Tensor up, str activation) -> Tensor");
   // act_mul backward: (dgate, dup).
   m.def("act_mul_bwd(Tensor dy, Tensor gate, Tensor up, str activation) -> (Tensor, Tensor)");
+  // act_mul_bwd into preallocated dgate and dup (each shaped like gate).
+  m.def("act_mul_bwd_out(Tensor(a!) dgate, Tensor(b!) dup, Tensor dy, Tensor gate, Tensor up, str activation) -> ()");
 
   // RoPE in place on query [tokens, heads, head_dim] and key [tokens, kv_heads, head_dim] at
   // positions [tokens]; cos_sin_cache [max_position, rotary_dim] holds cos then sin halves.
@@ -59,6 +66,9 @@ TORCH_LIBRARY(llmkern, m) {
   // RoPE out of place on one tensor; inverse=True rotates by -theta (the backward).
   m.def("rotary_embedding(Tensor positions, Tensor x, Tensor cos_sin_cache, bool is_neox, bool inverse)"
         " -> Tensor");
+  // rotary_embedding into a preallocated out shaped like x.
+  m.def("rotary_embedding_out(Tensor(a!) out, Tensor positions, Tensor x, Tensor cos_sin_cache, bool is_neox,"
+        " bool inverse) -> ()");
 
   // Benchmark ceilings: wide-SIMD copy and read loops over all threads (bench/harness.py).
   m.def("bench_copy_(Tensor(a!) dst, Tensor src) -> ()");
