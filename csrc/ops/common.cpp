@@ -23,6 +23,12 @@ void check_like(const Tensor& t, const char* name, const Tensor& ref, const char
               "), got ", t.device());
 }
 
+void check_same_shape(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
+  check_like(t, name, ref, ref_name);
+  TORCH_CHECK(t.sizes() == ref.sizes(), name, ": expected the shape of ", ref_name, " ", ref.sizes(), ", got ",
+              t.sizes());
+}
+
 void check_device(const Tensor& t, const char* name, c10::DeviceType device) {
   TORCH_CHECK(t.device().type() == device, name, ": expected a ", c10::DeviceTypeName(device),
               " tensor, got one on ", t.device());

@@ -17,6 +17,9 @@ DType kernel_dtype(const Tensor& t, const char* name);
 // Same dtype and device as `ref` (named ref_name).
 void check_like(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name);
 
+// check_like plus the same shape as ref.
+void check_same_shape(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name);
+
 void check_device(const Tensor& t, const char* name, c10::DeviceType device);
 
 // The one stride that steps through dims [0, ndims) of t as a single flattened index (size-1 dims

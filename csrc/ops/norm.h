@@ -62,8 +62,7 @@ struct NormOps {
     const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
     Rows xr = as_rows(x, "x");
     RmsNormParams p = params(x, xr, weight, eps, weight_offset);
-    check_like(out, "out", x, "x");
-    TORCH_CHECK(out.sizes() == x.sizes(), "out: expected the shape of x ", x.sizes(), ", got ", out.sizes());
+    check_same_shape(out, "out", x, "x");
     Rows outr = as_rows(out, "out", /*writable=*/true);
     p.out = outr.data();
     p.out_stride = outr.stride;
@@ -71,9 +70,7 @@ struct NormOps {
   }
 
   static void set_residual(RmsNormParams& p, const Tensor& x, const Tensor& residual, const Rows& rr) {
-    check_like(residual, "residual", x, "x");
-    TORCH_CHECK(residual.sizes() == x.sizes(), "residual: expected the shape of x ", x.sizes(), ", got ",
-                residual.sizes());
+    check_same_shape(residual, "residual", x, "x");
     p.residual = rr.data();
     p.residual_stride = rr.stride;
   }
@@ -111,21 +108,22 @@ struct NormOps {
     if (p.rows) Backend::fwd(p);
   }
 
-  // -> (dx, dweight); dweight is empty when weight is None.
-  static std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x,
-                                                 const std::optional<Tensor>& weight, const Tensor& rstd,
-                                                 bool weight_offset, const std::optional<Tensor>& dresidual) {
-    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
+  // Fills dx (and dweight, given exactly when weight is) from dy, x, rstd and the optional dresidual.
+  static void bwd_into(Tensor& dx, const std::optional<Tensor>& dweight, const Tensor& dy, const Tensor& x,
+                       const std::optional<Tensor>& weight, const Tensor& rstd, bool weight_offset,
+                       const std::optional<Tensor>& dresidual) {
     Rows xr = as_rows(x, "x");
     RmsNormParams fp = params(x, xr, weight, 0.0, weight_offset);
-    check_like(dy, "dy", x, "x");
-    TORCH_CHECK(dy.sizes() == x.sizes(), "dy: expected the shape of x ", x.sizes(), ", got ", dy.sizes());
+    check_same_shape(dy, "dy", x, "x");
     Tensor rstd_c = rstd.contiguous();
-    TORCH_CHECK(rstd.scalar_type() == rstd_for(x, 0).scalar_type() && rstd.numel() == xr.rows,
-                "rstd: expected the [", xr.rows, "] ", rstd_for(x, 0).scalar_type(),
+    const auto acc = rstd_for(x, 0).scalar_type();
+    TORCH_CHECK(rstd.scalar_type() == acc && rstd.numel() == xr.rows, "rstd: expected the [", xr.rows, "] ", acc,
                 " tensor returned by the forward, got ", rstd.scalar_type(), " ", rstd.sizes());
     check_device(rstd, "rstd", Backend::device);
-    Rows dyr = as_rows(dy, "dy");
+    check_same_shape(dx, "dx", x, "x");
+    TORCH_CHECK(dweight.has_value() == weight.has_value(), "dweight: expected a tensor exactly when weight is given",
+                " (weight is ", weight ? "given" : "None", ")");
+    Rows dyr = as_rows(dy, "dy"), dxr = as_rows(dx, "dx", /*writable=*/true);
     RmsNormBwdParams p;
     p.dtype = fp.dtype;
     p.rows = xr.rows;
@@ -137,34 +135,50 @@ struct NormOps {
     p.weight = fp.weight;
     p.weight_offset = weight_offset;
     p.rstd = rstd_c.data_ptr();
+    p.dx = dxr.data();
+    p.dx_stride = dxr.stride;
     Rows dresr;
     if (dresidual) {
-      check_like(*dresidual, "dresidual", x, "x");
-      TORCH_CHECK(dresidual->sizes() == x.sizes(), "dresidual: expected the shape of x ", x.sizes(), ", got ",
-                  dresidual->sizes());
+      check_same_shape(*dresidual, "dresidual", x, "x");
       dresr = as_rows(*dresidual, "dresidual");
       p.dresidual = dresr.data();
       p.dresidual_stride = dresr.stride;
     }
-    Tensor dx = empty_like_contiguous(x);
-    p.dx = dx.data_ptr();
-    p.dx_stride = xr.cols;
-    Tensor dweight, partial;
-    if (weight) {
-      dweight = at::empty({xr.cols}, x.options());
+    Tensor partial;
+    if (dweight) {
+      check_like(*dweight, "dweight", x, "x");
+      TORCH_CHECK(dweight->dim() == 1 && dweight->size(0) == xr.cols && dweight->is_contiguous(),
+                  "dweight: expected a contiguous [", xr.cols, "] tensor, got sizes ", dweight->sizes(), " strides ",
+                  dweight->strides());
       p.blocks = std::max<int64_t>(1, std::min<int64_t>(xr.rows, Backend::dweight_blocks(xr.rows)));
       partial = at::empty({p.blocks, xr.cols}, rstd_c.options());
-      p.dweight = dweight.data_ptr();
+      p.dweight = dweight->data_ptr();
       p.dweight_partial = partial.data_ptr();
-    } else {
-      dweight = at::empty({0}, x.options());
     }
     if (p.rows) {
       Backend::bwd(p);
-    } else if (weight) {
-      dweight.zero_();
+    } else if (dweight) {
+      dweight->zero_();
     }
+  }
+
+  // -> (dx, dweight); dweight is empty when weight is None.
+  static std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x,
+                                                 const std::optional<Tensor>& weight, const Tensor& rstd,
+                                                 bool weight_offset, const std::optional<Tensor>& dresidual) {
+    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
+    Tensor dx = empty_like_contiguous(x);
+    Tensor dweight = at::empty({weight ? x.size(-1) : 0}, x.options());
+    bwd_into(dx, weight ? std::optional<Tensor>(dweight) : std::nullopt, dy, x, weight, rstd, weight_offset,
+             dresidual);
     return {dx, dweight};
+  }
+
+  static void rms_norm_bwd_out(Tensor& dx, const std::optional<Tensor>& dweight, const Tensor& dy, const Tensor& x,
+                               const std::optional<Tensor>& weight, const Tensor& rstd, bool weight_offset,
+                               const std::optional<Tensor>& dresidual) {
+    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
+    bwd_into(dx, dweight, dy, x, weight, rstd, weight_offset, dresidual);
   }
 };
 
@@ -176,6 +190,7 @@ void register_norm_ops(torch::Library& m) {
   m.impl("fused_add_rms_norm", &NormOps<Backend>::fused_add_rms_norm);
   m.impl("fused_add_rms_norm_", &NormOps<Backend>::fused_add_rms_norm_);
   m.impl("rms_norm_bwd", &NormOps<Backend>::rms_norm_bwd);
+  m.impl("rms_norm_bwd_out", &NormOps<Backend>::rms_norm_bwd_out);
 }
 
 }  // namespace llmkern

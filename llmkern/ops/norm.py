@@ -105,6 +105,10 @@ def _register() -> None:
         dweight = x.new_empty(x.shape[-1] if weight is not None else 0)
         return torch.empty_like(x, memory_format=torch.contiguous_format), dweight
 
+    @torch.library.register_fake("llmkern::rms_norm_bwd_out")
+    def _(dx, dweight, dy, x, weight, rstd, weight_offset, dresidual):
+        return None
+
     def save(ctx, x_normed, weight, rstd, weight_offset):
         ctx.save_for_backward(x_normed, weight, rstd)
         ctx.weight_offset = weight_offset

@@ -135,6 +135,22 @@ def test_matches_transformers_llama_rmsnorm(dtype):
     assert_close_derived(lk.rms_norm(x, hf.weight, 1e-5), want, hf(x).detach())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_kind", WEIGHTS)
+def test_backward_out_matches_functional(cpu_isa, dtype, weight_kind):
+    x, w = make(7, 769, dtype, weight_kind)
+    offset = weight_kind == "gemma"
+    dy, dres = torch.randn(7, 769, dtype=dtype), torch.randn(7, 769, dtype=dtype)
+    _, rstd = torch.ops.llmkern.rms_norm(x, w, 1e-6, offset)
+    dx_want, dw_want = torch.ops.llmkern.rms_norm_bwd(dy, x, w, rstd, offset, dres)
+    dx = strided(poisoned_like(x))
+    dw = None if w is None else poisoned_like(w)
+    torch.ops.llmkern.rms_norm_bwd_out(dx, dw, dy, x, w, rstd, offset, dres)
+    assert torch.equal(dx, dx_want)
+    if w is not None:
+        assert torch.equal(dw, dw_want)
+
+
 def test_opcheck():
     x, w = torch.randn(7, 769), torch.randn(769)
     res = torch.randn(7, 769)
@@ -148,6 +164,7 @@ def test_opcheck():
     _, rstd = ops.rms_norm(x, w, 1e-6, False)
     torch.library.opcheck(ops.rms_norm_bwd, (torch.randn(7, 769), x, w, rstd, False, None))
     torch.library.opcheck(ops.rms_norm_bwd, (torch.randn(7, 769), x, None, rstd, False, res))
+    torch.library.opcheck(ops.rms_norm_bwd_out, (torch.empty_like(x), torch.empty_like(w), res, x, w, rstd, False, None))
 
 
 def test_zero_rows():
@@ -169,7 +186,22 @@ BAD = [
     ("out", lambda: lk.rms_norm(torch.randn(3, 8), None, out=torch.empty(8, 3).t()), "out: written in place"),
     ("residual", lambda: lk.fused_add_rms_norm(torch.randn(3, 8), torch.randn(3, 9)), "residual: expected the shape"),
     ("residual", lambda: lk.fused_add_rms_norm_(torch.randn(3, 8), torch.randn(3, 8).half()), "residual: expected the dtype"),
+    ("residual", lambda: lk.fused_add_rms_norm_(torch.randn(3, 8), torch.randn(1, 8).expand(3, 8)), "residual: written in place, so its elements must not overlap"),
+    ("dx", lambda: bwd_out(dx=torch.empty(3, 9)), "dx: expected the shape of x"),
+    ("dx", lambda: bwd_out(dx=torch.empty(1, 8).expand(3, 8)), "dx: written in place"),
+    ("dweight", lambda: bwd_out(dweight=None), "dweight: expected a tensor exactly when weight is given"),
+    ("dweight", lambda: bwd_out(dweight=torch.empty(9)), r"dweight: expected a contiguous \[8\] tensor"),
+    ("dweight", lambda: bwd_out(dweight=torch.empty(8, dtype=torch.float64)), "dweight: expected the dtype of x"),
+    ("rstd", lambda: bwd_out(rstd=torch.ones(3, dtype=torch.float64)), r"rstd: expected the \[3\] Float tensor"),
+    ("dy", lambda: bwd_out(dy=torch.ones(3, 7)), "dy: expected the shape of x"),
 ]
+
+
+def bwd_out(**kw):
+    args = dict(dx=torch.empty(3, 8), dweight=torch.empty(8), dy=torch.randn(3, 8), x=torch.randn(3, 8),
+                weight=torch.randn(8), rstd=torch.ones(3), weight_offset=False, dresidual=None)
+    args.update(kw)
+    torch.ops.llmkern.rms_norm_bwd_out(*args.values())
 
 
 @pytest.mark.parametrize("arg,call,message", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
