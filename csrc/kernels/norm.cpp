@@ -3,6 +3,7 @@
 // pass, so the floor is (read x [+ residual] + write out [+ residual_out]) / bandwidth.
 #include "kernels/norm.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "cpu/vec/vec.h"
@@ -62,33 +63,51 @@ void fwd_rows(const RmsNormParams& p, int64_t r0, int64_t r1) {
   }
 }
 
-// Rows [r0, r1): dx, and this block's dw partial (accumulated in A) when requested.
+// Rows [r0, r1): dx, and this block's dw partial (accumulated in A) when requested. Rows go in tiles
+// whose dy and x stay in L2 between the two passes; the second pass walks the tile's rows column chunk by
+// column chunk, so the dw partial and the weight are loaded and stored once per tile, not once per row.
 template <typename T>
 void bwd_rows(const RmsNormBwdParams& p, int64_t r0, int64_t r1, typename NormRow<T>::A* dw_partial) {
   using V = typename NormRow<T>::V;
   using A = typename NormRow<T>::A;
+  constexpr int64_t kMaxTile = 8;
+  const int64_t tile = std::clamp<int64_t>((256 << 10) / (2 * p.hidden * int64_t(sizeof(T))), 1, kMaxTile);
   const NormRow<T> row{static_cast<const T*>(p.weight), p.weight_offset};
   if (dw_partial)
     for (int64_t i = 0; i < p.hidden; ++i) dw_partial[i] = A(0);
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* dy = static_cast<const T*>(p.dy) + r * p.dy_stride;
-    const T* x = static_cast<const T*>(p.x) + r * p.x_stride;
-    T* dx = static_cast<T*>(p.dx) + r * p.dx_stride;
-    const T* dres = p.dresidual ? static_cast<const T*>(p.dresidual) + r * p.dresidual_stride : nullptr;
-    const A rstd = static_cast<const A*>(p.rstd)[r];
-    VecSum<V> dot;
+  const T* dy[kMaxTile];
+  const T* x[kMaxTile];
+  const T* dres[kMaxTile];
+  T* dx[kMaxTile];
+  A rstd[kMaxTile], c[kMaxTile];
+  for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+    const int64_t nr = std::min(tile, r1 - t0);
+    for (int64_t k = 0; k < nr; ++k) {
+      const int64_t r = t0 + k;
+      dy[k] = static_cast<const T*>(p.dy) + r * p.dy_stride;
+      x[k] = static_cast<const T*>(p.x) + r * p.x_stride;
+      dx[k] = static_cast<T*>(p.dx) + r * p.dx_stride;
+      dres[k] = p.dresidual ? static_cast<const T*>(p.dresidual) + r * p.dresidual_stride : nullptr;
+      rstd[k] = static_cast<const A*>(p.rstd)[r];
+      VecSum<V> dot;
+      for_each_chunk<V>(p.hidden, [&](auto v, int64_t i) {
+        using Vv = decltype(v);
+        dot.add(Vv::load(dy[k] + i) * row.template scale<Vv>(i) * Vv::load(x[k] + i));
+      });
+      c[k] = dot.total() * rstd[k] * rstd[k] * rstd[k] / A(p.hidden);
+    }
     for_each_chunk<V>(p.hidden, [&](auto v, int64_t i) {
       using Vv = decltype(v);
-      dot.add(Vv::load(dy + i) * row.template scale<Vv>(i) * Vv::load(x + i));
-    });
-    const A c = dot.total() * rstd * rstd * rstd / A(p.hidden);
-    for_each_chunk<V>(p.hidden, [&](auto v, int64_t i) {
-      using Vv = decltype(v);
-      Vv g = Vv::load(dy + i), xv = Vv::load(x + i);
-      Vv d = g * row.template scale<Vv>(i) * Vv::set1(rstd) - Vv::set1(c) * xv;
-      if (dres) d = d + Vv::load(dres + i);
-      d.store(dx + i);
-      if (dw_partial) fmadd(g * xv, Vv::set1(rstd), Vv::load(dw_partial + i)).store(dw_partial + i);
+      const Vv w = row.template scale<Vv>(i);
+      Vv dw = Vv::zero();
+      for (int64_t k = 0; k < nr; ++k) {
+        Vv g = Vv::load(dy[k] + i), xv = Vv::load(x[k] + i);
+        Vv d = g * w * Vv::set1(rstd[k]) - Vv::set1(c[k]) * xv;
+        if (dres[k]) d = d + Vv::load(dres[k] + i);
+        d.store(dx[k] + i);
+        dw = fmadd(g * xv, Vv::set1(rstd[k]), dw);
+      }
+      if (dw_partial) (dw + Vv::load(dw_partial + i)).store(dw_partial + i);
     });
   }
 }
