@@ -42,14 +42,18 @@ def run(cfg: Config) -> list[Row]:
             graphs = {"eager": ref(xg)}
             if ref_c:
                 graphs["compile"] = ref_c(xg)
-            return torch.randn(shape_out, dtype=dtype), x, xg, graphs
+            return torch.randn(shape_out, dtype=dtype), x, xg, graphs, torch.zeros(shape_in, dtype=dtype)
 
         s = rotating_sets(make_bwd, 5 * nb, cfg)
         autograd = lambda kind: lambda i: torch.autograd.grad(pick(i)[3][kind], pick(i)[2], pick(i)[0], retain_graph=True)
         rows.append(run_case("silu_and_mul bwd", shape_in, dtype, 5 * nb, {
-            "llmkern": lambda i: lk.act_and_mul_bwd(pick(i)[0], pick(i)[1], "silu"),
+            "llmkern": lambda i: lk.act_and_mul_bwd_out(pick(i)[4], pick(i)[0], pick(i)[1], "silu"),
             "eager": autograd("eager"),
             "compile": ref_c and autograd("compile"),
+        }, cfg, len(s)))
+        # The functional backward (what autograd calls) allocates dx; its first-touch page faults on its own row.
+        rows.append(run_case("silu_and_mul bwd +alloc", shape_in, dtype, 5 * nb, {
+            "llmkern": lambda i: lk.act_and_mul_bwd(pick(i)[0], pick(i)[1], "silu"),
         }, cfg, len(s)))
         del s
     return rows

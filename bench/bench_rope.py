@@ -50,17 +50,22 @@ def run(cfg: Config) -> list[Row]:
             graphs = {"eager": ref(qg, kg)}
             if ref_c:
                 graphs["compile"] = ref_c(qg, kg)
-            return dq, dk, qg, kg, graphs
+            return dq, dk, qg, kg, graphs, *(torch.zeros_like(t) for t in (dq, dk))
 
         s = rotating_sets(make_bwd, 2 * qk_bytes, cfg)
 
         def autograd(kind):
             def f(i):
-                dq, dk, qg, kg, graphs = pick(i)
+                dq, dk, qg, kg, graphs = pick(i)[:5]
                 return torch.autograd.grad(graphs[kind], (qg, kg), (dq, dk), retain_graph=True)
             return f
 
         def llmkern_bwd(i):
+            dq, dk, *_, gq, gk = pick(i)
+            lk.rotary_embedding_out(gq, pos, dq, cache, True, True)
+            lk.rotary_embedding_out(gk, pos, dk, cache, True, True)
+
+        def llmkern_bwd_alloc(i):
             dq, dk = pick(i)[:2]
             return lk.rotary_embedding(pos, dq, cache, True, True), lk.rotary_embedding(pos, dk, cache, True, True)
 
@@ -69,5 +74,8 @@ def run(cfg: Config) -> list[Row]:
             "eager": autograd("eager"),
             "compile": ref_c and autograd("compile"),
         }, cfg, len(s)))
+        # The functional op (what autograd calls) allocates its output; its first-touch page faults on their own row.
+        rows.append(run_case("rotary_embedding bwd +alloc", shape, dtype, nbytes, {"llmkern": llmkern_bwd_alloc},
+                             cfg, len(s)))
         del s
     return rows
