@@ -6,6 +6,7 @@
 // members in registers; fmaddsub supplies the alternating signs. Its scalar twin is the pair loop below.
 #include "kernels/rope.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "cpu/vec/vec.h"
@@ -41,12 +42,15 @@ static inline VecF fmaddsub(VecF a, VecF b, VecF c) {
 #endif
 
 // One head: rotates features [0, rotary_dim) of src into dst; `sign` is -1 for the inverse rotation.
+// Takes the sizes by value, not the params: stores through T* (and the vector types, which may alias
+// anything) would otherwise force the compiler to reload the params' fields in every iteration.
 template <typename T>
-void rotate_head(const RopeParams& p, const T* src, T* dst, const float* cos, const float* sin, float sign) {
+void rotate_head(int64_t rotary_dim, bool is_neox, const T* src, T* dst, const float* cos, const float* sin,
+                 float sign) {
   using V = typename VecFor<T>::type;
   using A = typename V::value_type;
-  const int64_t half = p.rotary_dim / 2;
-  if (p.is_neox) {
+  const int64_t half = rotary_dim / 2;
+  if (is_neox) {
     for_each_chunk<V>(half, [&](auto v, int64_t i) {
       using Vv = decltype(v);
       Vv c = Vv::load(cos + i), s = Vv::load(sin + i) * Vv::set1(A(sign));
@@ -58,14 +62,14 @@ void rotate_head(const RopeParams& p, const T* src, T* dst, const float* cos, co
   }
   int64_t i = 0;  // feature index, even
   if constexpr (V::W > 1) {
-    for (; i + V::W <= p.rotary_dim; i += V::W) {
+    for (; i + V::W <= rotary_dim; i += V::W) {
       V x = V::load(src + i);
       V c = dup_pairs(cos + i / 2), s = dup_pairs(sin + i / 2) * V::set1(sign);
       fmaddsub(x, c, swap_pairs(x) * s).store(dst + i);
     }
   }
   using S = ScalarVec<A>;
-  for (; i < p.rotary_dim; i += 2) {
+  for (; i < rotary_dim; i += 2) {
     S c = S::load(cos + i / 2), s = S::load(sin + i / 2) * S::set1(A(sign));
     S a = S::load(src + i), b = S::load(src + i + 1);
     (a * c - b * s).store(dst + i);
@@ -73,20 +77,29 @@ void rotate_head(const RopeParams& p, const T* src, T* dst, const float* cos, co
   }
 }
 
-// Work items [w0, w1) of tokens * heads, item w = (token w / heads, head w % heads).
+// Work items [w0, w1) of tokens * heads, item w = (token w / heads, head w % heads), walked token by token:
+// one division per call, and one position lookup and cos/sin row per token, shared by its heads (a head
+// is only a few vector iterations, so per-head index math was a large share of the bf16 time).
 template <typename T>
 void rope_heads(const RopeParams& p, int64_t w0, int64_t w1) {
   const float sign = p.inverse ? -1.f : 1.f;
-  const int64_t half = p.rotary_dim / 2, pass = p.head_dim - p.rotary_dim;
-  for (int64_t w = w0; w < w1; ++w) {
-    const int64_t t = w / p.heads, h = w % p.heads;
-    const float* cos = p.cos_sin_cache + p.positions[t] * p.rotary_dim;
-    const T* src = static_cast<const T*>(p.src) + t * p.src_token_stride + h * p.src_head_stride;
-    T* dst = static_cast<T*>(p.dst) + t * p.dst_token_stride + h * p.dst_head_stride;
-    rotate_head<T>(p, src, dst, cos, cos + half, sign);
-    // Features past rotary_dim pass through unchanged (partial rotary); in place they already are.
-    if (pass && static_cast<const void*>(src) != dst)
-      std::memcpy(dst + p.rotary_dim, src + p.rotary_dim, size_t(pass) * sizeof(T));
+  const int64_t heads = p.heads, rotary_dim = p.rotary_dim, pass = p.head_dim - p.rotary_dim;
+  const bool is_neox = p.is_neox, in_place = p.src == p.dst;
+  const int64_t src_ts = p.src_token_stride, src_hs = p.src_head_stride;
+  const int64_t dst_ts = p.dst_token_stride, dst_hs = p.dst_head_stride;
+  int64_t t = w0 / heads, h = w0 % heads;
+  for (int64_t w = w0; w < w1; ++t, h = 0) {
+    const float* cos = p.cos_sin_cache + p.positions[t] * rotary_dim;
+    const T* src = static_cast<const T*>(p.src) + t * src_ts;
+    T* dst = static_cast<T*>(p.dst) + t * dst_ts;
+    const int64_t h1 = std::min(heads, h + (w1 - w));
+    w += h1 - h;
+    for (; h < h1; ++h) {
+      rotate_head<T>(rotary_dim, is_neox, src + h * src_hs, dst + h * dst_hs, cos, cos + rotary_dim / 2, sign);
+      // Features past rotary_dim pass through unchanged (partial rotary); in place they already are.
+      if (pass && !in_place)
+        std::memcpy(dst + h * dst_hs + rotary_dim, src + h * src_hs + rotary_dim, size_t(pass) * sizeof(T));
+    }
   }
 }
 

@@ -6,7 +6,9 @@
 #pragma once
 #include <ATen/MemoryOverlap.h>
 
+#include <cstdint>
 #include <optional>
+#include <utility>
 
 #include "kernels/rope.h"
 #include "ops/common.h"
@@ -23,6 +25,26 @@ inline int64_t token_stride(const Tensor& x) { return collapsed_stride(x, x.dim(
 // The kernel addresses x as tokens x heads x head_dim with unit stride along head_dim.
 inline bool addressable(const Tensor& x) {
   return x.dim() < 2 || (x.stride(-1) == 1 && token_stride(x) >= 0);
+}
+
+// True when out and x share memory without being the same view (same start and strides; sizes are equal):
+// the kernel supports src == dst but not a shifted alias. Views that interleave within overlapping byte
+// ranges (e.g. two head slices of one fused buffer) are rejected too: conservative, as an exact test is costly.
+inline bool partially_overlaps(const Tensor& out, const Tensor& x) {
+  if (out.numel() == 0 || x.numel() == 0) return false;
+  if (out.data_ptr() == x.data_ptr() && out.strides() == x.strides()) return false;
+  auto range = [](const Tensor& t) {  // [first byte, past last byte) of t's elements
+    int64_t lo = 0, hi = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      const int64_t span = (t.size(d) - 1) * t.stride(d);
+      (span < 0 ? lo : hi) += span;
+    }
+    const auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
+    return std::make_pair(base + lo * t.element_size(), base + (hi + 1) * t.element_size());
+  };
+  const auto [a0, a1] = range(out);
+  const auto [b0, b1] = range(x);
+  return a0 < b1 && b0 < a1;
 }
 
 }  // namespace rope_detail
@@ -111,20 +133,38 @@ struct RopeOps {
   // Out of place on x [..., heads, head_dim] -> [..., heads, head_dim] contiguous; inverse rotates by -theta.
   static Tensor rotary_embedding(const Tensor& positions, const Tensor& x, const Tensor& cache, bool is_neox,
                                  bool inverse) {
+    Tensor out = empty_like_contiguous(x);
+    rotary_embedding_out(out, positions, x, cache, is_neox, inverse);
+    return out;
+  }
+
+  // Into a preallocated out shaped like x: addressable (it may be a strided view, e.g. into a fused buffer),
+  // without internal overlap, and either disjoint from x or x itself (in place; the kernel loads each
+  // vector before storing it).
+  static void rotary_embedding_out(Tensor& out, const Tensor& positions, const Tensor& x, const Tensor& cache,
+                                   bool is_neox, bool inverse) {
     const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
+    check_like(out, "out", x, "x");
+    TORCH_CHECK(out.sizes() == x.sizes(), "out: expected the shape of x ", x.sizes(), ", got ", out.sizes());
+    TORCH_CHECK(rope_detail::addressable(out), "out: written by the kernel, so it needs unit stride along "
+                "head_dim and leading dims that flatten to one token stride; got sizes ", out.sizes(), " strides ",
+                out.strides());
+    TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+                "out: its elements must not overlap (e.g. an expanded tensor); got strides ", out.strides());
+    TORCH_CHECK(!rope_detail::partially_overlaps(out, x),
+                "out: must not partially overlap x (it may be x itself, for in place); got out strides ",
+                out.strides(), " at ", out.data_ptr(), ", x strides ", x.strides(), " at ", x.data_ptr());
     // A layout the kernel cannot address (e.g. the expanded gradient of a sum) is copied once.
     const Tensor xs = rope_detail::addressable(x) ? x : x.contiguous();
     Tensor pos = positions.contiguous();
     RopeParams p = params(pos, xs, "x", cache, is_neox);
     p.inverse = inverse;
-    Tensor out = empty_like_contiguous(x);
     p.dst = out.data_ptr();
-    p.dst_head_stride = p.head_dim;
-    p.dst_token_stride = p.heads * p.head_dim;
-    if (out.numel() == 0) return out;
-    Backend::check_positions(pos, p.max_position);
+    p.dst_token_stride = rope_detail::token_stride(out);
+    p.dst_head_stride = out.stride(-2);
+    if (out.numel() == 0) return;
+    Backend::check_positions(pos, p.max_position);  // before anything is written (out may be x)
     Backend::rope(p);
-    return out;
   }
 };
 
@@ -133,6 +173,7 @@ template <typename Backend>
 void register_rope_ops(torch::Library& m) {
   m.impl("rotary_embedding_", &RopeOps<Backend>::rotary_embedding_);
   m.impl("rotary_embedding", &RopeOps<Backend>::rotary_embedding);
+  m.impl("rotary_embedding_out", &RopeOps<Backend>::rotary_embedding_out);
 }
 
 }  // namespace llmkern

@@ -143,9 +143,16 @@ def rotary_embedding_(
     ops().rotary_embedding_(positions, query, key, cos_sin_cache, is_neox)
 
 
-def apply_rotary_emb(x: Tensor, positions: Tensor, cos_sin_cache: Tensor, is_neox: bool = True) -> Tensor:
+def apply_rotary_emb(
+    x: Tensor, positions: Tensor, cos_sin_cache: Tensor, is_neox: bool = True, *, out: Tensor | None = None
+) -> Tensor:
     """Out of place on x [..., heads, head_dim] at positions x.shape[:-2] (int64); differentiable in x
-    (the backward is the inverse rotation). The cache is treated as a constant."""
+    (the backward is the inverse rotation). The cache is treated as a constant.
+    With `out` (shaped like x; may be a strided view, e.g. into a fused buffer, or x itself), writes into
+    it (inference; no autograd)."""
+    if out is not None:
+        ops().rotary_embedding_out(out, positions, x, cos_sin_cache, is_neox, False)
+        return out
     return ops().rotary_embedding(positions, x, cos_sin_cache, is_neox, False)
 
 
@@ -162,6 +169,11 @@ def _register() -> None:
     def _(positions, x, cos_sin_cache, is_neox, inverse):
         check_same_device("x", x, positions=positions, cos_sin_cache=cos_sin_cache)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("llmkern::rotary_embedding_out")
+    def _(out, positions, x, cos_sin_cache, is_neox, inverse):
+        check_same_device("x", x, out=out, positions=positions, cos_sin_cache=cos_sin_cache)
+        return None
 
     def setup_context(ctx, inputs, output):
         positions, _, cos_sin_cache, is_neox, inverse = inputs

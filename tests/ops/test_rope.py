@@ -11,7 +11,7 @@ from llmkern.ops.rope import (
     rotary_embedding_,
     rotary_embedding_ref,
 )
-from tests.helpers import DTYPES, assert_close_derived
+from tests.helpers import DTYPES, assert_close_derived, poisoned_like, strided
 
 # (head_dim, rotary_dim): full rotary at odd-ish sizes (118 = 59*2, 112 = 111+1), and partial rotary.
 HEAD_DIMS = [(64, 64), (128, 128), (118, 118), (112, 112), (128, 32), (118, 64)]
@@ -119,6 +119,32 @@ def test_leading_dims(cpu_isa, is_neox):
     check(apply_rotary_emb(xt, pos, cache, is_neox), xt, pos, cache, is_neox)
     with pytest.raises(RuntimeError, match="query: written in place"):
         rotary_embedding_(pos, xt, None, cache, is_neox)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,rotary_dim", [(128, 128), (118, 64)])
+@pytest.mark.parametrize("is_neox", STYLES)
+def test_out_variant(cpu_isa, dtype, head_dim, rotary_dim, is_neox):
+    tokens, heads = 37, 3
+    pos = make_positions((tokens,))
+    cache = poisoned_cache(rotary_dim, pos)
+    x = torch.randn(tokens, heads, head_dim, dtype=dtype)
+    x0 = x.clone()
+    # Contiguous, then a strided view (padded heads) into a NaN buffer: unwritten elements stay NaN.
+    for out in (poisoned_like(x), strided(poisoned_like(x))):
+        assert apply_rotary_emb(x, pos, cache, is_neox, out=out) is out
+        check(out, x, pos, cache, is_neox)  # includes the pass-through features, copied bit-exact
+    # The q part of a fused qkv buffer (token stride (hq + 2 hk) hd), inverse; v must stay untouched.
+    qkv = torch.full((tokens, (heads + 2) * head_dim), float("nan"), dtype=dtype)
+    out = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    torch.ops.llmkern.rotary_embedding_out(out, pos, x, cache, is_neox, True)
+    check(out, x, pos, cache, is_neox, inverse=True)
+    assert qkv[:, heads * head_dim :].isnan().all(), "out of bounds write"
+    assert torch.equal(x, x0), "x was written"
+    # out is x: in place.
+    y = x.clone()
+    apply_rotary_emb(y, pos, cache, is_neox, out=y)
+    check(y, x, pos, cache, is_neox)
 
 
 def test_empty_tokens():
@@ -245,6 +271,8 @@ def test_opcheck():
     torch.library.opcheck(ops.rotary_embedding, (pos, x.clone().requires_grad_(), cache, True, False))
     torch.library.opcheck(ops.rotary_embedding_, (pos, x.clone(), torch.randn(7, 2, 48), cache, True))
     torch.library.opcheck(ops.rotary_embedding_, (pos, x.clone(), None, cache, False))
+    torch.library.opcheck(ops.rotary_embedding_out, (torch.empty_like(x), pos, x, cache, True, False))
+    torch.library.opcheck(ops.rotary_embedding_out, (strided(torch.empty_like(x)), pos, x, cache, False, True))
 
 
 @pytest.mark.parametrize("bad", [64, -1])
@@ -258,6 +286,10 @@ def test_out_of_range_position_leaves_query_unchanged(cpu_isa, bad):
     assert torch.equal(q, q0) and torch.equal(k, k0)
     with pytest.raises(IndexError, match="positions: value"):
         apply_rotary_emb(q, pos, cache)
+    out = poisoned_like(q)
+    with pytest.raises(IndexError, match="positions: value"):
+        apply_rotary_emb(q, pos, cache, out=out)
+    assert out.isnan().all(), "out was written before the positions were checked"
 
 
 POS, CACHE = torch.arange(3), rope_cos_sin_cache(16, 8)
@@ -278,6 +310,14 @@ BAD = [
     ("x", lambda: apply_rotary_emb(torch.randn(16), POS, CACHE), r"x: expected \[..., heads, head_dim\]"),
     ("query", lambda: rotary_embedding_(POS, torch.randn(3, 2, 32)[..., ::2], None, CACHE), "query: written in place"),
     ("query", lambda: rotary_embedding_(POS, torch.randn(1, 1, 16).expand(3, 2, 16), None, CACHE), "query: written in place, so its elements must not overlap"),
+    ("out", lambda: apply_rotary_emb(Q, POS, CACHE, out=torch.empty(3, 2, 18)), r"out: expected the shape of x \[3, 2, 16\]"),
+    ("out", lambda: apply_rotary_emb(Q, POS, CACHE, out=torch.empty_like(Q).half()), "out: expected the dtype of x"),
+    ("out", lambda: apply_rotary_emb(Q, POS, CACHE, out=torch.empty_like(Q, device="meta")), "out: expected the device of x"),
+    ("out", lambda: apply_rotary_emb(Q, POS, CACHE, out=torch.empty(3, 2, 32)[..., ::2]), "out: written by the kernel, so it needs unit stride"),
+    ("out", lambda: apply_rotary_emb(Q[None].expand(2, 3, 2, 16), POS.expand(2, 3), CACHE, out=torch.empty(3, 2, 2, 16).transpose(0, 1)), "out: written by the kernel"),
+    ("out", lambda: apply_rotary_emb(Q, POS, CACHE, out=torch.empty(1, 1, 16).expand(3, 2, 16)), "out: its elements must not overlap"),
+    ("out", lambda: apply_rotary_emb(Q[:2], POS[:2], CACHE, out=Q[1:]), "out: must not partially overlap x"),
+    ("out", lambda: apply_rotary_emb(Q[:, :1], POS, CACHE, out=Q[:, 1:]), "out: must not partially overlap x"),
 ]
 
 
