@@ -15,12 +15,49 @@ namespace {
 
 template <Activation A> using ActTag = std::integral_constant<Activation, A>;
 
+#if defined(LLMKERN_ISA_AVX512)
+// exp(-z) in ~10 vector ops instead of Cephes' ~24: 2^x with x = -z log2e, n = round(x), 2^(x - n) by
+// a degree-5 Taylor polynomial (relative error ~3e-6 with the rounding of x), 2^n applied by vscalefps,
+// which also gives exact inf / 0 beyond the float range (x is clamped only so that +-inf - n is not NaN;
+// NaN passes through min/max as their first operand). Used only for 16-bit outputs, whose rounding
+// (2^-8 / 2^-11 relative) swamps its error: the exp is what makes bf16 compute-bound on AVX-512 (one FMA
+// port on this class of cores), while float32 keeps the ~1 ulp Cephes exp.
+inline VecAvx512 exp_neg_fast(VecAvx512 z) {
+  __m512 x = _mm512_mul_ps(z.v, _mm512_set1_ps(-1.44269504088896341f));
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(256.f)), _mm512_set1_ps(-256.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
+  __m512 p = _mm512_set1_ps(1.3333558146e-3f);  // ln2^k / k!
+  for (float c : {9.6181291076e-3f, 5.5504108665e-2f, 2.4022650696e-1f, 6.9314718056e-1f, 1.f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return {_mm512_scalef_ps(p, n)};
+}
+#endif
+
+// Whether storage type T on vector Vv takes the fast path: 16-bit outputs on AVX-512.
+template <typename T, typename Vv>
+constexpr bool kFast =
+#if defined(LLMKERN_ISA_AVX512)
+    std::is_same_v<Vv, VecAvx512> && sizeof(T) == 2;
+#else
+    false;
+#endif
+
+// exp(-z), the exp in every sigmoid here.
+template <typename T, typename Vv>
+inline Vv exp_neg(Vv z) {
+#if defined(LLMKERN_ISA_AVX512)
+  if constexpr (kFast<T, Vv>) return exp_neg_fast(z);
+#endif
+  return exp(Vv::zero() - z);
+}
+
 // 1 / (1 + exp(-z)): for z << 0, exp overflows to inf and sigmoid is exactly 0 (not NaN), so
 // act(g) = g * sigmoid(z) goes to -0 smoothly; the tanh form 0.5 g (1 + tanh u) cancels there instead.
-template <typename Vv>
+template <typename T, typename Vv>
 inline Vv sigmoid(Vv z) {
   const Vv one = Vv::set1(1);
-  return one / (one + exp(Vv::zero() - z));
+  return one / (one + exp_neg<T>(z));
 }
 
 // gelu_tanh constants: c = sqrt(2/pi), a = 0.044715; 0.5 (1 + tanh(u)) = sigmoid(2u) with u = c (g + a g^3).
@@ -76,7 +113,7 @@ void fwd(const ActMulParams& p) {
     for_each_chunk<V>(n, [&](auto v, int64_t i) {
       using Vv = decltype(v);
       Vv g = Vv::load(gate + i);
-      (g * sigmoid(sig_arg<A>(g)) * Vv::load(up + i)).store(out + i);
+      (g * sigmoid<T>(sig_arg<A>(g)) * Vv::load(up + i)).store(out + i);
     });
   });
 }
@@ -94,11 +131,15 @@ void bwd(const ActMulBwdParams& p) {
     for_each_chunk<V>(n, [&](auto v, int64_t i) {
       using Vv = decltype(v);
       Vv g = Vv::load(gate + i), gy = Vv::load(dy + i);
-      // 1 - s as sigmoid(-z) = 1 / (1 + 1/e), e = exp(-z): 1 - s would cancel where s ~ 1 (it is below
-      // float's ulp of 1 from g ~ 17 for silu, ~5 for gelu_tanh), costing act' its relative accuracy there.
-      // At the ends e is 0 or inf and both forms still give exactly 0 or 1.
-      const Vv one = Vv::set1(1), e = exp(Vv::zero() - sig_arg<A>(g));
-      Vv s = one / (one + e), sm = one / (one + one / e);
+      // 1 - s as e / (1 + e) = e s, e = exp(-z): 1 - s would cancel where s ~ 1 (it is below float's ulp
+      // of 1 from g ~ 17 for silu, ~5 for gelu_tanh), costing act' its relative accuracy there. Where e
+      // overflows (s = 0) e s is inf * 0 = NaN, and min (which returns its second operand for NaN) gives
+      // the limit 1 instead. The float32 / float64 paths keep 1 / (1 + 1 / e): two more divisions, but
+      // no min in the scalar vector, and they are memory-bound anyway.
+      const Vv one = Vv::set1(1), e = exp_neg<T>(sig_arg<A>(g));
+      Vv s = one / (one + e), sm;
+      if constexpr (kFast<T, Vv>) sm = min(e * s, one);
+      else sm = one / (one + one / e);
       Vv gs = g * s;  // act(g)
       Vv t = gs * sm;
       if constexpr (A != Activation::silu) t = t * gelu_arg_grad(g);

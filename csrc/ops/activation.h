@@ -3,6 +3,9 @@
 // Packed x [..., 2d] is gate = x[..., :d], up = x[..., d:]: two row views of x with x's row stride.
 #pragma once
 #include <tuple>
+#include <utility>
+
+#include <ATen/MemoryOverlap.h>
 
 #include "kernels/activation.h"
 #include "ops/common.h"
@@ -53,15 +56,19 @@ struct ActivationOps {
                 " (x's with the last dim halved), got ", t.sizes());
   }
 
+  // The kernels are elementwise: each element's inputs are loaded before its outputs are stored, so an
+  // output may be an input exactly (in place) but must not overlap it shifted.
+  static void check_no_partial_overlap(const Tensor& out, const char* name, const Tensor& in, const char* in_name) {
+    TORCH_CHECK(at::get_overlap_status(out, in) != at::MemOverlapStatus::Partial, name,
+                ": expected memory disjoint from ", in_name, "'s or exactly the same (in place); it partially overlaps");
+  }
+
   // -> act(x[..., :d]) * x[..., d:], [..., d]
   static Tensor act_and_mul(const Tensor& x, c10::string_view activation) {
-    const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
-    Rows xr = as_rows(x, "x");
-    ActMulParams p = packed(x, xr, activation);
+    check_device(x, "x", Backend::device);  // before allocating on x's device
+    TORCH_CHECK(x.dim() >= 1, "x: expected at least 1 dimension, got a 0-dim tensor");
     Tensor out = at::empty(half_shape(x), x.options());
-    p.out = out.data_ptr();
-    p.out_stride = p.d;
-    if (p.rows) Backend::fwd(p);
+    act_and_mul_out(out, x, activation);
     return out;
   }
 
@@ -72,25 +79,36 @@ struct ActivationOps {
     ActMulParams p = packed(x, xr, activation);
     check_half_of(out, "out", x);
     Rows outr = as_rows(out, "out", /*writable=*/true);
+    check_no_partial_overlap(out, "out", x, "x");
     p.out = outr.data();
     p.out_stride = outr.stride;
     if (p.rows) Backend::fwd(p);
   }
 
-  // dy [..., d] -> dx [..., 2d] = [dgate, dup], written as two row views of one tensor.
+  // dy [..., d] -> dx [..., 2d] = [dgate, dup].
   static Tensor act_and_mul_bwd(const Tensor& dy, const Tensor& x, c10::string_view activation) {
+    check_device(x, "x", Backend::device);  // before allocating on x's device
+    Tensor dx = empty_like_contiguous(x);
+    act_and_mul_bwd_out(dx, dy, x, activation);
+    return dx;
+  }
+
+  // dx [..., 2d], possibly with strided rows, written as two row views (dgate, dup) of one tensor.
+  static void act_and_mul_bwd_out(Tensor& dx, const Tensor& dy, const Tensor& x, c10::string_view activation) {
     const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
     Rows xr = as_rows(x, "x");
     ActMulParams fp = packed(x, xr, activation);
     check_half_of(dy, "dy", x);
-    Rows dyr = as_rows(dy, "dy");
-    Tensor dx = empty_like_contiguous(x);
+    check_like(dx, "dx", x, "x");
+    TORCH_CHECK(dx.sizes() == x.sizes(), "dx: expected the shape of x ", x.sizes(), ", got ", dx.sizes());
+    Rows dyr = as_rows(dy, "dy"), dxr = as_rows(dx, "dx", /*writable=*/true);
+    check_no_partial_overlap(dx, "dx", x, "x");
+    check_no_partial_overlap(dx, "dx", dy, "dy");
     ActMulBwdParams p = bwd_params(fp, dyr);
-    p.dgate = dx.data_ptr();
-    p.dup = skip(dx.data_ptr(), dx, p.d);
-    p.dgate_stride = p.dup_stride = 2 * p.d;
+    p.dgate = dxr.data();
+    p.dup = skip(dxr.data(), dx, p.d);
+    p.dgate_stride = p.dup_stride = dxr.stride;
     if (p.rows) Backend::bwd(p);
-    return dx;
   }
 
   // gate, up [..., d] of one shape: fills everything but the output.
@@ -133,18 +151,41 @@ struct ActivationOps {
   // -> (dgate, dup), each of gate's shape.
   static std::tuple<Tensor, Tensor> act_mul_bwd(const Tensor& dy, const Tensor& gate, const Tensor& up,
                                                 c10::string_view activation) {
+    check_device(gate, "gate", Backend::device);  // before allocating on gate's device
+    Tensor dgate = empty_like_contiguous(gate), dup = empty_like_contiguous(gate);
+    act_mul_bwd_out(dgate, dup, dy, gate, up, activation);
+    return {dgate, dup};
+  }
+
+  // dgate, dup of gate's shape, each possibly with strided rows.
+  static void act_mul_bwd_out(Tensor& dgate, Tensor& dup, const Tensor& dy, const Tensor& gate, const Tensor& up,
+                              c10::string_view activation) {
     const c10::DeviceGuard guard(gate.device());  // kernels run on the device of the data
     check_separate(gate, up);
     check_like(dy, "dy", gate, "gate");
     TORCH_CHECK(dy.sizes() == gate.sizes(), "dy: expected the shape of gate ", gate.sizes(), ", got ", dy.sizes());
+    for (auto [t, name] : {std::pair<const Tensor*, const char*>{&dgate, "dgate"}, {&dup, "dup"}}) {
+      check_like(*t, name, gate, "gate");
+      TORCH_CHECK(t->sizes() == gate.sizes(), name, ": expected the shape of gate ", gate.sizes(), ", got ",
+                  t->sizes());
+    }
     Rows gr = as_rows(gate, "gate"), ur = as_rows(up, "up"), dyr = as_rows(dy, "dy");
+    Rows dgr = as_rows(dgate, "dgate", /*writable=*/true), dur = as_rows(dup, "dup", /*writable=*/true);
+    // The two outputs must be disjoint (one would overwrite the other); each may alias an input exactly.
+    const auto both = at::get_overlap_status(dgate, dup);
+    TORCH_CHECK(both != at::MemOverlapStatus::Full && both != at::MemOverlapStatus::Partial,
+                "dup: expected memory disjoint from dgate's");
+    for (auto [t, name] : {std::pair<const Tensor*, const char*>{&dgate, "dgate"}, {&dup, "dup"}}) {
+      check_no_partial_overlap(*t, name, gate, "gate");
+      check_no_partial_overlap(*t, name, up, "up");
+      check_no_partial_overlap(*t, name, dy, "dy");
+    }
     ActMulBwdParams p = bwd_params(separate(gate, gr, up, ur, activation), dyr);
-    Tensor dgate = empty_like_contiguous(gate), dup = empty_like_contiguous(gate);
-    p.dgate = dgate.data_ptr();
-    p.dup = dup.data_ptr();
-    p.dgate_stride = p.dup_stride = p.d;
+    p.dgate = dgr.data();
+    p.dgate_stride = dgr.stride;
+    p.dup = dur.data();
+    p.dup_stride = dur.stride;
     if (p.rows) Backend::bwd(p);
-    return {dgate, dup};
   }
 
   // The backward's inputs: the forward's (gate, up) plus dy.
@@ -170,8 +211,10 @@ void register_activation_ops(torch::Library& m) {
   m.impl("act_and_mul", &ActivationOps<Backend>::act_and_mul);
   m.impl("act_and_mul_out", &ActivationOps<Backend>::act_and_mul_out);
   m.impl("act_and_mul_bwd", &ActivationOps<Backend>::act_and_mul_bwd);
+  m.impl("act_and_mul_bwd_out", &ActivationOps<Backend>::act_and_mul_bwd_out);
   m.impl("act_mul", &ActivationOps<Backend>::act_mul);
   m.impl("act_mul_bwd", &ActivationOps<Backend>::act_mul_bwd);
+  m.impl("act_mul_bwd_out", &ActivationOps<Backend>::act_mul_bwd_out);
 }
 
 }  // namespace llmkern

@@ -99,6 +99,11 @@ def _register() -> None:
         check_same_device("x", x, dy=dy)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("llmkern::act_and_mul_bwd_out")
+    def _(dx, dy, x, activation):
+        check_same_device("x", x, dy=dy, dx=dx)
+        return None
+
     @torch.library.register_fake("llmkern::act_mul")
     def _(gate, up, activation):
         check_same_device("gate", gate, up=up)
@@ -109,6 +114,11 @@ def _register() -> None:
         check_same_device("gate", gate, up=up, dy=dy)
         like = torch.empty_like(gate, memory_format=torch.contiguous_format)
         return like, torch.empty_like(like)
+
+    @torch.library.register_fake("llmkern::act_mul_bwd_out")
+    def _(dgate, dup, dy, gate, up, activation):
+        check_same_device("gate", gate, up=up, dy=dy, dgate=dgate, dup=dup)
+        return None
 
     def and_mul_setup(ctx, inputs, output):
         x, activation = inputs

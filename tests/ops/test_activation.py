@@ -17,6 +17,7 @@ TOKENS = [1, 7, 33]
 ACTIVATIONS = ["silu", "gelu_tanh"]
 AND_MUL = {"silu": silu_and_mul, "gelu_tanh": gelu_and_mul}
 MUL = {"silu": silu_mul, "gelu_tanh": gelu_mul}
+ops = torch.ops.llmkern
 
 
 def make(tokens, d, dtype):
@@ -94,6 +95,45 @@ def test_backward_low_precision(cpu_isa, dtype, d, act):
         assert_close_derived(g, r, t, name=name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_backward_out(cpu_isa, dtype, act):
+    # Strided inputs and NaN-poisoned outputs with strided rows; d = 769 gives SIMD bodies and tails.
+    d = 769
+    x = strided(make(7, d, dtype).view(7, 1, 2 * d))
+    dy = strided(torch.randn(7, 1, d, dtype=dtype), pad=5)
+    ref_fn = lambda x: act_and_mul_ref(x, act)  # noqa: E731
+    (ref,), (same,) = (grads(ref_fn, [t], dy) for t in (x.double(), x))
+    dx = strided(poisoned_like(x))
+    assert ops.act_and_mul_bwd_out(dx, dy, x, act) is None
+    assert_close_derived(dx, ref, same, name="dx")
+
+    gate, up = x[..., :d], strided(x[..., d:].contiguous(), pad=2)
+    ref_fn = lambda g, u: act_mul_ref(g, u, act)  # noqa: E731
+    ref = grads(ref_fn, [gate.double(), up.double()], dy)
+    same = grads(ref_fn, [gate, up], dy)
+    dgate, dup = strided(poisoned_like(gate), pad=1), strided(poisoned_like(gate), pad=4)
+    ops.act_mul_bwd_out(dgate, dup, dy, gate, up, act)
+    for name, g, r, t in zip(["dgate", "dup"], [dgate, dup], ref, same):
+        assert_close_derived(g, r, t, name=name)
+    # dgate and dup as the two halves of one buffer, as the packed op writes them.
+    both = poisoned_like(x)
+    ops.act_mul_bwd_out(both[..., :d], both[..., d:], dy, gate, up, act)
+    assert torch.equal(both, torch.cat([dgate, dup], -1))
+
+
+def test_backward_out_in_place():
+    # Elementwise: every element's inputs are read before its outputs are written, so exact aliasing works.
+    x, dy = 3 * torch.randn(5, 2 * 37), torch.randn(5, 37)
+    want = ops.act_and_mul_bwd(dy, x, "silu")
+    ops.act_and_mul_bwd_out(x, dy, x, "silu")
+    assert torch.equal(x, want)
+    gate, up, dy = torch.randn(3, 5, 37).unbind(0)
+    want = ops.act_mul_bwd(dy, gate, up, "gelu_tanh")
+    ops.act_mul_bwd_out(up, gate, dy, gate, up, "gelu_tanh")  # dgate into up, dup into gate
+    assert torch.equal(up, want[0]) and torch.equal(gate, want[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act,hf_name", [("silu", "silu"), ("gelu_tanh", "gelu_pytorch_tanh")])
 def test_matches_transformers(dtype, act, hf_name):
@@ -132,7 +172,6 @@ def test_extreme_values_match_torch(cpu_isa, dtype, act):
 
 
 def test_opcheck():
-    ops = torch.ops.llmkern
     x = 3 * torch.randn(7, 2 * 769)
     gate, up, dy = torch.randn(3, 7, 769).unbind(0)
     # The activation is only a string to the registration machinery: each op is checked once.
@@ -141,6 +180,8 @@ def test_opcheck():
     torch.library.opcheck(ops.act_and_mul_bwd, (dy, x, "gelu_tanh"))
     torch.library.opcheck(ops.act_mul, (gate.clone().requires_grad_(), up.clone().requires_grad_(), "gelu_tanh"))
     torch.library.opcheck(ops.act_mul_bwd, (dy, gate, up, "silu"))
+    torch.library.opcheck(ops.act_and_mul_bwd_out, (torch.empty(7, 2 * 769), dy, x, "silu"))
+    torch.library.opcheck(ops.act_mul_bwd_out, (torch.empty(7, 769), torch.empty(7, 769), dy, gate, up, "gelu_tanh"))
 
 
 def test_zero_rows():
@@ -151,7 +192,13 @@ def test_zero_rows():
     assert x.grad.shape == (0, 16)
 
 
-ops = torch.ops.llmkern
+def shifted(n, rows, cols):
+    """Two [rows, cols] views of one buffer, one element apart: they partially overlap."""
+    buf = torch.randn(rows * cols + n)
+    return buf[:rows * cols].view(rows, cols), buf[n:].view(rows, cols)
+
+
+X8, DY4, G4 = torch.randn(3, 8), torch.randn(3, 4), torch.randn(3, 4)
 BAD = [
     ("x", lambda: silu_and_mul(torch.randint(0, 5, (3, 8))), "x: expected dtype"),
     ("x", lambda: gelu_and_mul(torch.randn(3, 7)), "x: expected a non-empty, even last dim"),
@@ -171,6 +218,25 @@ BAD = [
     ("dy", lambda: ops.act_and_mul_bwd(torch.randn(3, 8), torch.randn(3, 8), "silu"), r"dy: expected shape \[3, 4\]"),
     ("dy", lambda: ops.act_mul_bwd(torch.randn(3, 8).half(), torch.randn(3, 8), torch.randn(3, 8), "silu"),
      "dy: expected the dtype of gate"),
+    ("dx", lambda: ops.act_and_mul_bwd_out(torch.empty(3, 4), DY4, X8, "silu"), r"dx: expected the shape of x \[3, 8\]"),
+    ("dx", lambda: ops.act_and_mul_bwd_out(torch.empty(3, 8).half(), DY4, X8, "silu"), "dx: expected the dtype of x"),
+    ("dx", lambda: ops.act_and_mul_bwd_out(torch.empty(1, 8).expand(3, 8), DY4, X8, "silu"), "dx: written in place"),
+    ("dx", lambda: ops.act_and_mul_bwd_out(torch.empty(8, 3).t(), DY4, X8, "silu"), "dx: written in place"),
+    ("dx", lambda: (lambda x, dx: ops.act_and_mul_bwd_out(dx, DY4, x, "silu"))(*shifted(1, 3, 8)),
+     "dx: expected memory disjoint from x's"),
+    ("dx", lambda: ops.act_and_mul_bwd_out(torch.empty(3, 8, device="meta"), DY4, X8, "silu"),
+     "dx: expected the device of x"),
+    ("dgate", lambda: ops.act_mul_bwd_out(torch.empty(3, 5), torch.empty(3, 4), DY4, G4, G4, "silu"),
+     r"dgate: expected the shape of gate \[3, 4\]"),
+    ("dup", lambda: ops.act_mul_bwd_out(torch.empty(3, 4), torch.empty(3, 4).double(), DY4, G4, G4, "silu"),
+     "dup: expected the dtype of gate"),
+    ("dup", lambda: ops.act_mul_bwd_out(torch.empty(3, 4), torch.empty(4).expand(3, 4), DY4, G4, G4, "silu"),
+     "dup: written in place"),
+    ("dup", lambda: (lambda t: ops.act_mul_bwd_out(t, t, DY4, G4, G4, "silu"))(torch.empty(3, 4)),
+     "dup: expected memory disjoint from dgate's"),
+    ("dup", lambda: ops.act_mul_bwd_out(*shifted(2, 3, 4), DY4, G4, G4, "silu"), "dup: expected memory disjoint"),
+    ("dgate", lambda: (lambda up, dg: ops.act_mul_bwd_out(dg, torch.empty(3, 4), DY4, G4, up, "silu"))(*shifted(1, 3, 4)),
+     "dgate: expected memory disjoint from up's"),
 ]
 
 
