@@ -56,13 +56,6 @@ struct ActivationOps {
                 " (x's with the last dim halved), got ", t.sizes());
   }
 
-  // The kernels are elementwise: each element's inputs are loaded before its outputs are stored, so an
-  // output may be an input exactly (in place) but must not overlap it shifted.
-  static void check_no_partial_overlap(const Tensor& out, const char* name, const Tensor& in, const char* in_name) {
-    TORCH_CHECK(at::get_overlap_status(out, in) != at::MemOverlapStatus::Partial, name,
-                ": expected memory disjoint from ", in_name, "'s or exactly the same (in place); it partially overlaps");
-  }
-
   // -> act(x[..., :d]) * x[..., d:], [..., d]
   static Tensor act_and_mul(const Tensor& x, c10::string_view activation) {
     check_device(x, "x", Backend::device);  // before allocating on x's device
@@ -99,8 +92,7 @@ struct ActivationOps {
     Rows xr = as_rows(x, "x");
     ActMulParams fp = packed(x, xr, activation);
     check_half_of(dy, "dy", x);
-    check_like(dx, "dx", x, "x");
-    TORCH_CHECK(dx.sizes() == x.sizes(), "dx: expected the shape of x ", x.sizes(), ", got ", dx.sizes());
+    check_same_shape(dx, "dx", x, "x");
     Rows dyr = as_rows(dy, "dy"), dxr = as_rows(dx, "dx", /*writable=*/true);
     check_no_partial_overlap(dx, "dx", x, "x");
     check_no_partial_overlap(dx, "dx", dy, "dy");
@@ -162,13 +154,9 @@ struct ActivationOps {
                               c10::string_view activation) {
     const c10::DeviceGuard guard(gate.device());  // kernels run on the device of the data
     check_separate(gate, up);
-    check_like(dy, "dy", gate, "gate");
-    TORCH_CHECK(dy.sizes() == gate.sizes(), "dy: expected the shape of gate ", gate.sizes(), ", got ", dy.sizes());
-    for (auto [t, name] : {std::pair<const Tensor*, const char*>{&dgate, "dgate"}, {&dup, "dup"}}) {
-      check_like(*t, name, gate, "gate");
-      TORCH_CHECK(t->sizes() == gate.sizes(), name, ": expected the shape of gate ", gate.sizes(), ", got ",
-                  t->sizes());
-    }
+    check_same_shape(dy, "dy", gate, "gate");
+    check_same_shape(dgate, "dgate", gate, "gate");
+    check_same_shape(dup, "dup", gate, "gate");
     Rows gr = as_rows(gate, "gate"), ur = as_rows(up, "up"), dyr = as_rows(dy, "dy");
     Rows dgr = as_rows(dgate, "dgate", /*writable=*/true), dur = as_rows(dup, "dup", /*writable=*/true);
     // The two outputs must be disjoint (one would overwrite the other); each may alias an input exactly.

@@ -29,6 +29,11 @@ void check_same_shape(const Tensor& t, const char* name, const Tensor& ref, cons
               t.sizes());
 }
 
+void check_no_partial_overlap(const Tensor& out, const char* name, const Tensor& in, const char* in_name) {
+  TORCH_CHECK(at::get_overlap_status(out, in) != at::MemOverlapStatus::Partial, name,
+              ": expected memory disjoint from ", in_name, "'s or exactly the same (in place); it partially overlaps");
+}
+
 void check_device(const Tensor& t, const char* name, c10::DeviceType device) {
   TORCH_CHECK(t.device().type() == device, name, ": expected a ", c10::DeviceTypeName(device),
               " tensor, got one on ", t.device());

@@ -20,6 +20,11 @@ void check_like(const Tensor& t, const char* name, const Tensor& ref, const char
 // check_like plus the same shape as ref.
 void check_same_shape(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name);
 
+// An output may be an input exactly (in place: elementwise kernels load before they store) or be disjoint
+// from it, but must not overlap it shifted. Same test as ATen's out= ops (at::assert_no_partial_overlap):
+// exact for dense tensors, and layouts too costly to compare are let through.
+void check_no_partial_overlap(const Tensor& out, const char* name, const Tensor& in, const char* in_name);
+
 void check_device(const Tensor& t, const char* name, c10::DeviceType device);
 
 // The one stride that steps through dims [0, ndims) of t as a single flattened index (size-1 dims

@@ -27,26 +27,6 @@ inline bool addressable(const Tensor& x) {
   return x.dim() < 2 || (x.stride(-1) == 1 && token_stride(x) >= 0);
 }
 
-// True when out and x share memory without being the same view (same start and strides; sizes are equal):
-// the kernel supports src == dst but not a shifted alias. Views that interleave within overlapping byte
-// ranges (e.g. two head slices of one fused buffer) are rejected too: conservative, as an exact test is costly.
-inline bool partially_overlaps(const Tensor& out, const Tensor& x) {
-  if (out.numel() == 0 || x.numel() == 0) return false;
-  if (out.data_ptr() == x.data_ptr() && out.strides() == x.strides()) return false;
-  auto range = [](const Tensor& t) {  // [first byte, past last byte) of t's elements
-    int64_t lo = 0, hi = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) {
-      const int64_t span = (t.size(d) - 1) * t.stride(d);
-      (span < 0 ? lo : hi) += span;
-    }
-    const auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
-    return std::make_pair(base + lo * t.element_size(), base + (hi + 1) * t.element_size());
-  };
-  const auto [a0, a1] = range(out);
-  const auto [b0, b1] = range(x);
-  return a0 < b1 && b0 < a1;
-}
-
 }  // namespace rope_detail
 
 template <typename Backend>
@@ -144,16 +124,13 @@ struct RopeOps {
   static void rotary_embedding_out(Tensor& out, const Tensor& positions, const Tensor& x, const Tensor& cache,
                                    bool is_neox, bool inverse) {
     const c10::DeviceGuard guard(x.device());  // kernels run on the device of the data
-    check_like(out, "out", x, "x");
-    TORCH_CHECK(out.sizes() == x.sizes(), "out: expected the shape of x ", x.sizes(), ", got ", out.sizes());
+    check_same_shape(out, "out", x, "x");
     TORCH_CHECK(rope_detail::addressable(out), "out: written by the kernel, so it needs unit stride along "
                 "head_dim and leading dims that flatten to one token stride; got sizes ", out.sizes(), " strides ",
                 out.strides());
     TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
                 "out: its elements must not overlap (e.g. an expanded tensor); got strides ", out.strides());
-    TORCH_CHECK(!rope_detail::partially_overlaps(out, x),
-                "out: must not partially overlap x (it may be x itself, for in place); got out strides ",
-                out.strides(), " at ", out.data_ptr(), ", x strides ", x.strides(), " at ", x.data_ptr());
+    check_no_partial_overlap(out, "out", x, "x");
     // A layout the kernel cannot address (e.g. the expanded gradient of a sum) is copied once.
     const Tensor xs = rope_detail::addressable(x) ? x : x.contiguous();
     Tensor pos = positions.contiguous();
