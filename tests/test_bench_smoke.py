@@ -37,7 +37,9 @@ def test_ceilings_and_norm_bench():
     c = harness.measure_ceilings(cfg)
     assert c.copy > 0 and c.read_gbps[0] > 0 and set(c.matmul_gflops) == {"float32", "bfloat16"}
     rows = bench_norm.run(cfg)
-    assert len(rows) == 6 and all(r.times["llmkern"].median_s > 0 and "compile" not in r.times for r in rows)
+    # fwd, fused in place, bwd (preallocated), bwd +alloc; for fp32 and bf16
+    assert [r.op for r in rows[:4]] == ["rms_norm", "fused_add_rms_norm_", "rms_norm bwd", "rms_norm bwd +alloc"]
+    assert len(rows) == 8 and all(r.times["llmkern"].median_s > 0 and "compile" not in r.times for r in rows)
     table = harness.format_table(harness.HEADER, harness.table_rows(rows), markdown=True)
     assert table.count("\n") == len(rows) + 1
 
