@@ -13,13 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmkern._ext import available, ops
-from llmkern.ops._fake import check_same_device
+from llmkern.ops._common import acc_dtype, check_same_device
 
 ACTIVATIONS = ("silu", "gelu_tanh")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_activation(activation: str) -> None:
@@ -32,7 +28,7 @@ def _check_activation(activation: str) -> None:
 
 def act_mul_ref(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     _check_activation(activation)
-    acc = _acc_dtype(gate.dtype)
+    acc = acc_dtype(gate.dtype)
     g = gate.to(acc)
     a = F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
     return (a * up.to(acc)).to(gate.dtype)

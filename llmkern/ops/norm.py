@@ -10,18 +10,14 @@ import torch
 from torch import Tensor
 
 from llmkern._ext import available, ops
-from llmkern.ops._fake import check_same_device
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from llmkern.ops._common import acc_dtype, check_same_device
 
 
 # ---- pure-PyTorch references (the definition; tests run them in float64) ----
 
 
 def rms_norm_ref(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, weight_offset: bool = False) -> Tensor:
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xf = x.to(acc)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
@@ -83,7 +79,7 @@ def _register() -> None:
     def _(x, weight, eps, weight_offset):
         check_same_device("x", x, weight=weight)
         return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
-            rows(x), dtype=_acc_dtype(x.dtype)
+            rows(x), dtype=acc_dtype(x.dtype)
         )
 
     @torch.library.register_fake("llmkern::rms_norm_out")
@@ -94,7 +90,7 @@ def _register() -> None:
     def _(x, residual, weight, eps, weight_offset):
         check_same_device("x", x, residual=residual, weight=weight)
         like = torch.empty_like(x, memory_format=torch.contiguous_format)
-        return like, torch.empty_like(like), x.new_empty(rows(x), dtype=_acc_dtype(x.dtype))
+        return like, torch.empty_like(like), x.new_empty(rows(x), dtype=acc_dtype(x.dtype))
 
     @torch.library.register_fake("llmkern::fused_add_rms_norm_")
     def _(x, residual, weight, eps, weight_offset):

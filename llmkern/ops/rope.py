@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from llmkern._ext import available, ops
-from llmkern.ops._fake import check_same_device
+from llmkern.ops._common import check_same_device
 
 # ---- cos/sin cache (inverse frequencies exactly as transformers' modeling_rope_utils computes them) ----
 
