@@ -121,8 +121,7 @@ struct ActivationOps {
   static void check_separate(const Tensor& gate, const Tensor& up) {
     check_device(gate, "gate", Backend::device);
     kernel_dtype(gate, "gate");
-    check_like(up, "up", gate, "gate");
-    TORCH_CHECK(up.sizes() == gate.sizes(), "up: expected the shape of gate ", gate.sizes(), ", got ", up.sizes());
+    check_same_shape(up, "up", gate, "gate");
     TORCH_CHECK(gate.dim() == 0 || gate.size(-1) > 0, "gate: expected a non-empty last dim, got sizes ",
                 gate.sizes());
   }
