@@ -25,7 +25,7 @@ def assert_close_derived(out, ref64, out_torch, factor: float = 2.0, name: str =
 
 def strided(t: torch.Tensor, pad: int = 3) -> torch.Tensor:
     """The same values as t, as a view whose rows are `pad` elements further apart than contiguous."""
-    big = torch.full((*t.shape[:-1], t.shape[-1] + pad), float("nan"), dtype=t.dtype)
+    big = torch.full((*t.shape[:-1], t.shape[-1] + pad), float("nan"), dtype=t.dtype, device=t.device)
     big[..., : t.shape[-1]] = t
     return big[..., : t.shape[-1]]
 
@@ -33,3 +33,13 @@ def strided(t: torch.Tensor, pad: int = 3) -> torch.Tensor:
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer full of NaN: any element the kernel fails to write stays NaN."""
     return torch.full_like(t, float("nan"))
+
+
+def grads(fn, inputs, douts):
+    """Gradients w.r.t. leaf copies of `inputs` of fn's output(s), each weighted by its entry of douts
+    (cast to that output's device and dtype)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [d.to(o.device, o.dtype) for o, d in zip(outs, douts)])
+    return [t.grad for t in leaves]

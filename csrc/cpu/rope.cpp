@@ -13,9 +13,9 @@ struct CpuRope {
   static void check_positions(const Tensor& positions, int64_t max_position) {
     const int64_t* pos = positions.data_ptr<int64_t>();
     const int64_t n = positions.numel();
-    int64_t bad = 0;
-    while (bad < n && pos[bad] >= 0 && pos[bad] < max_position) ++bad;
-    TORCH_CHECK_INDEX(bad == n, "positions: value ", bad < n ? pos[bad] : 0, " at (flat) index ", bad,
+    int64_t first_bad = 0;
+    while (first_bad < n && pos[first_bad] >= 0 && pos[first_bad] < max_position) ++first_bad;
+    TORCH_CHECK_INDEX(first_bad == n, "positions: value ", first_bad < n ? pos[first_bad] : 0, " at (flat) index ", first_bad,
                       " is outside [0, max_position=", max_position, "), max_position being cos_sin_cache.size(0)");
   }
 };

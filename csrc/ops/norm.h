@@ -38,10 +38,10 @@ struct NormOps {
     return p;
   }
 
-  static Tensor rstd_for(const Tensor& x, int64_t rows) {
-    auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    return at::empty({rows}, x.options().dtype(acc));
-  }
+  // rstd's dtype: the kernels' accumulation type for x.
+  static at::ScalarType acc_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+  static Tensor rstd_for(const Tensor& x, int64_t rows) { return at::empty({rows}, x.options().dtype(acc_type(x))); }
 
   // -> (out [..., hidden], rstd [rows] float32 (float64 for float64 x))
   static std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, const std::optional<Tensor>& weight, double eps,
@@ -116,7 +116,7 @@ struct NormOps {
     RmsNormParams fp = params(x, xr, weight, 0.0, weight_offset);
     check_same_shape(dy, "dy", x, "x");
     Tensor rstd_c = rstd.contiguous();
-    const auto acc = rstd_for(x, 0).scalar_type();
+    const auto acc = acc_type(x);
     TORCH_CHECK(rstd.scalar_type() == acc && rstd.numel() == xr.rows, "rstd: expected the [", xr.rows, "] ", acc,
                 " tensor returned by the forward, got ", rstd.scalar_type(), " ", rstd.sizes());
     check_device(rstd, "rstd", Backend::device);

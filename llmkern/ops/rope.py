@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from llmkern._ext import available, ops
-from llmkern.ops._common import check_same_device
+from llmkern.ops._common import acc_dtype, check_same_device
 
 # ---- cos/sin cache (inverse frequencies exactly as transformers' modeling_rope_utils computes them) ----
 
@@ -115,7 +115,7 @@ def rotary_embedding_ref(
     x: Tensor, positions: Tensor, cos_sin_cache: Tensor, is_neox: bool = True, inverse: bool = False
 ) -> Tensor:
     """x [..., heads, head_dim], positions x.shape[:-2]; computed in float32 (float64 for float64 x)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     rotary_dim = cos_sin_cache.shape[-1]
     half = rotary_dim // 2
     cs = cos_sin_cache[positions].to(acc).unsqueeze(-2)  # [..., 1, rotary_dim], broadcast over heads

@@ -10,7 +10,7 @@ from llmkern.ops.activation import (
     silu_and_mul,
     silu_mul,
 )
-from tests.helpers import DTYPES, assert_close_derived, poisoned_like, strided
+from tests.helpers import DTYPES, assert_close_derived, grads, poisoned_like, strided
 
 D = [8, 769, 4096, 5125]
 TOKENS = [1, 7, 33]
@@ -71,12 +71,6 @@ def test_gradcheck_float64(cpu_isa, act):
     assert torch.autograd.gradcheck(MUL[act], (gate, up))
 
 
-def grads(fn, inputs, dy):
-    inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    fn(*inputs).backward(dy.to(inputs[0].dtype))
-    return [t.grad for t in inputs]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [8, 769, 5125])
 @pytest.mark.parametrize("act", ACTIVATIONS)
@@ -84,13 +78,13 @@ def test_backward_low_precision(cpu_isa, dtype, d, act):
     x = make(7, d, dtype)
     dy = torch.randn(7, d)
     ref_fn = lambda x: act_and_mul_ref(x, act)  # noqa: E731
-    (dx,), (ref,), (same,) = (grads(f, [t], dy) for f, t in [(AND_MUL[act], x), (ref_fn, x.double()), (ref_fn, x)])
+    (dx,), (ref,), (same,) = (grads(f, [t], [dy]) for f, t in [(AND_MUL[act], x), (ref_fn, x.double()), (ref_fn, x)])
     assert_close_derived(dx, ref, same, name="dx")
     gate, up = x[:, :d].contiguous(), x[:, d:].contiguous()
     ref_fn = lambda g, u: act_mul_ref(g, u, act)  # noqa: E731
-    kern = grads(MUL[act], [gate, up], dy)
-    ref = grads(ref_fn, [gate.double(), up.double()], dy)
-    same = grads(ref_fn, [gate, up], dy)
+    kern = grads(MUL[act], [gate, up], [dy])
+    ref = grads(ref_fn, [gate.double(), up.double()], [dy])
+    same = grads(ref_fn, [gate, up], [dy])
     for name, g, r, t in zip(["dgate", "dup"], kern, ref, same):
         assert_close_derived(g, r, t, name=name)
 
@@ -103,15 +97,15 @@ def test_backward_out(cpu_isa, dtype, act):
     x = strided(make(7, d, dtype).view(7, 1, 2 * d))
     dy = strided(torch.randn(7, 1, d, dtype=dtype), pad=5)
     ref_fn = lambda x: act_and_mul_ref(x, act)  # noqa: E731
-    (ref,), (same,) = (grads(ref_fn, [t], dy) for t in (x.double(), x))
+    (ref,), (same,) = (grads(ref_fn, [t], [dy]) for t in (x.double(), x))
     dx = strided(poisoned_like(x))
     assert ops.act_and_mul_bwd_out(dx, dy, x, act) is None
     assert_close_derived(dx, ref, same, name="dx")
 
     gate, up = x[..., :d], strided(x[..., d:].contiguous(), pad=2)
     ref_fn = lambda g, u: act_mul_ref(g, u, act)  # noqa: E731
-    ref = grads(ref_fn, [gate.double(), up.double()], dy)
-    same = grads(ref_fn, [gate, up], dy)
+    ref = grads(ref_fn, [gate.double(), up.double()], [dy])
+    same = grads(ref_fn, [gate, up], [dy])
     dgate, dup = strided(poisoned_like(gate), pad=1), strided(poisoned_like(gate), pad=4)
     ops.act_mul_bwd_out(dgate, dup, dy, gate, up, act)
     for name, g, r, t in zip(["dgate", "dup"], [dgate, dup], ref, same):
@@ -158,9 +152,9 @@ def test_extreme_values_match_torch(cpu_isa, dtype, act):
     gate = torch.tensor(SPECIAL * 4 + SPECIAL[:7], dtype=dtype)
     up = torch.randn_like(gate)
     assert not MUL[act](torch.full((3,), -100.0, dtype=dtype), torch.ones(3, dtype=dtype)).isnan().any()
-    kern = grads(MUL[act], [gate, up], torch.ones_like(gate))
+    kern = grads(MUL[act], [gate, up], [torch.ones_like(gate)])
     torch_fn = F.silu if act == "silu" else lambda g: F.gelu(g, approximate="tanh")  # noqa: E731
-    same = grads(lambda g, u: torch_fn(g.float()) * u.float(), [gate, up], torch.ones_like(gate))
+    same = grads(lambda g, u: torch_fn(g.float()) * u.float(), [gate, up], [torch.ones_like(gate)])
     out = MUL[act](gate, up)
     # NaN exactly where PyTorch has NaN (e.g. act(-inf) = -inf * 0); values agree up to rounding, with an
     # absolute slack for results near the float range's bottom (exp underflow).

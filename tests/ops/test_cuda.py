@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import llmkern.ops as lk
-from tests.helpers import DTYPES, assert_close_derived
+from tests.helpers import DTYPES, assert_close_derived, grads, strided
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
@@ -34,25 +34,9 @@ def close(out, ref64, out_torch, name="out", factor=2.0):
     assert_close_derived(out.cpu(), ref64.cpu(), out_torch.cpu(), factor=factor, name=name)
 
 
-def grads(fn, inputs, douts):
-    """Gradients of fn's outputs (weighted by douts) w.r.t. inputs, each a leaf copy."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    outs = fn(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward([o for o in outs], [d.to(o.device, o.dtype) for o, d in zip(outs, douts)])
-    return [t.grad for t in leaves]
-
-
 def poisoned(shape, dtype, pad=0):
     """A NaN-filled CUDA buffer; with pad, a row-strided view (rows pad elements further apart)."""
-    big = torch.full((*shape[:-1], shape[-1] + pad), float("nan"), dtype=dtype, device=DEV)
-    return big[..., : shape[-1]]
-
-
-def strided_cuda(t, pad=3):
-    out = poisoned(t.shape, t.dtype, pad)
-    out.copy_(t)
-    return out
+    return strided(torch.full(shape, float("nan"), dtype=dtype, device=DEV), pad)
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -86,12 +70,12 @@ def test_rms_norm_forward(dtype, hidden, tokens, weight_kind):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_strided_and_poisoned_out(dtype):
     x, w = norm_inputs(15, 769, dtype, "weight")
-    xs = strided_cuda(cu(x))  # misaligned rows: the scalar (non-vector) path
+    xs = strided(cu(x))  # misaligned rows: the scalar (non-vector) path
     out = poisoned(x.shape, dtype, pad=5)
     assert lk.rms_norm(xs, cu(w), out=out) is out
     close(out, lk.rms_norm_ref(x.double(), w.double()), lk.rms_norm_ref(x, w))
     # Aligned strided rows (pad of 16 bytes worth of elements) keep the vector path.
-    xv = strided_cuda(cu(x), pad=16 // x.element_size())
+    xv = strided(cu(x), pad=16 // x.element_size())
     close(lk.rms_norm(xv, cu(w)), lk.rms_norm_ref(x.double(), w.double()), lk.rms_norm_ref(x, w))
 
 
@@ -206,7 +190,7 @@ def test_act_and_mul_strided_out(dtype, act):
 
     x = torch.randn(3, 5, 2 * 769, dtype=dtype)
     out = poisoned((3, 5, 769), dtype, pad=5)
-    assert packed_fn(act)(strided_cuda(cu(x)), out=out) is out
+    assert packed_fn(act)(strided(cu(x)), out=out) is out
     close(out, act_and_mul_ref(x.double(), act), act_and_mul_ref(x, act))
 
 

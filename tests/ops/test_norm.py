@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import llmkern.ops as lk
-from tests.helpers import DTYPES, assert_close_derived, poisoned_like, strided
+from tests.helpers import DTYPES, assert_close_derived, grads, poisoned_like, strided
 
 HIDDEN = [8, 769, 4096, 5125]
 TOKENS = [1, 7, 33]
@@ -83,14 +83,6 @@ def test_gradcheck_float64(cpu_isa, weight_kind):
     res = torch.randn(5, 37, dtype=torch.float64, requires_grad=True)
     fused = lambda x, r, w=None: lk.fused_add_rms_norm(x, r, w, 1e-5, weight_offset=offset)  # noqa: E731
     assert torch.autograd.gradcheck(fused, (x, res) if w is None else (x, res, w))
-
-
-def grads(fn, inputs, dy):
-    inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, dy)])
-    return [t.grad for t in inputs]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
