@@ -43,15 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     print("measuring ceilings ...", flush=True)
     ceilings = harness.measure_ceilings(cfg)
     rows: list[harness.Row] = []
-    skipped = []
     for fam in args.only or FAMILIES:
         print(f"bench_{fam} ...", flush=True)
-        try:
-            mod = importlib.import_module(f"bench.bench_{fam}")
-            rows += mod.run(cfg)
-        except (harness.BenchSkipped, ImportError) as e:
-            skipped.append(f"{fam}: skipped ({e})")
-            print(f"  {skipped[-1]}", flush=True)
+        rows += importlib.import_module(f"bench.bench_{fam}").run(cfg)
     harness.remeasure_bandwidth(ceilings, cfg)
 
     md = args.markdown
@@ -67,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
           "x eager / x compile: baseline time / llmkern time (medians of up to "
           f"{cfg.reps} interleaved calls, fewer (>= 5) for calls slower than {cfg.budget_s / cfg.reps:.2f} s; "
           "inputs rotated over > 4x LLC).")
-    for s in skipped:
-        print(s)
     print()
     print(harness.format_ceilings(ceilings, cfg, md))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

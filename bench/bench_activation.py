@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import BenchSkipped, Config, Row, compiled, rotating_sets, run_case
+from bench.harness import Config, Row, compiled, rotating_sets, run_case
 
 D = 11008
 
 
 def run(cfg: Config) -> list[Row]:
-    try:
-        from llmkern.ops.activation import act_and_mul_ref, silu_and_mul
-    except ImportError as e:
-        raise BenchSkipped(f"llmkern.ops.activation not available: {e}") from e
+    from llmkern.ops.activation import act_and_mul_ref, silu_and_mul
 
     lk = torch.ops.llmkern
     ref = lambda x: act_and_mul_ref(x, "silu")

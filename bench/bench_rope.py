@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import BenchSkipped, Config, Row, compiled, rotating_sets, run_case
+from bench.harness import Config, Row, compiled, rotating_sets, run_case
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
 def run(cfg: Config) -> list[Row]:
-    try:
-        from llmkern.ops.rope import rope_cos_sin_cache, rotary_embedding_, rotary_embedding_ref
-    except ImportError as e:
-        raise BenchSkipped(f"llmkern.ops.rope not available: {e}") from e
+    from llmkern.ops.rope import rope_cos_sin_cache, rotary_embedding_, rotary_embedding_ref
 
     lk = torch.ops.llmkern
     t = cfg.tokens

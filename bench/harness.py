@@ -21,10 +21,6 @@ MiB = 1 << 20
 IMPLS = ("llmkern", "eager", "compile")
 
 
-class BenchSkipped(Exception):
-    """Raised by a bench module whose op is not available; the message says why."""
-
-
 @dataclasses.dataclass
 class Config:
     quick: bool = False
