@@ -35,8 +35,14 @@ export CUDACXX=$NVCC
 note machine ok "$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(), 'torch', torch.__version__)")"
 
 # 2. A venv over the system site-packages, so the machine's CUDA torch is used (never installed here).
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
-PY="$VENV/bin/python"
+# If $PYTHON already is a venv's, use it directly: a venv made from it would see the base interpreter's
+# site-packages, not this venv's (where the machine's torch and build tools live).
+if "$PYTHON" -c "import sys; sys.exit(0 if sys.prefix != sys.base_prefix else 1)"; then
+  PY=$PYTHON
+else
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
+  PY="$VENV/bin/python"
+fi
 missing=$("$PY" - <<'EOF'
 import importlib.util, shutil
 need = {"scikit_build_core": "scikit-build-core", "pytest": "pytest", "numpy": "numpy"}

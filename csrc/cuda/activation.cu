@@ -10,25 +10,22 @@ namespace llmkern {
 namespace cuda {
 namespace {
 
-template <typename A>
-__device__ __forceinline__ A sigmoid(A x) {
-  return A(1) / (A(1) + exp(-x));  // exp(-x) -> inf gives 0, never NaN, for large negative x
-}
-
-// act(x) and, when needed, act'(x). gelu_tanh as x * sigmoid(u), u = 2c (x + 0.044715 x^3), c = sqrt(2/pi):
-// the same function as 0.5 x (1 + tanh(u/2)), with one exp and no tanh.
+// act(x) = x * s with s = sigmoid(z(x)); act'(x) = s + x s (1 - s) z'(x). z = x for silu; gelu_tanh is
+// the same function as 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3), c = sqrt(2/pi), with z = 2u: one exp,
+// no tanh. 1 - s is computed as e s (e = exp(-z)), not as 1 - s, which cancels where s ~ 1 (from x ~ 17 for
+// silu, ~5 for gelu_tanh) and costs act' its relative accuracy there; where e overflows (s = 0), e s is
+// inf * 0 = NaN and fmin gives the limit 1.
 template <Activation ACT, typename A>
 __device__ __forceinline__ A act_fn(A x, A* grad) {
-  if constexpr (ACT == Activation::silu) {
-    const A s = sigmoid(x);
-    if (grad) *grad = s * (A(1) + x * (A(1) - s));
-    return x * s;
-  } else {
-    const A c2 = A(1.5957691216057308), k = A(0.044715);  // 2 sqrt(2/pi)
-    const A x2 = x * x, s = sigmoid(c2 * x * (A(1) + k * x2));
-    if (grad) *grad = s + x * s * (A(1) - s) * c2 * (A(1) + A(3) * k * x2);
-    return x * s;
+  constexpr A c2 = A(1.5957691216057308), k = A(0.044715);  // 2 sqrt(2/pi)
+  const A x2 = x * x;
+  const A z = ACT == Activation::silu ? x : c2 * x * (A(1) + k * x2);
+  const A e = exp(-z), s = A(1) / (A(1) + e);  // e -> inf gives s = 0, never NaN
+  if (grad) {
+    const A dz = ACT == Activation::silu ? A(1) : c2 * (A(1) + A(3) * k * x2);
+    *grad = s + x * s * fmin(e * s, A(1)) * dz;
   }
+  return x * s;
 }
 
 // Iterates (row, column) over this thread's packs of a [rows, d] problem.
