@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include "kernels/activation.h"
+#include "kernels/attention.h"
 #include "kernels/norm.h"
 #include "kernels/rope.h"
 
@@ -22,5 +23,11 @@ cudaError_t act_mul_bwd_cuda(const ActMulBwdParams& p, cudaStream_t stream);
 // device sync), a position outside [0, max_position) is never read from the cache: that token's dst
 // rows (all heads, all head_dim features) are written as NaN instead.
 cudaError_t rope_cuda(const RopeParams& p, cudaStream_t stream);
+
+// Attention (math and layouts: kernels/attention.h). Forward over contiguous, packed (varlen) or paged k/v,
+// writing out and lse; backward writing dq, dk, dv (deterministic: no atomics); the paged cache write.
+cudaError_t attn_fwd_cuda(const AttnParams& p, cudaStream_t stream);
+cudaError_t attn_bwd_cuda(const AttnBwdParams& p, cudaStream_t stream);
+cudaError_t kv_write_cuda(const KvWriteParams& p, cudaStream_t stream);
 
 }  // namespace llmkern
