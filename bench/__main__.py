@@ -1,7 +1,8 @@
-"""`python -m bench [--quick] [--only norm|activation|rope] [--markdown] [--no-compile]`
+"""`python -m bench [--quick] [--only norm|activation|rope|attention] [--markdown] [--no-compile]`
 
-Measures the machine's ceilings, runs the bench_<family>.py modules, prints one table of all ops and
-then the ceilings (bandwidth measured again at the end, since it drifts on shared machines)."""
+Measures the machine's ceilings, runs the bench_<family>.py modules, prints one table of the
+element-wise ops, the attention table, then the ceilings (bandwidth measured again at the end, since it
+drifts on shared machines)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 
 from bench import harness
 
-FAMILIES = ("norm", "activation", "rope")
+FAMILIES = ("norm", "activation", "rope", "attention")
+FLOP_FAMILIES = ("attention",)  # their own table (bench_attention.HEADER), not bytes-per-op rows
 
 
 def cpu_model() -> str:
@@ -43,9 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     print("measuring ceilings ...", flush=True)
     ceilings = harness.measure_ceilings(cfg)
     rows: list[harness.Row] = []
+    attn_rows: list[list[str]] = []
     for fam in args.only or FAMILIES:
         print(f"bench_{fam} ...", flush=True)
-        rows += importlib.import_module(f"bench.bench_{fam}").run(cfg)
+        module = importlib.import_module(f"bench.bench_{fam}")
+        if fam in FLOP_FAMILIES:
+            attn_rows += module.run(cfg, ceilings)
+        else:
+            rows += module.run(cfg)
     harness.remeasure_bandwidth(ceilings, cfg)
 
     md = args.markdown
@@ -54,17 +61,29 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.ops.llmkern.cpu_isa()}, {time.strftime('%Y-%m-%d')}" + (", --quick" if args.quick else "")
           + f", THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     print()
-    print(harness.format_table(harness.HEADER, harness.table_rows(rows), md))
-    print()
+    if rows:
+        print(harness.format_table(harness.HEADER, harness.table_rows(rows), md))
+        print()
+        print_bytes_legend(cfg)
+    if attn_rows:
+        from bench.bench_attention import HEADER, LEGEND
+
+        print(harness.format_table(HEADER, attn_rows, md))
+        print()
+        print(LEGEND)
+        print()
+    print(harness.format_ceilings(ceilings, cfg, md))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def print_bytes_legend(cfg: harness.Config) -> None:
     print("GB/s: bytes the op must move / llmkern time; copy GB/s: bench_copy_ of as many bytes (read +"
           " write), timed interleaved with the row's calls; % copy BW: GB/s / copy GB/s; "
           "x eager / x compile: baseline time / llmkern time (medians of up to "
           f"{cfg.reps} interleaved calls, fewer (>= 5) for calls slower than {cfg.budget_s / cfg.reps:.2f} s; "
           "inputs rotated over > 4x LLC).")
     print()
-    print(harness.format_ceilings(ceilings, cfg, md))
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":
