@@ -5,6 +5,7 @@
 
 #include "cuda/launch.h"
 #include "ops/activation.h"
+#include "ops/attention.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
 
@@ -56,12 +57,30 @@ struct CudaRope {
   static void check_positions(const Tensor&, int64_t) {}
 };
 
+struct CudaAttention {
+  static constexpr c10::DeviceType device = c10::DeviceType::CUDA;
+  static void fwd(const AttnParams& p) {
+    run_on_current_stream("flash_attn_fwd", [&](cudaStream_t s) { return attn_fwd_cuda(p, s); });
+  }
+  static void bwd(const AttnBwdParams& p) {
+    run_on_current_stream("flash_attn_bwd", [&](cudaStream_t s) { return attn_bwd_cuda(p, s); });
+  }
+  static void kv_write(const KvWriteParams& p) {
+    run_on_current_stream("write_kv_cache", [&](cudaStream_t s) { return kv_write_cuda(p, s); });
+  }
+  // Index tensors live on the device: checking them here would sync it. The kernels skip slots outside the
+  // cache instead of writing out of bounds; other indices are the caller's contract, as in flash-attn.
+  static void check_indices(const AttnParams&, int64_t, int64_t) {}
+  static void check_slots(const KvWriteParams&) {}
+};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llmkern, CUDA, m) {
   register_norm_ops<CudaNorm>(m);
   register_activation_ops<CudaActivation>(m);
   register_rope_ops<CudaRope>(m);
+  register_attention_ops<CudaAttention>(m);
 }
 
 }  // namespace llmkern
