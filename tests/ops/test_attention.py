@@ -42,8 +42,13 @@ def qkv(b, sq, sk, h, hk, d, dtype, device="cpu"):
     return rand(b, sq, h, d, dtype=dtype, device=device), *(rand(b, sk, hk, d, dtype=dtype, device=device) for _ in "kv")
 
 
+def on_cpu(kw):
+    return {n: t.cpu() if torch.is_tensor(t) else t for n, t in kw.items()}
+
+
 def check_fwd(out, lse, q, k, v, **kw):
     """out (2x rule) and lse (float32 accuracy) of one fixed-length call against attention_ref."""
+    kw = on_cpu(kw)
     want, want_lse = attention_ref(q.cpu().double(), k.cpu().double(), v.cpu().double(), **kw)
     same, _ = attention_ref(q.cpu(), k.cpu(), v.cpu(), **kw)
     assert_close_derived(out.cpu(), want, same)
@@ -57,7 +62,7 @@ def run_fwd(q, k, v, **kw):
 def check_grads(q, k, v, **kw):
     dout = torch.randn(q.shape, dtype=torch.float64)
     kern = grads(lambda q, k, v: lk.flash_attn_func(q, k, v, **kw), [q, k, v], [dout])
-    cpu = [t.cpu() for t in (q, k, v)]
+    cpu, kw = [t.cpu() for t in (q, k, v)], on_cpu(kw)
     want = grads(lambda q, k, v: attention_ref(q, k, v, **kw)[0], [t.double() for t in cpu], [dout])
     same = grads(lambda q, k, v: attention_ref(q, k, v, **kw)[0], cpu, [dout])
     for name, g, w, s in zip(["dq", "dk", "dv"], kern, want, same):
@@ -109,8 +114,7 @@ def feature_kwargs(name, device):
 def test_forward_features(device, feature, dtype):
     kw = feature_kwargs(feature, device)
     q, k, v = qkv(2, 113, 203, 8, 2, 64, dtype, device)
-    out, lse = run_fwd(q, k, v, **kw)
-    check_fwd(out, lse, q, k, v, **{n: (t.cpu() if torch.is_tensor(t) else t) for n, t in kw.items()})
+    check_fwd(*run_fwd(q, k, v, **kw), q, k, v, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
