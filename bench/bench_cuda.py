@@ -84,7 +84,43 @@ def main() -> list[dict]:
             rows.append(row)
             print(f"{name:<22}{row['dtype']:<10}{ms:>11.4f}{gbs:>8.0f}{row['pct']:>7.0f}%{ems:>10.4f}"
                   f"{row['speedup']:>8.1f}x")
+    attention()
     return rows
+
+
+def attention() -> None:
+    """Prefill (b1 h32 d128 s2048 causal, fwd and bwd) and paged decode (b8 h32/8 d128 ctx4096 block16) in
+    bf16 vs SDPA; TFLOP/s by flash-attn's count, decode GB/s over the k/v cache bytes it must read."""
+    import torch.nn.functional as F
+
+    from llmkern.ops import flash_attn_func, flash_attn_with_kvcache
+
+    dev, dt = "cuda", torch.bfloat16
+    q, k, v = (torch.randn(1, 2048, 32, 128, dtype=dt, device=dev, requires_grad=True) for _ in range(3))
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    flops = 4 * 32 * 2048**2 * 128 / 2
+    ours, sdpa = flash_attn_func(q, k, v, causal=True), F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    dout = torch.randn_like(ours)
+    cases = [
+        ("prefill fwd", flops, lambda: flash_attn_func(q, k, v, causal=True),
+         lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)),
+        ("prefill bwd", 2.5 * flops, lambda: torch.autograd.grad(ours, (q, k, v), dout, retain_graph=True),
+         lambda: torch.autograd.grad(sdpa, (qt, kt, vt), dout.transpose(1, 2), retain_graph=True)),
+    ]
+    print(f"{'attention':<26}{'llmkern ms':>11}{'TFLOP/s':>9}{'sdpa ms':>9}{'x sdpa':>8}")
+    for name, fl, kern, base in cases:
+        ms, bms = time_ms(kern, reps=20), time_ms(base, reps=20)
+        print(f"{name:<26}{ms:>11.3f}{fl / ms / 1e9:>9.1f}{bms:>9.3f}{bms / ms:>8.2f}")
+    b, hk, ctx, bs = 8, 8, 4096, 16
+    k_cache, v_cache = (torch.randn(b * ctx // bs, bs, hk, 128, dtype=dt, device=dev) for _ in range(2))
+    table = torch.randperm(b * ctx // bs, device=dev).to(torch.int32).view(b, -1)
+    k_c, v_c = (c[table.long()].reshape(b, ctx, hk, 128).transpose(1, 2).contiguous() for c in (k_cache, v_cache))
+    qd = torch.randn(b, 1, 32, 128, dtype=dt, device=dev)
+    seqlens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+    ms = time_ms(lambda: flash_attn_with_kvcache(qd, k_cache, v_cache, cache_seqlens=seqlens, block_table=table))
+    bms = time_ms(lambda: F.scaled_dot_product_attention(qd.transpose(1, 2), k_c, v_c, enable_gqa=True))
+    gbs = 2 * k_c.numel() * 2 / ms / 1e6
+    print(f"{'decode paged':<26}{ms:>11.3f}{gbs:>8.0f}G{bms:>9.3f}{bms / ms:>8.2f}   (GB/s of the k/v cache)")
 
 
 if __name__ == "__main__":
