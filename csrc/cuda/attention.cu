@@ -39,6 +39,8 @@ constexpr unsigned kFull = 0xffffffffu;
 // the latency of the global k/v reads.
 constexpr int kMinBlocks = 3;
 
+template <typename T> constexpr bool kIsF64 = std::is_same<T, double>::value;
+
 template <typename A> __device__ __forceinline__ A neg_inf() { return A(-INFINITY); }
 
 // ---------------------------------------------------------------------------------------------------
@@ -223,15 +225,15 @@ __device__ __forceinline__ void key_range(const AttnParams& p, const Seq& s, con
   hi = int(r > s.lk ? s.lk : r);
 }
 
-// part[t][x]: this lane's share of x_t . key (n0 + x), x < 16; the key row is at base + shfl(off, x).
+// part[t][x]: this lane's share of x_t . key (n0 + x), x < KT; the key row is at base + shfl(off, x).
 // Keys >= hi are not read (their off is not valid) and give 0.
-template <typename T, int NE, int RW>
+template <typename T, int NE, int RW, int KT>
 __device__ __forceinline__ void tile_dots(const T* base, int64_t off, int n0, int hi, int D,
                                           const acc_t<T> (&x)[RW][NE], const bool (&valid)[RW],
-                                          acc_t<T> (&part)[RW][kKeyTile]) {
+                                          acc_t<T> (&part)[RW][KT]) {
   using A = acc_t<T>;
 #pragma unroll
-  for (int k = 0; k < kKeyTile; ++k) {
+  for (int k = 0; k < KT; ++k) {
     const int64_t o = __shfl_sync(kFull, off, k);
     A kv[NE];
     load_row<T, NE>(base + o, D, n0 + k < hi, kv);
@@ -245,14 +247,14 @@ __device__ __forceinline__ void tile_dots(const T* base, int64_t off, int n0, in
   }
 }
 
-// acc[t] += coef_t(x) * row of key (n0 + x) for x < 16, coef_t(x) held by lane x (p for P V, ds for dq).
-template <typename T, int NE, int RW>
+// acc[t] += coef_t(x) * row of key (n0 + x) for x < KT, coef_t(x) held by lane x (p for P V, ds for dq).
+template <typename T, int NE, int RW, int KT>
 __device__ __forceinline__ void tile_accum(const T* base, int64_t off, int n0, int hi, int D,
                                            const acc_t<T> (&coef)[RW], const bool (&valid)[RW],
                                            acc_t<T> (&acc)[RW][NE]) {
   using A = acc_t<T>;
 #pragma unroll
-  for (int k = 0; k < kKeyTile; ++k) {
+  for (int k = 0; k < KT; ++k) {
     if (n0 + k >= hi) break;  // warp-uniform
     const int64_t o = __shfl_sync(kFull, off, k);
     A kv[NE];
@@ -356,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attn_fwd_kernel(const __
     int64_t koff = 0, voff = 0;
     if (j < hi) key_offsets(p, s, b, j, hk, true, koff, voff);
     A part[RW][kKeyTile], pr[RW];
-    tile_dots<T, NE, RW>(kp, koff, n0, hi, p.head_dim, w.q, w.valid, part);
+    tile_dots<T, NE, RW, kKeyTile>(kp, koff, n0, hi, p.head_dim, w.q, w.valid, part);
 #pragma unroll
     for (int t = 0; t < RW; ++t) {
       pr[t] = A(0);
@@ -367,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attn_fwd_kernel(const __
                                                    : neg_inf<A>();
       pr[t] = softmax_update(sc, m[t], l[t], acc[t]);
     }
-    tile_accum<T, NE, RW>(vp, voff, n0, hi, p.head_dim, pr, w.valid, acc);
+    tile_accum<T, NE, RW, kKeyTile>(vp, voff, n0, hi, p.head_dim, pr, w.valid, acc);
   }
   if constexpr (KS > 1) {
     combine_splits<T, NE, RW, KS>(p, s, b, hk, G, r0, acc, m, l);
@@ -410,6 +412,8 @@ template <typename T, int DB, int RW>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_dq_kernel(const __grid_constant__ AttnBwdParams bp) {
   using A = acc_t<T>;
   constexpr int NE = DB / 32;
+  // Keys per step: fewer for wide rows, whose k and v rows in flight would not fit in registers.
+  constexpr int KT = kIsF64<T> ? 512 / DB : DB > 128 ? 4 : kKeyTile;
   const AttnParams& p = bp.fwd;
   const int b = blockIdx.z, hk = blockIdx.y, G = p.nheads / p.nheads_k, lane = threadIdx.x & 31;
   const Seq s = seq_of(p, b, false);
@@ -428,22 +432,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_dq_kernel(const
   key_range(p, s, w, lo, hi);
   const T* kp = static_cast<const T*>(p.k.ptr);
   const T* vp = static_cast<const T*>(p.v.ptr);
-  for (int n0 = lo; n0 < hi; n0 += kKeyTile) {
-    const int j = n0 + (lane & 15);
+  for (int n0 = lo; n0 < hi; n0 += KT) {
+    const int j = n0 + (lane & (KT - 1));  // the key whose ds this lane ends up holding
     int64_t koff = 0, voff = 0;
     if (j < hi) key_offsets(p, s, b, j, hk, false, koff, voff);
-    A ps[RW][kKeyTile], pd[RW][kKeyTile], ds[RW];
-    tile_dots<T, NE, RW>(kp, koff, n0, hi, p.head_dim, w.q, w.valid, ps);
-    tile_dots<T, NE, RW>(vp, voff, n0, hi, p.head_dim, g, w.valid, pd);
+    // One [RW][KT] partial array live at a time (register pressure): q.k reduced before dout.v.
+    A part[RW][KT], dot[RW], ds[RW];
+    tile_dots<T, NE, RW, KT>(kp, koff, n0, hi, p.head_dim, w.q, w.valid, part);
+#pragma unroll
+    for (int t = 0; t < RW; ++t) dot[t] = w.valid[t] ? transpose_sum(part[t]) : A(0);
+    tile_dots<T, NE, RW, KT>(vp, voff, n0, hi, p.head_dim, g, w.valid, part);
 #pragma unroll
     for (int t = 0; t < RW; ++t) {
       ds[t] = A(0);
       if (!w.valid[t]) continue;  // warp-uniform
-      const A dot = transpose_sum(ps[t]), dp = transpose_sum(pd[t]);
+      const A dp = transpose_sum(part[t]);
       A pr;
-      ds[t] = grad_score(p, dot, dp, lse[t], delta[t], w.slope[t], w.diag[t], j, s.lk, pr);
+      ds[t] = grad_score(p, dot[t], dp, lse[t], delta[t], w.slope[t], w.diag[t], j, s.lk, pr);
     }
-    tile_accum<T, NE, RW>(kp, koff, n0, hi, p.head_dim, ds, w.valid, dq);
+    tile_accum<T, NE, RW, KT>(kp, koff, n0, hi, p.head_dim, ds, w.valid, dq);
   }
 #pragma unroll
   for (int t = 0; t < RW; ++t)
@@ -571,7 +578,6 @@ __global__ void __launch_bounds__(kThreads) kv_write_kernel(const __grid_constan
 // ---------------------------------------------------------------------------------------------------
 // Launchers
 
-template <typename T> constexpr bool kIsF64 = std::is_same<T, double>::value;
 // Rows per warp: enough to reuse each k/v load a few times, few enough to fit kMinBlocks' register cap
 // without spills (make cuda-check).
 template <typename T, int DB> constexpr int kFwdRows = kIsF64<T> ? (DB <= 32 ? 2 : 1) : (DB <= 64 ? 4 : 2);
