@@ -221,8 +221,8 @@ __device__ __forceinline__ void key_range(const AttnParams& p, const Seq& s, con
     if (w.valid[t]) dmax = w.diag[t];
   const int64_t l = p.window_left >= 0 ? w.diag[0] - p.window_left : 0;
   const int64_t r = p.window_right >= 0 ? dmax + p.window_right + 1 : s.lk;
-  lo = int(l < 0 ? 0 : l);
-  hi = int(r > s.lk ? s.lk : r);
+  lo = int(l < 0 ? 0 : l > s.lk ? s.lk : l);
+  hi = int(r < 0 ? 0 : r > s.lk ? s.lk : r);
 }
 
 // part[t][x]: this lane's share of x_t . key (n0 + x), x < KT; the key row is at base + shfl(off, x).
@@ -240,8 +240,9 @@ __device__ __forceinline__ void tile_dots(const T* base, int64_t off, int n0, in
 #pragma unroll
     for (int t = 0; t < RW; ++t) {
       A a = 0;
+      if (valid[t])  // warp-uniform: a decode warp with one real row does one row's work
 #pragma unroll
-      for (int c = 0; c < NE; ++c) a += x[t][c] * kv[c];
+        for (int c = 0; c < NE; ++c) a += x[t][c] * kv[c];
       part[t][k] = a;
     }
   }
@@ -599,8 +600,8 @@ cudaError_t visit_head_dim(int head_dim, F&& f) {
 
 // Shapes every launch relies on (grid.y = nheads_k / nheads, grid.z = batch: <= 65535).
 bool valid_shape(const AttnParams& p) {
-  return p.batch >= 0 && p.batch <= 65535 && p.nheads_k >= 1 && p.nheads <= 65535 && p.nheads % p.nheads_k == 0 &&
-         p.head_dim >= 1 && p.head_dim <= 256 && p.seqlen_q >= 0 && p.seqlen_k >= 0 &&
+  return p.batch >= 0 && p.batch <= 65535 && p.nheads_k >= 1 && p.nheads >= 0 && p.nheads <= 65535 &&
+         p.nheads % p.nheads_k == 0 && p.head_dim >= 1 && p.head_dim <= 256 && p.seqlen_q >= 0 && p.seqlen_k >= 0 &&
          int64_t(p.seqlen_q) * (p.nheads / p.nheads_k) <= INT_MAX && (!p.block_table || p.block_size > 0);
 }
 
