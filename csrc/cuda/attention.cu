@@ -569,9 +569,11 @@ __global__ void __launch_bounds__(kThreads) kv_write_kernel(const __grid_constan
             h * p.k_cache.head_stride;
     T* vc = static_cast<T*>(p.v_cache.ptr) + blk * p.v_cache.batch_stride + off * p.v_cache.row_stride +
             h * p.v_cache.head_stride;
+    // A pure copy: moved as raw bits (uint4 when VEC packs 16 bytes; a Pack<double, 2> spills on sm_90a).
+    using Bits = typename std::conditional<VEC * sizeof(T) == 16, uint4, Pack<T, VEC>>::type;
     for (int d = lane * VEC; d < p.head_dim; d += 32 * VEC) {
-      *reinterpret_cast<Pack<T, VEC>*>(kc + d) = *reinterpret_cast<const Pack<T, VEC>*>(k + d);
-      *reinterpret_cast<Pack<T, VEC>*>(vc + d) = *reinterpret_cast<const Pack<T, VEC>*>(v + d);
+      *reinterpret_cast<Bits*>(kc + d) = *reinterpret_cast<const Bits*>(k + d);
+      *reinterpret_cast<Bits*>(vc + d) = *reinterpret_cast<const Bits*>(v + d);
     }
   }
 }
