@@ -218,9 +218,11 @@ def test_varlen_equals_each_sequence_alone(device, causal, dtype):
         args = [t[None] for t in (q[qs], k[ks], v[ks])]
         kw = dict(causal=causal, window_size=(50, -1))
         alone = grads(lambda q, k, v: lk.flash_attn_func(q, k, v, **kw), args, [dout[qs][None]])
-        torch.testing.assert_close(out[qs], lk.flash_attn_func(*args, **kw)[0], rtol=0, atol=1e-6)
+        # Equal up to summation order (a kernel may split keys differently for one sequence than for five).
+        tol = dict(rtol=0, atol=2 * torch.finfo(dtype).eps)
+        torch.testing.assert_close(out[qs], lk.flash_attn_func(*args, **kw)[0], **tol)
         for g, a in zip((dq[qs], dk[ks], dv[ks]), alone):
-            torch.testing.assert_close(g, a[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g, a[0], rtol=1e-5, atol=1e-5 if dtype == torch.float32 else tol["atol"])
         if lens_q[b]:
             check_fwd(*run_fwd(*args, **kw), *args, **kw)
 
