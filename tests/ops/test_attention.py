@@ -65,8 +65,12 @@ def check_grads(q, k, v, **kw):
     cpu, kw = [t.cpu() for t in (q, k, v)], on_cpu(kw)
     want = grads(lambda q, k, v: attention_ref(q, k, v, **kw)[0], [t.double() for t in cpu], [dout])
     same = grads(lambda q, k, v: attention_ref(q, k, v, **kw)[0], cpu, [dout])
+    # A gradient that is exactly 0 in PyTorch (one key: dq = scale * (dp - delta) k with p = 1) is a
+    # cancellation for a flash kernel, which takes delta = dout . out: allow a few roundings of the largest
+    # gradient there.
+    scale = 4 * max(w.abs().max().item() for w in want)
     for name, g, w, s in zip(["dq", "dk", "dv"], kern, want, same):
-        assert_close_derived(g.cpu(), w, s, factor=3.0, name=name)
+        assert_close_derived(g.cpu(), w, s, factor=3.0, name=name, scale=scale)
 
 
 # ---- forward ----
