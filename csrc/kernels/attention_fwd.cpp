@@ -1,0 +1,545 @@
+// Attention forward core on the CPU (FlashAttention-2, Dao 2023, Algorithm 1) and the paged-cache write,
+// compiled once per ISA (see cpu/vec/vec.h). Math and layouts: kernels/attention.h.
+//
+// Two paths, both streaming keys in tiles with an online softmax (running max m, sum l, rescaled O), so no
+// [Lq x Lk] matrix ever exists and every key row is converted to fp32 once per task:
+// - Tiled (prefill): a task is (batch, head, tile of Mq queries). Scores are kept transposed,
+//   S^T[key][query] = K Q^T, so the softmax runs along vectors of queries; both products go through
+//   attn::gemm. Compute-bound: floor = 4 * Lq * Lk * D (halved if causal) / peak FMA rate.
+// - Grouped (decode, few query rows per kv head): a task is (batch, kv head, key split) holding every
+//   query row of the GQA group, so each K/V row is read from memory once for all of them. Bandwidth-bound:
+//   floor = bytes of K and V read / read bandwidth. Splits (flash-decoding) keep both threads busy when
+//   batch * nheads_k is small; their partial (O, m, l) are combined in a fixed order (deterministic).
+// Only keys inside a row block's visible band are read (unused cache slots may hold anything, NaN
+// included); keys inside the band but masked for some rows get score -inf, i.e. probability exactly 0.
+#include "kernels/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "kernels/attention_tile.h"
+#include "kernels/parallel.h"
+
+namespace llmkern {
+namespace LLMKERN_ISA {
+namespace {
+
+using attn::padded;
+using attn::Scratch;
+
+constexpr int kMq = 64;        // queries per tile (tiled path)
+constexpr int kNk = 64;        // keys per tile (both paths)
+constexpr int kGroupRows = 16;  // the grouped path takes kv heads with at most this many query rows
+
+// Lane-wise max (the vec layer has it only on the SIMD types).
+template <typename T>
+static inline ScalarVec<T> vmax(ScalarVec<T> a, ScalarVec<T> b) { return {a.v < b.v ? b.v : a.v}; }
+template <int N>
+static inline ArrayVec<N> vmax(ArrayVec<N> a, ArrayVec<N> b) {
+  return ArrayVec<N>::make([&](int l) { return a.v[l] < b.v[l] ? b.v[l] : a.v[l]; });
+}
+#if defined(LLMKERN_ISA_AVX512)
+static inline VecAvx512 vmax(VecAvx512 a, VecAvx512 b) { return max(a, b); }
+#elif defined(LLMKERN_ISA_AVX2)
+static inline VecAvx2 vmax(VecAvx2 a, VecAvx2 b) { return max(a, b); }
+#endif
+
+template <typename A>
+constexpr A kInf = std::numeric_limits<A>::infinity();
+
+// One sequence's geometry: lengths, row offsets and the visible key band of each query.
+struct Seq {
+  int b = 0, lq = 0, lk = 0;
+  int64_t q_start = 0, k_start = 0;  // packed row offsets (varlen), else 0
+  int kb = 0;                        // batch index into non-paged k/v
+  int64_t dq = 0;                    // lk - lq (bottom-right alignment)
+  int wl = -1, wr = -1;
+  // Visible keys of query i: [lo(i), hi(i)], empty when lo > hi.
+  int64_t lo(int64_t i) const { return wl >= 0 ? std::max<int64_t>(0, i + dq - wl) : 0; }
+  int64_t hi(int64_t i) const { return wr >= 0 ? std::min<int64_t>(lk - 1, i + dq + wr) : lk - 1; }
+};
+
+static Seq make_seq(const AttnParams& p, int b) {
+  Seq s;
+  s.b = b;
+  s.q_start = p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0;
+  s.lq = p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : p.seqlen_q;
+  s.lk = p.seqused_k ? p.seqused_k[b] : p.cu_seqlens_k ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : p.seqlen_k;
+  s.k_start = (p.cu_seqlens_k && !p.block_table) ? p.cu_seqlens_k[b] : 0;
+  s.kb = p.kv_batch_idx ? p.kv_batch_idx[b] : b;
+  s.dq = int64_t(s.lk) - s.lq;
+  s.wl = p.window_left;
+  s.wr = p.window_right;
+  return s;
+}
+
+template <typename T>
+static inline T* row_at(const AttnTensor& t, int64_t b, int64_t row, int64_t h) {
+  return static_cast<T*>(t.ptr) + b * t.batch_stride + row * t.row_stride + h * t.head_stride;
+}
+
+// Key / value rows of one (sequence, kv head), contiguous or paged.
+template <typename T>
+struct KvRows {
+  const T *k, *v;  // row 0 (non-paged) or block 0 row 0 (paged) of this head
+  int64_t k_rs, v_rs, k_bs, v_bs;
+  const int32_t* blocks;  // this sequence's block table row, or null
+  int bs;
+
+  KvRows(const AttnParams& p, const Seq& s, int hk) {
+    blocks = p.block_table ? p.block_table + int64_t(s.b) * p.block_table_stride : nullptr;
+    bs = p.block_size;
+    k_rs = p.k.row_stride, v_rs = p.v.row_stride, k_bs = p.k.batch_stride, v_bs = p.v.batch_stride;
+    if (blocks) {
+      k = row_at<const T>(p.k, 0, 0, hk), v = row_at<const T>(p.v, 0, 0, hk);
+    } else {
+      k = row_at<const T>(p.k, s.kb, s.k_start, hk), v = row_at<const T>(p.v, s.kb, s.k_start, hk);
+    }
+  }
+  // Converts keys [j0, j0 + n) to fp32 rows of width dp (zero padded) in kt and vt.
+  template <typename V>
+  void load(int64_t j0, int n, int d, int dp, typename V::value_type* kt, typename V::value_type* vt) const {
+    using A = typename V::value_type;
+    for (int jj = 0; jj < n; ++jj) {
+      const int64_t j = j0 + jj;
+      const T *kr, *vr;
+      if (blocks) {
+        const int64_t blk = blocks[j / bs], off = j % bs;
+        kr = k + blk * k_bs + off * k_rs, vr = v + blk * v_bs + off * v_rs;
+      } else {
+        kr = k + j * k_rs, vr = v + j * v_rs;
+      }
+      attn::load_row<V>(kr, d, A(1), kt + int64_t(jj) * dp, dp);
+      attn::load_row<V>(vr, d, A(1), vt + int64_t(jj) * dp, dp);
+    }
+  }
+};
+
+// x = softcap * tanh(x / softcap) over n (a multiple of V::W) scores; tanh(y) = 1 - 2 / (exp(2y) + 1),
+// whose absolute error (what a score needs) stays ~1 ulp, and exp's overflow to inf gives exactly 1.
+template <typename V>
+static void softcap_scores(typename V::value_type* x, int64_t n, typename V::value_type cap) {
+  using A = typename V::value_type;
+  const V two_over_cap = V::set1(A(2) / cap), one = V::set1(A(1)), two = V::set1(A(2)), c = V::set1(cap);
+  for (int64_t i = 0; i < n; i += V::W) {
+    const V e = exp(V::load(x + i) * two_over_cap);
+    (c * (one - two / (e + one))).store(x + i);
+  }
+}
+
+static inline void write_empty_row(void* out, int d, DType dt, float* lse) {
+  const int64_t bytes = dt == DType::f64 ? 8 : dt == DType::f32 ? 4 : 2;
+  std::memset(out, 0, size_t(d) * bytes);
+  if (lse) *lse = std::numeric_limits<float>::infinity();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tiled path: one task = (sequence, head, queries [i0, i0 + mq)).
+template <typename T>
+struct TiledTask {
+  using V = typename VecFor<T>::type;
+  using A = typename V::value_type;
+  static constexpr int W = V::W;
+
+  const AttnParams& p;
+  int d, dp;
+  A *qt, *kt, *vt, *s, *o, *m, *l, *alpha, *pos;  // scratch, see size()
+
+  static int64_t size(int d) {
+    const int64_t dp = padded<V>(d), mp = padded<V>(kMq);
+    return dp * mp + 2 * kNk * dp + kNk * mp + kMq * dp + 4 * mp;
+  }
+  TiledTask(const AttnParams& p_, A* buf) : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)) {
+    const int64_t mp = padded<V>(kMq);
+    qt = buf, kt = qt + dp * mp, vt = kt + kNk * dp, s = vt + kNk * dp, o = s + kNk * mp;
+    m = o + kMq * dp, l = m + mp, alpha = l + mp, pos = alpha + mp;
+  }
+
+  void run(const Seq& sq, int h, int i0, int mq) {
+    const int hk = h / (p.nheads / p.nheads_k);
+    const int mp = padded<V>(mq);
+    const int64_t jlo = sq.lo(i0), jhi = sq.hi(i0 + mq - 1);
+    float* lse0 = p.lse.ptr ? row_at<float>(p.lse, sq.b, sq.q_start + i0, h) : nullptr;
+    if (jlo > jhi) {  // no query of the tile sees a key (e.g. lk = 0)
+      for (int c = 0; c < mq; ++c)
+        write_empty_row(row_at<T>(p.out, sq.b, sq.q_start + i0 + c, h), d, p.dtype,
+                        lse0 ? lse0 + c * p.lse.row_stride : nullptr);
+      return;
+    }
+    pack_q(sq, h, i0, mq, mp);
+    for (int c = 0; c < mp; ++c) m[c] = -kInf<A>, l[c] = A(0), pos[c] = A(i0 + c + sq.dq);
+    std::memset(o, 0, sizeof(A) * mq * dp);
+    const A slope = p.alibi_slopes ? A(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : A(0);
+    const KvRows<T> kv(p, sq, hk);
+    for (int64_t j0 = jlo; j0 <= jhi; j0 += kNk) {
+      const int nk = int(std::min<int64_t>(kNk, jhi + 1 - j0));
+      kv.template load<V>(j0, nk, d, dp, kt, vt);
+      attn::gemm<V, false>(nk, mp, d, kt, dp, 1, qt, mp, s, mp);  // S^T = K Q^T
+      if (p.softcap > 0.f) softcap_scores<V>(s, int64_t(nk) * mp, A(p.softcap));
+      if (p.alibi_slopes) alibi(j0, nk, mp, slope);
+      mask(sq, i0, mq, mp, j0, nk);
+      softmax_update(nk, mq, mp, j0 == jlo);
+      attn::gemm<V, true>(mq, dp, nk, s, 1, mp, vt, dp, o, dp);  // O += P V (P^T read transposed)
+    }
+    for (int c = 0; c < mq; ++c) {
+      T* out = row_at<T>(p.out, sq.b, sq.q_start + i0 + c, h);
+      float* lse = lse0 ? lse0 + c * p.lse.row_stride : nullptr;
+      if (l[c] == A(0)) { write_empty_row(out, d, p.dtype, lse); continue; }
+      const V inv = V::set1(A(1) / l[c]);
+      A* orow = o + int64_t(c) * dp;
+      for (int e = 0; e < dp; e += W) (V::load(orow + e) * inv).store(orow + e);
+      attn::store_row<V>(orow, d, out);
+      if (lse) *lse = float(m[c] + std::log(l[c]));
+    }
+  }
+
+  // qt[e][c] = scale * q[i0 + c][e], zero in the padding columns.
+  void pack_q(const Seq& sq, int h, int i0, int mq, int mp) {
+    const A scale = A(p.scale);
+    for (int c = 0; c < mq; ++c) {
+      const T* qr = row_at<const T>(p.q, sq.b, sq.q_start + i0 + c, h);
+      for (int e = 0; e < d; ++e) qt[int64_t(e) * mp + c] = ScalarVec<A>::load(qr + e).v * scale;
+    }
+    for (int e = 0; e < d; ++e)
+      for (int c = mq; c < mp; ++c) qt[int64_t(e) * mp + c] = A(0);
+  }
+
+  // s[jj][c] -= slope * |i0 + c + dq - j|.
+  void alibi(int64_t j0, int nk, int mp, A slope) {
+    const V ns = V::set1(-slope);
+    for (int jj = 0; jj < nk; ++jj) {
+      const V j = V::set1(A(j0 + jj));
+      A* row = s + int64_t(jj) * mp;
+      for (int c = 0; c < mp; c += W) {
+        const V x = V::load(pos + c) - j;
+        fmadd(ns, vmax(x, V::zero() - x), V::load(row + c)).store(row + c);
+      }
+    }
+  }
+
+  // Scores of keys outside a query's window become -inf (only boundary tiles have any).
+  void mask(const Seq& sq, int i0, int mq, int mp, int64_t j0, int nk) {
+    const bool left = sq.wl >= 0 && j0 < sq.lo(i0 + mq - 1);
+    const bool right = sq.wr >= 0 && j0 + nk - 1 > sq.hi(i0);
+    if (!left && !right) return;
+    for (int jj = 0; jj < nk; ++jj) {
+      const int64_t j = j0 + jj;
+      // Query i sees j iff j - dq - wr <= i <= j - dq + wl.
+      const int64_t cmin = sq.wr >= 0 ? std::clamp<int64_t>(j - sq.dq - sq.wr - i0, 0, mq) : 0;
+      const int64_t cmax = sq.wl >= 0 ? std::clamp<int64_t>(j - sq.dq + sq.wl - i0 + 1, cmin, mq) : mq;
+      A* row = s + int64_t(jj) * mp;
+      for (int64_t c = 0; c < cmin; ++c) row[c] = -kInf<A>;
+      for (int64_t c = cmax; c < mq; ++c) row[c] = -kInf<A>;
+    }
+  }
+
+  // Online softmax along query vectors: s becomes P^T = exp(s - m_new); O rows rescaled by exp(m - m_new).
+  void softmax_update(int nk, int mq, int mp, bool first) {
+    const V lowest = V::set1(std::numeric_limits<A>::lowest());
+    for (int c = 0; c < mp; c += W) {
+      const V m_old = V::load(m + c);
+      V mx = m_old;
+      for (int jj = 0; jj < nk; ++jj) mx = vmax(mx, V::load(s + int64_t(jj) * mp + c));
+      // A column with no visible key so far keeps m = -inf; subtracting `lowest` then gives exp(-inf) = 0.
+      const V mu = vmax(mx, lowest);
+      V sum = V::zero();
+      for (int jj = 0; jj < nk; ++jj) {
+        A* x = s + int64_t(jj) * mp + c;
+        const V e = exp(V::load(x) - mu);
+        e.store(x);
+        sum = sum + e;
+      }
+      const V a = exp(m_old - mu);
+      fmadd(V::load(l + c), a, sum).store(l + c);
+      mx.store(m + c);
+      a.store(alpha + c);
+    }
+    if (first) return;  // O is still 0
+    for (int c = 0; c < mq; ++c) {
+      if (alpha[c] == A(1)) continue;
+      const V a = V::set1(alpha[c]);
+      A* orow = o + int64_t(c) * dp;
+      for (int e = 0; e < dp; e += W) (V::load(orow + e) * a).store(orow + e);
+    }
+  }
+};
+
+template <typename T>
+void run_tiled(const AttnParams& p) {
+  using TT = TiledTask<T>;
+  using A = typename TT::A;
+  const int ntiles = (p.seqlen_q + kMq - 1) / kMq;
+  const int64_t tasks = int64_t(p.batch) * p.nheads * ntiles;
+  parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<A> buf(TT::size(p.head_dim));
+    TT task(p, buf.ptr);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int k = int(t % ntiles);
+      const int h = int(t / ntiles % p.nheads), b = int(t / ntiles / p.nheads);
+      // Tiles in the order 0, n-1, 1, n-2, ...: contiguous task ranges get equal causal work.
+      const int tile = (k % 2 == 0) ? k / 2 : ntiles - 1 - k / 2;
+      const Seq sq = make_seq(p, b);
+      const int i0 = tile * kMq;
+      if (i0 >= sq.lq) continue;
+      task.run(sq, h, i0, std::min(kMq, sq.lq - i0));
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Grouped path: one task = (sequence, kv head, key split) with all R = lq * G query rows of the group,
+// row r = query (r / G) of head hk * G + r % G.
+template <typename T>
+struct GroupTask {
+  using V = typename VecFor<T>::type;
+  using A = typename V::value_type;
+  static constexpr int W = V::W;
+  static constexpr int kNkp = (kNk + W - 1) / W * W;
+
+  const AttnParams& p;
+  int d, dp, g, rows;  // rows: R for the largest sequence
+  A *q, *kt, *vt, *s, *o, *m, *l, *slope;
+
+  static int64_t size(int d, int rows) {
+    const int64_t dp = padded<V>(d);
+    return 2 * rows * dp + 2 * kNk * dp + rows * kNkp + 3 * rows;
+  }
+  GroupTask(const AttnParams& p_, int rows_, A* buf)
+      : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)), g(p_.nheads / p_.nheads_k), rows(rows_) {
+    q = buf, kt = q + int64_t(rows) * dp, vt = kt + kNk * dp, s = vt + kNk * dp, o = s + int64_t(rows) * kNkp;
+    m = o + int64_t(rows) * dp, l = m + rows, slope = l + rows;
+  }
+
+  // Attends rows of sequence sq, kv head hk, to keys [ja, jb]; leaves unnormalized O, m, l in o, m, l.
+  void run(const Seq& sq, int hk, int64_t ja, int64_t jb) {
+    const int R = sq.lq * g;
+    const A scale = A(p.scale);
+    for (int r = 0; r < R; ++r) {
+      const int h = hk * g + r % g;
+      const T* qr = row_at<const T>(p.q, sq.b, sq.q_start + r / g, h);
+      attn::load_row<V>(qr, d, scale, q + int64_t(r) * dp, dp);
+      m[r] = -kInf<A>, l[r] = A(0);
+      slope[r] = p.alibi_slopes ? A(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : A(0);
+    }
+    std::memset(o, 0, sizeof(A) * R * dp);
+    if (ja > jb) return;
+    const KvRows<T> kv(p, sq, hk);
+    for (int64_t j0 = ja; j0 <= jb; j0 += kNk) {
+      const int nk = int(std::min<int64_t>(kNk, jb + 1 - j0));
+      kv.template load<V>(j0, nk, d, dp, kt, vt);
+      scores(R, nk);
+      for (int r = 0; r < R; ++r) row_update(sq, r, j0, nk);
+      attn::gemm<V, true>(R, dp, nk, s, kNkp, 1, vt, dp, o, dp);  // O += P V
+    }
+  }
+
+  // s[r][jj] = q_r . k_jj, four query rows per pass over a key row.
+  void scores(int R, int nk) {
+    for (int jj = 0; jj < nk; ++jj) {
+      const A* kr = kt + int64_t(jj) * dp;
+      int r = 0;
+      for (; r + 4 <= R; r += 4) {
+        const A* q0 = q + int64_t(r) * dp;
+        V a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+        for (int e = 0; e < dp; e += W) {
+          const V kv = V::load(kr + e);
+          a0 = fmadd(kv, V::load(q0 + e), a0);
+          a1 = fmadd(kv, V::load(q0 + dp + e), a1);
+          a2 = fmadd(kv, V::load(q0 + 2 * dp + e), a2);
+          a3 = fmadd(kv, V::load(q0 + 3 * dp + e), a3);
+        }
+        s[int64_t(r) * kNkp + jj] = a0.reduce_add();
+        s[int64_t(r + 1) * kNkp + jj] = a1.reduce_add();
+        s[int64_t(r + 2) * kNkp + jj] = a2.reduce_add();
+        s[int64_t(r + 3) * kNkp + jj] = a3.reduce_add();
+      }
+      for (; r < R; ++r) {
+        const A* q0 = q + int64_t(r) * dp;
+        V a0 = V::zero();
+        for (int e = 0; e < dp; e += W) a0 = fmadd(V::load(kr + e), V::load(q0 + e), a0);
+        s[int64_t(r) * kNkp + jj] = a0.reduce_add();
+      }
+    }
+  }
+
+  // Softcap, alibi, mask and the online softmax of row r over keys [j0, j0 + nk).
+  void row_update(const Seq& sq, int r, int64_t j0, int nk) {
+    A* x = s + int64_t(r) * kNkp;
+    const int np = padded<V>(nk);
+    for (int jj = nk; jj < np; ++jj) x[jj] = -kInf<A>;
+    if (p.softcap > 0.f) softcap_scores<V>(x, np, A(p.softcap));
+    const int64_t i = r / g;
+    if (p.alibi_slopes) {
+      for (int jj = 0; jj < nk; ++jj) x[jj] -= slope[r] * A(std::abs(i + sq.dq - (j0 + jj)));
+    }
+    const int64_t lo = sq.lo(i), hi = sq.hi(i);
+    for (int jj = 0; jj < nk; ++jj)
+      if (j0 + jj < lo || j0 + jj > hi) x[jj] = -kInf<A>;
+    for (int jj = nk; jj < np; ++jj) x[jj] = -kInf<A>;  // softcap turned the padding finite
+    V mv = V::set1(-kInf<A>);
+    for (int jj = 0; jj < np; jj += W) mv = vmax(mv, V::load(x + jj));
+    A mx = m[r];
+    {
+      alignas(64) A lanes[W];
+      mv.store(lanes);
+      for (int w = 0; w < W; ++w) mx = std::max(mx, lanes[w]);
+    }
+    const A mu = std::max(mx, std::numeric_limits<A>::lowest());
+    V sum = V::zero();
+    const V muv = V::set1(mu);
+    for (int jj = 0; jj < np; jj += W) {
+      const V e = exp(V::load(x + jj) - muv);
+      e.store(x + jj);
+      sum = sum + e;
+    }
+    const A a = std::exp(m[r] - mu);
+    l[r] = l[r] * a + sum.reduce_add();
+    m[r] = mx;
+    if (a != A(1)) {
+      A* orow = o + int64_t(r) * dp;
+      const V av = V::set1(a);
+      for (int e = 0; e < dp; e += W) (V::load(orow + e) * av).store(orow + e);
+    }
+  }
+
+  // out / lse of row r from its (O, m, l).
+  // orow is scaled in place.
+  void finish_row(const Seq& sq, int hk, int r, A* orow, A mr, A lr) const {
+    const int h = hk * g + r % g;
+    T* out = row_at<T>(p.out, sq.b, sq.q_start + r / g, h);
+    float* lse = p.lse.ptr ? row_at<float>(p.lse, sq.b, sq.q_start + r / g, h) : nullptr;
+    if (lr == A(0)) { write_empty_row(out, d, p.dtype, lse); return; }
+    const V inv = V::set1(A(1) / lr);
+    for (int e = 0; e < dp; e += W) (V::load(orow + e) * inv).store(orow + e);
+    attn::store_row<V>(orow, d, out);
+    if (lse) *lse = float(mr + std::log(lr));
+  }
+};
+
+// Key band [ja, jb] of split `sp` out of `ns` for the whole group of sequence sq.
+static inline void split_range(const Seq& sq, int ns, int sp, int64_t& ja, int64_t& jb) {
+  const int64_t lo = sq.lq > 0 ? sq.lo(0) : 0, hi = sq.lq > 0 ? sq.hi(sq.lq - 1) : -1;
+  const int64_t n = hi - lo + 1;
+  if (n <= 0) { ja = 0, jb = -1; return; }
+  const int64_t chunk = ((n + ns - 1) / ns + kNk - 1) / kNk * kNk;
+  ja = lo + sp * chunk;
+  jb = std::min(hi, ja + chunk - 1);
+}
+
+static int choose_splits(const AttnParams& p) {
+  if (p.num_splits > 0) return p.num_splits;
+  const int64_t tasks = int64_t(p.batch) * p.nheads_k;
+  const int64_t threads = std::max(1, max_threads());
+  if (tasks >= 2 * threads) return 1;
+  const int64_t want = (4 * threads + tasks - 1) / tasks;
+  const int64_t most = std::max<int64_t>(1, p.seqlen_k / 512);
+  return int(std::min<int64_t>({want, most, 64}));
+}
+
+template <typename T>
+void run_grouped(const AttnParams& p) {
+  using GT = GroupTask<T>;
+  using A = typename GT::A;
+  const int g = p.nheads / p.nheads_k, rows = p.seqlen_q * g;
+  const int64_t dp = padded<typename GT::V>(p.head_dim);
+  const int ns = choose_splits(p);
+  const int64_t groups = int64_t(p.batch) * p.nheads_k;
+  if (ns == 1) {
+    parallel_for(0, groups, 1, [&](int64_t t0, int64_t t1) {
+      Scratch<A> buf(GT::size(p.head_dim, rows));
+      GT task(p, rows, buf.ptr);
+      for (int64_t t = t0; t < t1; ++t) {
+        const Seq sq = make_seq(p, int(t / p.nheads_k));
+        const int hk = int(t % p.nheads_k);
+        int64_t ja, jb;
+        split_range(sq, 1, 0, ja, jb);
+        task.run(sq, hk, ja, jb);
+        for (int r = 0; r < sq.lq * g; ++r) task.finish_row(sq, hk, r, task.o + r * dp, task.m[r], task.l[r]);
+      }
+    });
+    return;
+  }
+  // Flash-decoding: partial (O, m, l) per split, then a fixed-order combine.
+  const int64_t part = int64_t(rows) * (dp + 2);  // per (group, split): O [rows][dp], m [rows], l [rows]
+  Scratch<A> parts(size_t(groups * ns * part));
+  parallel_for(0, groups * ns, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<A> buf(GT::size(p.head_dim, rows));
+    GT task(p, rows, buf.ptr);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t grp = t / ns;
+      const int sp = int(t % ns);
+      const Seq sq = make_seq(p, int(grp / p.nheads_k));
+      int64_t ja, jb;
+      split_range(sq, ns, sp, ja, jb);
+      task.run(sq, int(grp % p.nheads_k), ja, jb);
+      A* dst = parts.ptr + t * part;
+      const int R = sq.lq * g;
+      std::memcpy(dst, task.o, sizeof(A) * R * dp);
+      std::memcpy(dst + rows * dp, task.m, sizeof(A) * R);
+      std::memcpy(dst + rows * dp + rows, task.l, sizeof(A) * R);
+    }
+  });
+  parallel_for(0, groups, 1, [&](int64_t t0, int64_t t1) {
+    using V = typename GT::V;
+    Scratch<A> acc(dp), buf(GT::size(p.head_dim, rows));
+    GT task(p, rows, buf.ptr);  // only finish_row is used
+    for (int64_t grp = t0; grp < t1; ++grp) {
+      const Seq sq = make_seq(p, int(grp / p.nheads_k));
+      const int hk = int(grp % p.nheads_k);
+      const A* base = parts.ptr + grp * ns * part;
+      for (int r = 0; r < sq.lq * g; ++r) {
+        A mx = -kInf<A>;
+        for (int sp = 0; sp < ns; ++sp) mx = std::max(mx, base[sp * part + rows * dp + r]);
+        const A mu = std::max(mx, std::numeric_limits<A>::lowest());
+        A lsum = 0;
+        std::memset(acc.ptr, 0, sizeof(A) * dp);
+        for (int sp = 0; sp < ns; ++sp) {
+          const A* pp = base + sp * part;
+          const A w = std::exp(pp[rows * dp + r] - mu);
+          if (w == A(0)) continue;
+          lsum += w * pp[rows * dp + rows + r];
+          const V wv = V::set1(w);
+          for (int e = 0; e < dp; e += V::W)
+            fmadd(wv, V::load(pp + r * dp + e), V::load(acc.ptr + e)).store(acc.ptr + e);
+        }
+        task.finish_row(sq, hk, r, acc.ptr, mx, lsum);
+      }
+    }
+  });
+}
+
+template <typename T>
+void run_fwd(const AttnParams& p) {
+  if (p.batch == 0 || p.nheads == 0 || p.seqlen_q == 0) return;
+  const int g = p.nheads / p.nheads_k;
+  if (int64_t(p.seqlen_q) * g <= kGroupRows) run_grouped<T>(p);
+  else run_tiled<T>(p);
+}
+
+}  // namespace
+
+void attn_fwd_kernel(const AttnParams& p) {
+  visit_dtype(p.dtype, [&](auto t) { run_fwd<decltype(t)>(p); });
+}
+
+void kv_write_kernel(const KvWriteParams& p) {
+  visit_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    const int64_t items = p.tokens * p.nheads_k;
+    const size_t bytes = size_t(p.head_dim) * sizeof(T);
+    parallel_for(0, items, grain_for(int64_t(2 * bytes)), [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t tok = w / p.nheads_k, h = w % p.nheads_k, slot = p.slot_mapping[tok];
+        if (slot < 0) continue;
+        const int64_t blk = slot / p.block_size, off = slot % p.block_size;
+        std::memcpy(row_at<T>(p.k_cache, blk, off, h), row_at<const T>(p.k, 0, tok, h), bytes);
+        std::memcpy(row_at<T>(p.v_cache, blk, off, h), row_at<const T>(p.v, 0, tok, h), bytes);
+      }
+    });
+  });
+}
+
+}  // namespace LLMKERN_ISA
+}  // namespace llmkern
