@@ -70,6 +70,25 @@ TORCH_LIBRARY(llmkern, m) {
   m.def("rotary_embedding_out(Tensor(a!) out, Tensor positions, Tensor x, Tensor cos_sin_cache, bool is_neox,"
         " bool inverse) -> ()");
 
+  // Attention (math, masks and layouts: kernels/attention.h; Python face: llmkern/ops/attention.py).
+  // q [batch, seqlen_q, heads, d], or packed [total_q, heads, d] with cu_seqlens_q [batch + 1] int32;
+  // k/v [batch_k, seqlen_k, heads_k, d], packed [total_k, heads_k, d] with cu_seqlens_k, or paged
+  // [num_blocks, block_size, heads_k, d] with block_table [batch, max_blocks] int32; seqused_k [batch]
+  // int32 keys per sequence; kv_batch_idx [batch] int32 cache row per sequence; alibi_slopes [heads] or
+  // [batch, heads] float32; window -1 = unbounded (causal: window_right = 0); softcap 0 = off.
+  // -> (out shaped like q, lse float32 [batch, heads, seqlen_q] or [heads, total_q]).
+  m.def("flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k,"
+        " Tensor? seqused_k, Tensor? kv_batch_idx, Tensor? block_table, Tensor? alibi_slopes, int max_seqlen_q,"
+        " int max_seqlen_k, float softmax_scale, int window_left, int window_right, float softcap,"
+        " int num_splits) -> (Tensor, Tensor)");
+  // flash_attn_fwd backward (contiguous or packed k/v): (dq, dk, dv).
+  m.def("flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? alibi_slopes, int max_seqlen_q, int max_seqlen_k,"
+        " float softmax_scale, int window_left, int window_right, float softcap) -> (Tensor, Tensor, Tensor)");
+  // Scatters k/v [tokens, heads_k, d] into a paged cache [num_blocks, block_size, heads_k, d] at
+  // slot_mapping [tokens] int64 (slot = block * block_size + offset; -1 skips the token).
+  m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+
   // Benchmark ceilings: wide-SIMD copy and read loops over all threads (bench/harness.py).
   m.def("bench_copy_(Tensor(a!) dst, Tensor src) -> ()");
   m.def("bench_read(Tensor src) -> float");
