@@ -80,39 +80,59 @@ static inline T* row_at(const AttnTensor& t, int64_t b, int64_t row, int64_t h) 
   return static_cast<T*>(t.ptr) + b * t.batch_stride + row * t.row_stride + h * t.head_stride;
 }
 
-// Key / value rows of one (sequence, kv head), contiguous or paged.
+// Key / value rows of one sequence and kv heads [hk0, hk0 + nh), contiguous or paged.
 template <typename T>
 struct KvRows {
-  const T *k, *v;  // row 0 (non-paged) or block 0 row 0 (paged) of this head
-  int64_t k_rs, v_rs, k_bs, v_bs;
+  const T *k, *v;  // row 0 (non-paged) or block 0 row 0 (paged) of head hk0
+  int64_t k_rs, v_rs, k_bs, v_bs, k_hs, v_hs;
   const int32_t* blocks;  // this sequence's block table row, or null
-  int bs;
+  int bs, nh, d;
+  int64_t lk;
 
-  KvRows(const AttnParams& p, const Seq& s, int hk) {
+  KvRows(const AttnParams& p, const Seq& s, int hk0, int nh_) : nh(nh_), d(p.head_dim), lk(s.lk) {
     blocks = p.block_table ? p.block_table + int64_t(s.b) * p.block_table_stride : nullptr;
     bs = p.block_size;
     k_rs = p.k.row_stride, v_rs = p.v.row_stride, k_bs = p.k.batch_stride, v_bs = p.v.batch_stride;
+    k_hs = p.k.head_stride, v_hs = p.v.head_stride;
+    const int64_t b = blocks ? 0 : s.kb, r = blocks ? 0 : s.k_start;
+    k = row_at<const T>(p.k, b, r, hk0), v = row_at<const T>(p.v, b, r, hk0);
+  }
+  void rows(int64_t j, const T*& kr, const T*& vr) const {
     if (blocks) {
-      k = row_at<const T>(p.k, 0, 0, hk), v = row_at<const T>(p.v, 0, 0, hk);
+      const int64_t blk = blocks[j / bs], off = j % bs;
+      kr = k + blk * k_bs + off * k_rs, vr = v + blk * v_bs + off * v_rs;
     } else {
-      k = row_at<const T>(p.k, s.kb, s.k_start, hk), v = row_at<const T>(p.v, s.kb, s.k_start, hk);
+      kr = k + j * k_rs, vr = v + j * v_rs;
     }
   }
-  // Converts keys [j0, j0 + n) to fp32 rows of width dp (zero padded) in kt and vt.
+  // The cache lines of one key's rows of all nh heads (one span when the heads are interleaved).
+  void prefetch(const T* r, int64_t hs) const {
+    const char* c = reinterpret_cast<const char*>(r);
+    const int64_t span = int64_t(sizeof(T)) * ((nh - 1) * hs + d);
+    for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(c + off);
+  }
+  // Converts keys [j0, j0 + n) to fp32 rows of width dp (zero padded): head hh's key jj goes to
+  // kt[(hh * n_stride + jj) * dp]. Rows are visited in memory order (all heads of a key, then the next
+  // key); `ahead` keys further on are prefetched (random paged blocks defeat the hardware prefetcher).
   template <typename V>
-  void load(int64_t j0, int n, int d, int dp, typename V::value_type* kt, typename V::value_type* vt) const {
+  void load(int64_t j0, int n, int dp, int n_stride, typename V::value_type* kt, typename V::value_type* vt,
+            int64_t jend, int ahead) const {
     using A = typename V::value_type;
     for (int jj = 0; jj < n; ++jj) {
       const int64_t j = j0 + jj;
-      const T *kr, *vr;
-      if (blocks) {
-        const int64_t blk = blocks[j / bs], off = j % bs;
-        kr = k + blk * k_bs + off * k_rs, vr = v + blk * v_bs + off * v_rs;
-      } else {
-        kr = k + j * k_rs, vr = v + j * v_rs;
+      if (ahead > 0 && j + ahead <= jend) {
+        const T *kp, *vp;
+        rows(j + ahead, kp, vp);
+        prefetch(kp, k_hs);
+        prefetch(vp, v_hs);
       }
-      attn::load_row<V>(kr, d, A(1), kt + int64_t(jj) * dp, dp);
-      attn::load_row<V>(vr, d, A(1), vt + int64_t(jj) * dp, dp);
+      const T *kr, *vr;
+      rows(j, kr, vr);
+      for (int hh = 0; hh < nh; ++hh) {
+        const int64_t o = (int64_t(hh) * n_stride + jj) * dp;
+        attn::load_row<V>(kr + hh * k_hs, d, A(1), kt + o, dp);
+        attn::load_row<V>(vr + hh * v_hs, d, A(1), vt + o, dp);
+      }
     }
   }
 };
@@ -172,10 +192,10 @@ struct TiledTask {
     for (int c = 0; c < mp; ++c) m[c] = -kInf<A>, l[c] = A(0), pos[c] = A(i0 + c + sq.dq);
     std::memset(o, 0, sizeof(A) * mq * dp);
     const A slope = p.alibi_slopes ? A(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : A(0);
-    const KvRows<T> kv(p, sq, hk);
+    const KvRows<T> kv(p, sq, hk, 1);
     for (int64_t j0 = jlo; j0 <= jhi; j0 += kNk) {
       const int nk = int(std::min<int64_t>(kNk, jhi + 1 - j0));
-      kv.template load<V>(j0, nk, d, dp, kt, vt);
+      kv.template load<V>(j0, nk, dp, kNk, kt, vt, jhi, 0);
       attn::gemm<V, false>(nk, mp, d, kt, dp, 1, qt, mp, s, mp);  // S^T = K Q^T
       if (p.softcap > 0.f) softcap_scores<V>(s, int64_t(nk) * mp, A(p.softcap));
       if (p.alibi_slopes) alibi(j0, nk, mp, slope);
@@ -289,8 +309,10 @@ void run_tiled(const AttnParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Grouped path: one task = (sequence, kv head, key split) with all R = lq * G query rows of the group,
-// row r = query (r / G) of head hk * G + r % G.
+// Grouped path: one task = (sequence, key split, kv heads [hk0, hk0 + nh)) with all R = lq * G query rows
+// of each head's group, row r of head hh = query r / G of head (hk0 + hh) * G + r % G. Several kv heads
+// share a task when they are interleaved in memory (k/v rows [.., heads_k, d]): the task then reads the
+// cache sequentially.
 template <typename T>
 struct GroupTask {
   using V = typename VecFor<T>::type;
@@ -299,49 +321,62 @@ struct GroupTask {
   static constexpr int kNkp = (kNk + W - 1) / W * W;
 
   const AttnParams& p;
-  int d, dp, g, rows;  // rows: R for the largest sequence
+  int d, dp, g, rows, nh, nkc;  // rows: R of the longest sequence (the per-head stride); nkc: keys per chunk
   A *q, *kt, *vt, *s, *o, *m, *l, *slope;
 
-  static int64_t size(int d, int rows) {
-    const int64_t dp = padded<V>(d);
-    return 2 * rows * dp + 2 * kNk * dp + rows * kNkp + 3 * rows;
+  // Keys per chunk: the fp32 K and V chunks of all nh heads stay within ~256 KB (L2).
+  static int chunk(int d, int nh) {
+    const int64_t per_key = 2 * int64_t(nh) * padded<V>(d) * int64_t(sizeof(A));
+    return int(std::clamp<int64_t>((256 << 10) / per_key, 8, kNk));
   }
-  GroupTask(const AttnParams& p_, int rows_, A* buf)
-      : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)), g(p_.nheads / p_.nheads_k), rows(rows_) {
-    q = buf, kt = q + int64_t(rows) * dp, vt = kt + kNk * dp, s = vt + kNk * dp, o = s + int64_t(rows) * kNkp;
-    m = o + int64_t(rows) * dp, l = m + rows, slope = l + rows;
+  static int64_t size(int d, int rows, int nh) {
+    const int64_t dp = padded<V>(d), hr = int64_t(nh) * rows;
+    return 2 * hr * dp + 2 * int64_t(nh) * chunk(d, nh) * dp + hr * kNkp + 3 * hr;
+  }
+  GroupTask(const AttnParams& p_, int rows_, int nh_, A* buf)
+      : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)), g(p_.nheads / p_.nheads_k), rows(rows_), nh(nh_),
+        nkc(chunk(p_.head_dim, nh_)) {
+    const int64_t hr = int64_t(nh) * rows;
+    q = buf, kt = q + hr * dp, vt = kt + int64_t(nh) * nkc * dp, s = vt + int64_t(nh) * nkc * dp;
+    o = s + hr * kNkp, m = o + hr * dp, l = m + hr, slope = l + hr;
   }
 
-  // Attends rows of sequence sq, kv head hk, to keys [ja, jb]; leaves unnormalized O, m, l in o, m, l.
-  void run(const Seq& sq, int hk, int64_t ja, int64_t jb) {
+  // Attends the rows of sequence sq, heads [hk0, hk0 + nh), to keys [ja, jb]; leaves unnormalized O, m, l.
+  void run(const Seq& sq, int hk0, int64_t ja, int64_t jb) {
     const int R = sq.lq * g;
     const A scale = A(p.scale);
-    for (int r = 0; r < R; ++r) {
-      const int h = hk * g + r % g;
-      const T* qr = row_at<const T>(p.q, sq.b, sq.q_start + r / g, h);
-      attn::load_row<V>(qr, d, scale, q + int64_t(r) * dp, dp);
-      m[r] = -kInf<A>, l[r] = A(0);
-      slope[r] = p.alibi_slopes ? A(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : A(0);
+    for (int hh = 0; hh < nh; ++hh) {
+      for (int r = 0; r < R; ++r) {
+        const int h = (hk0 + hh) * g + r % g;
+        const int64_t rr = int64_t(hh) * rows + r;
+        const T* qr = row_at<const T>(p.q, sq.b, sq.q_start + r / g, h);
+        attn::load_row<V>(qr, d, scale, q + rr * dp, dp);
+        m[rr] = -kInf<A>, l[rr] = A(0);
+        slope[rr] = p.alibi_slopes ? A(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : A(0);
+      }
+      std::memset(o + int64_t(hh) * rows * dp, 0, sizeof(A) * R * dp);
     }
-    std::memset(o, 0, sizeof(A) * R * dp);
     if (ja > jb) return;
-    const KvRows<T> kv(p, sq, hk);
-    for (int64_t j0 = ja; j0 <= jb; j0 += kNk) {
-      const int nk = int(std::min<int64_t>(kNk, jb + 1 - j0));
-      kv.template load<V>(j0, nk, d, dp, kt, vt);
-      scores(R, nk);
-      for (int r = 0; r < R; ++r) row_update(sq, r, j0, nk);
-      attn::gemm<V, true>(R, dp, nk, s, kNkp, 1, vt, dp, o, dp);  // O += P V
+    const KvRows<T> kv(p, sq, hk0, nh);
+    for (int64_t j0 = ja; j0 <= jb; j0 += nkc) {
+      const int nk = int(std::min<int64_t>(nkc, jb + 1 - j0));
+      kv.template load<V>(j0, nk, dp, nkc, kt, vt, jb, 8);
+      for (int hh = 0; hh < nh; ++hh) {
+        const int64_t r0 = int64_t(hh) * rows;
+        scores(R, nk, q + r0 * dp, kt + int64_t(hh) * nkc * dp, s + r0 * kNkp);
+        for (int r = 0; r < R; ++r) row_update(sq, r, r0 + r, j0, nk);
+        attn::gemm<V, true>(R, dp, nk, s + r0 * kNkp, kNkp, 1, vt + int64_t(hh) * nkc * dp, dp, o + r0 * dp, dp);
+      }
     }
   }
 
-  // s[r][jj] = q_r . k_jj, four query rows per pass over a key row.
-  void scores(int R, int nk) {
+  // sc[r][jj] = q_r . k_jj, four query rows per pass over a key row.
+  void scores(int R, int nk, const A* qh, const A* kh, A* sc) const {
     for (int jj = 0; jj < nk; ++jj) {
-      const A* kr = kt + int64_t(jj) * dp;
+      const A* kr = kh + int64_t(jj) * dp;
       int r = 0;
       for (; r + 4 <= R; r += 4) {
-        const A* q0 = q + int64_t(r) * dp;
+        const A* q0 = qh + int64_t(r) * dp;
         V a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
         for (int e = 0; e < dp; e += W) {
           const V kv = V::load(kr + e);
@@ -350,37 +385,37 @@ struct GroupTask {
           a2 = fmadd(kv, V::load(q0 + 2 * dp + e), a2);
           a3 = fmadd(kv, V::load(q0 + 3 * dp + e), a3);
         }
-        s[int64_t(r) * kNkp + jj] = a0.reduce_add();
-        s[int64_t(r + 1) * kNkp + jj] = a1.reduce_add();
-        s[int64_t(r + 2) * kNkp + jj] = a2.reduce_add();
-        s[int64_t(r + 3) * kNkp + jj] = a3.reduce_add();
+        sc[int64_t(r) * kNkp + jj] = a0.reduce_add();
+        sc[int64_t(r + 1) * kNkp + jj] = a1.reduce_add();
+        sc[int64_t(r + 2) * kNkp + jj] = a2.reduce_add();
+        sc[int64_t(r + 3) * kNkp + jj] = a3.reduce_add();
       }
       for (; r < R; ++r) {
-        const A* q0 = q + int64_t(r) * dp;
+        const A* q0 = qh + int64_t(r) * dp;
         V a0 = V::zero();
         for (int e = 0; e < dp; e += W) a0 = fmadd(V::load(kr + e), V::load(q0 + e), a0);
-        s[int64_t(r) * kNkp + jj] = a0.reduce_add();
+        sc[int64_t(r) * kNkp + jj] = a0.reduce_add();
       }
     }
   }
 
-  // Softcap, alibi, mask and the online softmax of row r over keys [j0, j0 + nk).
-  void row_update(const Seq& sq, int r, int64_t j0, int nk) {
-    A* x = s + int64_t(r) * kNkp;
+  // Softcap, alibi, mask and the online softmax of row r (buffer row rr) over keys [j0, j0 + nk).
+  void row_update(const Seq& sq, int r, int64_t rr, int64_t j0, int nk) {
+    A* x = s + rr * kNkp;
     const int np = padded<V>(nk);
-    for (int jj = nk; jj < np; ++jj) x[jj] = -kInf<A>;
     if (p.softcap > 0.f) softcap_scores<V>(x, np, A(p.softcap));
     const int64_t i = r / g;
     if (p.alibi_slopes) {
-      for (int jj = 0; jj < nk; ++jj) x[jj] -= slope[r] * A(std::abs(i + sq.dq - (j0 + jj)));
+      for (int jj = 0; jj < nk; ++jj) x[jj] -= slope[rr] * A(std::abs(i + sq.dq - (j0 + jj)));
     }
     const int64_t lo = sq.lo(i), hi = sq.hi(i);
-    for (int jj = 0; jj < nk; ++jj)
-      if (j0 + jj < lo || j0 + jj > hi) x[jj] = -kInf<A>;
-    for (int jj = nk; jj < np; ++jj) x[jj] = -kInf<A>;  // softcap turned the padding finite
+    if (j0 < lo || j0 + nk - 1 > hi)
+      for (int jj = 0; jj < nk; ++jj)
+        if (j0 + jj < lo || j0 + jj > hi) x[jj] = -kInf<A>;
+    for (int jj = nk; jj < np; ++jj) x[jj] = -kInf<A>;
     V mv = V::set1(-kInf<A>);
     for (int jj = 0; jj < np; jj += W) mv = vmax(mv, V::load(x + jj));
-    A mx = m[r];
+    A mx = m[rr];
     {
       alignas(64) A lanes[W];
       mv.store(lanes);
@@ -394,18 +429,17 @@ struct GroupTask {
       e.store(x + jj);
       sum = sum + e;
     }
-    const A a = std::exp(m[r] - mu);
-    l[r] = l[r] * a + sum.reduce_add();
-    m[r] = mx;
+    const A a = std::exp(m[rr] - mu);
+    l[rr] = l[rr] * a + sum.reduce_add();
+    m[rr] = mx;
     if (a != A(1)) {
-      A* orow = o + int64_t(r) * dp;
+      A* orow = o + rr * dp;
       const V av = V::set1(a);
       for (int e = 0; e < dp; e += W) (V::load(orow + e) * av).store(orow + e);
     }
   }
 
-  // out / lse of row r from its (O, m, l).
-  // orow is scaled in place.
+  // out / lse of row r of kv head hk from its (O, m, l); orow is scaled in place.
   void finish_row(const Seq& sq, int hk, int r, A* orow, A mr, A lr) const {
     const int h = hk * g + r % g;
     T* out = row_at<T>(p.out, sq.b, sq.q_start + r / g, h);
@@ -428,9 +462,8 @@ static inline void split_range(const Seq& sq, int ns, int sp, int64_t& ja, int64
   jb = std::min(hi, ja + chunk - 1);
 }
 
-static int choose_splits(const AttnParams& p) {
+static int choose_splits(const AttnParams& p, int64_t tasks) {
   if (p.num_splits > 0) return p.num_splits;
-  const int64_t tasks = int64_t(p.batch) * p.nheads_k;
   const int64_t threads = std::max(1, max_threads());
   if (tasks >= 2 * threads) return 1;
   const int64_t want = (4 * threads + tasks - 1) / tasks;
@@ -444,68 +477,70 @@ void run_grouped(const AttnParams& p) {
   using A = typename GT::A;
   const int g = p.nheads / p.nheads_k, rows = p.seqlen_q * g;
   const int64_t dp = padded<typename GT::V>(p.head_dim);
-  const int ns = choose_splits(p);
-  const int64_t groups = int64_t(p.batch) * p.nheads_k;
-  if (ns == 1) {
-    parallel_for(0, groups, 1, [&](int64_t t0, int64_t t1) {
-      Scratch<A> buf(GT::size(p.head_dim, rows));
-      GT task(p, rows, buf.ptr);
-      for (int64_t t = t0; t < t1; ++t) {
-        const Seq sq = make_seq(p, int(t / p.nheads_k));
-        const int hk = int(t % p.nheads_k);
-        int64_t ja, jb;
-        split_range(sq, 1, 0, ja, jb);
-        task.run(sq, hk, ja, jb);
-        for (int r = 0; r < sq.lq * g; ++r) task.finish_row(sq, hk, r, task.o + r * dp, task.m[r], task.l[r]);
-      }
-    });
-    return;
-  }
-  // Flash-decoding: partial (O, m, l) per split, then a fixed-order combine.
-  const int64_t part = int64_t(rows) * (dp + 2);  // per (group, split): O [rows][dp], m [rows], l [rows]
-  Scratch<A> parts(size_t(groups * ns * part));
+  // kv heads per task: all of them when they are interleaved within k/v rows (one sequential read).
+  const bool interleaved = p.k.head_stride < p.k.row_stride && p.v.head_stride < p.v.row_stride;
+  const int nh = interleaved ? p.nheads_k : 1, hgroups = p.nheads_k / nh;
+  const int64_t groups = int64_t(p.batch) * hgroups;
+  const int ns = choose_splits(p, groups);
+  const int64_t hr = int64_t(nh) * rows;
+  // Task t = (group t / ns, split t % ns), group = (batch, head group). Flash-decoding: with ns > 1 the
+  // partial (O, m, l) go to `parts` and are combined below in split order.
+  const int64_t part = hr * (dp + 2);  // per task: O [hr][dp], m [hr], l [hr]
+  Scratch<A> parts(ns > 1 ? size_t(groups * ns * part) : 1);
   parallel_for(0, groups * ns, 1, [&](int64_t t0, int64_t t1) {
-    Scratch<A> buf(GT::size(p.head_dim, rows));
-    GT task(p, rows, buf.ptr);
+    Scratch<A> buf(GT::size(p.head_dim, rows, nh));
+    GT task(p, rows, nh, buf.ptr);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t grp = t / ns;
-      const int sp = int(t % ns);
-      const Seq sq = make_seq(p, int(grp / p.nheads_k));
+      const int sp = int(t % ns), hk0 = int(grp % hgroups) * nh;
+      const Seq sq = make_seq(p, int(grp / hgroups));
       int64_t ja, jb;
       split_range(sq, ns, sp, ja, jb);
-      task.run(sq, int(grp % p.nheads_k), ja, jb);
-      A* dst = parts.ptr + t * part;
+      task.run(sq, hk0, ja, jb);
       const int R = sq.lq * g;
-      std::memcpy(dst, task.o, sizeof(A) * R * dp);
-      std::memcpy(dst + rows * dp, task.m, sizeof(A) * R);
-      std::memcpy(dst + rows * dp + rows, task.l, sizeof(A) * R);
+      if (ns == 1) {
+        for (int hh = 0; hh < nh; ++hh)
+          for (int r = 0; r < R; ++r) {
+            const int64_t rr = int64_t(hh) * rows + r;
+            task.finish_row(sq, hk0 + hh, r, task.o + rr * dp, task.m[rr], task.l[rr]);
+          }
+        continue;
+      }
+      A* dst = parts.ptr + t * part;
+      std::memcpy(dst, task.o, sizeof(A) * hr * dp);
+      std::memcpy(dst + hr * dp, task.m, sizeof(A) * hr);
+      std::memcpy(dst + hr * dp + hr, task.l, sizeof(A) * hr);
+      (void)R;
     }
   });
+  if (ns == 1) return;
   parallel_for(0, groups, 1, [&](int64_t t0, int64_t t1) {
     using V = typename GT::V;
-    Scratch<A> acc(dp), buf(GT::size(p.head_dim, rows));
-    GT task(p, rows, buf.ptr);  // only finish_row is used
+    Scratch<A> acc(dp), buf(GT::size(p.head_dim, rows, nh));
+    GT task(p, rows, nh, buf.ptr);  // only finish_row is used
     for (int64_t grp = t0; grp < t1; ++grp) {
-      const Seq sq = make_seq(p, int(grp / p.nheads_k));
-      const int hk = int(grp % p.nheads_k);
+      const Seq sq = make_seq(p, int(grp / hgroups));
+      const int hk0 = int(grp % hgroups) * nh;
       const A* base = parts.ptr + grp * ns * part;
-      for (int r = 0; r < sq.lq * g; ++r) {
-        A mx = -kInf<A>;
-        for (int sp = 0; sp < ns; ++sp) mx = std::max(mx, base[sp * part + rows * dp + r]);
-        const A mu = std::max(mx, std::numeric_limits<A>::lowest());
-        A lsum = 0;
-        std::memset(acc.ptr, 0, sizeof(A) * dp);
-        for (int sp = 0; sp < ns; ++sp) {
-          const A* pp = base + sp * part;
-          const A w = std::exp(pp[rows * dp + r] - mu);
-          if (w == A(0)) continue;
-          lsum += w * pp[rows * dp + rows + r];
-          const V wv = V::set1(w);
-          for (int e = 0; e < dp; e += V::W)
-            fmadd(wv, V::load(pp + r * dp + e), V::load(acc.ptr + e)).store(acc.ptr + e);
+      for (int hh = 0; hh < nh; ++hh)
+        for (int r = 0; r < sq.lq * g; ++r) {
+          const int64_t rr = int64_t(hh) * rows + r;
+          A mx = -kInf<A>;
+          for (int sp = 0; sp < ns; ++sp) mx = std::max(mx, base[sp * part + hr * dp + rr]);
+          const A mu = std::max(mx, std::numeric_limits<A>::lowest());
+          A lsum = 0;
+          std::memset(acc.ptr, 0, sizeof(A) * dp);
+          for (int sp = 0; sp < ns; ++sp) {
+            const A* pp = base + sp * part;
+            const A w = std::exp(pp[hr * dp + rr] - mu);
+            if (w == A(0)) continue;
+            lsum += w * pp[hr * dp + hr + rr];
+            const V wv = V::set1(w);
+            for (int e = 0; e < dp; e += V::W)
+              fmadd(wv, V::load(pp + rr * dp + e), V::load(acc.ptr + e)).store(acc.ptr + e);
+          }
+          task.finish_row(sq, hk0 + hh, r, acc.ptr, mx, lsum);
         }
-        task.finish_row(sq, hk, r, acc.ptr, mx, lsum);
-      }
     }
   });
 }

@@ -49,14 +49,26 @@ static inline void gemm_block(int kdim, const typename V::value_type* a, int64_t
     for (int j = 0; j < NR; ++j) acc[r][j].store(c + r * ldc + j * W);
 }
 
-// Rows of one column strip: full MR blocks, then the remaining rows one block shape at a time.
+// The last rows < kMR of a strip as one block of that height (each B vector loaded once for all of
+// them: a decode task's 4 query rows, or the 64 % 6 = 4 rows of a 64-row tile, run as one 4-row block).
+template <typename V, int NR, bool ACC, int MR = kMR - 1>
+static inline void gemm_rest(int rows, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
+                             const typename V::value_type* b, int64_t ldb, typename V::value_type* c,
+                             int64_t ldc) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return gemm_block<V, MR, NR, ACC>(kdim, a, a_rs, a_ks, b, ldb, c, ldc);
+    gemm_rest<V, NR, ACC, MR - 1>(rows, kdim, a, a_rs, a_ks, b, ldb, c, ldc);
+  }
+}
+
+// Rows of one column strip: full MR blocks, then the remaining rows as one shorter block.
 template <typename V, int NR, bool ACC>
 static inline void gemm_strip(int m, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
                               const typename V::value_type* b, int64_t ldb, typename V::value_type* c,
                               int64_t ldc) {
   int r = 0;
   for (; r + kMR <= m; r += kMR) gemm_block<V, kMR, NR, ACC>(kdim, a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc);
-  for (; r < m; ++r) gemm_block<V, 1, NR, ACC>(kdim, a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc);
+  if (r < m) gemm_rest<V, NR, ACC>(m - r, kdim, a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc);
 }
 
 template <typename V, bool ACC, int NR = kNR>
