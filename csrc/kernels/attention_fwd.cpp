@@ -32,6 +32,9 @@ using attn::Scratch;
 constexpr int kMq = 64;        // queries per tile (tiled path)
 constexpr int kNk = 64;        // keys per tile (both paths)
 constexpr int kGroupRows = 16;  // the grouped path takes kv heads with at most this many query rows
+#ifndef PF_AHEAD
+#define PF_AHEAD 8
+#endif
 
 // Lane-wise max (the vec layer has it only on the SIMD types).
 template <typename T>
@@ -166,6 +169,9 @@ struct TiledTask {
   const AttnParams& p;
   int d, dp;
   A *qt, *kt, *vt, *s, *o, *m, *l, *alpha, *pos;  // scratch, see size()
+  // Keys [pj0, pj0 + pn) of the current kv head packed as fp32 rows [pn][dp] (pk, pv), or pn = 0.
+  const A *pk = nullptr, *pv = nullptr;
+  int64_t pj0 = 0, pn = 0;
 
   static int64_t size(int d) {
     const int64_t dp = padded<V>(d), mp = padded<V>(kMq);
@@ -193,15 +199,18 @@ struct TiledTask {
     std::memset(o, 0, sizeof(A) * mq * dp);
     const A slope = p.alibi_slopes ? A(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : A(0);
     const KvRows<T> kv(p, sq, hk, 1);
+    const bool packed = jlo >= pj0 && jhi < pj0 + pn;
     for (int64_t j0 = jlo; j0 <= jhi; j0 += kNk) {
       const int nk = int(std::min<int64_t>(kNk, jhi + 1 - j0));
-      kv.template load<V>(j0, nk, dp, kNk, kt, vt, jhi, 0);
-      attn::gemm<V, false>(nk, mp, d, kt, dp, 1, qt, mp, s, mp);  // S^T = K Q^T
+      const A *kt_ = kt, *vt_ = vt;
+      if (packed) kt_ = pk + (j0 - pj0) * dp, vt_ = pv + (j0 - pj0) * dp;
+      else kv.template load<V>(j0, nk, dp, kNk, kt, vt, jhi, 0);
+      attn::gemm<V, false>(nk, mp, d, kt_, dp, 1, qt, mp, s, mp);  // S^T = K Q^T
       if (p.softcap > 0.f) softcap_scores<V>(s, int64_t(nk) * mp, A(p.softcap));
       if (p.alibi_slopes) alibi(j0, nk, mp, slope);
       mask(sq, i0, mq, mp, j0, nk);
       softmax_update(nk, mq, mp, j0 == jlo);
-      attn::gemm<V, true>(mq, dp, nk, s, 1, mp, vt, dp, o, dp);  // O += P V (P^T read transposed)
+      attn::gemm<V, true>(mq, dp, nk, s, 1, mp, vt_, dp, o, dp);  // O += P V (P^T read transposed)
     }
     for (int c = 0; c < mq; ++c) {
       T* out = row_at<T>(p.out, sq.b, sq.q_start + i0 + c, h);
@@ -286,24 +295,44 @@ struct TiledTask {
   }
 };
 
+// Keys packed per task at most (fp32 K and V rows): beyond, tiles are converted on the fly.
+constexpr int64_t kPackBytes = int64_t(16) << 20;
+
+// Tasks = (sequence, kv head, chunk of query tiles), each covering all G query heads of the kv head: the
+// task packs its keys once into contiguous fp32 rows, which every tile then streams (k/v rows of one head
+// are strided in memory, e.g. 8 KB apart for 32 heads of 128: they would conflict in L1/L2 if re-read
+// per tile, and be converted once per tile).
 template <typename T>
 void run_tiled(const AttnParams& p) {
   using TT = TiledTask<T>;
   using A = typename TT::A;
+  const int g = p.nheads / p.nheads_k;
   const int ntiles = (p.seqlen_q + kMq - 1) / kMq;
-  const int64_t tasks = int64_t(p.batch) * p.nheads * ntiles;
-  parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch<A> buf(TT::size(p.head_dim));
+  const int64_t heads = int64_t(p.batch) * p.nheads_k, threads = std::max(1, max_threads());
+  // Enough chunks for ~4 tasks per thread.
+  const int want = int(std::clamp<int64_t>((4 * threads + heads - 1) / heads, 1, ntiles));
+  const int per_chunk = (ntiles + want - 1) / want, nchunks = (ntiles + per_chunk - 1) / per_chunk;
+  const int64_t dp = padded<typename TT::V>(p.head_dim);
+  const int64_t pack_keys = std::min<int64_t>(std::max(p.seqlen_k, 1), kPackBytes / (2 * dp * int64_t(sizeof(A))));
+  parallel_for(0, heads * nchunks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<A> buf(TT::size(p.head_dim)), pack(size_t(2 * pack_keys * dp));
     TT task(p, buf.ptr);
     for (int64_t t = t0; t < t1; ++t) {
-      const int k = int(t % ntiles);
-      const int h = int(t / ntiles % p.nheads), b = int(t / ntiles / p.nheads);
-      // Tiles in the order 0, n-1, 1, n-2, ...: contiguous task ranges get equal causal work.
-      const int tile = (k % 2 == 0) ? k / 2 : ntiles - 1 - k / 2;
+      const int k = int(t % nchunks), hk = int(t / nchunks % p.nheads_k), b = int(t / nchunks / p.nheads_k);
+      // Chunks in the order 0, n-1, 1, n-2, ...: contiguous task ranges get equal causal work.
+      const int chunk = (k % 2 == 0) ? k / 2 : nchunks - 1 - k / 2;
       const Seq sq = make_seq(p, b);
-      const int i0 = tile * kMq;
-      if (i0 >= sq.lq) continue;
-      task.run(sq, h, i0, std::min(kMq, sq.lq - i0));
+      const int qa = chunk * per_chunk * kMq, qb = std::min(sq.lq, qa + per_chunk * kMq);
+      if (qa >= qb) continue;
+      const int64_t jlo = sq.lo(qa), jhi = sq.hi(qb - 1);
+      task.pn = 0;
+      if (jlo <= jhi && jhi - jlo + 1 <= pack_keys) {
+        const int n = int(jhi - jlo + 1);
+        KvRows<T>(p, sq, hk, 1).template load<typename TT::V>(jlo, n, int(dp), n, pack.ptr, pack.ptr + n * dp, jhi, 4);
+        task.pk = pack.ptr, task.pv = pack.ptr + n * dp, task.pj0 = jlo, task.pn = n;
+      }
+      for (int gg = 0; gg < g; ++gg)
+        for (int i0 = qa; i0 < qb; i0 += kMq) task.run(sq, hk * g + gg, i0, std::min(kMq, qb - i0));
     }
   });
 }
@@ -360,7 +389,7 @@ struct GroupTask {
     const KvRows<T> kv(p, sq, hk0, nh);
     for (int64_t j0 = ja; j0 <= jb; j0 += nkc) {
       const int nk = int(std::min<int64_t>(nkc, jb + 1 - j0));
-      kv.template load<V>(j0, nk, dp, nkc, kt, vt, jb, 8);
+      kv.template load<V>(j0, nk, dp, nkc, kt, vt, jb, PF_AHEAD);
       for (int hh = 0; hh < nh; ++hh) {
         const int64_t r0 = int64_t(hh) * rows;
         scores(R, nk, q + r0 * dp, kt + int64_t(hh) * nkc * dp, s + r0 * kNkp);
