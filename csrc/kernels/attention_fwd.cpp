@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "kernels/attention_tile.h"
 #include "kernels/parallel.h"
@@ -32,9 +33,6 @@ using attn::Scratch;
 constexpr int kMq = 64;        // queries per tile (tiled path)
 constexpr int kNk = 64;        // keys per tile (both paths)
 constexpr int kGroupRows = 16;  // the grouped path takes kv heads with at most this many query rows
-#ifndef PF_AHEAD
-#define PF_AHEAD 8
-#endif
 
 // Lane-wise max (the vec layer has it only on the SIMD types).
 template <typename T>
@@ -341,33 +339,36 @@ void run_tiled(const AttnParams& p) {
 // Grouped path: one task = (sequence, key split, kv heads [hk0, hk0 + nh)) with all R = lq * G query rows
 // of each head's group, row r of head hh = query r / G of head (hk0 + hh) * G + r % G. Several kv heads
 // share a task when they are interleaved in memory (k/v rows [.., heads_k, d]): the task then reads the
-// cache sequentially.
+// cache sequentially. Keys and values are read in place (no fp32 copy): scores are dot products of
+// kDots (rows x keys) accumulators reduced together, O += P V takes the value rows as gemm's B operand.
 template <typename T>
 struct GroupTask {
   using V = typename VecFor<T>::type;
   using A = typename V::value_type;
   static constexpr int W = V::W;
-  static constexpr int kNkp = (kNk + W - 1) / W * W;
+  static constexpr int kNkp = (kNk + 15) / 16 * 16;
+  static constexpr int kDots = W >= 16 ? 16 : 8;  // accumulators per dot block (registers)
 
   const AttnParams& p;
-  int d, dp, g, rows, nh, nkc;  // rows: R of the longest sequence (the per-head stride); nkc: keys per chunk
-  A *q, *kt, *vt, *s, *o, *m, *l, *slope;
+  int d, dp, dfull, g, rows, nh;  // rows: R of the longest sequence (the per-head stride)
+  A *q, *vt, *s, *o, *m, *l, *slope;
+  const T* zero_row;  // d zeros: the key of padding slots in a dot block
+  const T* kp[kNkp];  // this chunk's key / value rows (head hk0)
+  const T* vp[kNkp];
 
-  // Keys per chunk: the fp32 K and V chunks of all nh heads stay within ~256 KB (L2).
-  static int chunk(int d, int nh) {
-    const int64_t per_key = 2 * int64_t(nh) * padded<V>(d) * int64_t(sizeof(A));
-    return int(std::clamp<int64_t>((256 << 10) / per_key, 8, kNk));
-  }
   static int64_t size(int d, int rows, int nh) {
     const int64_t dp = padded<V>(d), hr = int64_t(nh) * rows;
-    return 2 * hr * dp + 2 * int64_t(nh) * chunk(d, nh) * dp + hr * kNkp + 3 * hr;
+    return 2 * hr * dp + kNk * dp + hr * kNkp + 3 * hr + dp;
   }
   GroupTask(const AttnParams& p_, int rows_, int nh_, A* buf)
-      : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)), g(p_.nheads / p_.nheads_k), rows(rows_), nh(nh_),
-        nkc(chunk(p_.head_dim, nh_)) {
+      : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)), dfull(p_.head_dim / W * W),
+        g(p_.nheads / p_.nheads_k), rows(rows_), nh(nh_) {
     const int64_t hr = int64_t(nh) * rows;
-    q = buf, kt = q + hr * dp, vt = kt + int64_t(nh) * nkc * dp, s = vt + int64_t(nh) * nkc * dp;
-    o = s + hr * kNkp, m = o + hr * dp, l = m + hr, slope = l + hr;
+    q = buf, vt = q + hr * dp, s = vt + kNk * dp, o = s + hr * kNkp;
+    m = o + hr * dp, l = m + hr, slope = l + hr;
+    A* z = slope + hr;
+    std::memset(z, 0, sizeof(A) * dp);  // sizeof(T) <= sizeof(A): dp zero A's hold d zero T's
+    zero_row = reinterpret_cast<const T*>(z);
   }
 
   // Attends the rows of sequence sq, heads [hk0, hk0 + nh), to keys [ja, jb]; leaves unnormalized O, m, l.
@@ -387,44 +388,110 @@ struct GroupTask {
     }
     if (ja > jb) return;
     const KvRows<T> kv(p, sq, hk0, nh);
-    for (int64_t j0 = ja; j0 <= jb; j0 += nkc) {
-      const int nk = int(std::min<int64_t>(nkc, jb + 1 - j0));
-      kv.template load<V>(j0, nk, dp, nkc, kt, vt, jb, PF_AHEAD);
+    // Values straight from the cache need runs of rows with one stride (a paged block of >= 16 keys).
+    const bool direct_v = !p.block_table || p.block_size >= 16;
+    for (int64_t j0 = ja; j0 <= jb; j0 += kNk) {
+      const int nk = int(std::min<int64_t>(kNk, jb + 1 - j0));
+      for (int jj = 0; jj < nk; ++jj) kv.rows(j0 + jj, kp[jj], vp[jj]);
+      for (int jj = nk; jj < kNkp; ++jj) kp[jj] = zero_row;
+      const int64_t next = j0 + kNk, next_n = std::min<int64_t>(kNk, jb + 1 - next);
       for (int hh = 0; hh < nh; ++hh) {
+        // Prefetch this head's share of the next chunk (random paged blocks defeat the hardware prefetcher).
+        for (int64_t jj = next_n * hh / nh; jj < next_n * (hh + 1) / nh; ++jj) {
+          const T *kn, *vn;
+          kv.rows(next + jj, kn, vn);
+          kv.prefetch(kn, kv.k_hs);
+          kv.prefetch(vn, kv.v_hs);
+        }
         const int64_t r0 = int64_t(hh) * rows;
-        scores(R, nk, q + r0 * dp, kt + int64_t(hh) * nkc * dp, s + r0 * kNkp);
+        scores(R, nk, q + r0 * dp, hh * kv.k_hs, s + r0 * kNkp);
         for (int r = 0; r < R; ++r) row_update(sq, r, r0 + r, j0, nk);
-        attn::gemm<V, true>(R, dp, nk, s + r0 * kNkp, kNkp, 1, vt + int64_t(hh) * nkc * dp, dp, o + r0 * dp, dp);
+        accumulate(kv, R, nk, j0, hh * kv.v_hs, direct_v, s + r0 * kNkp, o + r0 * dp);
       }
     }
   }
 
-  // sc[r][jj] = q_r . k_jj, four query rows per pass over a key row.
-  void scores(int R, int nk, const A* qh, const A* kh, A* sc) const {
-    for (int jj = 0; jj < nk; ++jj) {
-      const A* kr = kh + int64_t(jj) * dp;
-      int r = 0;
-      for (; r + 4 <= R; r += 4) {
-        const A* q0 = qh + int64_t(r) * dp;
-        V a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
-        for (int e = 0; e < dp; e += W) {
-          const V kv = V::load(kr + e);
-          a0 = fmadd(kv, V::load(q0 + e), a0);
-          a1 = fmadd(kv, V::load(q0 + dp + e), a1);
-          a2 = fmadd(kv, V::load(q0 + 2 * dp + e), a2);
-          a3 = fmadd(kv, V::load(q0 + 3 * dp + e), a3);
+  // sc[r][jj] = q_r . k_jj for the chunk's keys (rows in blocks of 4, 2, 1).
+  void scores(int R, int nk, const A* qh, int64_t hoff, A* sc) const {
+    int r = 0;
+    for (; r + 4 <= R; r += 4) dot_rows<4>(nk, qh + int64_t(r) * dp, hoff, sc + int64_t(r) * kNkp);
+    for (; r + 2 <= R; r += 2) dot_rows<2>(nk, qh + int64_t(r) * dp, hoff, sc + int64_t(r) * kNkp);
+    for (; r < R; ++r) dot_rows<1>(nk, qh + int64_t(r) * dp, hoff, sc + int64_t(r) * kNkp);
+  }
+
+  template <int RB>
+  void dot_rows(int nk, const A* q0, int64_t hoff, A* sc) const {
+    constexpr int KB = kDots / RB;
+    for (int jj = 0; jj < nk; jj += KB) {
+      V acc[RB * KB];
+      for (int i = 0; i < RB * KB; ++i) acc[i] = V::zero();
+      const T* kr[KB];
+      for (int k = 0; k < KB; ++k) kr[k] = kp[jj + k] == zero_row ? zero_row : kp[jj + k] + hoff;
+      for (int e = 0; e < dfull; e += W) {
+        V qv[RB];
+        for (int r = 0; r < RB; ++r) qv[r] = V::load(q0 + int64_t(r) * dp + e);
+        for (int k = 0; k < KB; ++k) {
+          const V kv = V::load(kr[k] + e);
+          for (int r = 0; r < RB; ++r) acc[r * KB + k] = fmadd(qv[r], kv, acc[r * KB + k]);
         }
-        sc[int64_t(r) * kNkp + jj] = a0.reduce_add();
-        sc[int64_t(r + 1) * kNkp + jj] = a1.reduce_add();
-        sc[int64_t(r + 2) * kNkp + jj] = a2.reduce_add();
-        sc[int64_t(r + 3) * kNkp + jj] = a3.reduce_add();
       }
-      for (; r < R; ++r) {
-        const A* q0 = qh + int64_t(r) * dp;
-        V a0 = V::zero();
-        for (int e = 0; e < dp; e += W) a0 = fmadd(V::load(kr + e), V::load(q0 + e), a0);
-        sc[int64_t(r) * kNkp + jj] = a0.reduce_add();
-      }
+      alignas(64) A out[RB * KB];
+      hsum<RB * KB>(acc, out);
+      for (int e = dfull; e < d; ++e)
+        for (int k = 0; k < KB; ++k) {
+          const A x = ScalarVec<A>::load(kr[k] + e).v;
+          for (int r = 0; r < RB; ++r) out[r * KB + k] += q0[int64_t(r) * dp + e] * x;
+        }
+      for (int r = 0; r < RB; ++r)
+        for (int k = 0; k < KB; ++k) sc[int64_t(r) * kNkp + jj + k] = out[r * KB + k];
+    }
+  }
+
+  // out[i] = sum of the lanes of acc[i].
+  template <int N>
+  static void hsum(const V* acc, A* out) {
+#if defined(LLMKERN_ISA_AVX512)
+    if constexpr (N == 16 && std::is_same_v<V, VecAvx512>) {
+      // A 16 x 16 transpose-and-add in four halving steps (256-bit halves, 128-bit quarters, pairs,
+      // singles); the input order below makes lane i of the result the sum of acc[i].
+      static constexpr int kOrder[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+      __m512 a[16];
+      for (int i = 0; i < 16; ++i) a[kOrder[i]] = acc[i].v;
+      __m512 x[8], y[4], z[2];
+      for (int i = 0; i < 8; ++i)
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xEE));
+      for (int i = 0; i < 4; ++i)
+        y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[i], x[i + 4], 0x88), _mm512_shuffle_f32x4(x[i], x[i + 4], 0xDD));
+      for (int i = 0; i < 2; ++i)
+        z[i] = _mm512_add_ps(_mm512_shuffle_ps(y[i], y[i + 2], 0x44), _mm512_shuffle_ps(y[i], y[i + 2], 0xEE));
+      _mm512_store_ps(out, _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD)));
+      return;
+    }
+#endif
+    for (int i = 0; i < N; ++i) out[i] = acc[i].reduce_add();
+  }
+
+  // O[r] += sum_jj P[r][jj] V[jj] for the chunk's keys.
+  void accumulate(const KvRows<T>& kv, int R, int nk, int64_t j0, int64_t hoff, bool direct_v, const A* pr,
+                  A* oh) {
+    if (!direct_v) {
+      for (int jj = 0; jj < nk; ++jj) attn::load_row<V>(vp[jj] + hoff, d, A(1), vt + int64_t(jj) * dp, dp);
+      attn::gemm<V, true>(R, dp, nk, pr, kNkp, 1, vt, dp, oh, dp);
+      return;
+    }
+    // Runs of keys within one paged block share the row stride.
+    for (int jj = 0; jj < nk;) {
+      int run = nk - jj;
+      if (kv.blocks) run = int(std::min<int64_t>(run, kv.bs - (j0 + jj) % kv.bs));
+      if (dfull > 0) attn::gemm<V, true>(R, dfull, run, pr + jj, kNkp, 1, vp[jj] + hoff, kv.v_rs, oh, dp);
+      for (int r = 0; r < R; ++r)
+        for (int e = dfull; e < d; ++e) {
+          A acc = oh[int64_t(r) * dp + e];
+          for (int k = 0; k < run; ++k)
+            acc += pr[int64_t(r) * kNkp + jj + k] * ScalarVec<A>::load(vp[jj + k] + hoff + e).v;
+          oh[int64_t(r) * dp + e] = acc;
+        }
+      jj += run;
     }
   }
 
