@@ -33,6 +33,7 @@ using attn::Scratch;
 constexpr int kMq = 64;        // queries per tile (tiled path)
 constexpr int kNk = 64;        // keys per tile (both paths)
 constexpr int kGroupRows = 16;  // the grouped path takes kv heads with at most this many query rows
+constexpr int kNkG = 32;        // keys per chunk (grouped path; measured 32 > 64 > 128 on decode)
 
 // Lane-wise max (the vec layer has it only on the SIMD types).
 template <typename T>
@@ -346,7 +347,7 @@ struct GroupTask {
   using V = typename VecFor<T>::type;
   using A = typename V::value_type;
   static constexpr int W = V::W;
-  static constexpr int kNkp = (kNk + 15) / 16 * 16;
+  static constexpr int kNkp = (kNkG + 15) / 16 * 16;
   static constexpr int kDots = W >= 16 ? 16 : 8;  // accumulators per dot block (registers)
 
   const AttnParams& p;
@@ -358,13 +359,13 @@ struct GroupTask {
 
   static int64_t size(int d, int rows, int nh) {
     const int64_t dp = padded<V>(d), hr = int64_t(nh) * rows;
-    return 2 * hr * dp + kNk * dp + hr * kNkp + 3 * hr + dp;
+    return 2 * hr * dp + kNkG * dp + hr * kNkp + 3 * hr + dp;
   }
   GroupTask(const AttnParams& p_, int rows_, int nh_, A* buf)
       : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)), dfull(p_.head_dim / W * W),
         g(p_.nheads / p_.nheads_k), rows(rows_), nh(nh_) {
     const int64_t hr = int64_t(nh) * rows;
-    q = buf, vt = q + hr * dp, s = vt + kNk * dp, o = s + hr * kNkp;
+    q = buf, vt = q + hr * dp, s = vt + kNkG * dp, o = s + hr * kNkp;
     m = o + hr * dp, l = m + hr, slope = l + hr;
     A* z = slope + hr;
     std::memset(z, 0, sizeof(A) * dp);  // sizeof(T) <= sizeof(A): dp zero A's hold d zero T's
@@ -390,11 +391,11 @@ struct GroupTask {
     const KvRows<T> kv(p, sq, hk0, nh);
     // Values straight from the cache need runs of rows with one stride (a paged block of >= 16 keys).
     const bool direct_v = !p.block_table || p.block_size >= 16;
-    for (int64_t j0 = ja; j0 <= jb; j0 += kNk) {
-      const int nk = int(std::min<int64_t>(kNk, jb + 1 - j0));
+    for (int64_t j0 = ja; j0 <= jb; j0 += kNkG) {
+      const int nk = int(std::min<int64_t>(kNkG, jb + 1 - j0));
       for (int jj = 0; jj < nk; ++jj) kv.rows(j0 + jj, kp[jj], vp[jj]);
       for (int jj = nk; jj < kNkp; ++jj) kp[jj] = zero_row;
-      const int64_t next = j0 + kNk, next_n = std::min<int64_t>(kNk, jb + 1 - next);
+      const int64_t next = j0 + kNkG, next_n = std::min<int64_t>(kNkG, jb + 1 - next);
       for (int hh = 0; hh < nh; ++hh) {
         // Prefetch this head's share of the next chunk (random paged blocks defeat the hardware prefetcher).
         for (int64_t jj = next_n * hh / nh; jj < next_n * (hh + 1) / nh; ++jj) {
