@@ -1,9 +1,677 @@
-// STUB: replaced by the forward kernel branch.
-#include <stdexcept>
+// Attention forward core on the CPU (FlashAttention-2, Dao 2023, Algorithm 1) and the paged-cache write,
+// compiled once per ISA (see cpu/vec/vec.h). Math and layouts: kernels/attention.h.
+//
+// Two paths, both streaming keys in tiles with an online softmax (running max m, sum l, rescaled O), so no
+// [Lq x Lk] matrix ever exists and every key row is converted to fp32 once per task:
+// - Tiled (prefill): a task is (batch, head, tile of Mq queries). Scores are kept transposed,
+//   S^T[key][query] = K Q^T, so the softmax runs along vectors of queries; both products go through
+//   attn::gemm. Compute-bound: floor = 4 * Lq * Lk * D (halved if causal) / peak FMA rate.
+// - Grouped (decode, few query rows per kv head): a task is (batch, kv head, key split) holding every
+//   query row of the GQA group, so each K/V row is read from memory once for all of them. Bandwidth-bound:
+//   floor = bytes of K and V read / read bandwidth. Splits (flash-decoding) keep both threads busy when
+//   batch * nheads_k is small; their partial (O, m, l) are combined in a fixed order (deterministic).
+// Only keys inside a row block's visible band are read (unused cache slots may hold anything, NaN
+// included); keys inside the band but masked for some rows get score -inf, i.e. probability exactly 0.
 #include "kernels/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "kernels/attention_tile.h"
+#include "kernels/parallel.h"
+
 namespace llmkern {
 namespace LLMKERN_ISA {
-void attn_fwd_kernel(const AttnParams&) { throw std::runtime_error("attn_fwd_kernel: not implemented"); }
-void kv_write_kernel(const KvWriteParams&) { throw std::runtime_error("kv_write_kernel: not implemented"); }
+namespace {
+
+using attn::padded;
+using attn::Scratch;
+
+constexpr int kMq = 64;        // queries per tile (tiled path)
+constexpr int kNk = 64;        // keys per tile (both paths)
+constexpr int kGroupRows = 16;  // the grouped path takes kv heads with at most this many query rows
+constexpr int kNkG = 32;        // keys per chunk (grouped path; measured 32 > 64 > 128 on decode)
+
+// Lane-wise max (the vec layer has it only on the SIMD types).
+template <typename T>
+static inline ScalarVec<T> vmax(ScalarVec<T> a, ScalarVec<T> b) { return {a.v < b.v ? b.v : a.v}; }
+template <int N>
+static inline ArrayVec<N> vmax(ArrayVec<N> a, ArrayVec<N> b) {
+  return ArrayVec<N>::make([&](int l) { return a.v[l] < b.v[l] ? b.v[l] : a.v[l]; });
+}
+#if defined(LLMKERN_ISA_AVX512)
+static inline VecAvx512 vmax(VecAvx512 a, VecAvx512 b) { return max(a, b); }
+#elif defined(LLMKERN_ISA_AVX2)
+static inline VecAvx2 vmax(VecAvx2 a, VecAvx2 b) { return max(a, b); }
+#endif
+
+template <typename A>
+constexpr A kInf = std::numeric_limits<A>::infinity();
+
+// One sequence's geometry: lengths, row offsets and the visible key band of each query.
+struct Seq {
+  int b = 0, lq = 0, lk = 0;
+  int64_t q_start = 0, k_start = 0;  // packed row offsets (varlen), else 0
+  int kb = 0;                        // batch index into non-paged k/v
+  int64_t dq = 0;                    // lk - lq (bottom-right alignment)
+  int wl = -1, wr = -1;
+  // Visible keys of query i: [lo(i), hi(i)], empty when lo > hi.
+  int64_t lo(int64_t i) const { return wl >= 0 ? std::max<int64_t>(0, i + dq - wl) : 0; }
+  int64_t hi(int64_t i) const { return wr >= 0 ? std::min<int64_t>(lk - 1, i + dq + wr) : lk - 1; }
+};
+
+static Seq make_seq(const AttnParams& p, int b) {
+  Seq s;
+  s.b = b;
+  s.q_start = p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0;
+  s.lq = p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : p.seqlen_q;
+  s.lk = p.seqused_k ? p.seqused_k[b] : p.cu_seqlens_k ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : p.seqlen_k;
+  s.k_start = (p.cu_seqlens_k && !p.block_table) ? p.cu_seqlens_k[b] : 0;
+  s.kb = p.kv_batch_idx ? p.kv_batch_idx[b] : b;
+  s.dq = int64_t(s.lk) - s.lq;
+  s.wl = p.window_left;
+  s.wr = p.window_right;
+  return s;
+}
+
+template <typename T>
+static inline T* row_at(const AttnTensor& t, int64_t b, int64_t row, int64_t h) {
+  return static_cast<T*>(t.ptr) + b * t.batch_stride + row * t.row_stride + h * t.head_stride;
+}
+
+// Key / value rows of one sequence and kv heads [hk0, hk0 + nh), contiguous or paged.
+template <typename T>
+struct KvRows {
+  const T *k, *v;  // row 0 (non-paged) or block 0 row 0 (paged) of head hk0
+  int64_t k_rs, v_rs, k_bs, v_bs, k_hs, v_hs;
+  const int32_t* blocks;  // this sequence's block table row, or null
+  int bs, nh, d;
+  int64_t lk;
+
+  KvRows(const AttnParams& p, const Seq& s, int hk0, int nh_) : nh(nh_), d(p.head_dim), lk(s.lk) {
+    blocks = p.block_table ? p.block_table + int64_t(s.b) * p.block_table_stride : nullptr;
+    bs = p.block_size;
+    k_rs = p.k.row_stride, v_rs = p.v.row_stride, k_bs = p.k.batch_stride, v_bs = p.v.batch_stride;
+    k_hs = p.k.head_stride, v_hs = p.v.head_stride;
+    const int64_t b = blocks ? 0 : s.kb, r = blocks ? 0 : s.k_start;
+    k = row_at<const T>(p.k, b, r, hk0), v = row_at<const T>(p.v, b, r, hk0);
+  }
+  void rows(int64_t j, const T*& kr, const T*& vr) const {
+    if (blocks) {
+      const int64_t blk = blocks[j / bs], off = j % bs;
+      kr = k + blk * k_bs + off * k_rs, vr = v + blk * v_bs + off * v_rs;
+    } else {
+      kr = k + j * k_rs, vr = v + j * v_rs;
+    }
+  }
+  // The cache lines of one key's rows of all nh heads (one span when the heads are interleaved).
+  void prefetch(const T* r, int64_t hs) const {
+    const char* c = reinterpret_cast<const char*>(r);
+    const int64_t span = int64_t(sizeof(T)) * ((nh - 1) * hs + d);
+    for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(c + off);
+  }
+  // Converts keys [j0, j0 + n) to fp32 rows of width dp (zero padded): head hh's key jj goes to
+  // kt[(hh * n_stride + jj) * dp]. Rows are visited in memory order (all heads of a key, then the next
+  // key); `ahead` keys further on are prefetched (random paged blocks defeat the hardware prefetcher).
+  template <typename V>
+  void load(int64_t j0, int n, int dp, int n_stride, typename V::value_type* kt, typename V::value_type* vt,
+            int64_t jend, int ahead) const {
+    using A = typename V::value_type;
+    for (int jj = 0; jj < n; ++jj) {
+      const int64_t j = j0 + jj;
+      if (ahead > 0 && j + ahead <= jend) {
+        const T *kp, *vp;
+        rows(j + ahead, kp, vp);
+        prefetch(kp, k_hs);
+        prefetch(vp, v_hs);
+      }
+      const T *kr, *vr;
+      rows(j, kr, vr);
+      for (int hh = 0; hh < nh; ++hh) {
+        const int64_t o = (int64_t(hh) * n_stride + jj) * dp;
+        attn::load_row<V>(kr + hh * k_hs, d, A(1), kt + o, dp);
+        attn::load_row<V>(vr + hh * v_hs, d, A(1), vt + o, dp);
+      }
+    }
+  }
+};
+
+// x = softcap * tanh(x / softcap) over n (a multiple of V::W) scores; tanh(y) = 1 - 2 / (exp(2y) + 1),
+// whose absolute error (what a score needs) stays ~1 ulp, and exp's overflow to inf gives exactly 1.
+template <typename V>
+static void softcap_scores(typename V::value_type* x, int64_t n, typename V::value_type cap) {
+  using A = typename V::value_type;
+  const V two_over_cap = V::set1(A(2) / cap), one = V::set1(A(1)), two = V::set1(A(2)), c = V::set1(cap);
+  for (int64_t i = 0; i < n; i += V::W) {
+    const V e = exp(V::load(x + i) * two_over_cap);
+    (c * (one - two / (e + one))).store(x + i);
+  }
+}
+
+static inline void write_empty_row(void* out, int d, DType dt, float* lse) {
+  const int64_t bytes = dt == DType::f64 ? 8 : dt == DType::f32 ? 4 : 2;
+  std::memset(out, 0, size_t(d) * bytes);
+  if (lse) *lse = std::numeric_limits<float>::infinity();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tiled path: one task = (sequence, head, queries [i0, i0 + mq)).
+template <typename T>
+struct TiledTask {
+  using V = typename VecFor<T>::type;
+  using A = typename V::value_type;
+  static constexpr int W = V::W;
+
+  const AttnParams& p;
+  int d, dp;
+  A *qt, *kt, *vt, *s, *o, *m, *l, *alpha, *pos;  // scratch, see size()
+  // Keys [pj0, pj0 + pn) of the current kv head packed as fp32 rows [pn][dp] (pk, pv), or pn = 0.
+  const A *pk = nullptr, *pv = nullptr;
+  int64_t pj0 = 0, pn = 0;
+
+  static int64_t size(int d) {
+    const int64_t dp = padded<V>(d), mp = padded<V>(kMq);
+    return dp * mp + 2 * kNk * dp + kNk * mp + kMq * dp + 4 * mp;
+  }
+  TiledTask(const AttnParams& p_, A* buf) : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)) {
+    const int64_t mp = padded<V>(kMq);
+    qt = buf, kt = qt + dp * mp, vt = kt + kNk * dp, s = vt + kNk * dp, o = s + kNk * mp;
+    m = o + kMq * dp, l = m + mp, alpha = l + mp, pos = alpha + mp;
+  }
+
+  void run(const Seq& sq, int h, int i0, int mq) {
+    const int hk = h / (p.nheads / p.nheads_k);
+    const int mp = padded<V>(mq);
+    const int64_t jlo = sq.lo(i0), jhi = sq.hi(i0 + mq - 1);
+    float* lse0 = p.lse.ptr ? row_at<float>(p.lse, sq.b, sq.q_start + i0, h) : nullptr;
+    if (jlo > jhi) {  // no query of the tile sees a key (e.g. lk = 0)
+      for (int c = 0; c < mq; ++c)
+        write_empty_row(row_at<T>(p.out, sq.b, sq.q_start + i0 + c, h), d, p.dtype,
+                        lse0 ? lse0 + c * p.lse.row_stride : nullptr);
+      return;
+    }
+    pack_q(sq, h, i0, mq, mp);
+    for (int c = 0; c < mp; ++c) m[c] = -kInf<A>, l[c] = A(0), pos[c] = A(i0 + c + sq.dq);
+    std::memset(o, 0, sizeof(A) * mq * dp);
+    const A slope = p.alibi_slopes ? A(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : A(0);
+    const KvRows<T> kv(p, sq, hk, 1);
+    const bool packed = jlo >= pj0 && jhi < pj0 + pn;
+    for (int64_t j0 = jlo; j0 <= jhi; j0 += kNk) {
+      const int nk = int(std::min<int64_t>(kNk, jhi + 1 - j0));
+      const A *kt_ = kt, *vt_ = vt;
+      if (packed) kt_ = pk + (j0 - pj0) * dp, vt_ = pv + (j0 - pj0) * dp;
+      else kv.template load<V>(j0, nk, dp, kNk, kt, vt, jhi, 0);
+      attn::gemm<V, false>(nk, mp, d, kt_, dp, 1, qt, mp, s, mp);  // S^T = K Q^T
+      if (p.softcap > 0.f) softcap_scores<V>(s, int64_t(nk) * mp, A(p.softcap));
+      if (p.alibi_slopes) alibi(j0, nk, mp, slope);
+      mask(sq, i0, mq, mp, j0, nk);
+      softmax_update(nk, mq, mp, j0 == jlo);
+      attn::gemm<V, true>(mq, dp, nk, s, 1, mp, vt_, dp, o, dp);  // O += P V (P^T read transposed)
+    }
+    for (int c = 0; c < mq; ++c) {
+      T* out = row_at<T>(p.out, sq.b, sq.q_start + i0 + c, h);
+      float* lse = lse0 ? lse0 + c * p.lse.row_stride : nullptr;
+      if (l[c] == A(0)) { write_empty_row(out, d, p.dtype, lse); continue; }
+      const V inv = V::set1(A(1) / l[c]);
+      A* orow = o + int64_t(c) * dp;
+      for (int e = 0; e < dp; e += W) (V::load(orow + e) * inv).store(orow + e);
+      attn::store_row<V>(orow, d, out);
+      if (lse) *lse = float(m[c] + std::log(l[c]));
+    }
+  }
+
+  // qt[e][c] = scale * q[i0 + c][e], zero in the padding columns.
+  void pack_q(const Seq& sq, int h, int i0, int mq, int mp) {
+    const A scale = A(p.scale);
+    for (int c = 0; c < mq; ++c) {
+      const T* qr = row_at<const T>(p.q, sq.b, sq.q_start + i0 + c, h);
+      for (int e = 0; e < d; ++e) qt[int64_t(e) * mp + c] = ScalarVec<A>::load(qr + e).v * scale;
+    }
+    for (int e = 0; e < d; ++e)
+      for (int c = mq; c < mp; ++c) qt[int64_t(e) * mp + c] = A(0);
+  }
+
+  // s[jj][c] -= slope * |i0 + c + dq - j|.
+  void alibi(int64_t j0, int nk, int mp, A slope) {
+    const V ns = V::set1(-slope);
+    for (int jj = 0; jj < nk; ++jj) {
+      const V j = V::set1(A(j0 + jj));
+      A* row = s + int64_t(jj) * mp;
+      for (int c = 0; c < mp; c += W) {
+        const V x = V::load(pos + c) - j;
+        fmadd(ns, vmax(x, V::zero() - x), V::load(row + c)).store(row + c);
+      }
+    }
+  }
+
+  // Scores of keys outside a query's window become -inf (only boundary tiles have any).
+  void mask(const Seq& sq, int i0, int mq, int mp, int64_t j0, int nk) {
+    const bool left = sq.wl >= 0 && j0 < sq.lo(i0 + mq - 1);
+    const bool right = sq.wr >= 0 && j0 + nk - 1 > sq.hi(i0);
+    if (!left && !right) return;
+    for (int jj = 0; jj < nk; ++jj) {
+      const int64_t j = j0 + jj;
+      // Query i sees j iff j - dq - wr <= i <= j - dq + wl.
+      const int64_t cmin = sq.wr >= 0 ? std::clamp<int64_t>(j - sq.dq - sq.wr - i0, 0, mq) : 0;
+      const int64_t cmax = sq.wl >= 0 ? std::clamp<int64_t>(j - sq.dq + sq.wl - i0 + 1, cmin, mq) : mq;
+      A* row = s + int64_t(jj) * mp;
+      for (int64_t c = 0; c < cmin; ++c) row[c] = -kInf<A>;
+      for (int64_t c = cmax; c < mq; ++c) row[c] = -kInf<A>;
+    }
+  }
+
+  // Online softmax along query vectors: s becomes P^T = exp(s - m_new); O rows rescaled by exp(m - m_new).
+  void softmax_update(int nk, int mq, int mp, bool first) {
+    const V lowest = V::set1(std::numeric_limits<A>::lowest());
+    for (int c = 0; c < mp; c += W) {
+      const V m_old = V::load(m + c);
+      V mx = m_old;
+      for (int jj = 0; jj < nk; ++jj) mx = vmax(mx, V::load(s + int64_t(jj) * mp + c));
+      // A column with no visible key so far keeps m = -inf; subtracting `lowest` then gives exp(-inf) = 0.
+      const V mu = vmax(mx, lowest);
+      V sum = V::zero();
+      for (int jj = 0; jj < nk; ++jj) {
+        A* x = s + int64_t(jj) * mp + c;
+        const V e = exp(V::load(x) - mu);
+        e.store(x);
+        sum = sum + e;
+      }
+      const V a = exp(m_old - mu);
+      fmadd(V::load(l + c), a, sum).store(l + c);
+      mx.store(m + c);
+      a.store(alpha + c);
+    }
+    if (first) return;  // O is still 0
+    for (int c = 0; c < mq; ++c) {
+      if (alpha[c] == A(1)) continue;
+      const V a = V::set1(alpha[c]);
+      A* orow = o + int64_t(c) * dp;
+      for (int e = 0; e < dp; e += W) (V::load(orow + e) * a).store(orow + e);
+    }
+  }
+};
+
+// Keys packed per task at most (fp32 K and V rows): beyond, tiles are converted on the fly.
+constexpr int64_t kPackBytes = int64_t(16) << 20;
+
+// Tasks = (sequence, kv head, chunk of query tiles), each covering all G query heads of the kv head: the
+// task packs its keys once into contiguous fp32 rows, which every tile then streams (k/v rows of one head
+// are strided in memory, e.g. 8 KB apart for 32 heads of 128: they would conflict in L1/L2 if re-read
+// per tile, and be converted once per tile).
+template <typename T>
+void run_tiled(const AttnParams& p) {
+  using TT = TiledTask<T>;
+  using A = typename TT::A;
+  const int g = p.nheads / p.nheads_k;
+  const int ntiles = (p.seqlen_q + kMq - 1) / kMq;
+  const int64_t heads = int64_t(p.batch) * p.nheads_k, threads = std::max(1, max_threads());
+  // Enough chunks for ~4 tasks per thread.
+  const int want = int(std::clamp<int64_t>((4 * threads + heads - 1) / heads, 1, ntiles));
+  const int per_chunk = (ntiles + want - 1) / want, nchunks = (ntiles + per_chunk - 1) / per_chunk;
+  const int64_t dp = padded<typename TT::V>(p.head_dim);
+  const int64_t pack_keys = std::min<int64_t>(std::max(p.seqlen_k, 1), kPackBytes / (2 * dp * int64_t(sizeof(A))));
+  parallel_for(0, heads * nchunks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<A> buf(TT::size(p.head_dim)), pack(size_t(2 * pack_keys * dp));
+    TT task(p, buf.ptr);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int k = int(t % nchunks), hk = int(t / nchunks % p.nheads_k), b = int(t / nchunks / p.nheads_k);
+      // Chunks in the order 0, n-1, 1, n-2, ...: contiguous task ranges get equal causal work.
+      const int chunk = (k % 2 == 0) ? k / 2 : nchunks - 1 - k / 2;
+      const Seq sq = make_seq(p, b);
+      const int qa = chunk * per_chunk * kMq, qb = std::min(sq.lq, qa + per_chunk * kMq);
+      if (qa >= qb) continue;
+      const int64_t jlo = sq.lo(qa), jhi = sq.hi(qb - 1);
+      task.pn = 0;
+      if (jlo <= jhi && jhi - jlo + 1 <= pack_keys) {
+        const int n = int(jhi - jlo + 1);
+        KvRows<T>(p, sq, hk, 1).template load<typename TT::V>(jlo, n, int(dp), n, pack.ptr, pack.ptr + n * dp, jhi, 4);
+        task.pk = pack.ptr, task.pv = pack.ptr + n * dp, task.pj0 = jlo, task.pn = n;
+      }
+      for (int gg = 0; gg < g; ++gg)
+        for (int i0 = qa; i0 < qb; i0 += kMq) task.run(sq, hk * g + gg, i0, std::min(kMq, qb - i0));
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Grouped path: one task = (sequence, key split, kv heads [hk0, hk0 + nh)) with all R = lq * G query rows
+// of each head's group, row r of head hh = query r / G of head (hk0 + hh) * G + r % G. Several kv heads
+// share a task when they are interleaved in memory (k/v rows [.., heads_k, d]): the task then reads the
+// cache sequentially. Keys and values are read in place (no fp32 copy): scores are dot products of
+// kDots (rows x keys) accumulators reduced together, O += P V takes the value rows as gemm's B operand.
+template <typename T>
+struct GroupTask {
+  using V = typename VecFor<T>::type;
+  using A = typename V::value_type;
+  static constexpr int W = V::W;
+  static constexpr int kNkp = (kNkG + 15) / 16 * 16;
+  static constexpr int kDots = W >= 16 ? 16 : 8;  // accumulators per dot block (registers)
+
+  const AttnParams& p;
+  int d, dp, dfull, g, rows, nh;  // rows: R of the longest sequence (the per-head stride)
+  A *q, *vt, *s, *o, *m, *l, *slope;
+  const T* zero_row;  // d zeros: the key of padding slots in a dot block
+  const T* kp[kNkp];  // this chunk's key / value rows (head hk0)
+  const T* vp[kNkp];
+
+  static int64_t size(int d, int rows, int nh) {
+    const int64_t dp = padded<V>(d), hr = int64_t(nh) * rows;
+    return 2 * hr * dp + kNkG * dp + hr * kNkp + 3 * hr + dp;
+  }
+  GroupTask(const AttnParams& p_, int rows_, int nh_, A* buf)
+      : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)), dfull(p_.head_dim / W * W),
+        g(p_.nheads / p_.nheads_k), rows(rows_), nh(nh_) {
+    const int64_t hr = int64_t(nh) * rows;
+    q = buf, vt = q + hr * dp, s = vt + kNkG * dp, o = s + hr * kNkp;
+    m = o + hr * dp, l = m + hr, slope = l + hr;
+    A* z = slope + hr;
+    std::memset(z, 0, sizeof(A) * dp);  // sizeof(T) <= sizeof(A): dp zero A's hold d zero T's
+    zero_row = reinterpret_cast<const T*>(z);
+  }
+
+  // Attends the rows of sequence sq, heads [hk0, hk0 + nh), to keys [ja, jb]; leaves unnormalized O, m, l.
+  void run(const Seq& sq, int hk0, int64_t ja, int64_t jb) {
+    const int R = sq.lq * g;
+    const A scale = A(p.scale);
+    for (int hh = 0; hh < nh; ++hh) {
+      for (int r = 0; r < R; ++r) {
+        const int h = (hk0 + hh) * g + r % g;
+        const int64_t rr = int64_t(hh) * rows + r;
+        const T* qr = row_at<const T>(p.q, sq.b, sq.q_start + r / g, h);
+        attn::load_row<V>(qr, d, scale, q + rr * dp, dp);
+        m[rr] = -kInf<A>, l[rr] = A(0);
+        slope[rr] = p.alibi_slopes ? A(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : A(0);
+      }
+      std::memset(o + int64_t(hh) * rows * dp, 0, sizeof(A) * R * dp);
+    }
+    if (ja > jb) return;
+    const KvRows<T> kv(p, sq, hk0, nh);
+    // Values straight from the cache need runs of rows with one stride (a paged block of >= 16 keys).
+    const bool direct_v = !p.block_table || p.block_size >= 16;
+    for (int64_t j0 = ja; j0 <= jb; j0 += kNkG) {
+      const int nk = int(std::min<int64_t>(kNkG, jb + 1 - j0));
+      for (int jj = 0; jj < nk; ++jj) kv.rows(j0 + jj, kp[jj], vp[jj]);
+      for (int jj = nk; jj < kNkp; ++jj) kp[jj] = zero_row;
+      const int64_t next = j0 + kNkG, next_n = std::min<int64_t>(kNkG, jb + 1 - next);
+      for (int hh = 0; hh < nh; ++hh) {
+        // Prefetch this head's share of the next chunk (random paged blocks defeat the hardware prefetcher).
+        for (int64_t jj = next_n * hh / nh; jj < next_n * (hh + 1) / nh; ++jj) {
+          const T *kn, *vn;
+          kv.rows(next + jj, kn, vn);
+          kv.prefetch(kn, kv.k_hs);
+          kv.prefetch(vn, kv.v_hs);
+        }
+        const int64_t r0 = int64_t(hh) * rows;
+        scores(R, nk, q + r0 * dp, hh * kv.k_hs, s + r0 * kNkp);
+        for (int r = 0; r < R; ++r) row_update(sq, r, r0 + r, j0, nk);
+        accumulate(kv, R, nk, j0, hh * kv.v_hs, direct_v, s + r0 * kNkp, o + r0 * dp);
+      }
+    }
+  }
+
+  // sc[r][jj] = q_r . k_jj for the chunk's keys (rows in blocks of 4, 2, 1).
+  void scores(int R, int nk, const A* qh, int64_t hoff, A* sc) const {
+    int r = 0;
+    for (; r + 4 <= R; r += 4) dot_rows<4>(nk, qh + int64_t(r) * dp, hoff, sc + int64_t(r) * kNkp);
+    for (; r + 2 <= R; r += 2) dot_rows<2>(nk, qh + int64_t(r) * dp, hoff, sc + int64_t(r) * kNkp);
+    for (; r < R; ++r) dot_rows<1>(nk, qh + int64_t(r) * dp, hoff, sc + int64_t(r) * kNkp);
+  }
+
+  template <int RB>
+  void dot_rows(int nk, const A* q0, int64_t hoff, A* sc) const {
+    constexpr int KB = kDots / RB;
+    for (int jj = 0; jj < nk; jj += KB) {
+      V acc[RB * KB];
+      for (int i = 0; i < RB * KB; ++i) acc[i] = V::zero();
+      const T* kr[KB];
+      for (int k = 0; k < KB; ++k) kr[k] = kp[jj + k] == zero_row ? zero_row : kp[jj + k] + hoff;
+      for (int e = 0; e < dfull; e += W) {
+        V qv[RB];
+        for (int r = 0; r < RB; ++r) qv[r] = V::load(q0 + int64_t(r) * dp + e);
+        for (int k = 0; k < KB; ++k) {
+          const V kv = V::load(kr[k] + e);
+          for (int r = 0; r < RB; ++r) acc[r * KB + k] = fmadd(qv[r], kv, acc[r * KB + k]);
+        }
+      }
+      alignas(64) A out[RB * KB];
+      hsum<RB * KB>(acc, out);
+      for (int e = dfull; e < d; ++e)
+        for (int k = 0; k < KB; ++k) {
+          const A x = ScalarVec<A>::load(kr[k] + e).v;
+          for (int r = 0; r < RB; ++r) out[r * KB + k] += q0[int64_t(r) * dp + e] * x;
+        }
+      for (int r = 0; r < RB; ++r)
+        for (int k = 0; k < KB; ++k) sc[int64_t(r) * kNkp + jj + k] = out[r * KB + k];
+    }
+  }
+
+  // out[i] = sum of the lanes of acc[i].
+  template <int N>
+  static void hsum(const V* acc, A* out) {
+#if defined(LLMKERN_ISA_AVX512)
+    if constexpr (N == 16 && std::is_same_v<V, VecAvx512>) {
+      // A 16 x 16 transpose-and-add in four halving steps (256-bit halves, 128-bit quarters, pairs,
+      // singles); the input order below makes lane i of the result the sum of acc[i].
+      static constexpr int kOrder[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+      __m512 a[16];
+      for (int i = 0; i < 16; ++i) a[kOrder[i]] = acc[i].v;
+      __m512 x[8], y[4], z[2];
+      for (int i = 0; i < 8; ++i)
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xEE));
+      for (int i = 0; i < 4; ++i)
+        y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[i], x[i + 4], 0x88), _mm512_shuffle_f32x4(x[i], x[i + 4], 0xDD));
+      for (int i = 0; i < 2; ++i)
+        z[i] = _mm512_add_ps(_mm512_shuffle_ps(y[i], y[i + 2], 0x44), _mm512_shuffle_ps(y[i], y[i + 2], 0xEE));
+      _mm512_store_ps(out, _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD)));
+      return;
+    }
+#endif
+    for (int i = 0; i < N; ++i) out[i] = acc[i].reduce_add();
+  }
+
+  // O[r] += sum_jj P[r][jj] V[jj] for the chunk's keys.
+  void accumulate(const KvRows<T>& kv, int R, int nk, int64_t j0, int64_t hoff, bool direct_v, const A* pr,
+                  A* oh) {
+    if (!direct_v) {
+      for (int jj = 0; jj < nk; ++jj) attn::load_row<V>(vp[jj] + hoff, d, A(1), vt + int64_t(jj) * dp, dp);
+      attn::gemm<V, true>(R, dp, nk, pr, kNkp, 1, vt, dp, oh, dp);
+      return;
+    }
+    // Runs of keys within one paged block share the row stride.
+    for (int jj = 0; jj < nk;) {
+      int run = nk - jj;
+      if (kv.blocks) run = int(std::min<int64_t>(run, kv.bs - (j0 + jj) % kv.bs));
+      if (dfull > 0) attn::gemm<V, true>(R, dfull, run, pr + jj, kNkp, 1, vp[jj] + hoff, kv.v_rs, oh, dp);
+      for (int r = 0; r < R; ++r)
+        for (int e = dfull; e < d; ++e) {
+          A acc = oh[int64_t(r) * dp + e];
+          for (int k = 0; k < run; ++k)
+            acc += pr[int64_t(r) * kNkp + jj + k] * ScalarVec<A>::load(vp[jj + k] + hoff + e).v;
+          oh[int64_t(r) * dp + e] = acc;
+        }
+      jj += run;
+    }
+  }
+
+  // Softcap, alibi, mask and the online softmax of row r (buffer row rr) over keys [j0, j0 + nk).
+  void row_update(const Seq& sq, int r, int64_t rr, int64_t j0, int nk) {
+    A* x = s + rr * kNkp;
+    const int np = padded<V>(nk);
+    if (p.softcap > 0.f) softcap_scores<V>(x, np, A(p.softcap));
+    const int64_t i = r / g;
+    if (p.alibi_slopes) {
+      for (int jj = 0; jj < nk; ++jj) x[jj] -= slope[rr] * A(std::abs(i + sq.dq - (j0 + jj)));
+    }
+    const int64_t lo = sq.lo(i), hi = sq.hi(i);
+    if (j0 < lo || j0 + nk - 1 > hi)
+      for (int jj = 0; jj < nk; ++jj)
+        if (j0 + jj < lo || j0 + jj > hi) x[jj] = -kInf<A>;
+    for (int jj = nk; jj < np; ++jj) x[jj] = -kInf<A>;
+    V mv = V::set1(-kInf<A>);
+    for (int jj = 0; jj < np; jj += W) mv = vmax(mv, V::load(x + jj));
+    A mx = m[rr];
+    {
+      alignas(64) A lanes[W];
+      mv.store(lanes);
+      for (int w = 0; w < W; ++w) mx = std::max(mx, lanes[w]);
+    }
+    const A mu = std::max(mx, std::numeric_limits<A>::lowest());
+    V sum = V::zero();
+    const V muv = V::set1(mu);
+    for (int jj = 0; jj < np; jj += W) {
+      const V e = exp(V::load(x + jj) - muv);
+      e.store(x + jj);
+      sum = sum + e;
+    }
+    const A a = std::exp(m[rr] - mu);
+    l[rr] = l[rr] * a + sum.reduce_add();
+    m[rr] = mx;
+    if (a != A(1)) {
+      A* orow = o + rr * dp;
+      const V av = V::set1(a);
+      for (int e = 0; e < dp; e += W) (V::load(orow + e) * av).store(orow + e);
+    }
+  }
+
+  // out / lse of row r of kv head hk from its (O, m, l); orow is scaled in place.
+  void finish_row(const Seq& sq, int hk, int r, A* orow, A mr, A lr) const {
+    const int h = hk * g + r % g;
+    T* out = row_at<T>(p.out, sq.b, sq.q_start + r / g, h);
+    float* lse = p.lse.ptr ? row_at<float>(p.lse, sq.b, sq.q_start + r / g, h) : nullptr;
+    if (lr == A(0)) { write_empty_row(out, d, p.dtype, lse); return; }
+    const V inv = V::set1(A(1) / lr);
+    for (int e = 0; e < dp; e += W) (V::load(orow + e) * inv).store(orow + e);
+    attn::store_row<V>(orow, d, out);
+    if (lse) *lse = float(mr + std::log(lr));
+  }
+};
+
+// Key band [ja, jb] of split `sp` out of `ns` for the whole group of sequence sq.
+static inline void split_range(const Seq& sq, int ns, int sp, int64_t& ja, int64_t& jb) {
+  const int64_t lo = sq.lq > 0 ? sq.lo(0) : 0, hi = sq.lq > 0 ? sq.hi(sq.lq - 1) : -1;
+  const int64_t n = hi - lo + 1;
+  if (n <= 0) { ja = 0, jb = -1; return; }
+  const int64_t chunk = ((n + ns - 1) / ns + kNk - 1) / kNk * kNk;
+  ja = lo + sp * chunk;
+  jb = std::min(hi, ja + chunk - 1);
+}
+
+static int choose_splits(const AttnParams& p, int64_t tasks) {
+  if (p.num_splits > 0) return p.num_splits;
+  const int64_t threads = std::max(1, max_threads());
+  if (tasks >= 2 * threads) return 1;
+  const int64_t want = (4 * threads + tasks - 1) / tasks;
+  const int64_t most = std::max<int64_t>(1, p.seqlen_k / 512);
+  return int(std::min<int64_t>({want, most, 64}));
+}
+
+template <typename T>
+void run_grouped(const AttnParams& p) {
+  using GT = GroupTask<T>;
+  using A = typename GT::A;
+  const int g = p.nheads / p.nheads_k, rows = p.seqlen_q * g;
+  const int64_t dp = padded<typename GT::V>(p.head_dim);
+  // kv heads per task: all of them when they are interleaved within k/v rows (one sequential read).
+  const bool interleaved = p.k.head_stride < p.k.row_stride && p.v.head_stride < p.v.row_stride;
+  const int nh = interleaved ? p.nheads_k : 1, hgroups = p.nheads_k / nh;
+  const int64_t groups = int64_t(p.batch) * hgroups;
+  const int ns = choose_splits(p, groups);
+  const int64_t hr = int64_t(nh) * rows;
+  // Task t = (group t / ns, split t % ns), group = (batch, head group). Flash-decoding: with ns > 1 the
+  // partial (O, m, l) go to `parts` and are combined below in split order.
+  const int64_t part = hr * (dp + 2);  // per task: O [hr][dp], m [hr], l [hr]
+  Scratch<A> parts(ns > 1 ? size_t(groups * ns * part) : 1);
+  parallel_for(0, groups * ns, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<A> buf(GT::size(p.head_dim, rows, nh));
+    GT task(p, rows, nh, buf.ptr);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t grp = t / ns;
+      const int sp = int(t % ns), hk0 = int(grp % hgroups) * nh;
+      const Seq sq = make_seq(p, int(grp / hgroups));
+      int64_t ja, jb;
+      split_range(sq, ns, sp, ja, jb);
+      task.run(sq, hk0, ja, jb);
+      const int R = sq.lq * g;
+      if (ns == 1) {
+        for (int hh = 0; hh < nh; ++hh)
+          for (int r = 0; r < R; ++r) {
+            const int64_t rr = int64_t(hh) * rows + r;
+            task.finish_row(sq, hk0 + hh, r, task.o + rr * dp, task.m[rr], task.l[rr]);
+          }
+        continue;
+      }
+      A* dst = parts.ptr + t * part;
+      std::memcpy(dst, task.o, sizeof(A) * hr * dp);
+      std::memcpy(dst + hr * dp, task.m, sizeof(A) * hr);
+      std::memcpy(dst + hr * dp + hr, task.l, sizeof(A) * hr);
+      (void)R;
+    }
+  });
+  if (ns == 1) return;
+  parallel_for(0, groups, 1, [&](int64_t t0, int64_t t1) {
+    using V = typename GT::V;
+    Scratch<A> acc(dp), buf(GT::size(p.head_dim, rows, nh));
+    GT task(p, rows, nh, buf.ptr);  // only finish_row is used
+    for (int64_t grp = t0; grp < t1; ++grp) {
+      const Seq sq = make_seq(p, int(grp / hgroups));
+      const int hk0 = int(grp % hgroups) * nh;
+      const A* base = parts.ptr + grp * ns * part;
+      for (int hh = 0; hh < nh; ++hh)
+        for (int r = 0; r < sq.lq * g; ++r) {
+          const int64_t rr = int64_t(hh) * rows + r;
+          A mx = -kInf<A>;
+          for (int sp = 0; sp < ns; ++sp) mx = std::max(mx, base[sp * part + hr * dp + rr]);
+          const A mu = std::max(mx, std::numeric_limits<A>::lowest());
+          A lsum = 0;
+          std::memset(acc.ptr, 0, sizeof(A) * dp);
+          for (int sp = 0; sp < ns; ++sp) {
+            const A* pp = base + sp * part;
+            const A w = std::exp(pp[hr * dp + rr] - mu);
+            if (w == A(0)) continue;
+            lsum += w * pp[hr * dp + hr + rr];
+            const V wv = V::set1(w);
+            for (int e = 0; e < dp; e += V::W)
+              fmadd(wv, V::load(pp + rr * dp + e), V::load(acc.ptr + e)).store(acc.ptr + e);
+          }
+          task.finish_row(sq, hk0 + hh, r, acc.ptr, mx, lsum);
+        }
+    }
+  });
+}
+
+template <typename T>
+void run_fwd(const AttnParams& p) {
+  if (p.batch == 0 || p.nheads == 0 || p.seqlen_q == 0) return;
+  const int g = p.nheads / p.nheads_k;
+  if (int64_t(p.seqlen_q) * g <= kGroupRows) run_grouped<T>(p);
+  else run_tiled<T>(p);
+}
+
+}  // namespace
+
+void attn_fwd_kernel(const AttnParams& p) {
+  visit_dtype(p.dtype, [&](auto t) { run_fwd<decltype(t)>(p); });
+}
+
+void kv_write_kernel(const KvWriteParams& p) {
+  visit_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    const int64_t items = p.tokens * p.nheads_k;
+    const size_t bytes = size_t(p.head_dim) * sizeof(T);
+    parallel_for(0, items, grain_for(int64_t(2 * bytes)), [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t tok = w / p.nheads_k, h = w % p.nheads_k, slot = p.slot_mapping[tok];
+        if (slot < 0) continue;
+        const int64_t blk = slot / p.block_size, off = slot % p.block_size;
+        std::memcpy(row_at<T>(p.k_cache, blk, off, h), row_at<const T>(p.k, 0, tok, h), bytes);
+        std::memcpy(row_at<T>(p.v_cache, blk, off, h), row_at<const T>(p.v, 0, tok, h), bytes);
+      }
+    });
+  });
+}
+
 }  // namespace LLMKERN_ISA
 }  // namespace llmkern

@@ -29,9 +29,9 @@ constexpr int kMR = 4, kNR = 2;
 #endif
 
 // One MR x NR-vector block: C[r][j] (+)= sum_k a[r * a_rs + k * a_ks] * b[k * ldb + j].
-template <typename V, int MR, int NR, bool ACC>
+template <typename V, int MR, int NR, bool ACC, typename TB>
 static inline void gemm_block(int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
-                              const typename V::value_type* b, int64_t ldb, typename V::value_type* c,
+                              const TB* b, int64_t ldb, typename V::value_type* c,
                               int64_t ldc) {
   constexpr int W = V::W;
   V acc[MR][NR];
@@ -49,19 +49,31 @@ static inline void gemm_block(int kdim, const typename V::value_type* a, int64_t
     for (int j = 0; j < NR; ++j) acc[r][j].store(c + r * ldc + j * W);
 }
 
-// Rows of one column strip: full MR blocks, then the remaining rows one block shape at a time.
-template <typename V, int NR, bool ACC>
+// The last rows < kMR of a strip as one block of that height (each B vector loaded once for all of
+// them: a decode task's 4 query rows, or the 64 % 6 = 4 rows of a 64-row tile, run as one 4-row block).
+template <typename V, int NR, bool ACC, int MR = kMR - 1, typename TB>
+static inline void gemm_rest(int rows, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
+                             const TB* b, int64_t ldb, typename V::value_type* c,
+                             int64_t ldc) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return gemm_block<V, MR, NR, ACC>(kdim, a, a_rs, a_ks, b, ldb, c, ldc);
+    gemm_rest<V, NR, ACC, MR - 1>(rows, kdim, a, a_rs, a_ks, b, ldb, c, ldc);
+  }
+}
+
+// Rows of one column strip: full MR blocks, then the remaining rows as one shorter block.
+template <typename V, int NR, bool ACC, typename TB>
 static inline void gemm_strip(int m, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
-                              const typename V::value_type* b, int64_t ldb, typename V::value_type* c,
+                              const TB* b, int64_t ldb, typename V::value_type* c,
                               int64_t ldc) {
   int r = 0;
   for (; r + kMR <= m; r += kMR) gemm_block<V, kMR, NR, ACC>(kdim, a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc);
-  for (; r < m; ++r) gemm_block<V, 1, NR, ACC>(kdim, a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc);
+  if (r < m) gemm_rest<V, NR, ACC>(m - r, kdim, a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc);
 }
 
-template <typename V, bool ACC, int NR = kNR>
+template <typename V, bool ACC, int NR = kNR, typename TB>
 static inline void gemm_cols(int m, int nvec, int kdim, const typename V::value_type* a, int64_t a_rs,
-                             int64_t a_ks, const typename V::value_type* b, int64_t ldb,
+                             int64_t a_ks, const TB* b, int64_t ldb,
                              typename V::value_type* c, int64_t ldc) {
   if constexpr (NR > 0) {
     int j = 0;
@@ -71,10 +83,11 @@ static inline void gemm_cols(int m, int nvec, int kdim, const typename V::value_
 }
 
 // C[m][n] (+)= sum_k A(r, k) B[k][n] with A(r, k) = a[r * a_rs + k * a_ks], for n a multiple of V::W.
+// B may also be a storage type (bf16, f16: V::load converts), e.g. value rows read straight from a cache.
 // ACC: add to C (else overwrite). Leading dimensions ldb, ldc are in elements.
-template <typename V, bool ACC>
+template <typename V, bool ACC, typename TB>
 static inline void gemm(int m, int n, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
-                        const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
+                        const TB* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
   gemm_cols<V, ACC>(m, n / V::W, kdim, a, a_rs, a_ks, b, ldb, c, ldc);
 }
 
