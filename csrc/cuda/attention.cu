@@ -15,6 +15,9 @@
 //   KS = 1 (prefill): each warp has its own RW rows and sweeps all their visible keys with an online
 //   softmax. KS = 4 (decode, few rows): the 4 warps share RW rows and split the key tiles round robin
 //   (flash-decoding inside one block: no workspace needed); (m, l, acc) are combined in shared memory.
+// attn_decode_kernel<T, DB, R> (+ attn_decode_combine_kernel): the forward for few rows per kv head
+//   (decode), f32/bf16/f16 with 16-byte aligned rows: 16-byte k/v loads, keys split over warps and, with
+//   p.workspace, over blocks (flash-decoding). See "Decode forward" below; launch_fwd picks it.
 // Backward (FA2 math, deterministic: every output element is written by exactly one thread):
 //   attn_bwd_delta_kernel: delta_i = dout_i . out_i, a warp per (row, head).
 //   attn_bwd_dkdv_kernel<T, DB, KW, QG>: a warp per KW keys (4 KW per block) of one kv head, sweeping the
@@ -555,7 +558,8 @@ __device__ __forceinline__ void dec_write(const AttnParams& p, const Seq& s, int
 
 // grid (ceil(seqlen_q G / R) * splits, nheads_k, batch): blockIdx.x = row group * splits + split.
 template <typename T, int DB, int R>
-__global__ void __launch_bounds__(kDecThreads, (DecGeom<T, DB, R>::kMinBlocks)) attn_decode_kernel(const __grid_constant__ AttnParams p, int splits) {
+__global__ void __launch_bounds__(kDecThreads, (DecGeom<T, DB, R>::kMinBlocks))
+    attn_decode_kernel(const __grid_constant__ AttnParams p, int splits) {
   using Geo = DecGeom<T, DB, R>;
   constexpr int VEC = Geo::VEC, LPK = Geo::LPK, TK = Geo::TK;
   const int b = blockIdx.z, hk = blockIdx.y, G = p.nheads / p.nheads_k, split = int(blockIdx.x % unsigned(splits));
@@ -576,7 +580,8 @@ __global__ void __launch_bounds__(kDecThreads, (DecGeom<T, DB, R>::kMinBlocks)) 
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[r][e] = 0.f;
   }
-  for (int n0 = c_lo + warp * TK; n0 < c_hi; n0 += kDecWarps * TK) dec_tile<T, DB, R>(p, s, b, hk, n0, c_hi, d0, w, m, l, acc);
+  for (int n0 = c_lo + warp * TK; n0 < c_hi; n0 += kDecWarps * TK)
+    dec_tile<T, DB, R>(p, s, b, hk, n0, c_hi, d0, w, m, l, acc);
   __shared__ float sm_acc[kDecWarps][R][DB];
   __shared__ float sm_ml[kDecWarps][R][2];
 #pragma unroll
@@ -610,7 +615,8 @@ __global__ void __launch_bounds__(kDecThreads, (DecGeom<T, DB, R>::kMinBlocks)) 
 
 // Merges the splits' partials of row x (a warp per row) in split order and writes out and lse.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attn_decode_combine_kernel(const __grid_constant__ AttnParams p, int splits) {
+__global__ void __launch_bounds__(kThreads)
+    attn_decode_combine_kernel(const __grid_constant__ AttnParams p, int splits) {
   const int b = blockIdx.z, hk = blockIdx.y, G = p.nheads / p.nheads_k, lane = threadIdx.x & 31;
   const Seq s = seq_of(p, b, true);
   const int64_t x = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
