@@ -406,7 +406,7 @@ template <typename T, int DB, int R> struct DecGeom {
   static constexpr int LPK = DB / VEC;  // lanes per key row
   static constexpr int KPW = 32 / LPK;  // keys per warp load
   static constexpr int U = 4;           // k (and v) loads per lane per tile
-  // Blocks per SM: two under 128 registers up to 2 rows; 4 rows need ~150 registers (no spill): one.
+  // Blocks per SM: two (128-register cap) up to 2 rows; 4 rows take ~200 registers (no spill): one.
   static constexpr int kMinBlocks = R >= 4 ? 1 : 2;
   static constexpr int TK = KPW * U;    // keys per warp tile
   static_assert(LPK >= 1 && LPK <= 32 && 32 % LPK == 0, "a key row spans at most one warp");
