@@ -15,6 +15,9 @@
 //   KS = 1 (prefill): each warp has its own RW rows and sweeps all their visible keys with an online
 //   softmax. KS = 4 (decode, few rows): the 4 warps share RW rows and split the key tiles round robin
 //   (flash-decoding inside one block: no workspace needed); (m, l, acc) are combined in shared memory.
+// attn_decode_kernel<T, DB, R> (+ attn_decode_combine_kernel): the forward for few rows per kv head
+//   (decode), f32/bf16/f16 with 16-byte aligned rows: 16-byte k/v loads, keys split over warps and, with
+//   p.workspace, over blocks (flash-decoding). See "Decode forward" below; launch_fwd picks it.
 // Backward (FA2 math, deterministic: every output element is written by exactly one thread):
 //   attn_bwd_delta_kernel: delta_i = dout_i . out_i, a warp per (row, head).
 //   attn_bwd_dkdv_kernel<T, DB, KW, QG>: a warp per KW keys (4 KW per block) of one kv head, sweeping the
@@ -22,6 +25,7 @@
 //   attn_bwd_dq_kernel<T, DB, RW>: the forward's row layout, sweeping keys; writes dq.
 // kv_write_kernel<T, VEC>: a block per token, a warp per head.
 #include <climits>
+#include <cstring>
 
 #include "cuda/common.cuh"
 #include "cuda/launch.h"
@@ -382,6 +386,262 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attn_fwd_kernel(const __
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Decode forward: few query rows (seqlen_q * G <= kDecMaxRows) per (sequence, kv head), so the k/v reads
+// dominate and must run at memory bandwidth. A block owns R rows and a key chunk (split) of one (sequence,
+// kv head); its 8 warps take tiles of TK keys round robin. Within a warp, LPK lanes cover one key row with
+// 16-byte loads (lane chunk d0 = (lane % LPK) * VEC .. + VEC), so a warp load covers KPW = 32 / LPK keys
+// and each lane has U k and U v loads in flight per tile. A lane keeps its own keys' probabilities: P V
+// needs no shuffle (the lane that loaded key j's k chunk also loads its v chunk), and the per-lane partial
+// (l, acc) is summed over the KPW key groups once at the end. Warps combine in shared memory, in warp
+// order; with several splits the block writes float32 partials (m, l, acc) to p.workspace and
+// attn_decode_combine_kernel merges them in split order (deterministic for a given split count).
+
+constexpr int kDecWarps = 8, kDecThreads = 32 * kDecWarps;
+constexpr int kDecMaxRows = 64;         // seqlen_q * G per (sequence, kv head) that the decode path takes
+constexpr int kDecMaxSplits = 64;
+constexpr int kDecKeysPerSplit = 256;   // a split block gets at least this many keys when the kernel chooses
+
+template <typename T, int DB, int R> struct DecGeom {
+  static constexpr int VEC = kVec<T>;   // elements per 16-byte load
+  static constexpr int LPK = DB / VEC;  // lanes per key row
+  static constexpr int KPW = 32 / LPK;  // keys per warp load
+  static constexpr int U = 4;           // k (and v) loads per lane per tile
+  // Blocks per SM: two (128-register cap) up to 2 rows; 4 rows take ~200 registers (no spill): one.
+  static constexpr int kMinBlocks = R >= 4 ? 1 : 2;
+  static constexpr int TK = KPW * U;    // keys per warp tile
+  static_assert(LPK >= 1 && LPK <= 32 && 32 % LPK == 0, "a key row spans at most one warp");
+};
+
+// 16 raw bytes (VEC elements of T) as accumulation-type values.
+template <typename T>
+__device__ __forceinline__ void unpack16(const uint4& raw, float (&x)[kVec<T>]) {
+  Pack<T, kVec<T>> pk;
+  memcpy(&pk, &raw, 16);
+#pragma unroll
+  for (int e = 0; e < kVec<T>; ++e) x[e] = to_acc(pk.v[e]);
+}
+
+template <int R, int VEC>
+struct DecRows {
+  bool valid[R];
+  int64_t diag[R];
+  float slope[R];
+  float q[R][VEC];  // this lane's chunk of each row's query
+};
+
+// The block's rows x = rb + r (x < nrows valid; i = x / G, h = hk G + x % G) and the keys [lo, hi) any
+// of them may see (diag grows with x).
+template <typename T, int R>
+__device__ __forceinline__ void dec_rows(const AttnParams& p, const Seq& s, int b, int hk, int G, int64_t rb,
+                                         int64_t nrows, int d0, DecRows<R, kVec<T>>& w, int& lo, int& hi) {
+  int64_t dmin = 0, dmax = 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t x = rb + r < nrows ? rb + r : rb;  // rb < nrows
+    w.valid[r] = rb + r < nrows;
+    const int i = int(x / G), h = hk * G + int(x % G);
+    w.diag[r] = int64_t(i) + s.lk - s.lq;
+    w.slope[r] = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (w.valid[r] && d0 < p.head_dim)
+      raw = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q.ptr) + row_off(p.q, b, s.q0 + i, h) + d0);
+    unpack16<T>(raw, w.q[r]);
+    if (r == 0) dmin = w.diag[r];
+    if (w.valid[r]) dmax = w.diag[r];
+  }
+  const int64_t l = p.window_left >= 0 ? dmin - p.window_left : 0;
+  const int64_t r = p.window_right >= 0 ? dmax + p.window_right + 1 : s.lk;
+  lo = int(l < 0 ? 0 : l > s.lk ? s.lk : l);
+  hi = int(r < 0 ? 0 : r > s.lk ? s.lk : r);
+}
+
+// One warp tile: keys n0 + u * KPW + (lane / LPK), u < U, those >= c_hi skipped (never read: a paged
+// cache may hold garbage there). Updates the warp-uniform m and the lane's partial l, acc.
+template <typename T, int DB, int R>
+__device__ __forceinline__ void dec_tile(const AttnParams& p, const Seq& s, int b, int hk, int n0, int c_hi, int d0,
+                                         const DecRows<R, kVec<T>>& w, float (&m)[R], float (&l)[R],
+                                         float (&acc)[R][kVec<T>]) {
+  using Geo = DecGeom<T, DB, R>;
+  constexpr int VEC = Geo::VEC, LPK = Geo::LPK, KPW = Geo::KPW, U = Geo::U;
+  const int grp = (threadIdx.x & 31) / LPK;
+  const T* kp = static_cast<const T*>(p.k.ptr);
+  const T* vp = static_cast<const T*>(p.v.ptr);
+  int j[U];
+  uint4 kr[U], vr[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {  // all loads first: 2 U x 16 bytes in flight per lane
+    j[u] = n0 + u * KPW + grp;
+    kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+    if (j[u] < c_hi && d0 < p.head_dim) {
+      int64_t ko, vo;
+      key_offsets(p, s, b, j[u], hk, true, ko, vo);
+      kr[u] = *reinterpret_cast<const uint4*>(kp + ko + d0);
+      vr[u] = *reinterpret_cast<const uint4*>(vp + vo + d0);
+    }
+  }
+  float sc[R][U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    float kf[VEC];
+    unpack16<T>(kr[u], kf);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float a = 0.f;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) a += w.q[r][e] * kf[e];
+      sc[r][u] = a;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int o = 1; o < LPK; o *= 2) sc[r][u] += __shfl_xor_sync(kFull, sc[r][u], o);  // within the key's lanes
+      float th;
+      sc[r][u] = w.valid[r] && j[u] < c_hi && visible(p, s.lk, w.diag[r], j[u])
+                     ? mod_score(p, p.scale * sc[r][u], w.slope[r], w.diag[r], j[u], th)
+                     : neg_inf<float>();
+    }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float mt = sc[r][0];
+#pragma unroll
+    for (int u = 1; u < U; ++u) mt = fmaxf(mt, sc[r][u]);
+#pragma unroll
+    for (int o = LPK; o < 32; o *= 2) mt = fmaxf(mt, __shfl_xor_sync(kFull, mt, o));  // over the key groups
+    const float mn = fmaxf(m[r], mt);
+    if (mn == neg_inf<float>()) {  // warp-uniform: nothing visible yet, state unchanged
+#pragma unroll
+      for (int u = 0; u < U; ++u) sc[r][u] = 0.f;
+      continue;
+    }
+    const float alpha = expf(m[r] - mn);  // 0 for the empty state
+    m[r] = mn;
+    l[r] *= alpha;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[r][e] *= alpha;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      sc[r][u] = expf(sc[r][u] - mn);  // now the probability (0 where masked)
+      l[r] += sc[r][u];
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    float vf[VEC];
+    unpack16<T>(vr[u], vf);  // zeros for skipped keys: never 0 * NaN
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[r][e] += sc[r][u] * vf[e];
+  }
+}
+
+// Row x's merged (m, l, acc[d]) goes out: final out / lse when unsplit, else a workspace partial.
+template <typename T>
+__device__ __forceinline__ void dec_write(const AttnParams& p, const Seq& s, int b, int hk, int G, int64_t x, int d,
+                                          int split, int splits, float m, float l, float a) {
+  if (splits > 1) {
+    const int64_t rows_cap = int64_t(p.seqlen_q) * G;
+    const int64_t n_part = int64_t(p.batch) * p.nheads_k * rows_cap * splits;
+    const int64_t pi = ((int64_t(b) * p.nheads_k + hk) * rows_cap + x) * splits + split;
+    float* ws = static_cast<float*>(p.workspace);
+    ws[2 * n_part + pi * p.head_dim + d] = a;
+    if (d == 0) ws[2 * pi] = m, ws[2 * pi + 1] = l;
+    return;
+  }
+  const int i = int(x / G), h = hk * G + int(x % G);
+  static_cast<T*>(p.out.ptr)[row_off(p.out, b, s.q0 + i, h) + d] = from_acc<T>(l > 0.f ? a / l : 0.f);
+  if (d == 0) static_cast<float*>(p.lse.ptr)[row_off(p.lse, b, s.q0 + i, h)] = l > 0.f ? m + logf(l) : INFINITY;
+}
+
+// grid (ceil(seqlen_q G / R) * splits, nheads_k, batch): blockIdx.x = row group * splits + split.
+template <typename T, int DB, int R>
+__global__ void __launch_bounds__(kDecThreads, (DecGeom<T, DB, R>::kMinBlocks))
+    attn_decode_kernel(const __grid_constant__ AttnParams p, int splits) {
+  using Geo = DecGeom<T, DB, R>;
+  constexpr int VEC = Geo::VEC, LPK = Geo::LPK, TK = Geo::TK;
+  const int b = blockIdx.z, hk = blockIdx.y, G = p.nheads / p.nheads_k, split = int(blockIdx.x % unsigned(splits));
+  const Seq s = seq_of(p, b, true);
+  const int64_t nrows = int64_t(s.lq) * G, rb = int64_t(blockIdx.x / unsigned(splits)) * R;
+  if (rb >= nrows) return;  // block-uniform, before the barrier
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, d0 = (lane % LPK) * VEC;
+  DecRows<R, VEC> w;
+  int lo, hi;
+  dec_rows<T, R>(p, s, b, hk, G, rb, nrows, d0, w, lo, hi);
+  const int64_t per = (int64_t(hi) - lo + splits - 1) / splits;  // keys per split
+  const int64_t c_lo64 = lo + split * per;
+  const int c_lo = int(c_lo64 < hi ? c_lo64 : hi), c_hi = int(c_lo + per < hi ? c_lo + per : hi);
+  float m[R], l[R], acc[R][VEC];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = neg_inf<float>(), l[r] = 0.f;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[r][e] = 0.f;
+  }
+  for (int n0 = c_lo + warp * TK; n0 < c_hi; n0 += kDecWarps * TK)
+    dec_tile<T, DB, R>(p, s, b, hk, n0, c_hi, d0, w, m, l, acc);
+  __shared__ float sm_acc[kDecWarps][R][DB];
+  __shared__ float sm_ml[kDecWarps][R][2];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {  // sum the lanes' partials over the KPW key groups
+#pragma unroll
+    for (int o = LPK; o < 32; o *= 2) {
+      l[r] += __shfl_xor_sync(kFull, l[r], o);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[r][e] += __shfl_xor_sync(kFull, acc[r][e], o);
+    }
+    if (lane < LPK)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sm_acc[warp][r][d0 + e] = acc[r][e];
+    if (lane == 0) sm_ml[warp][r][0] = m[r], sm_ml[warp][r][1] = l[r];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < R * p.head_dim; idx += kDecThreads) {
+    const int r = idx / p.head_dim, d = idx % p.head_dim;
+    if (rb + r >= nrows) continue;
+    float mm = neg_inf<float>(), ll = 0.f, a = 0.f;
+    for (int k = 0; k < kDecWarps; ++k) mm = fmaxf(mm, sm_ml[k][r][0]);
+    if (mm != neg_inf<float>())
+      for (int k = 0; k < kDecWarps; ++k) {  // warp order: deterministic
+        const float f = expf(sm_ml[k][r][0] - mm);  // 0 for a warp that saw nothing
+        ll += f * sm_ml[k][r][1];
+        a += f * sm_acc[k][r][d];
+      }
+    dec_write<T>(p, s, b, hk, G, rb + r, d, split, splits, mm, ll, a);
+  }
+}
+
+// Merges the splits' partials of row x (a warp per row) in split order and writes out and lse.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    attn_decode_combine_kernel(const __grid_constant__ AttnParams p, int splits) {
+  const int b = blockIdx.z, hk = blockIdx.y, G = p.nheads / p.nheads_k, lane = threadIdx.x & 31;
+  const Seq s = seq_of(p, b, true);
+  const int64_t x = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (x >= int64_t(s.lq) * G) return;
+  const int64_t rows_cap = int64_t(p.seqlen_q) * G;
+  const int64_t n_part = int64_t(p.batch) * p.nheads_k * rows_cap * splits;
+  const int64_t p0 = ((int64_t(b) * p.nheads_k + hk) * rows_cap + x) * splits;
+  const float* ml = static_cast<const float*>(p.workspace) + 2 * p0;
+  const float* pacc = static_cast<const float*>(p.workspace) + 2 * n_part + p0 * p.head_dim;
+  float mm = neg_inf<float>(), ll = 0.f;
+  for (int k = 0; k < splits; ++k) mm = fmaxf(mm, ml[2 * k]);
+  if (mm != neg_inf<float>())
+    for (int k = 0; k < splits; ++k) ll += expf(ml[2 * k] - mm) * ml[2 * k + 1];
+  const int i = int(x / G), h = hk * G + int(x % G);
+  T* out = static_cast<T*>(p.out.ptr) + row_off(p.out, b, s.q0 + i, h);
+  for (int d = lane; d < p.head_dim; d += 32) {
+    float a = 0.f;
+    if (mm != neg_inf<float>())
+      for (int k = 0; k < splits; ++k) a += expf(ml[2 * k] - mm) * pacc[int64_t(k) * p.head_dim + d];
+    out[d] = from_acc<T>(ll > 0.f ? a / ll : 0.f);
+  }
+  if (lane == 0) static_cast<float*>(p.lse.ptr)[row_off(p.lse, b, s.q0 + i, h)] = ll > 0.f ? mm + logf(ll) : INFINITY;
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Backward
 
 template <typename T>
@@ -607,9 +867,80 @@ bool valid_shape(const AttnParams& p) {
          int64_t(p.seqlen_q) * (p.nheads / p.nheads_k) <= INT_MAX && (!p.block_table || p.block_size > 0);
 }
 
+// ---- decode path
+
+// Rows per decode block: the rows of a (sequence, kv head) rounded up to 1, 2 or 4 (the q and acc
+// chunks of every row live in registers).
+inline int dec_rows_per_block(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : 4; }
+
+// Does the decode path take p? Few rows per kv head, 16-byte loads possible (head_dim, strides and
+// pointers multiples of 16 bytes), a key row within one warp's loads (not f32 above 128), not f64.
+bool decode_path(const AttnParams& p) {
+  if (p.dtype == DType::f64) return false;
+  const int vec = p.dtype == DType::f32 ? 4 : 8;  // kVec<T>
+  const int db = p.head_dim <= 32 ? 32 : p.head_dim <= 64 ? 64 : p.head_dim <= 128 ? 128 : 256;  // visit_head_dim
+  const int64_t rows = int64_t(p.seqlen_q) * (p.nheads / p.nheads_k);
+  return db / vec <= 32 && rows >= 1 && rows <= kDecMaxRows && aligned16({p.q.ptr, p.k.ptr, p.v.ptr}) &&
+         multiples_of(vec, {p.head_dim, p.q.batch_stride, p.q.row_stride, p.q.head_stride, p.k.batch_stride,
+                            p.k.row_stride, p.k.head_stride, p.v.batch_stride, p.v.row_stride, p.v.head_stride});
+}
+
+// Key splits across blocks: as many as fill one wave (DecGeom::kMinBlocks blocks per SM), each with
+// >= kDecKeysPerSplit keys; num_splits > 1 forces that many, 1 forbids splitting.
+int dec_splits(const AttnParams& p, int num_sms) {
+  const int64_t rows = int64_t(p.seqlen_q) * (p.nheads / p.nheads_k);
+  const int rb = dec_rows_per_block(rows), per_sm = rb >= 4 ? 1 : 2;
+  const int64_t blocks = ceil_div(rows, rb) * p.nheads_k * p.batch;
+  int64_t n = p.num_splits > 0 ? p.num_splits : blocks > 0 ? per_sm * int64_t(num_sms) / blocks : 1;
+  if (p.num_splits == 0 && n > ceil_div(p.seqlen_k, kDecKeysPerSplit)) n = ceil_div(p.seqlen_k, kDecKeysPerSplit);
+  return int(n < 1 ? 1 : n > kDecMaxSplits ? kDecMaxSplits : n);
+}
+
+// float32 partials: (m, l) then acc[head_dim] for each (sequence, kv head, row < seqlen_q G, split).
+int64_t dec_workspace_bytes(const AttnParams& p, int splits) {
+  if (splits <= 1) return 0;
+  const int64_t parts = int64_t(p.batch) * p.nheads_k * p.seqlen_q * (p.nheads / p.nheads_k) * splits;
+  return parts * (2 + p.head_dim) * int64_t(sizeof(float));
+}
+
+template <typename T, int DB, int R>
+cudaError_t launch_decode_rows(const AttnParams& p, int splits, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.seqlen_q) * (p.nheads / p.nheads_k);
+  const dim3 grid(unsigned(ceil_div(rows, R) * splits), p.nheads_k, p.batch);
+  attn_decode_kernel<T, DB, R><<<grid, kDecThreads, 0, stream>>>(p, splits);
+  if (splits > 1) {  // same stream: the combine runs after every split block
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    attn_decode_combine_kernel<T><<<dim3(unsigned(ceil_div(rows, kWarps)), p.nheads_k, p.batch), kThreads, 0, stream>>>(
+        p, splits);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, int DB>
+cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream) {
+  int splits = 1;
+  if (p.num_splits != 1 && p.workspace) {
+    int dev = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (err != cudaSuccess) return err;
+    splits = dec_splits(p, sms);
+    if (p.workspace_bytes < dec_workspace_bytes(p, splits)) splits = 1;  // too small: split inside blocks only
+  }
+  const int64_t rows = int64_t(p.seqlen_q) * (p.nheads / p.nheads_k);
+  switch (dec_rows_per_block(rows)) {
+    case 1: return launch_decode_rows<T, DB, 1>(p, splits, stream);
+    case 2: return launch_decode_rows<T, DB, 2>(p, splits, stream);
+    default: return launch_decode_rows<T, DB, 4>(p, splits, stream);
+  }
+}
+
 template <typename T, int DB>
 cudaError_t launch_fwd(const AttnParams& p, cudaStream_t stream) {
   constexpr int RW = kFwdRows<T, DB>;
+  if constexpr (!kIsF64<T> && DB / kVec<T> <= 32)
+    if (decode_path(p)) return launch_decode<T, DB>(p, stream);
   const int64_t rows = int64_t(p.seqlen_q) * (p.nheads / p.nheads_k);
   const int64_t unsplit_blocks = ceil_div(rows, kWarps * RW) * p.nheads_k * p.batch;
   // Split the keys over the warps (KS = 4) when the grid is too small to fill the GPU and there are keys
@@ -659,6 +990,11 @@ cudaError_t attn_fwd_cuda(const AttnParams& p, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     return cuda::visit_head_dim(p.head_dim, [&](auto db) { return cuda::launch_fwd<T, decltype(db)::value>(p, stream); });
   });
+}
+
+int64_t attn_fwd_cuda_workspace_bytes(const AttnParams& p, int num_sms) {
+  if (!cuda::valid_shape(p) || p.batch == 0 || p.nheads == 0 || !cuda::decode_path(p) || p.num_splits == 1) return 0;
+  return cuda::dec_workspace_bytes(p, cuda::dec_splits(p, num_sms));
 }
 
 cudaError_t attn_bwd_cuda(const AttnBwdParams& p, cudaStream_t stream) {

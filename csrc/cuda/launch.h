@@ -27,6 +27,10 @@ cudaError_t rope_cuda(const RopeParams& p, cudaStream_t stream);
 // Attention (math and layouts: kernels/attention.h). Forward over contiguous, packed (varlen) or paged k/v,
 // writing out and lse; backward writing dq, dk, dv (deterministic: no atomics); the paged cache write.
 cudaError_t attn_fwd_cuda(const AttnParams& p, cudaStream_t stream);
+// Bytes of p.workspace that attn_fwd_cuda uses to split the keys of a decode across blocks on a GPU with
+// num_sms SMs (0: no workspace needed). Call it with p filled in (pointers included: the decode path
+// needs 16-byte aligned q/k/v); host only, no device call.
+int64_t attn_fwd_cuda_workspace_bytes(const AttnParams& p, int num_sms);
 cudaError_t attn_bwd_cuda(const AttnBwdParams& p, cudaStream_t stream);
 cudaError_t kv_write_cuda(const KvWriteParams& p, cudaStream_t stream);
 

@@ -48,6 +48,12 @@ struct AttnParams {
   int64_t alibi_batch_stride = 0;
 
   int num_splits = 0;  // split-K over the keys (flash-decoding); 0: the kernel chooses
+
+  // Device scratch for the split partials of the CUDA decode path (float32, no initialisation needed),
+  // sized by attn_fwd_cuda_workspace_bytes (cuda/launch.h); null / too small: the kernel does not split
+  // across blocks. Unused by the CPU kernels.
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
 };
 
 // Backward: dq, dk, dv from dout, q, k, v, out, lse (the forward's fields, paged / seqused / kv_batch_idx
