@@ -1,5 +1,6 @@
 // CUDA backends for the shared tensor-level ops (csrc/ops/*.h): each launches the torch-free kernels of
 // csrc/cuda/*.cu on the current stream of the device that holds the data. Built only with a CUDA torch.
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -59,7 +60,18 @@ struct CudaRope {
 
 struct CudaAttention {
   static constexpr c10::DeviceType device = c10::DeviceType::CUDA;
-  static void fwd(const AttnParams& p) {
+  // Split-K decode (flash-decoding) partials go to a workspace the kernel sizes; the caching allocator keeps
+  // it valid for work queued on this stream after `ws` is released.
+  static void fwd(const AttnParams& params) {
+    AttnParams p = params;
+    Tensor ws;
+    const int64_t bytes =
+        attn_fwd_cuda_workspace_bytes(p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    if (bytes > 0) {
+      ws = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
+      p.workspace = ws.data_ptr();
+      p.workspace_bytes = bytes;
+    }
     run_on_current_stream("flash_attn_fwd", [&](cudaStream_t s) { return attn_fwd_cuda(p, s); });
   }
   static void bwd(const AttnBwdParams& p) {
