@@ -1,6 +1,5 @@
 // CUDA backends for the shared tensor-level ops (csrc/ops/*.h): each launches the torch-free kernels of
 // csrc/cuda/*.cu on the current stream of the device that holds the data. Built only with a CUDA torch.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -21,6 +20,12 @@ void run_on_current_stream(const char* op, F&& launch) {
   TORCH_CHECK(err == cudaSuccess, "llmkern::", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
+int sm_count() {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return sms;
+}
+
 struct CudaNorm {
   static constexpr c10::DeviceType device = c10::DeviceType::CUDA;
   static void fwd(const RmsNormParams& p) {
@@ -31,11 +36,7 @@ struct CudaNorm {
   }
   // Row groups summing their own dw partial: ~8 per SM keeps the SMs busy; the partials ([groups, hidden]
   // fp32) stay a small fraction of the bytes the backward moves.
-  static int64_t dweight_blocks(int64_t) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-    return 8 * int64_t(sms);
-  }
+  static int64_t dweight_blocks(int64_t) { return 8 * int64_t(sm_count()); }
 };
 
 struct CudaActivation {
@@ -65,8 +66,7 @@ struct CudaAttention {
   static void fwd(const AttnParams& params) {
     AttnParams p = params;
     Tensor ws;
-    const int64_t bytes =
-        attn_fwd_cuda_workspace_bytes(p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    const int64_t bytes = attn_fwd_cuda_workspace_bytes(p, sm_count());
     if (bytes > 0) {
       ws = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
       p.workspace = ws.data_ptr();
