@@ -14,6 +14,7 @@
 // atomic counter (which task runs where may vary, what each computes does not).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -23,13 +24,61 @@
 #include "kernels/attention_tile.h"
 #include "kernels/parallel.h"
 
+#ifndef BWD_NOINLINE
+#define BWD_NOINLINE
+#endif
+
 namespace llmkern {
 namespace LLMKERN_ISA {
 namespace {
 
-constexpr int kNk = 64;           // keys per tile
-constexpr int kMq = 64;           // queries per tile
-constexpr int kBlockKeys = 1024;  // keys whose fp32 K, V, dK, dV a task holds at once (multiple of kNk)
+static int knob(const char* name, int def) {
+  const char* s = std::getenv(name);
+  return s ? std::atoi(s) : def;
+}
+static const int kNk = knob("LLMKERN_BWD_NK", 64);           // keys per tile
+static const int kMq = knob("LLMKERN_BWD_MQ", 64);           // queries per tile
+static const int kBlockKeys = knob("LLMKERN_BWD_BLOCK", 1024) / kNk * kNk;  // keys whose fp32 K, V, dK, dV a task holds at once
+static const int kKc = knob("LLMKERN_BWD_KC", 1 << 20);      // depth blocking of the tile products
+static const int kMyGemm = knob("LLMKERN_BWD_MYGEMM", 1);
+
+// ---- the tile product: attn::gemm_block with the leftover rows as one block and the depth blocked ----
+
+template <typename V, int NR, bool ACC, int R>
+static inline void tail_rows(int rows, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
+                             const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
+  if constexpr (R > 0) {
+    if (rows == R) attn::gemm_block<V, R, NR, ACC>(kdim, a, a_rs, a_ks, b, ldb, c, ldc);
+    else tail_rows<V, NR, ACC, R - 1>(rows, kdim, a, a_rs, a_ks, b, ldb, c, ldc);
+  }
+}
+
+template <typename V, bool ACC, int NR = attn::kNR>
+static inline void tile_cols(int m, int nvec, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
+                             const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
+  if constexpr (NR > 0) {
+    constexpr int W = V::W, MR = attn::kMR;
+    int j = 0;
+    for (; j + NR <= nvec; j += NR) {
+      int r = 0;
+      for (; r + MR <= m; r += MR)
+        attn::gemm_block<V, MR, NR, ACC>(kdim, a + r * a_rs, a_rs, a_ks, b + j * W, ldb, c + r * ldc + j * W, ldc);
+      tail_rows<V, NR, ACC, MR - 1>(m - r, kdim, a + r * a_rs, a_rs, a_ks, b + j * W, ldb, c + r * ldc + j * W, ldc);
+    }
+    if (j < nvec) tile_cols<V, ACC, NR - 1>(m, nvec - j, kdim, a, a_rs, a_ks, b + j * W, ldb, c + j * W, ldc);
+  }
+}
+
+template <typename V, bool ACC>
+BWD_NOINLINE static void tile_gemm(int m, int n, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
+                             const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
+  if (!kMyGemm) return attn::gemm<V, ACC>(m, n, kdim, a, a_rs, a_ks, b, ldb, c, ldc);
+  for (int k0 = 0; k0 < kdim; k0 += kKc) {
+    const int kc = std::min(kKc, kdim - k0);
+    if (!ACC && k0 == 0) tile_cols<V, false>(m, n / V::W, kc, a, a_rs, a_ks, b, ldb, c, ldc);
+    else tile_cols<V, true>(m, n / V::W, kc, a + k0 * a_ks, a_rs, a_ks, b + k0 * ldb, ldb, c, ldc);
+  }
+}
 
 // ---- small vector helpers the vec layer lacks: |x| and tanh ----
 
@@ -99,6 +148,15 @@ static inline Band band_of(const AttnParams& f) {
   return {f.window_left >= 0 ? -int64_t(f.window_left) : -kNone, f.window_right >= 0 ? int64_t(f.window_right) : kNone};
 }
 
+// Rows of q/k/v/dout are head_dim apart at most in memory but usually a page or more apart (other heads in
+// between), where the hardware prefetchers stop: the packing loops prefetch a few rows ahead themselves.
+static const int kPrefetchRows = knob("LLMKERN_BWD_PF", 6);
+template <typename T>
+static inline void prefetch_row(const T* row, int n) {
+  const char* c = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < int64_t(n) * int64_t(sizeof(T)); off += 64) __builtin_prefetch(c + off);
+}
+
 // sum_d dout[d] * out[d] in the accumulation type.
 template <typename V, typename T>
 static inline typename V::value_type row_dot(const T* a, const T* b, int n) {
@@ -110,20 +168,18 @@ static inline typename V::value_type row_dot(const T* a, const T* b, int n) {
   return s.total();
 }
 
-// Per-thread scratch: the block's fp32 K, V, dK, dV and one query tile's packed operands and products.
+// Per-thread scratch: a key block's fp32 K, K^T, V^T, dK, dV, and one query tile's operands and products.
 template <typename A>
 struct Work {
-  int Dp, Mp;
-  attn::Scratch<A> kb, vb, dkb, dvb;      // [kBlockKeys][Dp]
+  attn::Scratch<A> kb, kt, vt, dkb, dvb;  // K, dK, dV [block][Dp]; K^T, V^T per key tile [tiles][D][kNk]
   attn::Scratch<A> qp, dop, dqt;          // [kMq][Dp]
-  attn::Scratch<A> qt, dot;               // [D][Mp] (transposed, columns = queries)
-  attn::Scratch<A> pt, dst, tt;           // [kNk][Mp]: P^T, dP^T then dS^T, tanh (softcap)
-  attn::Scratch<A> lse, delta;            // [Mp]
-  Work(int D, int Dp_, int Mp_)
-      : Dp(Dp_), Mp(Mp_), kb(size_t(kBlockKeys) * Dp_), vb(size_t(kBlockKeys) * Dp_),
-        dkb(size_t(kBlockKeys) * Dp_), dvb(size_t(kBlockKeys) * Dp_), qp(size_t(kMq) * Dp_),
-        dop(size_t(kMq) * Dp_), dqt(size_t(kMq) * Dp_), qt(size_t(D) * Mp_), dot(size_t(D) * Mp_),
-        pt(size_t(kNk) * Mp_), dst(size_t(kNk) * Mp_), tt(size_t(kNk) * Mp_), lse(Mp_), delta(Mp_) {}
+  attn::Scratch<A> ps, ds, ts;            // [kMq][kNk]: P, dP then dS, tanh (softcap)
+  attn::Scratch<A> lse, delta;            // [kMq]
+  Work(int D, int Dp)
+      : kb(size_t(kBlockKeys) * Dp), kt(size_t(kBlockKeys) * D), vt(size_t(kBlockKeys) * D),
+        dkb(size_t(kBlockKeys) * Dp), dvb(size_t(kBlockKeys) * Dp), qp(size_t(kMq) * Dp), dop(size_t(kMq) * Dp),
+        dqt(size_t(kMq) * Dp), ps(size_t(kMq) * kNk), ds(size_t(kMq) * kNk), ts(size_t(kMq) * kNk), lse(kMq),
+        delta(kMq) {}
 };
 
 template <typename T>
@@ -133,94 +189,91 @@ struct Bwd {
 
   const AttnBwdParams& p;
   const AttnParams& f;
-  int D, Dp, Mp, G, nchunks;
+  int D, Dp, G, nchunks;
   A* const* dq_bufs;  // [nchunks] fp32 (double for fp64) buffers laid out as dq_accum
 
-  // ---- packing one query tile of head h: rows [i0, i0 + mq) of sequence b ----
-  void pack_queries(Work<A>& w, int b, const Seq& s, int h, int i0, int mq) const {
-    const A qscale = A(f.softcap > 0 ? f.scale / f.softcap : f.scale);
+  // ---- one query tile of head h: rows [i0, i0 + mq) of sequence b, as fp32 Q and dO ----
+  BWD_NOINLINE void pack_queries(Work<A>& w, int b, const Seq& s, int h, int i0, int mq) const {
     for (int ii = 0; ii < mq; ++ii) {
       const int64_t row = s.q0 + i0 + ii;
+      if (ii + kPrefetchRows < mq) {
+        prefetch_row(at_row<const T>(f.q, b, row + kPrefetchRows, h), D);
+        prefetch_row(at_row<const T>(p.dout, b, row + kPrefetchRows, h), D);
+      }
       attn::load_row<V>(at_row<const T>(f.q, b, row, h), D, A(1), w.qp.ptr + ii * Dp, Dp);
       const T* dor = at_row<const T>(p.dout, b, row, h);
       attn::load_row<V>(dor, D, A(1), w.dop.ptr + ii * Dp, Dp);
-      w.delta.ptr[ii] = row_dot<V>(dor, at_row<const T>(f.out, b, row, h), D);
+      // float32 delta is the pre-pass's; fp64 (gradcheck) recomputes it at full precision.
+      w.delta.ptr[ii] = std::is_same_v<A, float> ? A(*at_row<const float>(p.delta, b, row, h))
+                                                 : row_dot<V>(dor, at_row<const T>(f.out, b, row, h), D);
       w.lse.ptr[ii] = A(*at_row<const float>(f.lse, b, row, h));
-    }
-    for (int ii = mq; ii < Mp; ++ii) {
-      w.delta.ptr[ii] = A(0);
-      w.lse.ptr[ii] = std::numeric_limits<A>::infinity();  // padded queries: P = 0
-    }
-    for (int d = 0; d < D; ++d) {
-      A* qrow = w.qt.ptr + int64_t(d) * Mp;
-      A* dorow = w.dot.ptr + int64_t(d) * Mp;
-      for (int ii = 0; ii < mq; ++ii) {
-        qrow[ii] = w.qp.ptr[ii * Dp + d] * qscale;
-        dorow[ii] = w.dop.ptr[ii * Dp + d];
-      }
-      for (int ii = mq; ii < Mp; ++ii) qrow[ii] = dorow[ii] = A(0);
     }
   }
 
-  // ---- one (key tile, query tile) pair: keys [j0, j0 + nk) (block-relative jb), queries [i0, i0 + mq) ----
-  void pair(Work<A>& w, const Seq& s, const Band& bd, A slope, int jb, int j0, int nk, int i0, int mq) const {
+  // P and dS of one pair from S and dP (row-major [query][key], in place).
+  BWD_NOINLINE void softmax_grad(Work<A>& w, const Seq& s, const Band& bd, A slope, int j0, int nk, int i0,
+                                 int mq) const {
     const int64_t diag = s.lk - s.lq;
-    const A* K = w.kb.ptr + int64_t(jb) * Dp;
-    const A* Vt = w.vb.ptr + int64_t(jb) * Dp;
-    A* PT = w.pt.ptr;
-    A* DS = w.dst.ptr;
-    attn::gemm<V, false>(nk, Mp, D, K, Dp, 1, w.qt.ptr, Mp, PT, Mp);     // S^T = K Q^T (scaled)
-    attn::gemm<V, false>(nk, Mp, D, Vt, Dp, 1, w.dot.ptr, Mp, DS, Mp);   // dP^T = V dO^T
     const bool softcap = f.softcap > 0;
     const A cap = A(f.softcap);
-    // The tile is fully inside the band when its corner offsets are.
+    // The tile is fully inside the band when its corner offsets are; else each query row sees a key range.
     const bool full = (j0 + nk - 1) - i0 - diag <= bd.hi && j0 - (i0 + mq - 1) - diag >= bd.lo;
-    for (int jj = 0; jj < nk; ++jj) {
-      const int64_t j = j0 + jj;
-      A* prow = PT + int64_t(jj) * Mp;
-      A* dsrow = DS + int64_t(jj) * Mp;
-      A* trow = w.tt.ptr + int64_t(jj) * Mp;
-      const A dist0 = A(i0 + diag - j);  // i + diag - j at the tile's first query
-      for_each_chunk<V>(Mp, [&](auto v, int64_t c) {
+    for (int ii = 0; ii < mq; ++ii) {
+      const int64_t i = i0 + ii;
+      A* prow = w.ps.ptr + int64_t(ii) * kNk;
+      A* dsrow = w.ds.ptr + int64_t(ii) * kNk;
+      A* trow = w.ts.ptr + int64_t(ii) * kNk;
+      int64_t a = 0, e = nk;  // visible keys [a, e) of the tile
+      if (!full) {
+        a = std::clamp<int64_t>(i + diag + bd.lo - j0, 0, nk);
+        e = std::clamp<int64_t>(i + diag + bd.hi - j0 + 1, a, nk);
+      }
+      const A lse = w.lse.ptr[ii], delta = w.delta.ptr[ii];
+      const A dist0 = A(j0 - i - diag);  // j - (i + diag) at the tile's first key
+      for_each_chunk<V>(kNk, [&](auto v, int64_t c) {
         using Vv = decltype(v);
         Vv sc = Vv::load(prow + c);
+        Vv tv = Vv::zero();
         if (softcap) {
-          const Vv t = vtanh(sc);
-          t.store(trow + c);
-          sc = t * Vv::set1(cap);
+          tv = vtanh(sc);
+          sc = tv * Vv::set1(cap);
         }
         if (slope != A(0)) sc = fmadd(Vv::set1(-slope), vabs(Vv::load(kIota) + Vv::set1(dist0 + A(c))), sc);
-        const Vv pr = exp(sc - Vv::load(w.lse.ptr + c));
+        const Vv pr = exp(sc - Vv::set1(lse));
+        Vv dsv = pr * (Vv::load(dsrow + c) - Vv::set1(delta));
+        if (softcap) dsv = dsv * (Vv::set1(A(1)) - tv * tv);
         pr.store(prow + c);
+        dsv.store(dsrow + c);
       });
-      if (!full) {  // queries seeing key j: i - i0 in [j - diag - hi - i0, j - diag - lo - i0]
-        const int64_t a = std::clamp<int64_t>(j - diag - bd.hi - i0, 0, Mp);
-        const int64_t e = std::clamp<int64_t>(j - diag - bd.lo - i0 + 1, a, Mp);
+      if (a > 0 || e < kNk) {  // masked keys (and the padding past nk): P = dS = 0
         std::fill(prow, prow + a, A(0));
-        std::fill(prow + e, prow + Mp, A(0));
+        std::fill(prow + e, prow + kNk, A(0));
+        std::fill(dsrow, dsrow + a, A(0));
+        std::fill(dsrow + e, dsrow + kNk, A(0));
       }
-      for_each_chunk<V>(Mp, [&](auto v, int64_t c) {
-        using Vv = decltype(v);
-        Vv ds = Vv::load(prow + c) * (Vv::load(dsrow + c) - Vv::load(w.delta.ptr + c));
-        if (softcap) {
-          const Vv t = Vv::load(trow + c);
-          ds = ds * (Vv::set1(A(1)) - t * t);
-        }
-        ds.store(dsrow + c);
-      });
+      (void)trow;
     }
-    A* dV = w.dvb.ptr + int64_t(jb) * Dp;
-    A* dK = w.dkb.ptr + int64_t(jb) * Dp;
-    attn::gemm<V, true>(nk, Dp, mq, PT, Mp, 1, w.dop.ptr, Dp, dV, Dp);        // dV += P^T dO
-    attn::gemm<V, true>(nk, Dp, mq, DS, Mp, 1, w.qp.ptr, Dp, dK, Dp);         // dK += dS^T Q
-    attn::gemm<V, true>(mq, Dp, nk, DS, 1, Mp, K, Dp, w.dqt.ptr, Dp);         // dQ += dS K
+  }
+
+  // ---- one (key tile, query tile) pair: keys [j0, j0 + nk) (tile jt of the block), queries [i0, i0 + mq) ----
+  void pair(Work<A>& w, const Seq& s, const Band& bd, A slope, int jt, int j0, int nk, int i0, int mq) const {
+    const A* K = w.kb.ptr + int64_t(jt) * kNk * Dp;
+    const A* KT = w.kt.ptr + int64_t(jt) * D * kNk;
+    const A* VT = w.vt.ptr + int64_t(jt) * D * kNk;
+    tile_gemm<V, false>(mq, kNk, D, w.qp.ptr, Dp, 1, KT, kNk, w.ps.ptr, kNk);    // S = Q K^T (K^T scaled)
+    tile_gemm<V, false>(mq, kNk, D, w.dop.ptr, Dp, 1, VT, kNk, w.ds.ptr, kNk);   // dP = dO V^T
+    softmax_grad(w, s, bd, slope, j0, nk, i0, mq);
+    A* dV = w.dvb.ptr + int64_t(jt) * kNk * Dp;
+    A* dK = w.dkb.ptr + int64_t(jt) * kNk * Dp;
+    tile_gemm<V, true>(nk, Dp, mq, w.ps.ptr, 1, kNk, w.dop.ptr, Dp, dV, Dp);    // dV += P^T dO
+    tile_gemm<V, true>(nk, Dp, mq, w.ds.ptr, 1, kNk, w.qp.ptr, Dp, dK, Dp);     // dK += dS^T Q
+    tile_gemm<V, true>(mq, Dp, nk, w.ds.ptr, kNk, 1, K, Dp, w.dqt.ptr, Dp);     // dQ += dS K
   }
 
   // ---- one task: sequence b, kv head kvh, key chunk c ----
   void task(Work<A>& w, int b, int kvh, int c) const {
     const Seq s = seq_of(f, b);
     const Band bd = band_of(f);
-    const int64_t diag = s.lk - s.lq;
     A* dqbuf = dq_bufs[c];
     // This chunk's dq contribution starts at 0 for every row and head of the group.
     for (int i = 0; i < s.lq; ++i)
@@ -230,18 +283,44 @@ struct Bwd {
     const int64_t ck_end = std::min<int64_t>(int64_t(kt1) * kNk, s.lk);
     for (int64_t kb0 = int64_t(kt0) * kNk; kb0 < ck_end; kb0 += kBlockKeys) {
       const int nkb = int(std::min<int64_t>(kBlockKeys, ck_end - kb0));
-      block(w, b, kvh, s, bd, diag, int(kb0), nkb, dqbuf);
+      block(w, b, kvh, s, bd, int(kb0), nkb, dqbuf);
     }
   }
 
-  void block(Work<A>& w, int b, int kvh, const Seq& s, const Band& bd, int64_t diag, int kb0, int nkb,
-             A* dqbuf) const {
-    for (int jj = 0; jj < nkb; ++jj) {
-      attn::load_row<V>(at_row<const T>(f.k, b, s.k0 + kb0 + jj, kvh), D, A(1), w.kb.ptr + int64_t(jj) * Dp, Dp);
-      attn::load_row<V>(at_row<const T>(f.v, b, s.k0 + kb0 + jj, kvh), D, A(1), w.vb.ptr + int64_t(jj) * Dp, Dp);
+  // K, V of keys [kb0, kb0 + nkb) as fp32 K rows and, per key tile, K^T (times the score scale) and V^T.
+  BWD_NOINLINE void pack_keys(Work<A>& w, int b, int kvh, const Seq& s, int kb0, int nkb) const {
+    const A kscale = A(f.softcap > 0 ? f.scale / f.softcap : f.scale);
+    for (int jt = 0; jt * kNk < nkb; ++jt) {
+      const int nk = std::min(kNk, nkb - jt * kNk);
+      A* KT = w.kt.ptr + int64_t(jt) * D * kNk;
+      A* VT = w.vt.ptr + int64_t(jt) * D * kNk;
+      A* vrow = w.dvb.ptr;  // dV is zeroed below: its first row is free scratch for one V row
+      for (int jj = 0; jj < nk; ++jj) {
+        const int64_t row = s.k0 + kb0 + jt * kNk + jj;
+        if (jj + kPrefetchRows < nk) {
+          prefetch_row(at_row<const T>(f.k, b, row + kPrefetchRows, kvh), D);
+          prefetch_row(at_row<const T>(f.v, b, row + kPrefetchRows, kvh), D);
+        }
+        A* krow = w.kb.ptr + (int64_t(jt) * kNk + jj) * Dp;
+        attn::load_row<V>(at_row<const T>(f.k, b, row, kvh), D, A(1), krow, Dp);
+        attn::load_row<V>(at_row<const T>(f.v, b, row, kvh), D, A(1), vrow, Dp);
+        for (int d = 0; d < D; ++d) {
+          KT[int64_t(d) * kNk + jj] = krow[d] * kscale;
+          VT[int64_t(d) * kNk + jj] = vrow[d];
+        }
+      }
+      for (int d = 0; nk < kNk && d < D; ++d) {  // padded keys: zero scores, never read past the mask
+        std::fill(KT + int64_t(d) * kNk + nk, KT + int64_t(d + 1) * kNk, A(0));
+        std::fill(VT + int64_t(d) * kNk + nk, VT + int64_t(d + 1) * kNk, A(0));
+      }
     }
     std::fill_n(w.dkb.ptr, size_t(nkb) * Dp, A(0));
     std::fill_n(w.dvb.ptr, size_t(nkb) * Dp, A(0));
+  }
+
+  void block(Work<A>& w, int b, int kvh, const Seq& s, const Band& bd, int kb0, int nkb, A* dqbuf) const {
+    const int64_t diag = s.lk - s.lq;
+    pack_keys(w, b, kvh, s, kb0, nkb);
     // Queries seeing some key of [kb0, kb0 + nkb): i in [kb0 - diag - hi, kb0 + nkb - 1 - diag - lo].
     const int64_t qlo = std::max<int64_t>(0, kb0 - diag - bd.hi);
     const int64_t qhi = std::min<int64_t>(s.lq - 1, kb0 + nkb - 1 - diag - bd.lo);
@@ -257,10 +336,8 @@ struct Bwd {
         const A slope = f.alibi_slopes ? A(f.alibi_slopes[b * f.alibi_batch_stride + h]) : A(0);
         pack_queries(w, b, s, h, int(i0), mq);
         std::fill_n(w.dqt.ptr, size_t(mq) * Dp, A(0));
-        for (int jt = jt0; jt <= jt1; ++jt) {
-          const int jb = jt * kNk;
-          pair(w, s, bd, slope, jb, kb0 + jb, std::min(kNk, nkb - jb), int(i0), mq);
-        }
+        for (int jt = jt0; jt <= jt1; ++jt)
+          pair(w, s, bd, slope, jt, kb0 + jt * kNk, std::min(kNk, nkb - jt * kNk), int(i0), mq);
         for (int ii = 0; ii < mq; ++ii) {
           A* dst = dqbuf + ((s.dq_row0 + i0 + ii) * f.nheads + h) * D;
           const A* src = w.dqt.ptr + int64_t(ii) * Dp;
@@ -345,7 +422,7 @@ void attn_bwd(const AttnBwdParams& p) {
   using A = typename V::value_type;
   const AttnParams& f = p.fwd;
   write_delta<T>(p);
-  const int D = f.head_dim, Dp = attn::padded<V>(D), Mp = attn::padded<V>(kMq);
+  const int D = f.head_dim, Dp = attn::padded<V>(D);
   const int G = f.nheads / f.nheads_k;
   const int64_t groups = int64_t(f.batch) * f.nheads_k;
   const int threads = std::max(1, max_threads());
@@ -358,12 +435,12 @@ void attn_bwd(const AttnBwdParams& p) {
   attn::Scratch<A*> bufs{size_t(nchunks)};
   bufs.ptr[0] = static_cast<A*>(p.dq_accum);
   for (int c = 1; c < nchunks; ++c) bufs.ptr[c] = extra.ptr + (c - 1) * dq_elems;
-  const Bwd<T> bwd{p, f, D, Dp, Mp, G, nchunks, bufs.ptr};
+  const Bwd<T> bwd{p, f, D, Dp, G, nchunks, bufs.ptr};
   // Tasks chunk-major (for causal masks the first chunks are the heaviest: they go first).
   const int64_t ntasks = groups * nchunks;
   int64_t next = 0;
   parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    Work<A> w(D, Dp, Mp);
+    Work<A> w(D, Dp);
     for (;;) {
       const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
       if (t >= ntasks) break;
