@@ -1,17 +1,18 @@
 // Attention backward core (flash-attn 2's algorithm, arXiv:2307.08691 Alg. 2), compiled once per CPU ISA.
 //
 // A task owns the keys of one (sequence, kv head) pair, or one chunk of them when there are too few pairs
-// to keep every thread busy. It walks its keys in blocks of at most kBlockKeys (K, V converted to fp32
-// once, dK, dV accumulated in fp32), and for each block every query tile of every query head of the GQA
-// group that sees the block: Q, Q^T, dO, dO^T of the tile are packed once and serve all the block's key
-// tiles (packing per (key tile, query tile) pair would cost as much as the products). Per pair, all
-// scores kept transposed (keys x queries, so elementwise work runs along vectors of queries):
-//   S^T = K Q^T, P^T = exp(S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta),
-//   dV += P^T dO, dK += dS^T Q, dQ_tile += dS K      (five attn::gemm calls, no tile transposed).
-// dQ of a query tile sums over the block's key tiles locally, then over blocks into the task's fp32 dq
+// to give every thread two tasks. It walks its keys in blocks of kBlockKeys: K (fp32 rows), K^T (times the
+// score scale) and V^T (per key tile) are packed once per block and dK, dV accumulate in fp32; then every
+// query tile of every query head of the GQA group that sees the block packs its Q and dO rows (fp32) once
+// and runs over the block's key tiles. Score tiles are row-major [query][key] (the backward has no
+// reduction over keys: lse and delta come in per row), so no tile is transposed per (key, query) pair:
+//   S = Q K^T, dP = dO V^T, P = exp(S - lse), dS = P (dP - delta),
+//   dV += P^T dO, dK += dS^T Q, dQ_tile += dS K      (five register-blocked products, attention_tile.h).
+// dQ of a query tile sums over the block's key tiles locally, then over blocks into the task's dq
 // buffer (dq_accum, or a per-chunk buffer); a last pass sums the chunks' buffers in chunk order into dq.
-// Every sum has a fixed order, so results do not depend on thread timing; tasks are handed out through an
-// atomic counter (which task runs where may vary, what each computes does not).
+// Tile pairs outside the causal / local window are skipped. Every sum has a fixed order, so results do not
+// depend on thread timing; tasks are handed out through an atomic counter (which thread runs a task may
+// vary, what it computes does not).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -24,25 +25,17 @@
 #include "kernels/attention_tile.h"
 #include "kernels/parallel.h"
 
-#ifndef BWD_NOINLINE
-#define BWD_NOINLINE
-#endif
-
 namespace llmkern {
 namespace LLMKERN_ISA {
 namespace {
 
-static int knob(const char* name, int def) {
-  const char* s = std::getenv(name);
-  return s ? std::atoi(s) : def;
-}
-static const int kNk = knob("LLMKERN_BWD_NK", 64);           // keys per tile
-static const int kMq = knob("LLMKERN_BWD_MQ", 64);           // queries per tile
-static const int kBlockKeys = knob("LLMKERN_BWD_BLOCK", 1024) / kNk * kNk;  // keys whose fp32 K, V, dK, dV a task holds at once
-static const int kKc = knob("LLMKERN_BWD_KC", 1 << 20);      // depth blocking of the tile products
-static const int kMyGemm = knob("LLMKERN_BWD_MYGEMM", 1);
+constexpr int kNk = 64;           // keys per tile (a multiple of every vector width)
+constexpr int kMq = 64;           // queries per tile
+constexpr int kBlockKeys = 512;   // keys whose fp32 K, K^T, V^T, dK, dV a task holds at once (multiple of kNk)
+constexpr int kPrefetchRows = 6;  // rows the packing loops prefetch ahead
 
-// ---- the tile product: attn::gemm_block with the leftover rows as one block and the depth blocked ----
+// ---- the tile product: attn::gemm with the rows past the last full register block done as one block ----
+// (attn::gemm does them one row at a time: 4 of 64 rows at a quarter of the speed cost ~5% here.)
 
 template <typename V, int NR, bool ACC, int R>
 static inline void tail_rows(int rows, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
@@ -69,15 +62,11 @@ static inline void tile_cols(int m, int nvec, int kdim, const typename V::value_
   }
 }
 
+// C[m][n] (+)= A B as attn::gemm (n a multiple of V::W).
 template <typename V, bool ACC>
-BWD_NOINLINE static void tile_gemm(int m, int n, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
+static inline void tile_gemm(int m, int n, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
                              const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
-  if (!kMyGemm) return attn::gemm<V, ACC>(m, n, kdim, a, a_rs, a_ks, b, ldb, c, ldc);
-  for (int k0 = 0; k0 < kdim; k0 += kKc) {
-    const int kc = std::min(kKc, kdim - k0);
-    if (!ACC && k0 == 0) tile_cols<V, false>(m, n / V::W, kc, a, a_rs, a_ks, b, ldb, c, ldc);
-    else tile_cols<V, true>(m, n / V::W, kc, a + k0 * a_ks, a_rs, a_ks, b + k0 * ldb, ldb, c, ldc);
-  }
+  tile_cols<V, ACC>(m, n / V::W, kdim, a, a_rs, a_ks, b, ldb, c, ldc);
 }
 
 // ---- small vector helpers the vec layer lacks: |x| and tanh ----
@@ -107,7 +96,7 @@ template <int N>
 static inline ArrayVec<N> vtanh(ArrayVec<N> x) { return ArrayVec<N>::make([&](int l) { return std::tanh(x.v[l]); }); }
 #endif
 
-// 0, 1, 2, ... : query offsets within a vector (ALiBi distances).
+// 0, 1, 2, ... : key offsets within a vector (ALiBi distances).
 alignas(64) constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
 template <typename T>
@@ -148,9 +137,8 @@ static inline Band band_of(const AttnParams& f) {
   return {f.window_left >= 0 ? -int64_t(f.window_left) : -kNone, f.window_right >= 0 ? int64_t(f.window_right) : kNone};
 }
 
-// Rows of q/k/v/dout are head_dim apart at most in memory but usually a page or more apart (other heads in
-// between), where the hardware prefetchers stop: the packing loops prefetch a few rows ahead themselves.
-static const int kPrefetchRows = knob("LLMKERN_BWD_PF", 6);
+// Rows of q/k/v/dout are usually a page or more apart (other heads in between), where the hardware
+// prefetchers stop: the packing loops prefetch a few rows ahead themselves.
 template <typename T>
 static inline void prefetch_row(const T* row, int n) {
   const char* c = reinterpret_cast<const char*>(row);
@@ -173,12 +161,12 @@ template <typename A>
 struct Work {
   attn::Scratch<A> kb, kt, vt, dkb, dvb;  // K, dK, dV [block][Dp]; K^T, V^T per key tile [tiles][D][kNk]
   attn::Scratch<A> qp, dop, dqt;          // [kMq][Dp]
-  attn::Scratch<A> ps, ds, ts;            // [kMq][kNk]: P, dP then dS, tanh (softcap)
+  attn::Scratch<A> ps, ds;                // [kMq][kNk]: P, dP then dS
   attn::Scratch<A> lse, delta;            // [kMq]
   Work(int D, int Dp)
       : kb(size_t(kBlockKeys) * Dp), kt(size_t(kBlockKeys) * D), vt(size_t(kBlockKeys) * D),
         dkb(size_t(kBlockKeys) * Dp), dvb(size_t(kBlockKeys) * Dp), qp(size_t(kMq) * Dp), dop(size_t(kMq) * Dp),
-        dqt(size_t(kMq) * Dp), ps(size_t(kMq) * kNk), ds(size_t(kMq) * kNk), ts(size_t(kMq) * kNk), lse(kMq),
+        dqt(size_t(kMq) * Dp), ps(size_t(kMq) * kNk), ds(size_t(kMq) * kNk), lse(kMq),
         delta(kMq) {}
 };
 
@@ -193,7 +181,7 @@ struct Bwd {
   A* const* dq_bufs;  // [nchunks] fp32 (double for fp64) buffers laid out as dq_accum
 
   // ---- one query tile of head h: rows [i0, i0 + mq) of sequence b, as fp32 Q and dO ----
-  BWD_NOINLINE void pack_queries(Work<A>& w, int b, const Seq& s, int h, int i0, int mq) const {
+  void pack_queries(Work<A>& w, int b, const Seq& s, int h, int i0, int mq) const {
     for (int ii = 0; ii < mq; ++ii) {
       const int64_t row = s.q0 + i0 + ii;
       if (ii + kPrefetchRows < mq) {
@@ -211,7 +199,7 @@ struct Bwd {
   }
 
   // P and dS of one pair from S and dP (row-major [query][key], in place).
-  BWD_NOINLINE void softmax_grad(Work<A>& w, const Seq& s, const Band& bd, A slope, int j0, int nk, int i0,
+  void softmax_grad(Work<A>& w, const Seq& s, const Band& bd, A slope, int j0, int nk, int i0,
                                  int mq) const {
     const int64_t diag = s.lk - s.lq;
     const bool softcap = f.softcap > 0;
@@ -222,7 +210,6 @@ struct Bwd {
       const int64_t i = i0 + ii;
       A* prow = w.ps.ptr + int64_t(ii) * kNk;
       A* dsrow = w.ds.ptr + int64_t(ii) * kNk;
-      A* trow = w.ts.ptr + int64_t(ii) * kNk;
       int64_t a = 0, e = nk;  // visible keys [a, e) of the tile
       if (!full) {
         a = std::clamp<int64_t>(i + diag + bd.lo - j0, 0, nk);
@@ -230,8 +217,9 @@ struct Bwd {
       }
       const A lse = w.lse.ptr[ii], delta = w.delta.ptr[ii];
       const A dist0 = A(j0 - i - diag);  // j - (i + diag) at the tile's first key
-      for_each_chunk<V>(kNk, [&](auto v, int64_t c) {
-        using Vv = decltype(v);
+      static_assert(kNk % V::W == 0, "key tiles are whole vectors");
+      for (int c = 0; c < kNk; c += V::W) {  // whole tile (padding included; zeroed below)
+        using Vv = V;
         Vv sc = Vv::load(prow + c);
         Vv tv = Vv::zero();
         if (softcap) {
@@ -244,14 +232,13 @@ struct Bwd {
         if (softcap) dsv = dsv * (Vv::set1(A(1)) - tv * tv);
         pr.store(prow + c);
         dsv.store(dsrow + c);
-      });
+      }
       if (a > 0 || e < kNk) {  // masked keys (and the padding past nk): P = dS = 0
         std::fill(prow, prow + a, A(0));
         std::fill(prow + e, prow + kNk, A(0));
         std::fill(dsrow, dsrow + a, A(0));
         std::fill(dsrow + e, dsrow + kNk, A(0));
       }
-      (void)trow;
     }
   }
 
@@ -288,7 +275,7 @@ struct Bwd {
   }
 
   // K, V of keys [kb0, kb0 + nkb) as fp32 K rows and, per key tile, K^T (times the score scale) and V^T.
-  BWD_NOINLINE void pack_keys(Work<A>& w, int b, int kvh, const Seq& s, int kb0, int nkb) const {
+  void pack_keys(Work<A>& w, int b, int kvh, const Seq& s, int kb0, int nkb) const {
     const A kscale = A(f.softcap > 0 ? f.scale / f.softcap : f.scale);
     for (int jt = 0; jt * kNk < nkb; ++jt) {
       const int nk = std::min(kNk, nkb - jt * kNk);
