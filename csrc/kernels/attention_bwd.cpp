@@ -1,8 +1,448 @@
-// STUB: replaced by the backward kernel branch.
-#include <stdexcept>
+// Attention backward core (flash-attn 2's algorithm, arXiv:2307.08691 Alg. 2), compiled once per CPU ISA.
+//
+// A task owns the keys of one (sequence, kv head) pair, or one chunk of them when there are too few pairs
+// to give every thread two tasks. It walks its keys in blocks of kBlockKeys: K (fp32 rows), K^T (times the
+// score scale) and V^T (per key tile) are packed once per block and dK, dV accumulate in fp32; then every
+// query tile of every query head of the GQA group that sees the block packs its Q and dO rows (fp32) once
+// and runs over the block's key tiles. Score tiles are row-major [query][key] (the backward has no
+// reduction over keys: lse and delta come in per row), so no tile is transposed per (key, query) pair:
+//   S = Q K^T, dP = dO V^T, P = exp(S - lse), dS = P (dP - delta),
+//   dV += P^T dO, dK += dS^T Q, dQ_tile += dS K      (five register-blocked products, attention_tile.h).
+// dQ of a query tile sums over the block's key tiles locally, then over blocks into the task's dq
+// buffer (dq_accum, or a per-chunk buffer); a last pass sums the chunks' buffers in chunk order into dq.
+// Tile pairs outside the causal / local window are skipped. Every sum has a fixed order, so results do not
+// depend on thread timing; tasks are handed out through an atomic counter (which thread runs a task may
+// vary, what it computes does not).
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "cpu/vec/vec.h"
 #include "kernels/attention.h"
+#include "kernels/attention_tile.h"
+#include "kernels/parallel.h"
+
 namespace llmkern {
 namespace LLMKERN_ISA {
-void attn_bwd_kernel(const AttnBwdParams&) { throw std::runtime_error("attn_bwd_kernel: not implemented"); }
+namespace {
+
+constexpr int kNk = 64;           // keys per tile (a multiple of every vector width)
+constexpr int kMq = 64;           // queries per tile
+constexpr int kBlockKeys = 512;   // keys whose fp32 K, K^T, V^T, dK, dV a task holds at once (multiple of kNk)
+constexpr int kPrefetchRows = 6;  // rows the packing loops prefetch ahead
+
+// ---- the tile product: attn::gemm with the rows past the last full register block done as one block ----
+// (attn::gemm does them one row at a time: 4 of 64 rows at a quarter of the speed cost ~5% here.)
+
+template <typename V, int NR, bool ACC, int R>
+static inline void tail_rows(int rows, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
+                             const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
+  if constexpr (R > 0) {
+    if (rows == R) attn::gemm_block<V, R, NR, ACC>(kdim, a, a_rs, a_ks, b, ldb, c, ldc);
+    else tail_rows<V, NR, ACC, R - 1>(rows, kdim, a, a_rs, a_ks, b, ldb, c, ldc);
+  }
+}
+
+template <typename V, bool ACC, int NR = attn::kNR>
+static inline void tile_cols(int m, int nvec, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
+                             const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
+  if constexpr (NR > 0) {
+    constexpr int W = V::W, MR = attn::kMR;
+    int j = 0;
+    for (; j + NR <= nvec; j += NR) {
+      int r = 0;
+      for (; r + MR <= m; r += MR)
+        attn::gemm_block<V, MR, NR, ACC>(kdim, a + r * a_rs, a_rs, a_ks, b + j * W, ldb, c + r * ldc + j * W, ldc);
+      tail_rows<V, NR, ACC, MR - 1>(m - r, kdim, a + r * a_rs, a_rs, a_ks, b + j * W, ldb, c + r * ldc + j * W, ldc);
+    }
+    if (j < nvec) tile_cols<V, ACC, NR - 1>(m, nvec - j, kdim, a, a_rs, a_ks, b + j * W, ldb, c + j * W, ldc);
+  }
+}
+
+// C[m][n] (+)= A B as attn::gemm (n a multiple of V::W).
+template <typename V, bool ACC>
+static inline void tile_gemm(int m, int n, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
+                             const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
+  tile_cols<V, ACC>(m, n / V::W, kdim, a, a_rs, a_ks, b, ldb, c, ldc);
+}
+
+// ---- small vector helpers the vec layer lacks: |x| and tanh ----
+
+template <typename T>
+static inline ScalarVec<T> vabs(ScalarVec<T> x) { return {std::fabs(x.v)}; }
+template <typename T>
+static inline ScalarVec<T> vtanh(ScalarVec<T> x) { return {std::tanh(x.v)}; }
+#if defined(LLMKERN_ISA_AVX512) || defined(LLMKERN_ISA_AVX2)
+static inline VecF vabs(VecF x) { return max(x, VecF::zero() - x); }
+// Cephes tanhf: odd polynomial below 0.625, 1 - 2 / (exp(2|x|) + 1) above (no cancellation either side).
+static inline VecF vtanh(VecF x) {
+  const VecF a = vabs(x), one = VecF::set1(1.f), z = x * x;
+  VecF big = one - VecF::set1(2.f) / (exp(a + a) + one);
+  big = VecF::select_gt(VecF::zero(), x, VecF::zero() - big, big);
+  VecF pz = fmadd(VecF::set1(-5.70498872745e-3f), z, VecF::set1(2.06390887954e-2f));
+  pz = fmadd(pz, z, VecF::set1(-5.37397155531e-2f));
+  pz = fmadd(pz, z, VecF::set1(1.33314422036e-1f));
+  pz = fmadd(pz, z, VecF::set1(-3.33332819422e-1f));
+  const VecF small = fmadd(x * z, pz, x);
+  return VecF::select_gt(a, VecF::set1(0.625f), big, small);
+}
+#else
+template <int N>
+static inline ArrayVec<N> vabs(ArrayVec<N> x) { return ArrayVec<N>::make([&](int l) { return std::fabs(x.v[l]); }); }
+template <int N>
+static inline ArrayVec<N> vtanh(ArrayVec<N> x) { return ArrayVec<N>::make([&](int l) { return std::tanh(x.v[l]); }); }
+#endif
+
+// 0, 1, 2, ... : key offsets within a vector (ALiBi distances).
+alignas(64) constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+template <typename T>
+static inline T* at_row(const AttnTensor& t, int64_t b, int64_t row, int64_t h) {
+  return static_cast<T*>(t.ptr) + b * t.batch_stride + row * t.row_stride + h * t.head_stride;
+}
+
+// One sequence: its rows' start in the packed tensors (0 when batched), lengths, and its first dq row.
+struct Seq {
+  int64_t q0, k0, dq_row0;
+  int lq, lk;
+};
+
+static inline Seq seq_of(const AttnParams& f, int b) {
+  Seq s;
+  if (f.cu_seqlens_q) {
+    s.q0 = f.cu_seqlens_q[b];
+    s.k0 = f.cu_seqlens_k[b];
+    s.lq = f.cu_seqlens_q[b + 1] - f.cu_seqlens_q[b];
+    s.lk = f.cu_seqlens_k[b + 1] - f.cu_seqlens_k[b];
+    s.dq_row0 = s.q0;
+  } else {
+    s.q0 = s.k0 = 0;
+    s.lq = f.seqlen_q;
+    s.lk = f.seqlen_k;
+    s.dq_row0 = int64_t(b) * f.seqlen_q;
+  }
+  return s;
+}
+
+// The window as bounds on key - query - (Lk - Lq): [-left, right]; "none" is a bound no offset reaches.
+struct Band {
+  int64_t lo, hi;  // key j is visible to query i iff lo <= j - i - diag <= hi
+};
+
+static inline Band band_of(const AttnParams& f) {
+  constexpr int64_t kNone = int64_t(1) << 40;
+  return {f.window_left >= 0 ? -int64_t(f.window_left) : -kNone, f.window_right >= 0 ? int64_t(f.window_right) : kNone};
+}
+
+// Rows of q/k/v/dout are usually a page or more apart (other heads in between), where the hardware
+// prefetchers stop: the packing loops prefetch a few rows ahead themselves.
+template <typename T>
+static inline void prefetch_row(const T* row, int n) {
+  const char* c = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < int64_t(n) * int64_t(sizeof(T)); off += 64) __builtin_prefetch(c + off);
+}
+
+// sum_d dout[d] * out[d] in the accumulation type.
+template <typename V, typename T>
+static inline typename V::value_type row_dot(const T* a, const T* b, int n) {
+  VecSum<V> s;
+  for_each_chunk<V>(n, [&](auto v, int64_t i) {
+    using Vv = decltype(v);
+    s.add(Vv::load(a + i) * Vv::load(b + i));
+  });
+  return s.total();
+}
+
+// Per-thread scratch: a key block's fp32 K, K^T, V^T, dK, dV, and one query tile's operands and products.
+template <typename A>
+struct Work {
+  attn::Scratch<A> kb, kt, vt, dkb, dvb;  // K, dK, dV [block][Dp]; K^T, V^T per key tile [tiles][D][kNk]
+  attn::Scratch<A> qp, dop, dqt;          // [kMq][Dp]
+  attn::Scratch<A> ps, ds;                // [kMq][kNk]: P, dP then dS
+  attn::Scratch<A> lse, delta;            // [kMq]
+  Work(int D, int Dp)
+      : kb(size_t(kBlockKeys) * Dp), kt(size_t(kBlockKeys) * D), vt(size_t(kBlockKeys) * D),
+        dkb(size_t(kBlockKeys) * Dp), dvb(size_t(kBlockKeys) * Dp), qp(size_t(kMq) * Dp), dop(size_t(kMq) * Dp),
+        dqt(size_t(kMq) * Dp), ps(size_t(kMq) * kNk), ds(size_t(kMq) * kNk), lse(kMq),
+        delta(kMq) {}
+};
+
+template <typename T>
+struct Bwd {
+  using V = typename VecFor<T>::type;
+  using A = typename V::value_type;
+
+  const AttnBwdParams& p;
+  const AttnParams& f;
+  int D, Dp, G, nchunks;
+  A* const* dq_bufs;  // [nchunks] fp32 (double for fp64) buffers laid out as dq_accum
+
+  // ---- one query tile of head h: rows [i0, i0 + mq) of sequence b, as fp32 Q and dO ----
+  void pack_queries(Work<A>& w, int b, const Seq& s, int h, int i0, int mq) const {
+    for (int ii = 0; ii < mq; ++ii) {
+      const int64_t row = s.q0 + i0 + ii;
+      if (ii + kPrefetchRows < mq) {
+        prefetch_row(at_row<const T>(f.q, b, row + kPrefetchRows, h), D);
+        prefetch_row(at_row<const T>(p.dout, b, row + kPrefetchRows, h), D);
+      }
+      attn::load_row<V>(at_row<const T>(f.q, b, row, h), D, A(1), w.qp.ptr + ii * Dp, Dp);
+      const T* dor = at_row<const T>(p.dout, b, row, h);
+      attn::load_row<V>(dor, D, A(1), w.dop.ptr + ii * Dp, Dp);
+      // float32 delta is the pre-pass's; fp64 (gradcheck) recomputes it at full precision.
+      w.delta.ptr[ii] = std::is_same_v<A, float> ? A(*at_row<const float>(p.delta, b, row, h))
+                                                 : row_dot<V>(dor, at_row<const T>(f.out, b, row, h), D);
+      w.lse.ptr[ii] = A(*at_row<const float>(f.lse, b, row, h));
+    }
+  }
+
+  // P and dS of one pair from S and dP (row-major [query][key], in place).
+  void softmax_grad(Work<A>& w, const Seq& s, const Band& bd, A slope, int j0, int nk, int i0,
+                                 int mq) const {
+    const int64_t diag = s.lk - s.lq;
+    const bool softcap = f.softcap > 0;
+    const A cap = A(f.softcap);
+    // The tile is fully inside the band when its corner offsets are; else each query row sees a key range.
+    const bool full = (j0 + nk - 1) - i0 - diag <= bd.hi && j0 - (i0 + mq - 1) - diag >= bd.lo;
+    for (int ii = 0; ii < mq; ++ii) {
+      const int64_t i = i0 + ii;
+      A* prow = w.ps.ptr + int64_t(ii) * kNk;
+      A* dsrow = w.ds.ptr + int64_t(ii) * kNk;
+      int64_t a = 0, e = nk;  // visible keys [a, e) of the tile
+      if (!full) {
+        a = std::clamp<int64_t>(i + diag + bd.lo - j0, 0, nk);
+        e = std::clamp<int64_t>(i + diag + bd.hi - j0 + 1, a, nk);
+      }
+      const A lse = w.lse.ptr[ii], delta = w.delta.ptr[ii];
+      const A dist0 = A(j0 - i - diag);  // j - (i + diag) at the tile's first key
+      static_assert(kNk % V::W == 0, "key tiles are whole vectors");
+      for (int c = 0; c < kNk; c += V::W) {  // whole tile (padding included; zeroed below)
+        using Vv = V;
+        Vv sc = Vv::load(prow + c);
+        Vv tv = Vv::zero();
+        if (softcap) {
+          tv = vtanh(sc);
+          sc = tv * Vv::set1(cap);
+        }
+        if (slope != A(0)) sc = fmadd(Vv::set1(-slope), vabs(Vv::load(kIota) + Vv::set1(dist0 + A(c))), sc);
+        const Vv pr = exp(sc - Vv::set1(lse));
+        Vv dsv = pr * (Vv::load(dsrow + c) - Vv::set1(delta));
+        if (softcap) dsv = dsv * (Vv::set1(A(1)) - tv * tv);
+        pr.store(prow + c);
+        dsv.store(dsrow + c);
+      }
+      if (a > 0 || e < kNk) {  // masked keys (and the padding past nk): P = dS = 0
+        std::fill(prow, prow + a, A(0));
+        std::fill(prow + e, prow + kNk, A(0));
+        std::fill(dsrow, dsrow + a, A(0));
+        std::fill(dsrow + e, dsrow + kNk, A(0));
+      }
+    }
+  }
+
+  // ---- one (key tile, query tile) pair: keys [j0, j0 + nk) (tile jt of the block), queries [i0, i0 + mq) ----
+  void pair(Work<A>& w, const Seq& s, const Band& bd, A slope, int jt, int j0, int nk, int i0, int mq) const {
+    const A* K = w.kb.ptr + int64_t(jt) * kNk * Dp;
+    const A* KT = w.kt.ptr + int64_t(jt) * D * kNk;
+    const A* VT = w.vt.ptr + int64_t(jt) * D * kNk;
+    tile_gemm<V, false>(mq, kNk, D, w.qp.ptr, Dp, 1, KT, kNk, w.ps.ptr, kNk);    // S = Q K^T (K^T scaled)
+    tile_gemm<V, false>(mq, kNk, D, w.dop.ptr, Dp, 1, VT, kNk, w.ds.ptr, kNk);   // dP = dO V^T
+    softmax_grad(w, s, bd, slope, j0, nk, i0, mq);
+    A* dV = w.dvb.ptr + int64_t(jt) * kNk * Dp;
+    A* dK = w.dkb.ptr + int64_t(jt) * kNk * Dp;
+    tile_gemm<V, true>(nk, Dp, mq, w.ps.ptr, 1, kNk, w.dop.ptr, Dp, dV, Dp);    // dV += P^T dO
+    tile_gemm<V, true>(nk, Dp, mq, w.ds.ptr, 1, kNk, w.qp.ptr, Dp, dK, Dp);     // dK += dS^T Q
+    tile_gemm<V, true>(mq, Dp, nk, w.ds.ptr, kNk, 1, K, Dp, w.dqt.ptr, Dp);     // dQ += dS K
+  }
+
+  // ---- one task: sequence b, kv head kvh, key chunk c ----
+  void task(Work<A>& w, int b, int kvh, int c) const {
+    const Seq s = seq_of(f, b);
+    const Band bd = band_of(f);
+    A* dqbuf = dq_bufs[c];
+    // This chunk's dq contribution starts at 0 for every row and head of the group.
+    for (int i = 0; i < s.lq; ++i)
+      std::fill_n(dqbuf + ((s.dq_row0 + i) * f.nheads + int64_t(kvh) * G) * D, size_t(G) * D, A(0));
+    const int ktiles = (s.lk + kNk - 1) / kNk;
+    const int kt0 = int(int64_t(ktiles) * c / nchunks), kt1 = int(int64_t(ktiles) * (c + 1) / nchunks);
+    const int64_t ck_end = std::min<int64_t>(int64_t(kt1) * kNk, s.lk);
+    for (int64_t kb0 = int64_t(kt0) * kNk; kb0 < ck_end; kb0 += kBlockKeys) {
+      const int nkb = int(std::min<int64_t>(kBlockKeys, ck_end - kb0));
+      block(w, b, kvh, s, bd, int(kb0), nkb, dqbuf);
+    }
+  }
+
+  // K, V of keys [kb0, kb0 + nkb) as fp32 K rows and, per key tile, K^T (times the score scale) and V^T.
+  void pack_keys(Work<A>& w, int b, int kvh, const Seq& s, int kb0, int nkb) const {
+    const A kscale = A(f.softcap > 0 ? f.scale / f.softcap : f.scale);
+    for (int jt = 0; jt * kNk < nkb; ++jt) {
+      const int nk = std::min(kNk, nkb - jt * kNk);
+      A* KT = w.kt.ptr + int64_t(jt) * D * kNk;
+      A* VT = w.vt.ptr + int64_t(jt) * D * kNk;
+      A* vrow = w.dvb.ptr;  // dV is zeroed below: its first row is free scratch for one V row
+      for (int jj = 0; jj < nk; ++jj) {
+        const int64_t row = s.k0 + kb0 + jt * kNk + jj;
+        if (jj + kPrefetchRows < nk) {
+          prefetch_row(at_row<const T>(f.k, b, row + kPrefetchRows, kvh), D);
+          prefetch_row(at_row<const T>(f.v, b, row + kPrefetchRows, kvh), D);
+        }
+        A* krow = w.kb.ptr + (int64_t(jt) * kNk + jj) * Dp;
+        attn::load_row<V>(at_row<const T>(f.k, b, row, kvh), D, A(1), krow, Dp);
+        attn::load_row<V>(at_row<const T>(f.v, b, row, kvh), D, A(1), vrow, Dp);
+        for (int d = 0; d < D; ++d) {
+          KT[int64_t(d) * kNk + jj] = krow[d] * kscale;
+          VT[int64_t(d) * kNk + jj] = vrow[d];
+        }
+      }
+      for (int d = 0; nk < kNk && d < D; ++d) {  // padded keys: zero scores, never read past the mask
+        std::fill(KT + int64_t(d) * kNk + nk, KT + int64_t(d + 1) * kNk, A(0));
+        std::fill(VT + int64_t(d) * kNk + nk, VT + int64_t(d + 1) * kNk, A(0));
+      }
+    }
+    std::fill_n(w.dkb.ptr, size_t(nkb) * Dp, A(0));
+    std::fill_n(w.dvb.ptr, size_t(nkb) * Dp, A(0));
+  }
+
+  void block(Work<A>& w, int b, int kvh, const Seq& s, const Band& bd, int kb0, int nkb, A* dqbuf) const {
+    const int64_t diag = s.lk - s.lq;
+    pack_keys(w, b, kvh, s, kb0, nkb);
+    // Queries seeing some key of [kb0, kb0 + nkb): i in [kb0 - diag - hi, kb0 + nkb - 1 - diag - lo].
+    const int64_t qlo = std::max<int64_t>(0, kb0 - diag - bd.hi);
+    const int64_t qhi = std::min<int64_t>(s.lq - 1, kb0 + nkb - 1 - diag - bd.lo);
+    for (int64_t i0 = qlo / kMq * kMq; i0 <= qhi; i0 += kMq) {
+      const int mq = int(std::min<int64_t>(kMq, s.lq - i0));
+      // Keys this tile's queries see: [i0 + diag + lo, i0 + mq - 1 + diag + hi], within the block.
+      const int64_t klo = std::max<int64_t>(kb0, i0 + diag + bd.lo);
+      const int64_t khi = std::min<int64_t>(kb0 + nkb - 1, i0 + mq - 1 + diag + bd.hi);
+      if (klo > khi) continue;
+      const int jt0 = int((klo - kb0) / kNk), jt1 = int((khi - kb0) / kNk);
+      for (int g = 0; g < G; ++g) {
+        const int h = kvh * G + g;
+        const A slope = f.alibi_slopes ? A(f.alibi_slopes[b * f.alibi_batch_stride + h]) : A(0);
+        pack_queries(w, b, s, h, int(i0), mq);
+        std::fill_n(w.dqt.ptr, size_t(mq) * Dp, A(0));
+        for (int jt = jt0; jt <= jt1; ++jt)
+          pair(w, s, bd, slope, jt, kb0 + jt * kNk, std::min(kNk, nkb - jt * kNk), int(i0), mq);
+        for (int ii = 0; ii < mq; ++ii) {
+          A* dst = dqbuf + ((s.dq_row0 + i0 + ii) * f.nheads + h) * D;
+          const A* src = w.dqt.ptr + int64_t(ii) * Dp;
+          for_each_chunk<V>(D, [&](auto v, int64_t c) {
+            using Vv = decltype(v);
+            (Vv::load(dst + c) + Vv::load(src + c)).store(dst + c);
+          });
+        }
+      }
+    }
+    const A scale = A(f.scale);
+    for (int jj = 0; jj < nkb; ++jj) {
+      const int64_t row = s.k0 + kb0 + jj;
+      attn::store_row<V>(w.dvb.ptr + int64_t(jj) * Dp, D, at_row<T>(p.dv, b, row, kvh));
+      const A* dk = w.dkb.ptr + int64_t(jj) * Dp;
+      T* dst = at_row<T>(p.dk, b, row, kvh);
+      for_each_chunk<V>(D, [&](auto v, int64_t c) {
+        using Vv = decltype(v);
+        (Vv::load(dk + c) * Vv::set1(scale)).store(dst + c);
+      });
+    }
+  }
+};
+
+// Calls fn(b, i) for every query row i of every sequence b, rows split among the threads.
+template <typename Fn>
+void for_query_rows(const AttnParams& f, Fn&& fn) {
+  const int32_t* cu = f.cu_seqlens_q;
+  const int64_t first = cu ? cu[0] : 0, rows = cu ? cu[f.batch] - first : int64_t(f.batch) * f.seqlen_q;
+  parallel_for(0, rows, grain_for(int64_t(f.nheads) * f.head_dim * 8), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (cu) {  // the sequence holding packed row first + r (empty sequences share its offset)
+        const int64_t row = first + r;
+        const int b = int(std::upper_bound(cu, cu + f.batch + 1, int32_t(row)) - cu) - 1;
+        fn(b, int(row - cu[b]));
+      } else {
+        fn(int(r / f.seqlen_q), int(r % f.seqlen_q));
+      }
+    }
+  });
+}
+
+// delta = rowsum(dout * out), float32, for every (row, head) of every sequence.
+template <typename T>
+void write_delta(const AttnBwdParams& p) {
+  using V = typename VecFor<T>::type;
+  const AttnParams& f = p.fwd;
+  for_query_rows(f, [&](int b, int i) {
+    const int64_t row = seq_of(f, b).q0 + i;
+    for (int h = 0; h < f.nheads; ++h)
+      *at_row<float>(p.delta, b, row, h) =
+          float(row_dot<V>(at_row<const T>(p.dout, b, row, h), at_row<const T>(f.out, b, row, h), f.head_dim));
+  });
+}
+
+// dq = scale * sum over chunks (in chunk order) of the chunks' dq buffers.
+template <typename T>
+void write_dq(const AttnBwdParams& p, typename VecFor<T>::type::value_type* const* bufs, int nchunks) {
+  using V = typename VecFor<T>::type;
+  using A = typename V::value_type;
+  const AttnParams& f = p.fwd;
+  const int D = f.head_dim;
+  const A scale = A(f.scale);
+  for_query_rows(f, [&](int b, int i) {
+    const Seq s = seq_of(f, b);
+    for (int h = 0; h < f.nheads; ++h) {
+      const int64_t off = ((s.dq_row0 + i) * f.nheads + h) * D;
+      T* dst = at_row<T>(p.dq, b, s.q0 + i, h);
+      for_each_chunk<V>(D, [&](auto v, int64_t c) {
+        using Vv = decltype(v);
+        Vv acc = Vv::load(bufs[0] + off + c);
+        for (int k = 1; k < nchunks; ++k) acc = acc + Vv::load(bufs[k] + off + c);
+        (acc * Vv::set1(scale)).store(dst + c);
+      });
+    }
+  });
+}
+
+template <typename T>
+void attn_bwd(const AttnBwdParams& p) {
+  using V = typename VecFor<T>::type;
+  using A = typename V::value_type;
+  const AttnParams& f = p.fwd;
+  write_delta<T>(p);
+  const int D = f.head_dim, Dp = attn::padded<V>(D);
+  const int G = f.nheads / f.nheads_k;
+  const int64_t groups = int64_t(f.batch) * f.nheads_k;
+  const int threads = std::max(1, max_threads());
+  // Split the keys when there are too few (sequence, kv head) pairs for two tasks per thread.
+  const int max_chunks = std::max(1, (f.seqlen_k + kNk - 1) / kNk);
+  const int nchunks = groups >= 2 * threads ? 1 : int(std::min<int64_t>(max_chunks, (2 * threads + groups - 1) / groups));
+  // Chunk 0 accumulates into dq_accum (float32, or double for fp64); the others into their own buffers.
+  const int64_t dq_elems = int64_t(f.cu_seqlens_q ? f.cu_seqlens_q[f.batch] : int64_t(f.batch) * f.seqlen_q) * f.nheads * D;
+  attn::Scratch<A> extra(size_t(std::max<int64_t>(1, (nchunks - 1) * dq_elems)));
+  attn::Scratch<A*> bufs{size_t(nchunks)};
+  bufs.ptr[0] = static_cast<A*>(p.dq_accum);
+  for (int c = 1; c < nchunks; ++c) bufs.ptr[c] = extra.ptr + (c - 1) * dq_elems;
+  const Bwd<T> bwd{p, f, D, Dp, G, nchunks, bufs.ptr};
+  // Tasks chunk-major (for causal masks the first chunks are the heaviest: they go first).
+  const int64_t ntasks = groups * nchunks;
+  int64_t next = 0;
+  parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    Work<A> w(D, Dp);
+    for (;;) {
+      const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+      if (t >= ntasks) break;
+      const int c = int(t / groups), g = int(t % groups);
+      bwd.task(w, g / f.nheads_k, g % f.nheads_k, c);
+    }
+  });
+  write_dq<T>(p, bufs.ptr, nchunks);
+}
+
+}  // namespace
+
+void attn_bwd_kernel(const AttnBwdParams& p) {
+  visit_dtype(p.fwd.dtype, [&](auto t) { attn_bwd<decltype(t)>(p); });
+}
+
 }  // namespace LLMKERN_ISA
 }  // namespace llmkern
