@@ -224,7 +224,7 @@ def test_varlen_equals_each_sequence_alone(device, causal, dtype):
         kw = dict(causal=causal, window_size=(50, -1))
         alone = grads(lambda q, k, v: lk.flash_attn_func(q, k, v, **kw), args, [dout[qs][None]])
         # Equal up to summation order (a kernel may split keys differently for one sequence than for five).
-        tol = dict(rtol=0, atol=2 * torch.finfo(dtype).eps)
+        tol = dict(rtol=4 * torch.finfo(dtype).eps, atol=2 * torch.finfo(dtype).eps)
         torch.testing.assert_close(out[qs], lk.flash_attn_func(*args, **kw)[0], **tol)
         for g, a in zip((dq[qs], dk[ks], dv[ks]), alone):
             torch.testing.assert_close(g, a[0], rtol=1e-5, atol=1e-5 if dtype == torch.float32 else tol["atol"])
