@@ -10,7 +10,8 @@ bandwidth of bench_read over as many bytes, timed interleaved with it.
 from __future__ import annotations
 
 import dataclasses
-import re
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -127,34 +128,40 @@ def decode_row(dc: Decode, dtype: torch.dtype, cfg: Config) -> list[str]:
             f"{gbps:.1f}", f"{100 * gbps / read:.0f}"]  # fmt: skip
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+# Run in a fresh interpreter per seqlen, so no allocator cache or earlier peak hides what the forward adds:
+# builds the inputs, runs one small forward (thread pool, libraries), then measures the big one.
+_PEAK_SCRIPT = """
+import re, sys, torch
+from llmkern.ops import flash_attn_func
+torch.set_num_threads({threads})
+def kib(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+q, k, v = (torch.randn(1, {n}, {h}, {d}, dtype=torch.bfloat16) for _ in range(3))
+flash_attn_func(q[:, :64], k[:, :64], v[:, :64], causal=True)
+open("/proc/self/clear_refs", "w").write("5")
+before = kib("VmRSS")
+out = flash_attn_func(q, k, v, causal=True)
+print((kib("VmHWM") - before) / 1024)
+"""
 
 
-def peak_extra_mib(fn) -> float | None:
-    """Peak resident memory fn() adds over what exists before it (Linux: VmHWM after resetting it through
-    /proc/self/clear_refs), in MiB; None where that is unavailable."""
+def peak_extra_mib(n: int, heads: int, head_dim: int) -> float | None:
+    """Peak resident memory (MiB) a bf16 causal forward adds over its inputs, output included (Linux VmHWM
+    after resetting it through /proc/self/clear_refs); None where that is unavailable."""
+    code = _PEAK_SCRIPT.format(threads=torch.get_num_threads(), n=n, h=heads, d=head_dim)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_kib("VmRSS")
-        fn()
-        return (_status_kib("VmHWM") - before) / 1024
-    except (OSError, AttributeError):
+        return float(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
         return None
 
 
 def memory_rows(p: Prefill, seqlens: list[int]) -> list[list[str]]:
-    """Forward peak memory over the inputs, bf16 causal: out + lse are O(seqlen), so it must grow linearly."""
-    from llmkern.ops import flash_attn_func
-
+    """Forward peak memory over the inputs: out + lse are O(seqlen), so it must grow linearly."""
     rows = []
     for n in seqlens:
-        q, k, v = (torch.randn(1, n, p.heads, p.head_dim, dtype=torch.bfloat16) for _ in range(3))
-        flash_attn_func(q, k, v, causal=True)  # warm-up: thread pools, allocator
-        extra = peak_extra_mib(lambda: flash_attn_func(q, k, v, causal=True))
-        out_mib = q.numel() * 2 / 2**20
+        extra = peak_extra_mib(n, p.heads, p.head_dim)
+        out_mib = n * p.heads * p.head_dim * 2 / 2**20
         rows.append([f"fwd peak memory s{n} h{p.heads} d{p.head_dim}", "bfloat16", "-", "-", "-", "-", "-",
                      "-" if extra is None else f"{extra:.0f} MiB", f"out {out_mib:.0f} MiB"])  # fmt: skip
         print(f"  fwd peak memory s{n}: {extra} MiB (out {out_mib:.0f} MiB)", flush=True)

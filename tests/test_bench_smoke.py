@@ -49,3 +49,15 @@ def test_main_quick_cli_runs(capsys, monkeypatch):
     assert main(["--quick", "--only", "norm", "--no-compile"]) == 0
     out = capsys.readouterr().out
     assert "rms_norm bwd" in out and "copy bandwidth" in out
+
+
+def test_attention_bench_quick():
+    from bench import bench_attention
+
+    cfg = harness.Config.quick_config()
+    cfg.reps, cfg.warmup, cfg.budget_s, cfg.compile = 2, 1, 0.1, False
+    ceilings = harness.Ceilings([1.0], [1.0], {"float32": 1.0, "bfloat16": 1.0}, 1)
+    rows = bench_attention.run(cfg, ceilings)
+    assert [r[0].split()[0] for r in rows] == ["prefill"] * 4 + ["decode"] + ["fwd"] * 2
+    assert all(len(r) == len(bench_attention.HEADER) for r in rows)
+    assert all(r[7].endswith("MiB") for r in rows[-2:]), "peak memory was not measured"
