@@ -192,7 +192,7 @@ struct AttentionOps {
     Tensor dq = varlen ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
     Tensor dk = varlen ? at::zeros(k.sizes(), k.options()) : at::empty(k.sizes(), k.options());
     Tensor dv = varlen ? at::zeros(v.sizes(), v.options()) : at::empty(v.sizes(), v.options());
-    Tensor dq_accum = at::zeros({q.numel()}, q.options().dtype(dq.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+    Tensor dq_accum = at::empty({q.numel()}, q.options().dtype(dq.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
     p.dq = attn_tensor(dq);
     p.dk = attn_tensor(dk);
     p.dv = attn_tensor(dv);
