@@ -34,41 +34,6 @@ constexpr int kMq = 64;           // queries per tile
 constexpr int kBlockKeys = 512;   // keys whose fp32 K, K^T, V^T, dK, dV a task holds at once (multiple of kNk)
 constexpr int kPrefetchRows = 6;  // rows the packing loops prefetch ahead
 
-// ---- the tile product: attn::gemm with the rows past the last full register block done as one block ----
-// (attn::gemm does them one row at a time: 4 of 64 rows at a quarter of the speed cost ~5% here.)
-
-template <typename V, int NR, bool ACC, int R>
-static inline void tail_rows(int rows, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
-                             const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
-  if constexpr (R > 0) {
-    if (rows == R) attn::gemm_block<V, R, NR, ACC>(kdim, a, a_rs, a_ks, b, ldb, c, ldc);
-    else tail_rows<V, NR, ACC, R - 1>(rows, kdim, a, a_rs, a_ks, b, ldb, c, ldc);
-  }
-}
-
-template <typename V, bool ACC, int NR = attn::kNR>
-static inline void tile_cols(int m, int nvec, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
-                             const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
-  if constexpr (NR > 0) {
-    constexpr int W = V::W, MR = attn::kMR;
-    int j = 0;
-    for (; j + NR <= nvec; j += NR) {
-      int r = 0;
-      for (; r + MR <= m; r += MR)
-        attn::gemm_block<V, MR, NR, ACC>(kdim, a + r * a_rs, a_rs, a_ks, b + j * W, ldb, c + r * ldc + j * W, ldc);
-      tail_rows<V, NR, ACC, MR - 1>(m - r, kdim, a + r * a_rs, a_rs, a_ks, b + j * W, ldb, c + r * ldc + j * W, ldc);
-    }
-    if (j < nvec) tile_cols<V, ACC, NR - 1>(m, nvec - j, kdim, a, a_rs, a_ks, b + j * W, ldb, c + j * W, ldc);
-  }
-}
-
-// C[m][n] (+)= A B as attn::gemm (n a multiple of V::W).
-template <typename V, bool ACC>
-static inline void tile_gemm(int m, int n, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
-                             const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
-  tile_cols<V, ACC>(m, n / V::W, kdim, a, a_rs, a_ks, b, ldb, c, ldc);
-}
-
 // ---- small vector helpers the vec layer lacks: |x| and tanh ----
 
 template <typename T>
@@ -247,14 +212,14 @@ struct Bwd {
     const A* K = w.kb.ptr + int64_t(jt) * kNk * Dp;
     const A* KT = w.kt.ptr + int64_t(jt) * D * kNk;
     const A* VT = w.vt.ptr + int64_t(jt) * D * kNk;
-    tile_gemm<V, false>(mq, kNk, D, w.qp.ptr, Dp, 1, KT, kNk, w.ps.ptr, kNk);    // S = Q K^T (K^T scaled)
-    tile_gemm<V, false>(mq, kNk, D, w.dop.ptr, Dp, 1, VT, kNk, w.ds.ptr, kNk);   // dP = dO V^T
+    attn::gemm<V, false>(mq, kNk, D, w.qp.ptr, Dp, 1, KT, kNk, w.ps.ptr, kNk);    // S = Q K^T (K^T scaled)
+    attn::gemm<V, false>(mq, kNk, D, w.dop.ptr, Dp, 1, VT, kNk, w.ds.ptr, kNk);   // dP = dO V^T
     softmax_grad(w, s, bd, slope, j0, nk, i0, mq);
     A* dV = w.dvb.ptr + int64_t(jt) * kNk * Dp;
     A* dK = w.dkb.ptr + int64_t(jt) * kNk * Dp;
-    tile_gemm<V, true>(nk, Dp, mq, w.ps.ptr, 1, kNk, w.dop.ptr, Dp, dV, Dp);    // dV += P^T dO
-    tile_gemm<V, true>(nk, Dp, mq, w.ds.ptr, 1, kNk, w.qp.ptr, Dp, dK, Dp);     // dK += dS^T Q
-    tile_gemm<V, true>(mq, Dp, nk, w.ds.ptr, kNk, 1, K, Dp, w.dqt.ptr, Dp);     // dQ += dS K
+    attn::gemm<V, true>(nk, Dp, mq, w.ps.ptr, 1, kNk, w.dop.ptr, Dp, dV, Dp);    // dV += P^T dO
+    attn::gemm<V, true>(nk, Dp, mq, w.ds.ptr, 1, kNk, w.qp.ptr, Dp, dK, Dp);     // dK += dS^T Q
+    attn::gemm<V, true>(mq, Dp, nk, w.ds.ptr, kNk, 1, K, Dp, w.dqt.ptr, Dp);     // dQ += dS K
   }
 
   // ---- one task: sequence b, kv head kvh, key chunk c ----
