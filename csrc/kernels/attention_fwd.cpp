@@ -3,7 +3,8 @@
 //
 // Two paths, both streaming keys in tiles with an online softmax (running max m, sum l, rescaled O), so no
 // [Lq x Lk] matrix ever exists and every key row is converted to fp32 once per task:
-// - Tiled (prefill): a task is (batch, head, tile of Mq queries). Scores are kept transposed,
+// - Tiled (prefill): a task is (batch, kv head, chunk of Mq-query tiles) for every query head of the
+//   group, with the visible keys packed once as fp32 rows (run_tiled). Scores are kept transposed,
 //   S^T[key][query] = K Q^T, so the softmax runs along vectors of queries; both products go through
 //   attn::gemm. Compute-bound: floor = 4 * Lq * Lk * D (halved if causal) / peak FMA rate.
 // - Grouped (decode, few query rows per kv head): a task is (batch, kv head, key split) holding every
