@@ -80,8 +80,7 @@ struct AttentionOps {
                       paged ? "[num_blocks, block_size, heads_k, head_dim]"
                             : (varlen ? "[total_k, heads_k, head_dim]" : "[batch, seqlen_k, heads_k, head_dim]"));
     check_same_shape(v, "v", k, "k");
-    TORCH_CHECK(v.stride(-1) == 1 || v.size(-1) == 1, "v: expected a contiguous last (head_dim) dim, got strides ",
-                v.strides());
+    check_rows_layout(v, "v", k.dim(), "k's shape");
 
     const int64_t batch = varlen ? cu_seqlens_q->size(0) - 1 : q.size(0);
     const int64_t nheads = q.size(-2), nheads_k = k.size(-2), d = q.size(-1);
@@ -189,9 +188,10 @@ struct AttentionOps {
     p.delta = lse_tensor(delta);
     // Packed rows outside every sequence get zero gradients; the kernels write the rows of sequences.
     const bool varlen = p.fwd.cu_seqlens_q != nullptr;
-    Tensor dq = varlen ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
-    Tensor dk = varlen ? at::zeros(k.sizes(), k.options()) : at::empty(k.sizes(), k.options());
-    Tensor dv = varlen ? at::zeros(v.sizes(), v.options()) : at::empty(v.sizes(), v.options());
+    auto grad_for = [&](const Tensor& t) {
+      return varlen ? at::zeros(t.sizes(), t.options()) : at::empty(t.sizes(), t.options());
+    };
+    Tensor dq = grad_for(q), dk = grad_for(k), dv = grad_for(v);
     Tensor dq_accum = at::empty({q.numel()}, q.options().dtype(dq.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
     p.dq = attn_tensor(dq);
     p.dk = attn_tensor(dk);

@@ -81,9 +81,6 @@ def _scale(q: Tensor, softmax_scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
 
 
-def _no_dropout(dropout_p: float) -> None:
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p: attention dropout is not supported, pass 0.0 (got {dropout_p})")
 
 
 def _last_dim_contiguous(t: Tensor | None) -> Tensor | None:
@@ -91,7 +88,17 @@ def _last_dim_contiguous(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _result(out: Tensor, lse: Tensor, return_attn_probs: bool):
+def _flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k, dropout_p,
+                softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
+    """The body shared by flash_attn_func and flash_attn_varlen_func (their arguments, flash-attn's)."""
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p: attention dropout is not supported, pass 0.0 (got {dropout_p})")
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    left, right = _window(causal, window_size)
+    out, lse = ops().flash_attn_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, None, None, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
+        _scale(q, softmax_scale), left, right, softcap, 0,
+    )  # fmt: skip
     # flash-attn returns (out, softmax_lse, S_dmask); S_dmask only exists with dropout, never here.
     return (out, lse, None) if return_attn_probs else out
 
@@ -112,14 +119,8 @@ def flash_attn_func(
     """q [batch, seqlen_q, heads, d], k/v [batch, seqlen_k, heads_k, d] (heads % heads_k == 0, d <= 256)
     -> out [batch, seqlen_q, heads, d], or (out, lse [batch, heads, seqlen_q] float32, None) with
     return_attn_probs. alibi_slopes: float32 [heads] or [batch, heads]. Differentiable in q, k, v."""
-    _no_dropout(dropout_p)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    left, right = _window(causal, window_size)
-    out, lse = ops().flash_attn_fwd(
-        q, k, v, None, None, None, None, None, alibi_slopes, q.shape[1], k.shape[1],
-        _scale(q, softmax_scale), left, right, softcap, 0,
-    )  # fmt: skip
-    return _result(out, lse, return_attn_probs)
+    return _flash_attn(q, k, v, None, None, None, q.shape[1], k.shape[1], dropout_p, softmax_scale, causal,
+                       window_size, softcap, alibi_slopes, return_attn_probs)  # fmt: skip
 
 
 def flash_attn_varlen_func(
@@ -145,14 +146,8 @@ def flash_attn_varlen_func(
     heads_k, d] with block_table [batch, max_blocks] (cu_seqlens_k then gives each sequence's key count).
     -> out [total_q, heads, d], or (out, lse [heads, total_q] float32, None). Differentiable in q, k, v
     (not through a block_table)."""
-    _no_dropout(dropout_p)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    left, right = _window(causal, window_size)
-    out, lse = ops().flash_attn_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, None, None, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
-        _scale(q, softmax_scale), left, right, softcap, 0,
-    )  # fmt: skip
-    return _result(out, lse, return_attn_probs)
+    return _flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k, dropout_p,
+                       softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)  # fmt: skip
 
 
 def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
