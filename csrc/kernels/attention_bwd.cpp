@@ -34,33 +34,6 @@ constexpr int kMq = 64;           // queries per tile
 constexpr int kBlockKeys = 512;   // keys whose fp32 K, K^T, V^T, dK, dV a task holds at once (multiple of kNk)
 constexpr int kPrefetchRows = 6;  // rows the packing loops prefetch ahead
 
-// ---- small vector helpers the vec layer lacks: |x| and tanh ----
-
-template <typename T>
-static inline ScalarVec<T> vabs(ScalarVec<T> x) { return {std::fabs(x.v)}; }
-template <typename T>
-static inline ScalarVec<T> vtanh(ScalarVec<T> x) { return {std::tanh(x.v)}; }
-#if defined(LLMKERN_ISA_AVX512) || defined(LLMKERN_ISA_AVX2)
-static inline VecF vabs(VecF x) { return max(x, VecF::zero() - x); }
-// Cephes tanhf: odd polynomial below 0.625, 1 - 2 / (exp(2|x|) + 1) above (no cancellation either side).
-static inline VecF vtanh(VecF x) {
-  const VecF a = vabs(x), one = VecF::set1(1.f), z = x * x;
-  VecF big = one - VecF::set1(2.f) / (exp(a + a) + one);
-  big = VecF::select_gt(VecF::zero(), x, VecF::zero() - big, big);
-  VecF pz = fmadd(VecF::set1(-5.70498872745e-3f), z, VecF::set1(2.06390887954e-2f));
-  pz = fmadd(pz, z, VecF::set1(-5.37397155531e-2f));
-  pz = fmadd(pz, z, VecF::set1(1.33314422036e-1f));
-  pz = fmadd(pz, z, VecF::set1(-3.33332819422e-1f));
-  const VecF small = fmadd(x * z, pz, x);
-  return VecF::select_gt(a, VecF::set1(0.625f), big, small);
-}
-#else
-template <int N>
-static inline ArrayVec<N> vabs(ArrayVec<N> x) { return ArrayVec<N>::make([&](int l) { return std::fabs(x.v[l]); }); }
-template <int N>
-static inline ArrayVec<N> vtanh(ArrayVec<N> x) { return ArrayVec<N>::make([&](int l) { return std::tanh(x.v[l]); }); }
-#endif
-
 // 0, 1, 2, ... : key offsets within a vector (ALiBi distances).
 alignas(64) constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
@@ -188,10 +161,10 @@ struct Bwd {
         Vv sc = Vv::load(prow + c);
         Vv tv = Vv::zero();
         if (softcap) {
-          tv = vtanh(sc);
+          tv = tanh(sc);
           sc = tv * Vv::set1(cap);
         }
-        if (slope != A(0)) sc = fmadd(Vv::set1(-slope), vabs(Vv::load(kIota) + Vv::set1(dist0 + A(c))), sc);
+        if (slope != A(0)) sc = fmadd(Vv::set1(-slope), abs(Vv::load(kIota) + Vv::set1(dist0 + A(c))), sc);
         const Vv pr = exp(sc - Vv::set1(lse));
         Vv dsv = pr * (Vv::load(dsrow + c) - Vv::set1(delta));
         if (softcap) dsv = dsv * (Vv::set1(A(1)) - tv * tv);

@@ -36,19 +36,6 @@ constexpr int kNk = 64;        // keys per tile (both paths)
 constexpr int kGroupRows = 16;  // the grouped path takes kv heads with at most this many query rows
 constexpr int kNkG = 32;        // keys per chunk (grouped path; measured 32 > 64 > 128 on decode)
 
-// Lane-wise max (the vec layer has it only on the SIMD types).
-template <typename T>
-static inline ScalarVec<T> vmax(ScalarVec<T> a, ScalarVec<T> b) { return {a.v < b.v ? b.v : a.v}; }
-template <int N>
-static inline ArrayVec<N> vmax(ArrayVec<N> a, ArrayVec<N> b) {
-  return ArrayVec<N>::make([&](int l) { return a.v[l] < b.v[l] ? b.v[l] : a.v[l]; });
-}
-#if defined(LLMKERN_ISA_AVX512)
-static inline VecAvx512 vmax(VecAvx512 a, VecAvx512 b) { return max(a, b); }
-#elif defined(LLMKERN_ISA_AVX2)
-static inline VecAvx2 vmax(VecAvx2 a, VecAvx2 b) { return max(a, b); }
-#endif
-
 template <typename A>
 constexpr A kInf = std::numeric_limits<A>::infinity();
 
@@ -140,16 +127,12 @@ struct KvRows {
   }
 };
 
-// x = softcap * tanh(x / softcap) over n (a multiple of V::W) scores; tanh(y) = 1 - 2 / (exp(2y) + 1),
-// whose absolute error (what a score needs) stays ~1 ulp, and exp's overflow to inf gives exactly 1.
+// x = softcap * tanh(x / softcap) over n (a multiple of V::W) scores.
 template <typename V>
 static void softcap_scores(typename V::value_type* x, int64_t n, typename V::value_type cap) {
   using A = typename V::value_type;
-  const V two_over_cap = V::set1(A(2) / cap), one = V::set1(A(1)), two = V::set1(A(2)), c = V::set1(cap);
-  for (int64_t i = 0; i < n; i += V::W) {
-    const V e = exp(V::load(x + i) * two_over_cap);
-    (c * (one - two / (e + one))).store(x + i);
-  }
+  const V inv = V::set1(A(1) / cap), c = V::set1(cap);
+  for (int64_t i = 0; i < n; i += V::W) (c * tanh(V::load(x + i) * inv)).store(x + i);
 }
 
 static inline void write_empty_row(void* out, int d, DType dt, float* lse) {
@@ -243,7 +226,7 @@ struct TiledTask {
       A* row = s + int64_t(jj) * mp;
       for (int c = 0; c < mp; c += W) {
         const V x = V::load(pos + c) - j;
-        fmadd(ns, vmax(x, V::zero() - x), V::load(row + c)).store(row + c);
+        fmadd(ns, abs(x), V::load(row + c)).store(row + c);
       }
     }
   }
@@ -270,9 +253,9 @@ struct TiledTask {
     for (int c = 0; c < mp; c += W) {
       const V m_old = V::load(m + c);
       V mx = m_old;
-      for (int jj = 0; jj < nk; ++jj) mx = vmax(mx, V::load(s + int64_t(jj) * mp + c));
+      for (int jj = 0; jj < nk; ++jj) mx = max(mx, V::load(s + int64_t(jj) * mp + c));
       // A column with no visible key so far keeps m = -inf; subtracting `lowest` then gives exp(-inf) = 0.
-      const V mu = vmax(mx, lowest);
+      const V mu = max(mx, lowest);
       V sum = V::zero();
       for (int jj = 0; jj < nk; ++jj) {
         A* x = s + int64_t(jj) * mp + c;
@@ -512,7 +495,7 @@ struct GroupTask {
         if (j0 + jj < lo || j0 + jj > hi) x[jj] = -kInf<A>;
     for (int jj = nk; jj < np; ++jj) x[jj] = -kInf<A>;
     V mv = V::set1(-kInf<A>);
-    for (int jj = 0; jj < np; jj += W) mv = vmax(mv, V::load(x + jj));
+    for (int jj = 0; jj < np; jj += W) mv = max(mv, V::load(x + jj));
     A mx = m[rr];
     {
       alignas(64) A lanes[W];

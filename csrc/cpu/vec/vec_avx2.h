@@ -46,6 +46,8 @@ struct VecAvx2 {
   friend VecAvx2 min(VecAvx2 a, VecAvx2 b) { return {_mm256_min_ps(a.v, b.v)}; }
   friend VecAvx2 max(VecAvx2 a, VecAvx2 b) { return {_mm256_max_ps(a.v, b.v)}; }
   friend VecAvx2 exp(VecAvx2 a) { return exp_cephes(a); }
+  friend VecAvx2 tanh(VecAvx2 a) { return tanh_cephes(a); }
+  friend VecAvx2 abs(VecAvx2 a) { return max(a, zero() - a); }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

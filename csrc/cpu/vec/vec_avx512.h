@@ -45,6 +45,8 @@ struct VecAvx512 {
   friend VecAvx512 min(VecAvx512 a, VecAvx512 b) { return {_mm512_min_ps(a.v, b.v)}; }
   friend VecAvx512 max(VecAvx512 a, VecAvx512 b) { return {_mm512_max_ps(a.v, b.v)}; }
   friend VecAvx512 exp(VecAvx512 a) { return exp_cephes(a); }
+  friend VecAvx512 tanh(VecAvx512 a) { return tanh_cephes(a); }
+  friend VecAvx512 abs(VecAvx512 a) { return max(a, zero() - a); }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
 
   static VecAvx512 round_nearest(VecAvx512 a) {

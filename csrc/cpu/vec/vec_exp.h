@@ -1,4 +1,4 @@
-// exp(x) for float vectors, shared by the AVX2 and AVX-512 paths: Cephes expf
+// exp(x) and tanh(x) for float vectors, shared by the AVX2 and AVX-512 paths. exp: Cephes expf
 // (range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial; ~1 ulp on the normal range).
 // V provides: set1, fmadd, *, +, round_nearest, pow2i (2^n for integral-valued n in [-126, 127]),
 // min, max and select_gt(x, t, a, b) = x > t ? a : b.
@@ -29,6 +29,21 @@ inline V exp_cephes(V x) {
   y = V::select_gt(x, V::set1(hi), V::set1(std::numeric_limits<float>::infinity()), y);
   y = V::select_gt(V::set1(lo), x, V::zero(), y);
   return y;
+}
+
+// Cephes tanhf: odd polynomial below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1) above (no cancellation on either
+// side; exp's overflow to inf gives exactly +-1).
+template <typename V>
+inline V tanh_cephes(V x) {
+  const V a = max(x, V::zero() - x), one = V::set1(1.f), z = x * x;
+  V big = one - V::set1(2.f) / (exp_cephes(a + a) + one);
+  big = V::select_gt(V::zero(), x, V::zero() - big, big);
+  V pz = fmadd(V::set1(-5.70498872745e-3f), z, V::set1(2.06390887954e-2f));
+  pz = fmadd(pz, z, V::set1(-5.37397155531e-2f));
+  pz = fmadd(pz, z, V::set1(1.33314422036e-1f));
+  pz = fmadd(pz, z, V::set1(-3.33332819422e-1f));
+  const V small = fmadd(x * z, pz, x);
+  return V::select_gt(a, V::set1(0.625f), big, small);
 }
 
 }  // namespace LLMKERN_ISA

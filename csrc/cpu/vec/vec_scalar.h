@@ -29,7 +29,12 @@ struct ScalarVec {
   friend ScalarVec operator*(ScalarVec a, ScalarVec b) { return {a.v * b.v}; }
   friend ScalarVec operator/(ScalarVec a, ScalarVec b) { return {a.v / b.v}; }
   friend ScalarVec fmadd(ScalarVec a, ScalarVec b, ScalarVec c) { return {a.v * b.v + c.v}; }
+  // min / max as x86's minps / maxps: when either operand is NaN the result is the second one.
+  friend ScalarVec min(ScalarVec a, ScalarVec b) { return {a.v < b.v ? a.v : b.v}; }
+  friend ScalarVec max(ScalarVec a, ScalarVec b) { return {a.v > b.v ? a.v : b.v}; }
+  friend ScalarVec abs(ScalarVec a) { return {std::fabs(a.v)}; }
   friend ScalarVec exp(ScalarVec a) { return {std::exp(a.v)}; }
+  friend ScalarVec tanh(ScalarVec a) { return {std::tanh(a.v)}; }
   T reduce_add() const { return v; }
 };
 
@@ -61,7 +66,11 @@ struct ArrayVec {
   friend ArrayVec fmadd(ArrayVec a, ArrayVec b, ArrayVec c) {
     return make([&](int l) { return a.v[l] * b.v[l] + c.v[l]; });
   }
+  friend ArrayVec min(ArrayVec a, ArrayVec b) { return make([&](int l) { return a.v[l] < b.v[l] ? a.v[l] : b.v[l]; }); }
+  friend ArrayVec max(ArrayVec a, ArrayVec b) { return make([&](int l) { return a.v[l] > b.v[l] ? a.v[l] : b.v[l]; }); }
+  friend ArrayVec abs(ArrayVec a) { return make([&](int l) { return std::fabs(a.v[l]); }); }
   friend ArrayVec exp(ArrayVec a) { return make([&](int l) { return std::exp(a.v[l]); }); }
+  friend ArrayVec tanh(ArrayVec a) { return make([&](int l) { return std::tanh(a.v[l]); }); }
   float reduce_add() const {
     float s = 0.f;
     for (int l = 0; l < N; ++l) s += v[l];
