@@ -183,6 +183,38 @@ static inline int nf4_code(float v, const float* mid) {
   return q;
 }
 
+// A full nf4 block of bs (>= 32, a power of two) values on a SIMD path: max|x| and the codes (as floats,
+// counting the midpoints below each scaled value) vectorized; the nibbles are packed from `codes`.
+// Returns false on the scalar ISA (the caller runs the scalar loop).
+template <typename T>
+static inline bool nf4_block_simd(const T* x, int64_t bs, const float* mid, float* am_out, float* codes) {
+#if defined(LLMKERN_ISA_AVX512) || defined(LLMKERN_ISA_AVX2)
+  using V = VecF;
+  V vmax = V::zero();
+  for (int64_t e = 0; e < bs; e += V::W) {
+    const V v = V::load(x + e);
+    vmax = max(vmax, max(v, V::zero() - v));
+  }
+  float lanes[V::W];
+  vmax.store(lanes);
+  float am = 0.f;
+  for (int l = 0; l < V::W; ++l) am = std::max(am, lanes[l]);
+  am = am + 0.0f;  // -0 (every value a zero) stores +0, as bitsandbytes
+  *am_out = am;
+  const V recip = V::set1(1.0f / std::max(am, 1e-38f)), one = V::set1(1.f), lo = V::set1(-1.f), zero = V::zero();
+  for (int64_t e = 0; e < bs; e += V::W) {
+    const V v = min(max(V::load(x + e) * recip, lo), one);
+    V q = zero;
+    for (int i = 0; i < 15; ++i) q = q + V::select_gt(v, V::set1(mid[i]), one, zero);
+    q.store(codes + e);
+  }
+  return true;
+#else
+  (void)x, (void)bs, (void)mid, (void)am_out, (void)codes;
+  return false;
+#endif
+}
+
 template <typename T>
 void quant_nf4(const QQuantParams& p) {
   const QWeight& w = p.w;
@@ -193,8 +225,13 @@ void quant_nf4(const QQuantParams& p) {
   uint8_t* data = static_cast<uint8_t*>(const_cast<void*>(w.data));
   float* absmax = const_cast<float*>(w.absmax);
   parallel_for(0, blocks, grain_for(bs * int64_t(sizeof(T))), [&](int64_t b0, int64_t b1) {
+    float codes[4096];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t e0 = b * bs, e1 = std::min(numel, e0 + bs);
+      if (e1 - e0 == bs && nf4_block_simd(x + e0, bs, mid, absmax + b, codes)) {
+        for (int64_t i = 0; i < bs; i += 2) data[(e0 + i) >> 1] = uint8_t((int(codes[i]) << 4) | int(codes[i + 1]));
+        continue;
+      }
       float am = 0.f;
       for (int64_t e = e0; e < e1; ++e) am = std::max(am, std::fabs(load_f(x, e)));
       const bool partial = e1 - e0 < bs;
