@@ -15,10 +15,11 @@
 //   every weight byte is read once from global memory, decodes them in registers (nf4 through the
 //   16-entry code table in shared memory) and accumulates MT x 2 fp32 dot products; a warp shuffle
 //   reduction ends it.
-// - qgemm_kernel<T, F> (m > 8): a 64 x 64 output tile per 256-thread block, k in steps of 32: the x
-//   tile and the dequantized W tile are staged in shared memory as fp32 (k-major), each thread
-//   accumulates a 4 x 4 sub-tile in fp32 (SIMT); the next step's global loads are issued before the
-//   current step's math.
+// - qgemm_mma_kernel<T, F> (m > 8, bf16/fp16 x): a 32 x 64 output tile per 128-thread block, k in steps
+//   of 32: the x tile and the W tile dequantized to T are staged in shared memory, mma.sync m16n8k16 with
+//   fp32 accumulators; the next step's global loads are issued before the current step's math.
+// - qgemm_kernel<T, F> (m > 8, fp32 x): the same on SIMT, a 64 x 64 output tile per 256-thread block,
+//   tiles staged as fp32 (k-major), each thread accumulating a 4 x 4 sub-tile.
 // - qlinear_elem_kernel<T>: a warp per output element, any shape, any dtype (f64 included): the
 //   fallback for shapes the fast paths refuse (k % 32 != 0, unaligned data, non-power-of-two groups).
 //
@@ -420,6 +421,180 @@ __global__ void __launch_bounds__(kGemmThreads) qgemm_kernel(const QLinearParams
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Tiled GEMM (m > 8) on tensor cores for bf16/fp16 x: mma.sync m16n8k16, fp32 accumulation.
+//
+// The dequantized weight is rounded to T (bf16/fp16) before the multiply, as bitsandbytes' and every
+// dequantize-then-matmul path do; x is used as stored. Block tile: 32 rows of x (m) x 64 weight rows (n),
+// k in steps of 32; 4 warps, warp `warp` owns n columns warp * 16 .. + 15 of the tile (two n8 tiles) for
+// all 32 rows (two m16 tiles): 2 x 2 mma per 16 k.
+//
+// Shared tiles Xs[32][40], Ws[64][40] (T bits, k contiguous; the row stride of 40 elements = 20 words puts
+// the 8 rows a fragment load touches in 8 distinct 4-bank groups: g * 20 mod 32 = 0, 20, 8, 28, 16, 4, 24,
+// 12, plus tq in 0..3: all 32 banks distinct, conflict-free).
+//
+// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), g = lane / 4,
+// tq = lane % 4, each 32-bit register holding two consecutive-k elements, the lower k in the low half
+// (which is their order in memory, little-endian):
+//   A (16 x 16, row-major): a0 = (row g, k 2tq, 2tq+1), a1 = (row g+8, same k), a2 = (row g, k 2tq+8, +9),
+//     a3 = (row g+8, k 2tq+8, +9).
+//   B (16 x 8, "col": element (k, n) at W[n][k], k contiguous): b0 = (k 2tq, 2tq+1; n g), b1 = (k 2tq+8,
+//     +9; n g).
+//   C/D (16 x 8 fp32): c0, c1 = (row g; n 2tq, 2tq+1), c2, c3 = (row g+8; n 2tq, 2tq+1).
+constexpr int kMBM = 32, kMBN = 64, kMBK = 32, kMThreads = 128, kMStride = kMBK + 8;
+
+template <typename T> __device__ __forceinline__ uint32_t bits_of(float v);
+template <> __device__ __forceinline__ uint32_t bits_of<__nv_bfloat16>(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+template <> __device__ __forceinline__ uint32_t bits_of<__half>(float v) { return __half_as_ushort(__float2half_rn(v)); }
+
+// d += a * b on one m16n8k16 tile.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+__device__ __forceinline__ uint32_t lds32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Grid: (ceil(n / 64), ceil(m / 32)).
+// Loaders: W: thread t decodes tile row wl = t / 2 at k offsets wk = 16 (t % 2) .. + 15 (2 x 16 = 32 = kMBK;
+// 64 rows x 2 = 128 threads): 8 packed bytes (4-bit; byte offset (k0 + wk) / 2, a multiple of 8) or 16
+// int8 bytes (offset k0 + wk, a multiple of 16), all in one block/group (group >= 32, k0 + wk a multiple
+// of 16 and the run inside one aligned 32-run). X: thread t copies tile row xl = t / 4 at k offsets
+// xk = 8 (t % 4) .. + 7 (16 bytes; 32 rows x 4 = 128 threads), as raw T bits.
+template <typename T, QFormat F>
+__global__ void __launch_bounds__(kMThreads) qgemm_mma_kernel(const QLinearParams p, int gshift, bool xvec) {
+  __shared__ __align__(16) uint16_t Xs[kMBM][kMStride];
+  __shared__ __align__(16) uint16_t Ws[kMBN][kMStride];
+  __shared__ float cs[16], ncs[256];
+  const QWeight& w = p.w;
+  stage_tables<F>(w, cs, ncs);
+  const int t = threadIdx.x, warp = t >> 5, lane = t & 31, g = lane >> 2, tq = lane & 3;
+  const int wl = t >> 1, wk = 16 * (t & 1), xl = t >> 2, xk = 8 * (t & 3);
+  const int64_t n0 = int64_t(blockIdx.x) * kMBN, m0 = int64_t(blockIdx.y) * kMBM;
+  const int64_t wr = n0 + wl, xr = m0 + xl;
+  const bool wvalid = wr < w.n, xvalid = xr < p.m;
+  const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + (wvalid ? wr : 0) * row_bytes<F>(w.k);
+  const uint16_t* xrow = static_cast<const uint16_t*>(p.x) + (xvalid ? xr : 0) * p.x_stride;
+
+  uint32_t wd[4];
+  RunScale rs;
+  uint4 xraw;
+  auto load = [&](int64_t k0) {
+    const int64_t c = k0 + wk;
+    if (!wvalid) {
+      wd[0] = wd[1] = wd[2] = wd[3] = 0u;
+      rs = RunScale{0.f, 0.f};
+    } else {
+      if (F == QFormat::int8) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(wrow + c));
+        wd[0] = raw.x, wd[1] = raw.y, wd[2] = raw.z, wd[3] = raw.w;
+      } else {
+        const uint2 raw = __ldg(reinterpret_cast<const uint2*>(wrow + c / 2));
+        wd[0] = raw.x, wd[1] = raw.y, wd[2] = wd[3] = 0u;
+      }
+      rs = run_scale<F>(w, ncs, wr, c, gshift);
+    }
+    const int64_t cx = k0 + xk;
+    if (!xvalid) {
+      xraw = make_uint4(0u, 0u, 0u, 0u);
+    } else if (xvec) {  // x 16-byte aligned, x_stride % 8 == 0, cx % 8 == 0: one aligned 16-byte load
+      xraw = __ldg(reinterpret_cast<const uint4*>(xrow + cx));
+    } else {
+      uint32_t h[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) h[i] = xrow[cx + i];
+      xraw = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+    }
+  };
+
+  float acc[2][2][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+
+  __syncthreads();  // the code tables: the first load may read ncs
+  load(0);
+  for (int64_t k0 = 0; k0 < w.k; k0 += kMBK) {
+    __syncthreads();  // the previous step's fragments are read
+    {
+      // decode4 j gives elements 4j .. 4j + 3 of the 16; pk[2j] = elements (4j, 4j + 1), pk[2j + 1] =
+      // (4j + 2, 4j + 3), so pk[0..3] are elements 0..7 and pk[4..7] elements 8..15, in k order.
+      uint32_t pk[8];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float v[4];
+        decode4<F>(wd, j, cs, rs.zoff, v);
+        pk[2 * j] = bits_of<T>(v[0] * rs.s) | (bits_of<T>(v[1] * rs.s) << 16);
+        pk[2 * j + 1] = bits_of<T>(v[2] * rs.s) | (bits_of<T>(v[3] * rs.s) << 16);
+      }
+      // Byte offsets wl * 80 + wk * 2 (+ 16) and xl * 80 + xk * 2: multiples of 16.
+      *reinterpret_cast<uint4*>(&Ws[wl][wk]) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
+      *reinterpret_cast<uint4*>(&Ws[wl][wk + 8]) = make_uint4(pk[4], pk[5], pk[6], pk[7]);
+      *reinterpret_cast<uint4*>(&Xs[xl][xk]) = xraw;
+    }
+    __syncthreads();
+    if (k0 + kMBK < w.k) load(k0 + kMBK);  // in flight during the mma below
+#pragma unroll
+    for (int ks = 0; ks < kMBK / 16; ++ks) {
+      const int kb = ks * 16 + 2 * tq;  // even: every 32-bit fragment load is 4-byte aligned
+      uint32_t a[2][4], b[2][2];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const int r = mt * 16 + g;
+        a[mt][0] = lds32(&Xs[r][kb]);
+        a[mt][1] = lds32(&Xs[r + 8][kb]);
+        a[mt][2] = lds32(&Xs[r][kb + 8]);
+        a[mt][3] = lds32(&Xs[r + 8][kb + 8]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int nn = warp * 16 + nt * 8 + g;
+        b[nt][0] = lds32(&Ws[nn][kb]);
+        b[nt][1] = lds32(&Ws[nn][kb + 8]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) mma16816<T>(acc[mt][nt], a[mt], b[nt]);
+    }
+  }
+
+  T* out = static_cast<T*>(p.out);
+  const T* bias = static_cast<const T*>(p.bias);
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int64_t c = n0 + warp * 16 + nt * 8 + 2 * tq + e;  // C column 2tq + e of n8 tile nt
+      if (c >= w.n) continue;
+      const float bc = bias ? float(to_acc(bias[c])) : 0.f;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // C rows g (c0, c1) and g + 8 (c2, c3)
+          const int64_t m = m0 + mt * 16 + g + 8 * h;
+          if (m < p.m) out[m * p.out_stride + c] = from_acc<T>(acc[mt][nt][2 * h + e] + bc);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Fallback linear: a warp per output element (grid.x covers n in groups of 8 warps, grid.y strides m).
 
 template <typename T>
@@ -492,6 +667,32 @@ cudaError_t launch_gemv(const QLinearParams& p, int gshift, cudaStream_t stream)
   return cudaGetLastError();
 }
 
+// Tensor cores for bf16/fp16 x, SIMT for fp32 x. grid.y holds at most 65535 row tiles: larger m runs
+// as several launches over consecutive row ranges (x and out offset by whole rows).
+template <typename T, QFormat F>
+cudaError_t launch_gemm(const QLinearParams& p, int gshift, cudaStream_t stream) {
+  constexpr bool kMma = !std::is_same<T, float>::value;
+  constexpr int BM = kMma ? kMBM : kBM, BN = kMma ? kMBN : kBN;
+  const int64_t gx = (p.w.n + BN - 1) / BN;
+  if (gx > INT_MAX) return cudaErrorInvalidValue;
+  const bool xvec = aligned16({p.x}) && p.x_stride % 8 == 0;
+  const int64_t rows_per_launch = int64_t(65535) * BM;
+  for (int64_t r0 = 0; r0 < p.m; r0 += rows_per_launch) {
+    QLinearParams q = p;
+    q.m = std::min(rows_per_launch, p.m - r0);
+    q.x = static_cast<const T*>(p.x) + r0 * p.x_stride;
+    q.out = static_cast<T*>(p.out) + r0 * p.out_stride;
+    const dim3 grid(unsigned(gx), unsigned((q.m + BM - 1) / BM));
+    if constexpr (kMma)
+      qgemm_mma_kernel<T, F><<<grid, kMThreads, 0, stream>>>(q, gshift, xvec);
+    else
+      qgemm_kernel<T, F><<<grid, kGemmThreads, 0, stream>>>(q, gshift, xvec);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -533,11 +734,7 @@ cudaError_t qlinear_cuda(const QLinearParams& p, cudaStream_t stream) {
           if (p.m <= 4) return launch_gemv<T, F, 4>(p, gshift, stream);
           return launch_gemv<T, F, 8>(p, gshift, stream);
         }
-        const int64_t gx = (p.w.n + kBN - 1) / kBN, gy = (p.m + kBM - 1) / kBM;
-        if (gx > INT_MAX || gy > 65535) return cudaErrorInvalidValue;
-        const bool xvec = aligned16({p.x}) && p.x_stride % 8 == 0;
-        qgemm_kernel<T, F><<<dim3(unsigned(gx), unsigned(gy)), kGemmThreads, 0, stream>>>(p, gshift, xvec);
-        return cudaGetLastError();
+        return launch_gemm<T, F>(p, gshift, stream);
         });
     }
     const int64_t gx = (p.w.n + 7) / 8;
