@@ -698,11 +698,16 @@ cudaError_t launch_gemm(const QLinearParams& p, int gshift, cudaStream_t stream)
 }  // namespace
 }  // namespace cuda
 
-cudaError_t dequantize_cuda(const QDequantParams& p, cudaStream_t stream) {
+cudaError_t dequantize_cuda(const QDequantParams& params, cudaStream_t stream) {
   using namespace cuda;
-  if (!valid_weight(p.w) || !p.out) return cudaErrorInvalidValue;
-  const int64_t numel = p.w.n * p.w.k;
+  if (!valid_weight(params.w) || !params.out) return cudaErrorInvalidValue;
+  const int64_t numel = params.w.n * params.w.k;
   if (numel == 0) return cudaSuccess;
+  QDequantParams p = params;
+  if (p.w.format == QFormat::nf4) {  // only the flattened index matters: one row, so any shape with
+    p.w.n = 1;                       // numel % 32 == 0 takes the vector path
+    p.w.k = numel;
+  }
   const int gshift = fast_weight(p.w);  // k % 32 == 0 implies numel % 8 == 0 and k % 8 == 0
   return visit_cuda_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
