@@ -2,7 +2,8 @@
 
 Times with torch.cuda.Event (median of reps after warm-up) at the issue's shapes, fp32 and bf16, and
 reports GB/s of the bytes that must move and their fraction of a device copy bandwidth measured in the
-same run (torch copy_ of a 1 GiB tensor). Self-contained; skips without CUDA."""
+same run (torch copy_ of a 1 GiB tensor); then attention (vs SDPA) and the weight-only quantized linear (vs a
+dense bf16 matmul). Self-contained; skips without CUDA."""
 
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ def main() -> list[dict]:
             print(f"{name:<22}{row['dtype']:<10}{ms:>11.4f}{gbs:>8.0f}{row['pct']:>7.0f}%{ems:>10.4f}"
                   f"{row['speedup']:>8.1f}x")
     attention()
+    quant()
     return rows
 
 
@@ -121,6 +123,31 @@ def attention() -> None:
     bms = time_ms(lambda: F.scaled_dot_product_attention(qd.transpose(1, 2), k_c, v_c, enable_gqa=True))
     gbs = 2 * k_c.numel() * 2 / ms / 1e6
     print(f"{'decode paged':<26}{ms:>11.3f}{gbs:>8.0f}G{bms:>9.3f}{bms / ms:>8.2f}   (GB/s of the k/v cache)")
+
+
+def quant() -> None:
+    """Weight-only quantized linear, 4096 x 4096 weight, bf16 x: GEMV (M = 1, GB/s over the packed weight bytes
+    plus scales) and GEMM (M = 64, TFLOP/s), int4 (group 128) and nf4 (block 64), vs a dense bf16 x @ W.T."""
+    import llmkern.ops as lk
+
+    dev, dt, n, k = "cuda", torch.bfloat16, 4096, 4096
+    w = torch.randn(n, k, dtype=dt) * 0.02  # quantized on the CPU (there is no CUDA quantize), then moved
+    wd = w.to(dev)
+    packed4, scales, _ = (t.to(dev) for t in lk.quantize_int4(w, group_size=128))
+    packednf, absmax = (t.to(dev) for t in lk.quantize_nf4(w, 64))
+    weights = {
+        "int4 g128": (packed4.numel() + scales.numel() * 2,
+                      lambda x: lk.int4_linear(x, packed4, scales, None, 128)),
+        "nf4 b64": (packednf.numel() + absmax.numel() * 4, lambda x: lk.nf4_linear(x, packednf, absmax, n, 64)),
+    }
+    print(f"{'quant linear 4096x4096':<26}{'M':>4}{'llmkern ms':>11}{'GB/s':>8}{'TFLOP/s':>9}{'dense ms':>10}{'x dense':>9}")
+    for m in (1, 64):
+        x = torch.randn(m, k, dtype=dt, device=dev)
+        dms = time_ms(lambda: x @ wd.T)
+        for name, (nbytes, fn) in weights.items():
+            ms = time_ms(lambda: fn(x))
+            print(f"{name:<26}{m:>4}{ms:>11.4f}{nbytes / ms / 1e6:>8.0f}{2 * m * n * k / ms / 1e9:>9.2f}{dms:>10.4f}"
+                  f"{dms / ms:>9.2f}")
 
 
 if __name__ == "__main__":

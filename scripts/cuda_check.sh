@@ -86,6 +86,7 @@ done >"$tmp/rows"
 
 # Demangle and shorten: "void llmkern::cuda::(anonymous namespace)::k<float, 4>(args)" -> "k<float, 4>".
 cut -d' ' -f2 "$tmp/rows" | c++filt | sed -E 's/\(llmkern::Activation\)0/silu/g; s/\(llmkern::Activation\)1/gelu_tanh/g;
+  s/\(llmkern::QFormat\)0/nf4/g; s/\(llmkern::QFormat\)1/int4/g; s/\(llmkern::QFormat\)2/int8/g;
   s/^void //; s/\(anonymous namespace\):://g; s/\(.*$//; s/^[a-z_:]*:://; s/__nv_bfloat16/bf16/g; s/__half/f16/g; s/ //g' >"$tmp/names"
 paste -d' ' "$tmp/names" <(cut -d' ' -f1,3- "$tmp/rows") | sort >"$tmp/table"
 

@@ -7,6 +7,7 @@
 #include "ops/activation.h"
 #include "ops/attention.h"
 #include "ops/norm.h"
+#include "ops/quant.h"
 #include "ops/rope.h"
 
 namespace llmkern {
@@ -86,6 +87,30 @@ struct CudaAttention {
   static void check_slots(const KvWriteParams&) {}
 };
 
+struct CudaQuant {
+  static constexpr c10::DeviceType device = c10::DeviceType::CUDA;
+  static void qlinear(const QLinearParams& p) {
+    run_on_current_stream("quantized linear", [&](cudaStream_t s) { return qlinear_cuda(p, s); });
+  }
+  static void dequantize(const QDequantParams& p) {
+    run_on_current_stream("dequantize", [&](cudaStream_t s) { return dequantize_cuda(p, s); });
+  }
+  // No quantize / blockwise8: quantization is a one-time CPU step. The CUDA registrations below turn the
+  // dispatcher's generic "no CUDA backend" error into one that says what to do.
+};
+
+[[noreturn]] void no_cuda_quantize(const char* op) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "llmkern::", op, ": there is no CUDA kernel; quantization runs on the CPU: ",
+                              "quantize w.cpu() and move the results to the GPU with .to(device)");
+}
+
+std::tuple<Tensor, Tensor> quantize_nf4_cuda(const Tensor&, int64_t, const Tensor&) { no_cuda_quantize("quantize_nf4"); }
+std::tuple<Tensor, Tensor, Tensor> quantize_int4_cuda(const Tensor&, int64_t, bool) { no_cuda_quantize("quantize_int4"); }
+std::tuple<Tensor, Tensor> quantize_int8_cuda(const Tensor&) { no_cuda_quantize("quantize_int8"); }
+std::tuple<Tensor, Tensor> quantize_blockwise8_cuda(const Tensor&, const Tensor&, int64_t) {
+  no_cuda_quantize("quantize_blockwise8");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llmkern, CUDA, m) {
@@ -93,6 +118,12 @@ TORCH_LIBRARY_IMPL(llmkern, CUDA, m) {
   register_activation_ops<CudaActivation>(m);
   register_rope_ops<CudaRope>(m);
   register_attention_ops<CudaAttention>(m);
+  register_quant_ops<CudaQuant>(m);
+  static_assert(!QuantOps<CudaQuant>::can_quantize && !QuantOps<CudaQuant>::can_blockwise8);
+  m.impl("quantize_nf4", &quantize_nf4_cuda);
+  m.impl("quantize_int4", &quantize_int4_cuda);
+  m.impl("quantize_int8", &quantize_int8_cuda);
+  m.impl("quantize_blockwise8", &quantize_blockwise8_cuda);
 }
 
 }  // namespace llmkern

@@ -7,6 +7,7 @@
 #include "kernels/activation.h"
 #include "kernels/attention.h"
 #include "kernels/norm.h"
+#include "kernels/quant.h"
 #include "kernels/rope.h"
 
 namespace llmkern {
@@ -33,5 +34,13 @@ cudaError_t attn_fwd_cuda(const AttnParams& p, cudaStream_t stream);
 int64_t attn_fwd_cuda_workspace_bytes(const AttnParams& p, int num_sms);
 cudaError_t attn_bwd_cuda(const AttnBwdParams& p, cudaStream_t stream);
 cudaError_t kv_write_cuda(const KvWriteParams& p, cudaStream_t stream);
+
+// Weight-only quantized linear out = x @ dequant(W)^T (+ bias) and dequantize (formats: kernels/quant.h).
+// x/out f32, bf16, f16 (f64 too, through a slow element-wise kernel). Fast paths need k % 32 == 0, the
+// packed data 16-byte aligned and a power-of-two group; other shapes run a slower element-wise kernel.
+// cudaErrorInvalidValue for a weight the kernels cannot index (missing tables or scales, int4 with
+// k % group != 0 or odd k). There is no CUDA quantize: quantization runs on the CPU.
+cudaError_t qlinear_cuda(const QLinearParams& p, cudaStream_t stream);
+cudaError_t dequantize_cuda(const QDequantParams& p, cudaStream_t stream);
 
 }  // namespace llmkern
