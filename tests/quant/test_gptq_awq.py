@@ -38,9 +38,10 @@ def reference(q, z, s, g_idx):
 
 
 def check_linear(qw, wt):
+    """Int4Linear(qw)(x) = x @ wt, wt [K, N] fp32 in the original input-feature order."""
     lin = Int4Linear(qw)
     x = torch.randn(3, wt.shape[0])
-    torch.testing.assert_close(lin(x), x @ wt.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lin(x), x @ wt, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -76,7 +77,7 @@ def test_gptq_import(k, n, group, act_order, sym, fmt):
     if not act_order:
         qw2 = from_gptq(qweight, qzeros, s, group_size=group, checkpoint_format=fmt)
         assert torch.equal(qw2.dequantize(torch.float16), wt.t())
-    check_linear(qw, wt)
+    check_linear(qw, reference(q, z, s.float(), g_idx))
 
 
 def test_gptq_v1_zero_overflow_decodes_as_autogptq():
@@ -107,7 +108,7 @@ def test_awq_import(k, n, group):
     wt = reference(q, z, s, g_idx)
     assert torch.equal(qw.dequantize(torch.float16), wt.t())
     assert qw.perm is None and qw.group_size == group
-    check_linear(qw, wt)
+    check_linear(qw, reference(q, z, s.float(), g_idx))
 
 
 def test_import_bad_inputs():

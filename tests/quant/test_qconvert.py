@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -93,8 +94,12 @@ def test_convert_skips_unsupported_shapes_and_bad_args(tmp_path, capsys):
     src = tmp_path / "src"
     tiny_llama_dir(src, shard=False)
     # int4 group 128: hidden 64 / intermediate 160 are not divisible, so every layer is left as is.
-    with pytest.warns(UserWarning, match="not quantizing 'model.layers.0.mlp.down_proj'"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert convert_main([str(src), "--out", str(tmp_path / "o"), "--format", "int4", "--no-progress"]) == 0
+    assert len(caught) == 14
+    assert "not quantizing 'model.layers.0.mlp.down_proj' (in_features 160 is not divisible" in \
+        "".join(str(w.message) for w in caught)
     assert "quantized 0 layers" in capsys.readouterr().out
     assert convert_main([str(src), "--format", "int8", "--group-size", "64"]) == 2
     assert "does not apply to int8" in capsys.readouterr().err
