@@ -190,8 +190,11 @@ class LlamaMLP(nn.Module):
         return self.down_proj(lk.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
-@pytest.mark.parametrize("config", [NF4Config(), Int4Config(group_size=64, symmetric=False), Int8Config()],
-                         ids=["nf4", "int4", "int8"])
+@pytest.mark.parametrize(
+    "config",
+    [NF4Config(), Int4Config(group_size=64, symmetric=False), pytest.param(Int8Config(), marks=pytest.mark.slow)],
+    ids=["nf4", "int4", "int8"],
+)
 def test_quantized_mlp_compiles_fullgraph(config):
     mlp = quantize_(LlamaMLP(), config)
     torch._dynamo.reset()
