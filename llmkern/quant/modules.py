@@ -8,6 +8,7 @@ gradient; x and bias do, so LoRA adapters on top train as in QLoRA). `state_dict
 - Int4Linear: `weight` (uint8 [N, K/2]), `scales` [N, K/G], `zeros` (uint8 [N, K/G], asymmetric only),
   `perm` (int64 [K], GPTQ act-order only), `bias`. The group size is K / scales.shape[1].
 - Int8Linear: `weight` (int8 [N, K]), `scales` [N], `bias`.
+`.to(dtype)` / `.half()` move the quantized state between devices but never cast it (only the bias).
 `load_state_dict` takes the layout from the state dict (block size, double quant, group size,
 symmetric, perm may differ from the module's), checks it against in/out features and replaces the buffers.
 """
@@ -34,6 +35,20 @@ class _QuantLinear(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+
+    def _apply(self, fn, recurse=True):
+        """Moves the quantized state between devices but never casts it: `.to(torch.bfloat16)` / `.half()`
+        would round scales and absmax (and break the uint8/int8 codes' meaning). The bias follows fn."""
+        state = {k: v for k, v in self._buffers.items() if v is not None}
+        for k in state:
+            self._buffers[k] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for k, t in state.items():
+                probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+                self._buffers[k] = fn(t) if probe.dtype == t.dtype else t.to(probe.device)
+        return self
 
     def _bias_for(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(x.dtype)

@@ -79,6 +79,23 @@ def test_state_dict_and_safetensors_round_trip(fmt, tmp_path):
         assert torch.equal(q3(x), q(x))
 
 
+@pytest.mark.parametrize("fmt", ["nf4-dq", "int4-asym", "int8"])
+def test_dtype_casts_keep_the_quantized_state(fmt):
+    q = FORMATS[fmt](make_linear())
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q.to(torch.bfloat16)
+    after = q.state_dict()
+    assert after["bias"].dtype == torch.bfloat16
+    for k, v in before.items():
+        if k != "bias":
+            assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    x = torch.randn(2, 192, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert q(x).dtype == torch.bfloat16
+    q.half().float()
+    assert all(torch.equal(q.state_dict()[k], v) for k, v in before.items() if k != "bias")
+
+
 def test_load_state_dict_errors():
     q = NF4Linear.from_linear(make_linear())
     sd = q.state_dict()
