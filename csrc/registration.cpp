@@ -89,6 +89,33 @@ TORCH_LIBRARY(llmkern, m) {
   // slot_mapping [tokens] int64 (slot = block * block_size + offset; -1 skips the token).
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 
+  // Weight-only quantization (formats and math: kernels/quant.h; Python face: llmkern/ops/quant.py).
+  // Weights are W [N, K] (nn.Linear layout). Codes: nf4 code fp32 [16], nested/blockwise8 code fp32 [256].
+  // bitsandbytes' quantize_4bit(nf4): w any shape -> (packed uint8 [(numel + 1) / 2, 1], absmax fp32 [blocks]).
+  m.def("quantize_nf4(Tensor w, int block_size, Tensor code) -> (Tensor, Tensor)");
+  // bitsandbytes' quantize_blockwise (CPU LUT algorithm): x fp32 -> (q uint8 [numel], absmax fp32 [blocks]).
+  m.def("quantize_blockwise8(Tensor x, Tensor code, int block_size) -> (Tensor, Tensor)");
+  // NF4 -> Tensor[shape] of dtype; absmax fp32 [blocks], or uint8 codes [blocks] when nested_absmax
+  // (fp32 [ceil(blocks / 256)]) and nested_code are given (bitsandbytes' double quant).
+  m.def("dequantize_nf4(Tensor packed, Tensor absmax, int[] shape, ScalarType dtype, int block_size, Tensor code,"
+        " Tensor? nested_absmax, Tensor? nested_code, float nested_offset) -> Tensor");
+  // Group-wise int4 (round to nearest): w [N, K] -> (packed uint8 [N, K / 2], scales [N, K / G] (w's dtype),
+  // zeros uint8 [N, K / G], empty [0] when symmetric).
+  m.def("quantize_int4(Tensor w, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)");
+  // int4 -> [N, K] of dtype (None: scales' dtype); zeros None means symmetric (zero point 8).
+  m.def("dequantize_int4(Tensor packed, Tensor scales, Tensor? zeros, int group_size, ScalarType? dtype) -> Tensor");
+  // Per-row int8: w [N, K] -> (q int8 [N, K], scales [N] (w's dtype)).
+  m.def("quantize_int8(Tensor w) -> (Tensor, Tensor)");
+  // int8 -> [N, K] of dtype (None: scales' dtype).
+  m.def("dequantize_int8(Tensor q, Tensor scales, ScalarType? dtype) -> Tensor");
+  // x [..., K] @ dequantize_nf4(W [out_features, K]).T (+ bias [out_features]) -> [..., out_features] in x's dtype.
+  m.def("nf4_linear(Tensor x, Tensor packed, Tensor absmax, int out_features, int block_size, Tensor code,"
+        " Tensor? bias, Tensor? nested_absmax, Tensor? nested_code, float nested_offset) -> Tensor");
+  // x [..., K] @ dequantize_int4(packed [N, K / 2], scales, zeros).T (+ bias [N]) -> [..., N] in x's dtype.
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int group_size, Tensor? bias) -> Tensor");
+  // x [..., K] @ dequantize_int8(q [N, K], scales [N]).T (+ bias [N]) -> [..., N] in x's dtype.
+  m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor");
+
   // Benchmark ceilings: wide-SIMD copy and read loops over all threads (bench/harness.py).
   m.def("bench_copy_(Tensor(a!) dst, Tensor src) -> ()");
   m.def("bench_read(Tensor src) -> float");

@@ -1,0 +1,268 @@
+// Quantize / dequantize cores for the weight-only formats of kernels/quant.h, compiled once per CPU ISA.
+// Quantization follows the contract bit for bit (bitsandbytes' CPU results for nf4 and blockwise8).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cpu/vec/vec.h"
+#include "kernels/parallel.h"
+#include "kernels/quant.h"
+
+namespace llmkern {
+namespace LLMKERN_ISA {
+namespace {
+
+// Keeps the compiler from fusing the rounded product or sum around it into an FMA (the formats round
+// each fp32 operation; GCC contracts a * b + c by default).
+static inline float rounded(float x) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(x));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(x));
+#else
+  volatile float v = x;
+  x = v;
+#endif
+  return x;
+}
+
+template <typename T> static inline float load_f(const T* p, int64_t i) { return to_float(p[i]); }
+template <typename T> static inline void store_f(T* p, int64_t i, float v);
+template <> inline void store_f<float>(float* p, int64_t i, float v) { p[i] = v; }
+template <> inline void store_f<double>(double* p, int64_t i, float v) { p[i] = double(v); }
+template <> inline void store_f<bf16>(bf16* p, int64_t i, float v) { p[i] = to_bf16(v); }
+template <> inline void store_f<f16>(f16* p, int64_t i, float v) { p[i] = to_f16(v); }
+
+static inline float scales_at(const QWeight& w, int64_t i) {
+  switch (w.scales_dtype) {
+    case DType::bf16: return to_float(static_cast<const bf16*>(w.scales)[i]);
+    case DType::f16: return to_float(static_cast<const f16*>(w.scales)[i]);
+    case DType::f64: return float(static_cast<const double*>(w.scales)[i]);
+    default: return static_cast<const float*>(w.scales)[i];
+  }
+}
+
+// Rounds v to scales_dtype and back, and stores it there.
+static inline float store_scale(const QWeight& w, int64_t i, float v) {
+  void* s = const_cast<void*>(w.scales);
+  switch (w.scales_dtype) {
+    case DType::bf16: static_cast<bf16*>(s)[i] = to_bf16(v); return to_float(to_bf16(v));
+    case DType::f16: static_cast<f16*>(s)[i] = to_f16(v); return to_float(to_f16(v));
+    case DType::f64: static_cast<double*>(s)[i] = double(v); return v;
+    default: static_cast<float*>(s)[i] = v; return v;
+  }
+}
+
+// absmax of nf4 block b (nested: code2[q] * absmax2[b / 256] + offset, each rounded to fp32).
+static inline float nf4_absmax(const QWeight& w, int64_t b) {
+  if (w.absmax) return w.absmax[b];
+  return rounded(w.nested_code[w.nested_q[b]] * w.nested_absmax[b / 256]) + w.nested_offset;
+}
+
+// ---- dequantize
+
+template <typename T>
+void dequant_nf4(const QWeight& w, T* out) {
+  const int64_t numel = w.n * w.k, blocks = (numel + w.group - 1) / w.group;
+  const uint8_t* data = static_cast<const uint8_t*>(w.data);
+  parallel_for(0, blocks, grain_for(w.group * int64_t(sizeof(T))), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float am = nf4_absmax(w, b);
+      const int64_t e1 = std::min(numel, (b + 1) * w.group);
+      for (int64_t e = b * w.group; e < e1; ++e) {
+        const uint8_t byte = data[e >> 1];
+        const int q = (e & 1) ? (byte & 0xF) : (byte >> 4);
+        store_f(out, e, w.code[q] * am);
+      }
+    }
+  });
+}
+
+template <typename T>
+void dequant_int4(const QWeight& w, T* out) {
+  const int64_t groups = w.k / w.group;
+  const uint8_t* data = static_cast<const uint8_t*>(w.data);
+  parallel_for(0, w.n, grain_for(w.k * int64_t(sizeof(T))), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = data + r * (w.k / 2);
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = scales_at(w, r * groups + g);
+        const int z = w.zeros ? w.zeros[r * groups + g] : 8;
+        for (int64_t c = g * w.group; c < (g + 1) * w.group; ++c) {
+          const int q = (c & 1) ? (row[c >> 1] & 0xF) : (row[c >> 1] >> 4);
+          store_f(out, r * w.k + c, float(q - z) * s);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void dequant_int8(const QWeight& w, T* out) {
+  const int8_t* data = static_cast<const int8_t*>(w.data);
+  parallel_for(0, w.n, grain_for(w.k * int64_t(sizeof(T))), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float s = scales_at(w, r);
+      for (int64_t c = 0; c < w.k; ++c) store_f(out, r * w.k + c, float(data[r * w.k + c]) * s);
+    }
+  });
+}
+
+// ---- quantize
+
+// The nf4 code of v: the number of midpoints strictly below v (an exact midpoint takes the lower code).
+static inline int nf4_code(float v, const float* mid) {
+  int q = 0;
+  for (int i = 0; i < 15; ++i) q += mid[i] < v;
+  return q;
+}
+
+template <typename T>
+void quant_nf4(const QQuantParams& p) {
+  const QWeight& w = p.w;
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t numel = w.n * w.k, bs = w.group, blocks = (numel + bs - 1) / bs;
+  float mid[15];
+  for (int i = 0; i < 15; ++i) mid[i] = (w.code[i] + w.code[i + 1]) / 2.0f;
+  uint8_t* data = static_cast<uint8_t*>(const_cast<void*>(w.data));
+  float* absmax = const_cast<float*>(w.absmax);
+  parallel_for(0, blocks, grain_for(bs * int64_t(sizeof(T))), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e0 = b * bs, e1 = std::min(numel, e0 + bs);
+      float am = 0.f;
+      for (int64_t e = e0; e < e1; ++e) am = std::max(am, std::fabs(load_f(x, e)));
+      const bool partial = e1 - e0 < bs;
+      const float clamped = std::max(am, 1e-38f), recip = 1.0f / clamped;
+      absmax[b] = partial ? clamped : am;
+      for (int64_t e = e0; e < e1; e += 2) {
+        int q[2] = {7, 7};  // an odd numel pads the last low nibble with code 7 (0.0)
+        for (int j = 0; j < 2 && e + j < e1; ++j) {
+          const float xv = load_f(x, e + j);
+          const float v = std::clamp(partial ? xv / clamped : xv * recip, -1.0f, 1.0f);
+          q[j] = nf4_code(v, mid);
+        }
+        data[e >> 1] = uint8_t((q[0] << 4) | q[1]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void quant_int4(const QQuantParams& p) {
+  const QWeight& w = p.w;
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t groups = w.k / w.group;
+  uint8_t* data = static_cast<uint8_t*>(const_cast<void*>(w.data));
+  uint8_t* zeros = const_cast<uint8_t*>(w.zeros);
+  parallel_for(0, w.n, grain_for(w.k * int64_t(sizeof(T))), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t c0 = g * w.group, c1 = c0 + w.group, i = r * groups + g;
+        const T* xr = x + r * w.k;
+        float lo = 0.f, hi = 0.f, s;
+        int z;
+        for (int64_t c = c0; c < c1; ++c) {
+          const float v = load_f(xr, c);
+          lo = std::min(lo, v);
+          hi = std::max(hi, v);
+        }
+        if (!zeros) {
+          const float xmax = std::max(-lo, hi);
+          s = store_scale(w, i, xmax == 0.f ? 1.0f : 2.0f * xmax / 15.0f);
+          z = 8;
+        } else {
+          if (lo == 0.f && hi == 0.f) lo = -1.f, hi = 1.f;
+          s = store_scale(w, i, (hi - lo) / 15.0f);
+          z = int(std::clamp(std::nearbyint(-lo / s), 0.0f, 15.0f));
+          zeros[i] = uint8_t(z);
+        }
+        for (int64_t c = c0; c < c1; c += 2) {
+          int q[2];
+          for (int j = 0; j < 2; ++j)
+            q[j] = int(std::clamp(std::nearbyint(load_f(xr, c + j) / s) + float(z), 0.0f, 15.0f));
+          data[r * (w.k / 2) + (c >> 1)] = uint8_t((q[0] << 4) | q[1]);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void quant_int8(const QQuantParams& p) {
+  const QWeight& w = p.w;
+  const T* x = static_cast<const T*>(p.x);
+  int8_t* data = static_cast<int8_t*>(const_cast<void*>(w.data));
+  parallel_for(0, w.n, grain_for(w.k * int64_t(sizeof(T))), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * w.k;
+      float am = 0.f;
+      for (int64_t c = 0; c < w.k; ++c) am = std::max(am, std::fabs(load_f(xr, c)));
+      const float s = store_scale(w, r, am / 127.0f);
+      for (int64_t c = 0; c < w.k; ++c)
+        data[r * w.k + c] = s == 0.f ? 0 : int8_t(std::clamp(std::nearbyint(load_f(xr, c) / s), -127.0f, 127.0f));
+    }
+  });
+}
+
+}  // namespace
+
+void dequantize_kernel(const QDequantParams& p) {
+  visit_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    T* out = static_cast<T*>(p.out);
+    switch (p.w.format) {
+      case QFormat::nf4: return dequant_nf4(p.w, out);
+      case QFormat::int4: return dequant_int4(p.w, out);
+      case QFormat::int8: return dequant_int8(p.w, out);
+    }
+  });
+}
+
+void quantize_kernel(const QQuantParams& p) {
+  visit_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (!std::is_same_v<T, double>) {
+      switch (p.w.format) {
+        case QFormat::nf4: return quant_nf4<T>(p);
+        case QFormat::int4: return quant_int4<T>(p);
+        case QFormat::int8: return quant_int8<T>(p);
+      }
+    }
+  });
+}
+
+void quantize_blockwise8_kernel(const Blockwise8Params& p) {
+  // bitsandbytes' CPU LUT: lut[j] = #{ i : mid[i] < -1 + 2 j / 65535 }.
+  float mid[255];
+  for (int i = 0; i < 255; ++i) mid[i] = 0.5f * (p.code[i] + p.code[i + 1]);
+  static thread_local uint8_t lut[65536];
+  for (int j = 0; j < 65536; ++j) {
+    const float val = -1.0f + (2.0f * float(j)) / 65535.0f;
+    int q = 0;
+    while (q < 255 && mid[q] < val) ++q;  // mid is sorted
+    lut[j] = uint8_t(q);
+  }
+  const uint8_t* table = lut;
+  const int64_t blocks = (p.numel + p.block - 1) / p.block;
+  parallel_for(0, blocks, grain_for(p.block * 4), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e0 = b * p.block, e1 = std::min(p.numel, e0 + p.block);
+      float am = 0.f;
+      for (int64_t e = e0; e < e1; ++e) am = std::max(am, std::fabs(p.x[e]));
+      p.absmax[b] = am;
+      if (am == 0.f) {
+        std::memset(p.q + e0, 0, size_t(e1 - e0));
+        continue;
+      }
+      const float recip = 1.0f / am;
+      for (int64_t e = e0; e < e1; ++e) {
+        const float v = std::clamp(p.x[e] * recip, -1.0f, 1.0f);
+        const float t = rounded(((v + 1.0f) * 0.5f) * 65535.0f);
+        p.q[e] = table[int(t + 0.5f)];
+      }
+    }
+  });
+}
+
+}  // namespace LLMKERN_ISA
+}  // namespace llmkern
