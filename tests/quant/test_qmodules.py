@@ -41,7 +41,7 @@ def make_linear(k=192, n=80, bias=True, dtype=torch.float32):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_forward_equals_dequantized_linear(fmt, xdtype, bias):
+def test_forward_equals_dequantized_linear(cpu_isa, fmt, xdtype, bias):
     lin = make_linear(bias=bias)
     q = FORMATS[fmt](lin)
     assert not any(p.requires_grad for p in q.buffers())
@@ -207,11 +207,8 @@ class LlamaMLP(nn.Module):
         return self.down_proj(lk.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
-@pytest.mark.parametrize(
-    "config",
-    [NF4Config(), Int4Config(group_size=64, symmetric=False), pytest.param(Int8Config(), marks=pytest.mark.slow)],
-    ids=["nf4", "int4", "int8"],
-)
+@pytest.mark.parametrize("config", [NF4Config(), Int4Config(group_size=64, symmetric=False), Int8Config()],
+                         ids=["nf4", "int4", "int8"])
 def test_quantized_mlp_compiles_fullgraph(config):
     mlp = quantize_(LlamaMLP(), config)
     torch._dynamo.reset()
