@@ -94,7 +94,8 @@ def quantize_(
     """Replace, in place, every nn.Linear of `model` accepted by filter_fn(module, qualified_name) with
     its quantized module (NF4Linear / Int4Linear / Int8Linear per config) and return the model.
 
-    Default filter: every nn.Linear except the output head (see output_heads). Shapes the format cannot
+    Default filter: every nn.Linear except the output head (see output_heads) and nn.MultiheadAttention's
+    out_proj (which that module never calls). Shapes the format cannot
     take (Int4: in_features not divisible by group_size) are skipped with a warning naming the layer
     under the default filter, and refused with a ValueError naming it when filter_fn asked for them."""
     if not isinstance(config, (NF4Config, Int4Config, Int8Config)):
@@ -103,7 +104,9 @@ def quantize_(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if filter_fn is None:
         heads = output_heads(model)
-        chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in heads]
+        # nn.MultiheadAttention reads its out_proj.weight directly (never calls the module): leave it.
+        chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in heads
+                  and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
     else:
         chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and filter_fn(m, n)]
     if isinstance(model, nn.Linear) and chosen and chosen[0][0] == "":

@@ -182,6 +182,10 @@ def test_quantize_model_default_filter_and_refusals():
     assert isinstance(m.odd, NF4Linear) and isinstance(m.head, nn.Linear)
     m = quantize_(TinyLM(), Int8Config())
     assert isinstance(m.odd, Int8Linear)
+    mha = nn.Sequential(nn.MultiheadAttention(64, 4), nn.Linear(64, 64))
+    quantize_(mha, NF4Config())
+    assert type(mha[0].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(mha[1], NF4Linear)
 
 
 def test_config_validation():
