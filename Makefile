@@ -4,17 +4,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
+BNB_SPEC ?= bitsandbytes==0.50.2
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
 .PHONY: setup build test bench info cuda-check gpu-check clean
 
 setup: build
 
-$(VENV)/.deps: requirements-dev.txt
+$(VENV)/.deps: requirements-dev.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# Keep a torch that is already there; else the local CPU build (never an unpinned, multi-GB CUDA torch).
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -r requirements-dev.txt
+	# bitsandbytes (the NF4 reference in tests/quant) without its dependencies, so it can never move torch.
+	$(PIP) install -q --no-deps "$(BNB_SPEC)"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

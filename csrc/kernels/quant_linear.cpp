@@ -1,12 +1,450 @@
-// Fused weight-only quantized linear (kernels/quant.h). STUB: the real kernels land with helper qlinear.
-#include <stdexcept>
+// Fused weight-only quantized linear, out = x @ dequant(W)^T (+ bias), compiled once per CPU ISA.
+//
+// Fast path (nf4 with k % block == 0, int4, int8; x fp32/bf16/fp16): x is converted once per call to an
+// fp32 scratch copy whose k order matches the order in which the packed weight decodes, and every output
+// tile is a register block of MR rows of x times NR rows of W, the weight decoded on the fly from the
+// packed bytes (each packed byte is read once per MR rows of x: once in all for M <= 4, the GEMV case).
+//
+// 4-bit decode without unpacking: one 32-bit lane holds P nibbles (P = 8: a plain load; 4: 16-bit words
+// zero-extended; 2: bytes zero-extended). Shifting the lane right by 4j puts nibble j in its low 4 bits,
+// and vpermps (AVX-512: one 16-entry permute; AVX2: two 8-entry permutes and a blend) looks up the
+// dequantized value in a 16-float table that already holds (code - z) * s (int4) or code * absmax (nf4)
+// for the current group: the table is rebuilt once per group and row, so the inner loop is shift, permute,
+// FMA. Nibble j of lane l is element l * P + (j ^ 1) of the chunk (the high nibble is the even element),
+// so x is stored in that permuted order per chunk of L * P elements (L = lanes). A chunk never straddles
+// a group (L * P <= group).
+//
+// int8: 16 (8) bytes sign-extended and converted per vector, natural k order, the row scale applied once
+// at the end. The k % L tail is added in the epilogue.
+//
+// Blocking: rows of W are split into tiles of NT rows (parallel over tiles); within a tile, k is split
+// into chunks of about 1024 (whole groups) so the x chunk of one MR block stays in L1 while the tile's
+// NR-row blocks stream past it; the MR x NR vector accumulators live in a per-tile scratch between chunks
+// and are reduced once at the end.
+//
+// Generic path (nf4 whose rows do not start on a block boundary or odd k, fp64): each row of W is
+// dequantized to fp32 once and dotted with every row of x.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
 
+#include "cpu/vec/vec.h"
+#include "kernels/attention_tile.h"
+#include "kernels/parallel.h"
 #include "kernels/quant.h"
+
+#if defined(LLMKERN_ISA_AVX512) || defined(LLMKERN_ISA_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace llmkern {
 namespace LLMKERN_ISA {
+namespace {
 
-void qlinear_kernel(const QLinearParams&) { throw std::runtime_error("qlinear_kernel: not implemented yet"); }
+using attn::Scratch;
+
+// ---------------------------------------------------------------- scalar helpers
+
+static inline float scalar_at(const void* p, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::f32: return static_cast<const float*>(p)[i];
+    case DType::bf16: return to_float(static_cast<const bf16*>(p)[i]);
+    case DType::f16: return to_float(static_cast<const f16*>(p)[i]);
+    case DType::f64: return float(static_cast<const double*>(p)[i]);
+  }
+  return 0.f;
+}
+
+// bitsandbytes' nested absmax: an fp32 multiply rounded, then an fp32 add rounded (never an FMA: the
+// volatile keeps the compiler from contracting the two).
+static inline float nf4_absmax(const QWeight& w, int64_t b) {
+  if (!w.nested_q) return w.absmax[b];
+  volatile float prod = w.nested_code[w.nested_q[b]] * w.nested_absmax[b / 256];
+  return prod + w.nested_offset;
+}
+
+// Scale s and integer offset z of group g of row r: w = (q - z) * s (nf4: the code value * s, z = 0).
+struct GroupScale {
+  float s, z;
+};
+
+static inline GroupScale group_scale(const QWeight& w, int64_t groups, int64_t r, int64_t g) {
+  switch (w.format) {
+    case QFormat::nf4: return {nf4_absmax(w, r * groups + g), 0.f};
+    case QFormat::int4:
+      return {scalar_at(w.scales, w.scales_dtype, r * groups + g),
+              w.zeros ? float(w.zeros[r * groups + g]) : 8.f};
+    case QFormat::int8: return {scalar_at(w.scales, w.scales_dtype, r), 0.f};
+  }
+  return {0.f, 0.f};
+}
+
+// Dequantized element e of the flattened weight (fp32), for the generic path.
+static inline float dequant_at(const QWeight& w, int64_t r, int64_t c) {
+  if (w.format == QFormat::int8) return float(static_cast<const int8_t*>(w.data)[r * w.k + c]) * group_scale(w, 1, r, 0).s;
+  const int64_t e = r * w.k + c;
+  const uint8_t byte = static_cast<const uint8_t*>(w.data)[e / 2];
+  const int q = (e & 1) ? (byte & 15) : (byte >> 4);
+  if (w.format == QFormat::nf4) return w.code[q] * nf4_absmax(w, e / w.group);
+  const GroupScale gs = group_scale(w, w.k / w.group, r, c / w.group);
+  return (float(q) - gs.z) * gs.s;
+}
+
+template <typename T>
+static inline void store_scalar(T* p, float v) {
+  if constexpr (std::is_same_v<T, double>) *p = double(v); else ScalarVec<float>{v}.store(p);
+}
+
+// ---------------------------------------------------------------- per-ISA decode
+
+#if defined(LLMKERN_ISA_AVX512)
+
+struct Codec {
+  using V = VecF;
+  static constexpr int L = 16;
+  using Raw = __m512i;
+  struct Table { __m512 t; };
+  // (base - z) * s, computed per lane exactly as (q - z) * s / code * s.
+  static Table table(const float* base, float z, float s) {
+    return {_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(base), _mm512_set1_ps(z)), _mm512_set1_ps(s))};
+  }
+  template <int P> static Raw raw(const uint8_t* p) {
+    if constexpr (P == 8) return _mm512_loadu_si512(p);
+    else if constexpr (P == 4) return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    else return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  template <int J> static V decode(Raw r, const Table& t) {
+    const __m512i idx = J ? _mm512_srli_epi32(r, 4 * J) : r;  // vpermps reads the low 4 bits only
+    return {_mm512_permutexvar_ps(idx, t.t)};
+  }
+  static V int8(const int8_t* p) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+  }
+};
+
+#elif defined(LLMKERN_ISA_AVX2)
+
+struct Codec {
+  using V = VecF;
+  static constexpr int L = 8;
+  using Raw = __m256i;
+  struct Table { __m256 lo, hi; };
+  static Table table(const float* base, float z, float s) {
+    const __m256 zv = _mm256_set1_ps(z), sv = _mm256_set1_ps(s);
+    return {_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(base), zv), sv),
+            _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(base + 8), zv), sv)};
+  }
+  template <int P> static Raw raw(const uint8_t* p) {
+    if constexpr (P == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    else if constexpr (P == 4) return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    else return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  // Entries 0..7 and 8..15 through two 8-entry permutes (low 3 bits), chosen by bit 3 moved to the sign.
+  template <int J> static V decode(Raw r, const Table& t) {
+    const __m256i idx = J ? _mm256_srli_epi32(r, 4 * J) : r;
+    const __m256 lo = _mm256_permutevar8x32_ps(t.lo, idx), hi = _mm256_permutevar8x32_ps(t.hi, idx);
+    const __m256i sel = (J == 7) ? r : _mm256_slli_epi32(r, 28 - 4 * J);
+    return {_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(sel))};
+  }
+  static V int8(const int8_t* p) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+  }
+};
+
+#else
+
+struct Codec {
+  using V = VecF;  // ArrayVec<8>
+  static constexpr int L = V::W;
+  struct Raw { uint32_t v[L]; };
+  struct Table { float t[16]; };
+  static Table table(const float* base, float z, float s) {
+    Table t;
+    for (int i = 0; i < 16; ++i) t.t[i] = (base[i] - z) * s;
+    return t;
+  }
+  template <int P> static Raw raw(const uint8_t* p) {
+    Raw r;
+    for (int l = 0; l < L; ++l) {
+      uint32_t u = 0;
+      for (int b = 0; b < P / 2; ++b) u |= uint32_t(p[l * (P / 2) + b]) << (8 * b);
+      r.v[l] = u;
+    }
+    return r;
+  }
+  template <int J> static V decode(const Raw& r, const Table& t) {
+    return V::make([&](int l) { return t.t[(r.v[l] >> (4 * J)) & 15]; });
+  }
+  static V int8(const int8_t* p) { return V::make([&](int l) { return float(p[l]); }); }
+};
+
+#endif
+
+using V = Codec::V;
+constexpr int L = Codec::L;
+
+template <int J, int N, typename F>
+static inline void static_for(F&& f) {
+  if constexpr (J < N) {
+    f(std::integral_constant<int, J>{});
+    static_for<J + 1, N>(f);
+  }
+}
+
+// ---------------------------------------------------------------- fast path
+
+constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+struct Job {
+  const QWeight* w;
+  const float* table_base;  // nf4: code; int4: 0..15
+  const float* xp;          // [mp][k] fp32, permuted per chunk (4-bit) or natural (int8)
+  int64_t k, kmain;         // kmain: the k the vector loops cover (int8: k rounded down to L)
+  int64_t groups;           // k / group
+  float* acc;               // [mp][nt] vectors of L floats (this tile)
+  int64_t nt;
+};
+
+// acc(m, n) += x rows [m0, m0 + MR) . W rows [n0, n0 + NR) over columns [c0, c1) (whole groups).
+template <int P, int MR, int NR>
+static void block4(const Job& j, int64_t m0, int64_t n0, int64_t nl0, int64_t c0, int64_t c1, bool first) {
+  constexpr int CE = L * P;
+  const QWeight& w = *j.w;
+  const uint8_t* rows[NR];
+  for (int n = 0; n < NR; ++n) rows[n] = static_cast<const uint8_t*>(w.data) + (n0 + n) * (w.k / 2);
+  const float* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = j.xp + (m0 + m) * j.k;
+  V a[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) a[m][n] = first ? V::zero() : V::load(j.acc + ((m0 + m) * j.nt + nl0 + n) * L);
+  const int64_t gsize = w.group;
+  for (int64_t g = c0 / gsize, g0 = c0; g0 < c1; ++g, g0 += gsize) {
+    typename Codec::Table t[NR];
+    for (int n = 0; n < NR; ++n) {
+      const GroupScale gs = group_scale(w, j.groups, n0 + n, g);
+      t[n] = Codec::table(j.table_base, gs.z, gs.s);
+    }
+    for (int64_t c = g0; c < g0 + gsize; c += CE) {
+      typename Codec::Raw r[NR];
+      for (int n = 0; n < NR; ++n) r[n] = Codec::template raw<P>(rows[n] + c / 2);
+      static_for<0, P>([&](auto jj) {
+        constexpr int J = decltype(jj)::value;
+        V wv[NR];
+        for (int n = 0; n < NR; ++n) wv[n] = Codec::template decode<J>(r[n], t[n]);
+        for (int m = 0; m < MR; ++m) {
+          const V xv = V::load(xr[m] + c + J * L);
+          for (int n = 0; n < NR; ++n) a[m][n] = fmadd(xv, wv[n], a[m][n]);
+        }
+      });
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) a[m][n].store(j.acc + ((m0 + m) * j.nt + nl0 + n) * L);
+}
+
+template <int MR, int NR>
+static void block8(const Job& j, int64_t m0, int64_t n0, int64_t nl0, int64_t c0, int64_t c1, bool first) {
+  const QWeight& w = *j.w;
+  const int8_t* rows[NR];
+  for (int n = 0; n < NR; ++n) rows[n] = static_cast<const int8_t*>(w.data) + (n0 + n) * w.k;
+  const float* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = j.xp + (m0 + m) * j.k;
+  V a[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) a[m][n] = first ? V::zero() : V::load(j.acc + ((m0 + m) * j.nt + nl0 + n) * L);
+  for (int64_t c = c0; c < c1; c += L) {
+    V wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = Codec::int8(rows[n] + c);
+    for (int m = 0; m < MR; ++m) {
+      const V xv = V::load(xr[m] + c);
+      for (int n = 0; n < NR; ++n) a[m][n] = fmadd(xv, wv[n], a[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) a[m][n].store(j.acc + ((m0 + m) * j.nt + nl0 + n) * L);
+}
+
+template <int P, int MR, int NR>
+static void block(const Job& j, int64_t m0, int64_t n0, int64_t nl0, int64_t c0, int64_t c1, bool first) {
+  if constexpr (P == 1) block8<MR, NR>(j, m0, n0, nl0, c0, c1, first);
+  else block4<P, MR, NR>(j, m0, n0, nl0, c0, c1, first);
+}
+
+// Register blocking per ISA: accumulators MR * NR within the vector registers with room for the decode.
+#if defined(LLMKERN_ISA_AVX512)
+constexpr int kBigMR = 8, kBigNR = 3, kSmallNR = 4;
+#elif defined(LLMKERN_ISA_AVX2)
+constexpr int kBigMR = 4, kBigNR = 2, kSmallNR = 2;
+#else
+constexpr int kBigMR = 4, kBigNR = 2, kSmallNR = 2;
+#endif
+
+// All row tiles [t0, t1) of NT rows each, for MR rows of x per block (x padded to mp rows).
+template <int P, int MR, int NR, typename T>
+static void run_tiles(const QLinearParams& p, const float* xp, int64_t mp, int64_t nt, int64_t kc, int64_t t0,
+                      int64_t t1) {
+  const QWeight& w = p.w;
+  const int64_t k = w.k;
+  const int64_t kmain = P == 1 ? k / L * L : k;
+  Scratch<float> acc(size_t(mp * nt * L));
+  Job j{&w, w.format == QFormat::nf4 ? w.code : kIota, xp, k, kmain, P == 1 ? 1 : k / w.group, acc.ptr, nt};
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t n_lo = tile * nt, n_hi = std::min(w.n, n_lo + nt);
+    const int64_t rows = n_hi - n_lo, rows_full = rows / NR * NR;
+    if (kmain == 0) std::memset(acc.ptr, 0, sizeof(float) * size_t(mp * nt * L));
+    for (int64_t c0 = 0; c0 < kmain; c0 += kc) {
+      const int64_t c1 = std::min(kmain, c0 + kc);
+      for (int64_t m0 = 0; m0 < mp; m0 += MR) {
+        for (int64_t nl = 0; nl < rows_full; nl += NR) block<P, MR, NR>(j, m0, n_lo + nl, nl, c0, c1, c0 == 0);
+        for (int64_t nl = rows_full; nl < rows; ++nl) block<P, MR, 1>(j, m0, n_lo + nl, nl, c0, c1, c0 == 0);
+      }
+    }
+    // Epilogue: reduce, int8 row scale and k tail, bias, round once to T.
+    for (int64_t m = 0; m < p.m; ++m) {
+      const T* x = static_cast<const T*>(p.x) + m * p.x_stride;
+      T* out = static_cast<T*>(p.out) + m * p.out_stride;
+      for (int64_t nl = 0; nl < rows; ++nl) {
+        const int64_t n = n_lo + nl;
+        float s = V::load(acc.ptr + (m * nt + nl) * L).reduce_add();
+        if constexpr (P == 1) {
+          const int8_t* q = static_cast<const int8_t*>(w.data) + n * k;
+          for (int64_t c = kmain; c < k; ++c) s += to_float(x[c]) * float(q[c]);
+          s *= group_scale(w, 1, n, 0).s;
+        }
+        if (p.bias) s += to_float(static_cast<const T*>(p.bias)[n]);
+        store_scalar(out + n, s);
+      }
+    }
+  }
+}
+
+// x rows converted to fp32 [mp][k], zero rows past m; 4-bit: permuted per chunk of L * P.
+template <typename T>
+static void prepare_x(const QLinearParams& p, int P, float* xp, int64_t mp) {
+  const int64_t k = p.w.k;
+  const int64_t ce = int64_t(L) * P;
+  parallel_for(0, mp, grain_for(k * 8), [&](int64_t r0, int64_t r1) {
+    for (int64_t m = r0; m < r1; ++m) {
+      float* dst = xp + m * k;
+      if (m >= p.m) {
+        std::memset(dst, 0, sizeof(float) * size_t(k));
+        continue;
+      }
+      const T* x = static_cast<const T*>(p.x) + m * p.x_stride;
+      if (P == 1) {
+        for_each_chunk<V>(k, [&](auto v, int64_t i) { decltype(v)::load(x + i).store(dst + i); });
+        continue;
+      }
+      for (int64_t c = 0; c < k; c += ce)
+        for (int jn = 0; jn < P; ++jn)
+          for (int l = 0; l < L; ++l) dst[c + jn * L + l] = to_float(x[c + l * P + (jn ^ 1)]);
+    }
+  });
+}
+
+template <int P, int MR, int NR, typename T>
+static void fast_with(const QLinearParams& p, int64_t mp, int64_t kc) {
+  const int64_t k = p.w.k;
+  Scratch<float> xp(size_t(mp * k));
+  prepare_x<T>(p, P, xp.ptr, mp);
+  // Tiles of nt rows: about 16 register blocks, and enough tiles for every thread.
+  int64_t nt = NR * 16;
+  const int64_t threads = std::max(1, max_threads());
+  while (nt > NR && (p.w.n + nt - 1) / nt < 4 * threads) nt -= NR;
+  const int64_t tiles = (p.w.n + nt - 1) / nt;
+  parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { run_tiles<P, MR, NR, T>(p, xp.ptr, mp, nt, kc, t0, t1); });
+}
+
+template <int P, typename T>
+static void fast_p(const QLinearParams& p) {
+  const int64_t m = p.m;
+  // k chunk: whole groups (4-bit), about 1024 columns, so one MR block of x stays in L1.
+  const int64_t unit = P == 1 ? L : p.w.group;
+  const int64_t kc = std::max<int64_t>(unit, 1024 / unit * unit);
+  switch (m) {
+    case 1: return fast_with<P, 1, kSmallNR, T>(p, 1, kc);
+    case 2: return fast_with<P, 2, kSmallNR, T>(p, 2, kc);
+    case 3: return fast_with<P, 3, kSmallNR, T>(p, 3, kc);
+    case 4: return fast_with<P, 4, kSmallNR, T>(p, 4, kc);
+    default: return fast_with<P, kBigMR, kBigNR, T>(p, (m + kBigMR - 1) / kBigMR * kBigMR, kc);
+  }
+}
+
+template <typename T>
+static void fast(const QLinearParams& p) {
+  if (p.w.format == QFormat::int8) return fast_p<1, T>(p);
+  const int64_t g = p.w.group;  // a multiple of 32 dividing k
+  if (g % (L * 8) == 0) return fast_p<8, T>(p);
+  if (g % (L * 4) == 0) return fast_p<4, T>(p);
+  return fast_p<2, T>(p);
+}
+
+// ---------------------------------------------------------------- generic path
+
+template <typename T>
+static void generic(const QLinearParams& p) {
+  using GV = typename VecFor<T>::type;
+  const QWeight& w = p.w;
+  parallel_for(0, w.n, grain_for(w.k * 4 * std::max<int64_t>(1, p.m)), [&](int64_t n0, int64_t n1) {
+    Scratch<float> row(size_t(w.k));
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t c = 0; c < w.k; ++c) row.ptr[c] = dequant_at(w, n, c);
+      for (int64_t m = 0; m < p.m; ++m) {
+        const T* x = static_cast<const T*>(p.x) + m * p.x_stride;
+        VecSum<GV> s;
+        for_each_chunk<GV>(w.k, [&](auto v, int64_t i) {
+          using Vv = decltype(v);
+          s.add(Vv::load(x + i) * Vv::load(row.ptr + i));
+        });
+        auto total = s.total();
+        T* out = static_cast<T*>(p.out) + m * p.out_stride;
+        if constexpr (std::is_same_v<T, double>) {
+          if (p.bias) total += static_cast<const double*>(p.bias)[n];
+          out[n] = total;
+        } else {
+          if (p.bias) total += to_float(static_cast<const T*>(p.bias)[n]);
+          store_scalar(out + n, float(total));
+        }
+      }
+    }
+  });
+}
+
+static bool fast_ok(const QLinearParams& p) {
+  const QWeight& w = p.w;
+  if (p.dtype == DType::f64) return false;
+  switch (w.format) {
+    case QFormat::int8: return true;
+    case QFormat::int4: return w.group % 32 == 0 && w.k % w.group == 0;
+    case QFormat::nf4: return w.group % 32 == 0 && w.k % w.group == 0;
+  }
+  return false;
+}
+
+}  // namespace
+
+void qlinear_kernel(const QLinearParams& p) {
+  if (p.m <= 0 || p.w.n <= 0) return;
+  visit_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (p.w.k == 0) {
+      for (int64_t m = 0; m < p.m; ++m)
+        for (int64_t n = 0; n < p.w.n; ++n) {
+          T* out = static_cast<T*>(p.out) + m * p.out_stride + n;
+          if constexpr (std::is_same_v<T, double>) *out = p.bias ? static_cast<const double*>(p.bias)[n] : 0.0;
+          else store_scalar(out, p.bias ? to_float(static_cast<const T*>(p.bias)[n]) : 0.f);
+        }
+      return;
+    }
+    if constexpr (std::is_same_v<T, double>) {
+      generic<T>(p);
+    } else {
+      if (fast_ok(p)) fast<T>(p); else generic<T>(p);
+    }
+  });
+}
 
 }  // namespace LLMKERN_ISA
 }  // namespace llmkern
