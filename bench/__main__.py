@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only norm|activation|rope|attention] [--markdown] [--no-compile]`
+"""`python -m bench [--quick] [--only norm|activation|rope|attention|quant] [--markdown] [--no-compile]`
 
 Measures the machine's ceilings, runs the bench_<family>.py modules, prints one table of the
 element-wise ops, the attention table, then the ceilings (bandwidth measured again at the end, since it
@@ -17,8 +17,8 @@ import torch
 
 from bench import harness
 
-FAMILIES = ("norm", "activation", "rope", "attention")
-FLOP_FAMILIES = ("attention",)  # their own table (bench_attention.HEADER), not bytes-per-op rows
+FAMILIES = ("norm", "activation", "rope", "attention", "quant")
+FLOP_FAMILIES = ("attention", "quant")  # their own tables (bench_<family>.HEADER), not bytes-per-op rows
 
 
 def cpu_model() -> str:
@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     print("measuring ceilings ...", flush=True)
     ceilings = harness.measure_ceilings(cfg)
     rows: list[harness.Row] = []
-    attn_rows: list[list[str]] = []
+    own_rows: dict[str, list[list[str]]] = {}
     for fam in args.only or FAMILIES:
         print(f"bench_{fam} ...", flush=True)
         module = importlib.import_module(f"bench.bench_{fam}")
         if fam in FLOP_FAMILIES:
-            attn_rows += module.run(cfg, ceilings)
+            own_rows[fam] = module.run(cfg, ceilings)
         else:
             rows += module.run(cfg)
     harness.remeasure_bandwidth(ceilings, cfg)
@@ -65,12 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         print(harness.format_table(harness.HEADER, harness.table_rows(rows), md))
         print()
         print_bytes_legend(cfg)
-    if attn_rows:
-        from bench.bench_attention import HEADER, LEGEND
-
-        print(harness.format_table(HEADER, attn_rows, md))
+    for fam, fam_rows in own_rows.items():
+        module = importlib.import_module(f"bench.bench_{fam}")
+        print(harness.format_table(module.HEADER, fam_rows, md))
         print()
-        print(LEGEND)
+        print(module.LEGEND)
         print()
     print(harness.format_ceilings(ceilings, cfg, md))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

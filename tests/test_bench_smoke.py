@@ -61,3 +61,16 @@ def test_attention_bench_quick():
     assert [r[0].split()[0] for r in rows] == ["prefill"] * 4 + ["decode"] + ["fwd"] * 2
     assert all(len(r) == len(bench_attention.HEADER) for r in rows)
     assert all(r[7].endswith("MiB") for r in rows[-2:]), "peak memory was not measured"
+
+
+def test_quant_bench_quick():
+    from bench import bench_quant
+
+    cfg = harness.Config.quick_config()
+    cfg.reps, cfg.warmup, cfg.budget_s, cfg.compile, cfg.rotate_bytes = 2, 1, 0.1, False, 1 << 16
+    ceilings = harness.Ceilings([1.0], [1.0], {"float32": 1.0, "bfloat16": 1.0}, 1)
+    rows = bench_quant.run(cfg, ceilings)
+    assert [r[0].split()[0] for r in rows] == ["nf4", "int4", "int8"] * 3
+    assert all(len(r) == len(bench_quant.HEADER) for r in rows)
+    assert all(float(r[2]) > 0 for r in rows[:6]) and rows[1][6] != "-", "int4 rows compare with int4pack"
+    assert all(r[2].endswith("of expected)") for r in rows[-3:]), "resident memory was not measured"

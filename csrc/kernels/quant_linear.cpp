@@ -6,7 +6,7 @@
 // packed bytes (each packed byte is read once per MR rows of x: once in all for M <= 4, the GEMV case).
 //
 // 4-bit decode without unpacking: one 32-bit lane holds P nibbles (P = 8: a plain load; 4: 16-bit words
-// zero-extended; 2: bytes zero-extended). Shifting the lane right by 4j puts nibble j in its low 4 bits,
+// zero-extended; 2: bytes zero-extended; kMaxP picks per ISA). Shifting the lane right by 4j puts nibble j in its low 4 bits,
 // and vpermps (AVX-512: one 16-entry permute; AVX2: two 8-entry permutes and a blend) looks up the
 // dequantized value in a 16-float table that already holds (code - z) * s (int4) or code * absmax (nf4)
 // for the current group: the table is rebuilt once per group and row, so the inner loop is shift, permute,
@@ -90,6 +90,38 @@ static inline float dequant_at(const QWeight& w, int64_t r, int64_t c) {
   if (w.format == QFormat::nf4) return w.code[q] * nf4_absmax(w, e / w.group);
   const GroupScale gs = group_scale(w, w.k / w.group, r, c / w.group);
   return (float(q) - gs.z) * gs.s;
+}
+
+// s[i], z[i] of groups [g0, g0 + ng) of row r (4-bit formats), one switch per call, not per group.
+static inline void fill_scales(const QWeight& w, int64_t groups, int64_t r, int64_t g0, int64_t ng, float* s,
+                               float* z) {
+  const int64_t b = r * groups + g0;
+  if (w.format == QFormat::nf4) {
+    if (w.nested_q) {
+      for (int64_t i = 0; i < ng; ++i) s[i] = nf4_absmax(w, b + i);
+    } else {
+      std::memcpy(s, w.absmax + b, sizeof(float) * size_t(ng));
+    }
+    for (int64_t i = 0; i < ng; ++i) z[i] = 0.f;
+    return;
+  }
+  switch (w.scales_dtype) {
+    case DType::f32: std::memcpy(s, static_cast<const float*>(w.scales) + b, sizeof(float) * size_t(ng)); break;
+    case DType::bf16:
+      for (int64_t i = 0; i < ng; ++i) s[i] = to_float(static_cast<const bf16*>(w.scales)[b + i]);
+      break;
+    case DType::f16:
+      for (int64_t i = 0; i < ng; ++i) s[i] = to_float(static_cast<const f16*>(w.scales)[b + i]);
+      break;
+    case DType::f64:
+      for (int64_t i = 0; i < ng; ++i) s[i] = float(static_cast<const double*>(w.scales)[b + i]);
+      break;
+  }
+  if (w.zeros) {
+    for (int64_t i = 0; i < ng; ++i) z[i] = float(w.zeros[b + i]);
+  } else {
+    for (int64_t i = 0; i < ng; ++i) z[i] = 8.f;
+  }
 }
 
 template <typename T>
@@ -204,6 +236,7 @@ struct Job {
   int64_t k, kmain;         // kmain: the k the vector loops cover (int8: k rounded down to L)
   int64_t groups;           // k / group
   float* acc;               // [mp][nt] vectors of L floats (this tile)
+  float* sz;                // [2][max NR][kc / group]: scales and zero points of a block's groups
   int64_t nt;
 };
 
@@ -219,13 +252,13 @@ static void block4(const Job& j, int64_t m0, int64_t n0, int64_t nl0, int64_t c0
   V a[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) a[m][n] = first ? V::zero() : V::load(j.acc + ((m0 + m) * j.nt + nl0 + n) * L);
-  const int64_t gsize = w.group;
-  for (int64_t g = c0 / gsize, g0 = c0; g0 < c1; ++g, g0 += gsize) {
+  const int64_t gsize = w.group, gfirst = c0 / gsize, ng = (c1 - c0) / gsize;
+  float* sc = j.sz;
+  float* zc = j.sz + NR * ng;
+  for (int n = 0; n < NR; ++n) fill_scales(w, j.groups, n0 + n, gfirst, ng, sc + n * ng, zc + n * ng);
+  for (int64_t gi = 0, g0 = c0; g0 < c1; ++gi, g0 += gsize) {
     typename Codec::Table t[NR];
-    for (int n = 0; n < NR; ++n) {
-      const GroupScale gs = group_scale(w, j.groups, n0 + n, g);
-      t[n] = Codec::table(j.table_base, gs.z, gs.s);
-    }
+    for (int n = 0; n < NR; ++n) t[n] = Codec::table(j.table_base, zc[n * ng + gi], sc[n * ng + gi]);
     for (int64_t c = g0; c < g0 + gsize; c += CE) {
       typename Codec::Raw r[NR];
       for (int n = 0; n < NR; ++n) r[n] = Codec::template raw<P>(rows[n] + c / 2);
@@ -273,12 +306,15 @@ static void block(const Job& j, int64_t m0, int64_t n0, int64_t nl0, int64_t c0,
 }
 
 // Register blocking per ISA: accumulators MR * NR within the vector registers with room for the decode.
+// kMaxP: the widest nibble packing per lane used. On AVX-512, P = 2 (bytes zero-extended, one shift per
+// two permutes) measured as fast as P = 4 and faster than P = 8 from memory (4096 x 4096 int4, M = 1,
+// 1.7 vs 2.2 ms on one thread), and fewer instantiations.
 #if defined(LLMKERN_ISA_AVX512)
-constexpr int kBigMR = 8, kBigNR = 3, kSmallNR = 4;
+constexpr int kBigMR = 8, kBigNR = 3, kSmallNR = 4, kMaxP = 2;
 #elif defined(LLMKERN_ISA_AVX2)
-constexpr int kBigMR = 4, kBigNR = 2, kSmallNR = 2;
+constexpr int kBigMR = 4, kBigNR = 2, kSmallNR = 2, kMaxP = 4;
 #else
-constexpr int kBigMR = 4, kBigNR = 2, kSmallNR = 2;
+constexpr int kBigMR = 4, kBigNR = 2, kSmallNR = 2, kMaxP = 4;
 #endif
 
 // All row tiles [t0, t1) of NT rows each, for MR rows of x per block (x padded to mp rows).
@@ -289,7 +325,8 @@ static void run_tiles(const QLinearParams& p, const float* xp, int64_t mp, int64
   const int64_t k = w.k;
   const int64_t kmain = P == 1 ? k / L * L : k;
   Scratch<float> acc(size_t(mp * nt * L));
-  Job j{&w, w.format == QFormat::nf4 ? w.code : kIota, xp, k, kmain, P == 1 ? 1 : k / w.group, acc.ptr, nt};
+  Scratch<float> sz(size_t(2 * std::max(NR, 1) * (P == 1 ? 1 : (std::min(kc, k) + w.group - 1) / w.group)));
+  Job j{&w, w.format == QFormat::nf4 ? w.code : kIota, xp, k, kmain, P == 1 ? 1 : k / w.group, acc.ptr, sz.ptr, nt};
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t n_lo = tile * nt, n_hi = std::min(w.n, n_lo + nt);
     const int64_t rows = n_hi - n_lo, rows_full = rows / NR * NR;
@@ -357,12 +394,14 @@ static void fast_with(const QLinearParams& p, int64_t mp, int64_t kc) {
   parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { run_tiles<P, MR, NR, T>(p, xp.ptr, mp, nt, kc, t0, t1); });
 }
 
+constexpr int64_t kKChunk = 1024;
+
 template <int P, typename T>
 static void fast_p(const QLinearParams& p) {
   const int64_t m = p.m;
   // k chunk: whole groups (4-bit), about 1024 columns, so one MR block of x stays in L1.
   const int64_t unit = P == 1 ? L : p.w.group;
-  const int64_t kc = std::max<int64_t>(unit, 1024 / unit * unit);
+  const int64_t kc = m <= 4 ? p.w.k : std::max<int64_t>(unit, kKChunk / unit * unit);
   switch (m) {
     case 1: return fast_with<P, 1, kSmallNR, T>(p, 1, kc);
     case 2: return fast_with<P, 2, kSmallNR, T>(p, 2, kc);
@@ -376,8 +415,12 @@ template <typename T>
 static void fast(const QLinearParams& p) {
   if (p.w.format == QFormat::int8) return fast_p<1, T>(p);
   const int64_t g = p.w.group;  // a multiple of 32 dividing k
-  if (g % (L * 8) == 0) return fast_p<8, T>(p);
-  if (g % (L * 4) == 0) return fast_p<4, T>(p);
+  if constexpr (kMaxP >= 8) {
+    if (g % (L * 8) == 0) return fast_p<8, T>(p);
+  }
+  if constexpr (kMaxP >= 4) {
+    if (g % (L * 4) == 0) return fast_p<4, T>(p);
+  }
   return fast_p<2, T>(p);
 }
 
