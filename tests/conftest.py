@@ -13,6 +13,18 @@ def cpu_isa(request):
         yield request.param
 
 
+@pytest.fixture(params=[f"cpu-{isa}" for isa in CPU_ISAS] + ["cuda"])
+def device(request):
+    """'cpu' under each ISA path, or 'cuda' (skipped without a GPU): for tests of ops with CUDA kernels."""
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        yield "cuda"
+        return
+    with lk.use_cpu_isa(request.param[4:]):
+        yield "cpu"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,25 +13,11 @@ import torch
 import llmkern.ops as lk
 from llmkern.ops.attention import attention_ref
 from llmkern.ops.rope import rope_cos_sin_cache, rotary_embedding_ref
-from tests.conftest import CPU_ISAS
 from tests.helpers import DTYPES, assert_close_derived, grads
 
-BACKENDS = [f"cpu-{isa}" for isa in CPU_ISAS] + ["cuda"]
 SEQLENS = [(1, 1), (1, 239), (113, 203), (128, 217), (239, 113)]
 HEAD_DIMS = [32, 59, 64, 111, 128, 256]
 HEADS = [(4, 4), (8, 2), (8, 1)]  # (heads, heads_k): MHA, GQA 4, MQA
-
-
-@pytest.fixture(params=BACKENDS)
-def device(request):
-    """'cpu' under each ISA path, or 'cuda' (skipped without a GPU)."""
-    if request.param == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("no CUDA device")
-        yield "cuda"
-        return
-    with lk.use_cpu_isa(request.param[4:]):
-        yield "cpu"
 
 
 def rand(*shape, dtype=torch.float32, device="cpu"):

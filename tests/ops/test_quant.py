@@ -14,26 +14,12 @@ import torch
 
 import llmkern.ops as lk
 from llmkern.ops.quant import DYNAMIC_CODE, NF4_CODE
-from tests.conftest import CPU_ISAS
 from tests.helpers import DTYPES, assert_close_derived, grads, strided
 
-BACKENDS = [f"cpu-{isa}" for isa in CPU_ISAS] + ["cuda"]
 BLOCK_SIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 # Odd sizes: numel not a multiple of any block size (partial last blocks, odd numel), blocks straddling rows.
 NF4_SHAPES = [(1,), (5,), (3, 96), (7, 77), (3, 3001)]
 MS = [1, 2, 3, 7, 16, 33, 128]
-
-
-@pytest.fixture(params=BACKENDS)
-def device(request):
-    """'cpu' under each ISA path, or 'cuda' (skipped without a GPU)."""
-    if request.param == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("no CUDA device")
-        yield "cuda"
-        return
-    with lk.use_cpu_isa(request.param[4:]):
-        yield "cpu"
 
 
 @pytest.fixture(scope="module")
