@@ -35,6 +35,9 @@ from llmkern.quant.api import Int4Config, Int8Config, NF4Config
 LINEAR_PATTERN = r"(proj|fc\d*|fc_in|fc_out)$"
 _EXCLUDED = re.compile(r"(^|\.)[^.]*(embed|norm|lm_head)[^.]*(\.|$)")
 INDEX_NAME = "model.safetensors.index.json"
+# Models built on transformers' Conv1D, which stores its weight [in_features, out_features] (the transpose of
+# nn.Linear): converting them by name would quantize the wrong axis, so they are refused.
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,6 +114,9 @@ def convert_checkpoint(src, out=None, config=None, include: str = LINEAR_PATTERN
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{src} has no config.json")
     model_cfg = json.loads(cfg_path.read_text())
+    if model_cfg.get("model_type") in CONV1D_MODEL_TYPES:
+        raise ValueError(f"{src}: model_type {model_cfg['model_type']!r} stores its linear weights transposed "
+                         "(transformers Conv1D); converting it is not supported")
     if "quantization_config" in model_cfg:
         raise ValueError(f"{src} is already quantized (config.json has a quantization_config)")
     index = json.loads((src / INDEX_NAME).read_text()) if (src / INDEX_NAME).is_file() else None

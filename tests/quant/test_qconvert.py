@@ -105,3 +105,12 @@ def test_convert_skips_unsupported_shapes_and_bad_args(tmp_path, capsys):
     assert "does not apply to int8" in capsys.readouterr().err
     assert convert_main([str(tmp_path / "missing"), "--format", "nf4"]) == 2
     shutil.rmtree(tmp_path / "o")
+
+
+def test_convert_refuses_conv1d_models(tmp_path, capsys):
+    """GPT-2's Conv1D weights are [in, out]: quantizing them as nn.Linear weights would be silently wrong."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=1, n_head=4, n_positions=32)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    assert convert_main([str(tmp_path / "gpt2"), "--format", "nf4", "--no-progress"]) == 2
+    assert "stores its linear weights transposed" in capsys.readouterr().err
