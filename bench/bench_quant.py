@@ -23,7 +23,7 @@ LEGEND = ("floor: bytes the kernel must read (packed weight + scales / absmax) /
           f"{'>'} 4x LLC, timed interleaved; % read BW: floor / llmkern; x int4pack, x dense: that baseline's time / "
           "llmkern time (int4pack: torch.ops.aten._weight_int4pack_mm_for_cpu, same group size; dense: F.linear "
           "with a bf16 weight); medians of interleaved calls over rotating weight sets. Memory rows: resident "
-          "memory (VmRSS) a quantized 4096x4096 layer adds in a fresh interpreter vs bits/8 x params + scales.")
+          "memory (VmRSS) an nn.Linear(4096, 4096) quantized by llmkern.quant.quantize_ adds in a fresh interpreter, vs bits/8 x params + scales.")
 
 NF4_BLOCK, INT4_GROUP = 64, 128
 
@@ -95,33 +95,27 @@ def case_rows(n: int, k: int, ms: list[int], cfg: Config) -> list[list[str]]:
     return rows
 
 
-# A fresh interpreter per format: RSS before, then quantize a bf16 4096 x 4096 weight, drop the float
-# weight (MALLOC_MMAP_THRESHOLD_ makes big frees go back to the OS), RSS after. Prints the delta (bytes)
-# and the quantized tensors' byte count.
+# A fresh interpreter per format: RSS before, then an nn.Linear(4096, 4096) in bf16 quantized in place by
+# llmkern.quant.quantize_ (the float weight is freed; MALLOC_MMAP_THRESHOLD_ makes big frees go back to the
+# OS), RSS after. Prints the delta (bytes) and the byte count of the quantized layer's buffers.
 _MEM_SCRIPT = """
-import gc, re, torch
-import llmkern.ops as L
+import gc, re, warnings, torch
+from torch import nn
+import llmkern.quant as Q
 def rss():
     return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-n = k = {n}
-L.quantize_{fmt}(torch.randn(64, 256).bfloat16())  # load kernels, thread pool, cached tables
-L.quantize_blockwise8(torch.randn(300))
+config = {{"nf4": Q.NF4Config({block}), "int4": Q.Int4Config({group}), "int8": Q.Int8Config()}}["{fmt}"]
+def model(n):  # the second Linear stands for the output head quantize_ leaves alone
+    return nn.Sequential(nn.Linear(n, n, bias=False, dtype=torch.bfloat16), nn.Linear(8, 8))
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    Q.quantize_(model(256), config)  # load kernels, thread pool, cached tables
+    gc.collect()
+    before = rss()
+    m = model({n})
+    Q.quantize_(m, config)
 gc.collect()
-before = rss()
-w = torch.randn(n, k).bfloat16()
-if "{fmt}" == "nf4":
-    packed, absmax = L.quantize_nf4(w, {block})
-    q8, nested = L.quantize_blockwise8(absmax - absmax.mean())  # double quant, as NF4Config's default
-    tensors = [packed, q8, nested]
-elif "{fmt}" == "int4":
-    tensors = [t for t in L.quantize_int4(w, {group}) if t is not None]
-else:
-    tensors = list(L.quantize_int8(w))
-del w
-if "{fmt}" == "nf4":
-    del absmax
-gc.collect()
-print(rss() - before, sum(t.untyped_storage().nbytes() for t in tensors))
+print(rss() - before, sum(b.untyped_storage().nbytes() for b in m[0].buffers()))
 """
 
 
