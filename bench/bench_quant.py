@@ -23,7 +23,8 @@ LEGEND = ("floor: bytes the kernel must read (packed weight + scales / absmax) /
           f"{'>'} 4x LLC, timed interleaved; % read BW: floor / llmkern; x int4pack, x dense: that baseline's time / "
           "llmkern time (int4pack: torch.ops.aten._weight_int4pack_mm_for_cpu, same group size; dense: F.linear "
           "with a bf16 weight); medians of interleaved calls over rotating weight sets. Memory rows: resident "
-          "memory (VmRSS) an nn.Linear(4096, 4096) quantized by llmkern.quant.quantize_ adds in a fresh interpreter, vs bits/8 x params + scales.")
+          "memory (VmRSS) an nn.Linear(4096, 4096) quantized by llmkern.quant.quantize_ adds in a fresh "
+          "interpreter, vs bits/8 x params + scales.")
 
 NF4_BLOCK, INT4_GROUP = 64, 128
 
