@@ -34,6 +34,7 @@
 #include "kernels/attention_tile.h"
 #include "kernels/parallel.h"
 #include "kernels/quant.h"
+#include "kernels/quant_linear.h"
 
 #if defined(LLMKERN_ISA_AVX512) || defined(LLMKERN_ISA_AVX2)
 #include <immintrin.h>
@@ -484,7 +485,9 @@ void qlinear_kernel(const QLinearParams& p) {
     if constexpr (std::is_same_v<T, double>) {
       generic<T>(p);
     } else {
-      if (fast_ok(p)) fast<T>(p); else generic<T>(p);
+      const int min_m = getenv("QGEMM_MIN_M") ? atoi(getenv("QGEMM_MIN_M")) : 5;
+      if (fast_ok(p) && p.m >= min_m) qlinear_gemm(p);
+      else if (fast_ok(p)) fast<T>(p); else generic<T>(p);
     }
   });
 }
