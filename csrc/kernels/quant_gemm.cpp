@@ -6,8 +6,8 @@
 // weight element is broadcast against vectors of x rows, so the decode cost is paid once per call and
 // amortized over all M rows, and W never needs a transpose.
 //
-// Work: parallel over tiles of NT rows of W. Per tile and chunk of KC columns, the tile's rows are
-// dequantized into an fp32 scratch [NT][KC] (L1/L2 resident), then a register-blocked product (MR rows of
+// Work: parallel over tiles of NT = 24 rows of W. Per tile and chunk of KC columns, the tile's rows are
+// dequantized into an fp32 scratch [NT][KC = 1024] (L2 resident), then a register-blocked product (MR rows of
 // W x NR vectors of x rows) accumulates into an fp32 [NT][mp] block; the epilogue applies the int8 row
 // scale, adds the bias and rounds once to the output dtype.
 //
@@ -116,7 +116,9 @@ struct Dec {
 };
 #endif
 
-constexpr int64_t kChunk = 256;  // columns per decode chunk (a multiple of 2L), the row stride of A
+// Columns per decode chunk (a multiple of 2L), the row stride of A: long runs per row of packed bytes
+// (512 bytes) measured faster than 256 columns, whose short runs the hardware prefetchers miss.
+constexpr int64_t kChunk = 1024;
 
 constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
@@ -124,7 +126,6 @@ constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 1
 // unscaled). 4-bit: c0, c1 multiples of 2L (k is a multiple of 32 >= 2L); gfirst = c0 / group (no
 // division here: this runs once per row and chunk).
 static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, int64_t gfirst, float* dst) {
-  const bool pf = getenv("QGEMM_PF") ? atoi(getenv("QGEMM_PF")) : 1;
   if (w.format == QFormat::int8) {
     const int8_t* q = static_cast<const int8_t*>(w.data) + r * w.k;
     int64_t c = c0;
@@ -138,7 +139,7 @@ static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, int6
   const bool nf4 = w.format == QFormat::nf4;
   const float* base = nf4 ? w.code : kIota;
   // The same row's next chunk: rows are far apart, so the hardware prefetchers miss these short runs.
-  if (pf) for (int64_t c = c1; c < c1 + kChunk && c < w.k; c += 128) __builtin_prefetch(row + c / 2);
+  for (int64_t c = c1; c < c1 + kChunk && c < w.k; c += 128) __builtin_prefetch(row + c / 2);
   for (int64_t c = c0; c < c1; ++b, gend += gsize) {
     float s, z;
     if (nf4) {
@@ -218,7 +219,7 @@ static void kgemm(int m, int nvec, int kdim, const float* a, int64_t lda, const 
 
 // ---------------------------------------------------------------- driver
 
-constexpr int64_t kTileRows = 48;  // rows of W per task tile (a multiple of 12, 8, 6 and 4)
+constexpr int64_t kTileRows = 24;  // rows of W per task tile (a multiple of 12, 8, 6 and 4)
 
 // xt[pos][m] = x[m][e(pos)] in fp32 (pos in the decode order), zero for m >= M.
 template <typename T>
@@ -249,8 +250,7 @@ static void gemm_typed(const QLinearParams& p) {
   const int nvec = int(mp / L);
   Scratch<float> xt(size_t(k * mp));
   transpose_x<T>(p, xt.ptr, mp);
-  const int64_t ntv = getenv("QGEMM_NT") ? atoi(getenv("QGEMM_NT")) : kTileRows;
-  const int64_t nt = ntv, kc = kChunk;
+  const int64_t nt = kTileRows, kc = kChunk;
   const int64_t tiles = (n + nt - 1) / nt;
   parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     Scratch<float> a(size_t(nt * kChunk));
@@ -259,9 +259,8 @@ static void gemm_typed(const QLinearParams& p) {
       const int64_t n0 = tile * nt, rows = std::min(nt, n - n0);
       for (int64_t c0 = 0; c0 < k; c0 += kc) {
         const int64_t c1 = std::min(k, c0 + kc), gfirst = w.format == QFormat::int8 ? 0 : c0 / w.group;
-        const int skip = getenv("QGEMM_SKIP") ? atoi(getenv("QGEMM_SKIP")) : 0;
-        if (!(skip & 1)) for (int64_t r = 0; r < rows; ++r) decode_row(w, n0 + r, c0, c1, gfirst, a.ptr + r * kChunk);
-        if (!(skip & 2)) kgemm(int(rows), nvec, int(c1 - c0), a.ptr, kc, xt.ptr + c0 * mp, mp, c.ptr, mp, c0 > 0);
+        for (int64_t r = 0; r < rows; ++r) decode_row(w, n0 + r, c0, c1, gfirst, a.ptr + r * kChunk);
+        kgemm(int(rows), nvec, int(c1 - c0), a.ptr, kc, xt.ptr + c0 * mp, mp, c.ptr, mp, c0 > 0);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = n0 + r;
