@@ -278,6 +278,20 @@ def test_linear_vs_dequantize_matmul(device, m, dtype):
         check_linear(name, linear(x, bias), x, w32, bias)
 
 
+@pytest.mark.parametrize("m, dtype", [(16, torch.bfloat16), (33, torch.float32), (128, torch.float16)])
+def test_linear_many_rows(device, m, dtype):
+    """The many-row (GEMM) path over several row tiles and k chunks: n and k not multiples of the tile
+    (24 rows) or the chunk (1024 columns), M not a multiple of the vector width; int8 with a ragged k."""
+    n, k = 155, 1280
+    for name, linear, w32 in formats(n, k, device):
+        x = torch.randn(m, k, dtype=dtype, device=device)
+        bias = torch.randn(n, dtype=dtype, device=device)
+        check_linear(name, linear(x, bias), x, w32, bias)
+    q, s = (t.to(device) for t in lk.quantize_int8(weight(67, 1531)))
+    x = strided(torch.randn(m, 1531, dtype=dtype, device=device))
+    check_linear("int8-k531", lk.int8_linear(x, q, s), x, lk.dequantize_int8_ref(q, s, torch.float32), None)
+
+
 @pytest.mark.parametrize("n, k", [(1, 128), (33, 384), (100, 768), (5, 2176)])
 def test_linear_shapes(device, n, k):
     """Odd N, K from one group to many, leading dims, and strided rows of x."""
