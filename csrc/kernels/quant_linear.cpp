@@ -22,13 +22,15 @@
 // NR-row blocks stream past it; the MR x NR vector accumulators live in a per-tile scratch between chunks
 // and are reduced once at the end.
 //
+// int4 at M <= 4 on AVX-512 takes its own GEMV path instead (int16 x and vpmaddwd, no table; see "AVX-512
+// int4 GEMV" below). 4-bit GEMV blocks prefetch the next block's rows in software.
+//
 // Generic path (nf4 whose rows do not start on a block boundary or odd k, fp64): each row of W is
 // dequantized to fp32 once and dotted with every row of x.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 #include <type_traits>
 #include <utility>
 
@@ -634,7 +636,6 @@ template <typename T>
 static bool int4_gemv(const QLinearParams& p) {
   const QWeight& w = p.w;
   if (p.m > 4 || w.format != QFormat::int4) return false;
-  if (const char* e = std::getenv("QGEMV_OFF"); e && e[0] == '1') return false;  // TEMP A/B
   const int64_t G = w.group;
   if (!(G == 32 || G == 64 || G % kQC == 0) || w.k % G) return false;
   const int64_t nch = (w.k + kQC - 1) / kQC, groups = w.k / G;
