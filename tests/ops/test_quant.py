@@ -292,6 +292,19 @@ def test_linear_many_rows(device, m, dtype):
     check_linear("int8-k531", lk.int8_linear(x, q, s), x, lk.dequantize_int8_ref(q, s, torch.float32), None)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_linear_activation_outliers(device, m, dtype):
+    """LLM activations have a few channels ~100x the rest: paths that rescale x per block (the int4 GEMV
+    holds x as int16) must keep the small channels' precision."""
+    n, k = 64, 1024
+    for name, linear, w32 in formats(n, k, device):
+        x = torch.randn(m, k, dtype=torch.float32, device=device)
+        x[:, ::97] *= 300.0
+        x = x.to(dtype)
+        check_linear(name, linear(x, None), x, w32, None)
+
+
 @pytest.mark.parametrize("n, k", [(1, 128), (33, 384), (100, 768), (5, 2176)])
 def test_linear_shapes(device, n, k):
     """Odd N, K from one group to many, leading dims, and strided rows of x."""
