@@ -39,23 +39,6 @@ using attn::Scratch;
 using V = VecF;
 constexpr int L = V::W;
 
-static inline float g_scalar_at(const void* p, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::f32: return static_cast<const float*>(p)[i];
-    case DType::bf16: return to_float(static_cast<const bf16*>(p)[i]);
-    case DType::f16: return to_float(static_cast<const f16*>(p)[i]);
-    case DType::f64: return float(static_cast<const double*>(p)[i]);
-  }
-  return 0.f;
-}
-
-// bitsandbytes' nested absmax: an fp32 multiply rounded, then an fp32 add rounded (never an FMA).
-static inline float g_nf4_absmax(const QWeight& w, int64_t b) {
-  if (!w.nested_q) return w.absmax[b];
-  volatile float prod = w.nested_code[w.nested_q[b]] * w.nested_absmax[b / 256];
-  return prod + w.nested_offset;
-}
-
 // ---------------------------------------------------------------- per-ISA 4-bit decode
 
 #if defined(LLMKERN_ISA_AVX512)
@@ -143,10 +126,10 @@ static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, int6
   for (int64_t c = c0; c < c1; ++b, gend += gsize) {
     float s, z;
     if (nf4) {
-      s = g_nf4_absmax(w, b);
+      s = nf4_absmax(w, b);
       z = 0.f;
     } else {
-      s = g_scalar_at(w.scales, w.scales_dtype, b);
+      s = scale_at(w, b);
       z = w.zeros ? float(w.zeros[b]) : 8.f;
     }
     const typename Dec::Table t = Dec::table(base, z, s);
@@ -264,7 +247,7 @@ static void gemm_typed(const QLinearParams& p) {
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = n0 + r;
-        const float s = w.format == QFormat::int8 ? g_scalar_at(w.scales, w.scales_dtype, j) : 1.f;
+        const float s = w.format == QFormat::int8 ? scale_at(w, j) : 1.f;
         const float b = p.bias ? to_float(static_cast<const T*>(p.bias)[j]) : 0.f;
         const float* cr = c.ptr + r * mp;
         for (int64_t m = 0; m < p.m; ++m) {

@@ -52,24 +52,6 @@ using attn::Scratch;
 
 // ---------------------------------------------------------------- scalar helpers
 
-static inline float scalar_at(const void* p, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::f32: return static_cast<const float*>(p)[i];
-    case DType::bf16: return to_float(static_cast<const bf16*>(p)[i]);
-    case DType::f16: return to_float(static_cast<const f16*>(p)[i]);
-    case DType::f64: return float(static_cast<const double*>(p)[i]);
-  }
-  return 0.f;
-}
-
-// bitsandbytes' nested absmax: an fp32 multiply rounded, then an fp32 add rounded (never an FMA: the
-// volatile keeps the compiler from contracting the two).
-static inline float nf4_absmax(const QWeight& w, int64_t b) {
-  if (!w.nested_q) return w.absmax[b];
-  volatile float prod = w.nested_code[w.nested_q[b]] * w.nested_absmax[b / 256];
-  return prod + w.nested_offset;
-}
-
 // Scale s and integer offset z of group g of row r: w = (q - z) * s (nf4: the code value * s, z = 0).
 struct GroupScale {
   float s, z;
@@ -79,9 +61,9 @@ static inline GroupScale group_scale(const QWeight& w, int64_t groups, int64_t r
   switch (w.format) {
     case QFormat::nf4: return {nf4_absmax(w, r * groups + g), 0.f};
     case QFormat::int4:
-      return {scalar_at(w.scales, w.scales_dtype, r * groups + g),
+      return {scale_at(w, r * groups + g),
               w.zeros ? float(w.zeros[r * groups + g]) : 8.f};
-    case QFormat::int8: return {scalar_at(w.scales, w.scales_dtype, r), 0.f};
+    case QFormat::int8: return {scale_at(w, r), 0.f};
   }
   return {0.f, 0.f};
 }

@@ -1,10 +1,40 @@
-// Internal entry points shared between the weight-only linear TUs (quant_linear.cpp, quant_gemm.cpp),
-// compiled once per CPU ISA: declared inside LLMKERN_ISA so each ISA's definition stays its own symbol.
+// Internals shared by the CPU quant kernels (quant_pack.cpp, quant_linear.cpp, quant_gemm.cpp), compiled once
+// per CPU ISA: inside LLMKERN_ISA so each ISA's definitions stay its own symbols.
 #pragma once
 #include "kernels/quant.h"
 
 namespace llmkern {
 namespace LLMKERN_ISA {
+
+// Keeps the compiler from fusing the rounded product or sum around it into an FMA (the formats round
+// each fp32 operation; GCC contracts a * b + c by default).
+static inline float rounded(float x) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(x));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(x));
+#else
+  volatile float v = x;
+  x = v;
+#endif
+  return x;
+}
+
+// Scale i of an int4 / int8 weight as fp32.
+static inline float scale_at(const QWeight& w, int64_t i) {
+  switch (w.scales_dtype) {
+    case DType::bf16: return to_float(static_cast<const bf16*>(w.scales)[i]);
+    case DType::f16: return to_float(static_cast<const f16*>(w.scales)[i]);
+    case DType::f64: return float(static_cast<const double*>(w.scales)[i]);
+    default: return static_cast<const float*>(w.scales)[i];
+  }
+}
+
+// absmax of nf4 block b (nested: bitsandbytes' code2[q] * absmax2[b / 256] + offset, each rounded to fp32).
+static inline float nf4_absmax(const QWeight& w, int64_t b) {
+  if (w.absmax) return w.absmax[b];
+  return rounded(w.nested_code[w.nested_q[b]] * w.nested_absmax[b / 256]) + w.nested_offset;
+}
 
 // The many-row (GEMM) path of qlinear_kernel: W is dequantized tile by tile into an fp32 scratch once
 // per call and reused for every row of x. Requires dtype f32/bf16/f16, k > 0, and for the 4-bit formats

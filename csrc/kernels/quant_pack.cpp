@@ -8,24 +8,11 @@
 #include "cpu/vec/vec.h"
 #include "kernels/parallel.h"
 #include "kernels/quant.h"
+#include "kernels/quant_linear.h"
 
 namespace llmkern {
 namespace LLMKERN_ISA {
 namespace {
-
-// Keeps the compiler from fusing the rounded product or sum around it into an FMA (the formats round
-// each fp32 operation; GCC contracts a * b + c by default).
-static inline float rounded(float x) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  __asm__("" : "+x"(x));
-#elif defined(__GNUC__) && defined(__aarch64__)
-  __asm__("" : "+w"(x));
-#else
-  volatile float v = x;
-  x = v;
-#endif
-  return x;
-}
 
 template <typename T> static inline float load_f(const T* p, int64_t i) { return to_float(p[i]); }
 template <typename T> static inline void store_f(T* p, int64_t i, float v);
@@ -33,15 +20,6 @@ template <> inline void store_f<float>(float* p, int64_t i, float v) { p[i] = v;
 template <> inline void store_f<double>(double* p, int64_t i, float v) { p[i] = double(v); }
 template <> inline void store_f<bf16>(bf16* p, int64_t i, float v) { p[i] = to_bf16(v); }
 template <> inline void store_f<f16>(f16* p, int64_t i, float v) { p[i] = to_f16(v); }
-
-static inline float scales_at(const QWeight& w, int64_t i) {
-  switch (w.scales_dtype) {
-    case DType::bf16: return to_float(static_cast<const bf16*>(w.scales)[i]);
-    case DType::f16: return to_float(static_cast<const f16*>(w.scales)[i]);
-    case DType::f64: return float(static_cast<const double*>(w.scales)[i]);
-    default: return static_cast<const float*>(w.scales)[i];
-  }
-}
 
 // Rounds v to scales_dtype and back, and stores it there.
 static inline float store_scale(const QWeight& w, int64_t i, float v) {
@@ -52,12 +30,6 @@ static inline float store_scale(const QWeight& w, int64_t i, float v) {
     case DType::f64: static_cast<double*>(s)[i] = double(v); return v;
     default: static_cast<float*>(s)[i] = v; return v;
   }
-}
-
-// absmax of nf4 block b (nested: code2[q] * absmax2[b / 256] + offset, each rounded to fp32).
-static inline float nf4_absmax(const QWeight& w, int64_t b) {
-  if (w.absmax) return w.absmax[b];
-  return rounded(w.nested_code[w.nested_q[b]] * w.nested_absmax[b / 256]) + w.nested_offset;
 }
 
 // ---- dequantize
@@ -137,7 +109,7 @@ template <typename T>
 void dequant_int4(const QWeight& w, T* out) {
   // Row r's group c / group is flattened block r * (k / group) + c / group: k is a multiple of group.
   dequant_blocks(w, w.n * w.k, out, [&](int64_t b, float* t) {
-    const float s = scales_at(w, b);
+    const float s = scale_at(w, b);
     const int z = w.zeros ? w.zeros[b] : 8;
     for (int q = 0; q < 16; ++q) t[q] = float(q - z) * s;
   });
@@ -148,7 +120,7 @@ void dequant_int8(const QWeight& w, T* out) {
   const int8_t* data = static_cast<const int8_t*>(w.data);
   parallel_for(0, w.n, grain_for(w.k * int64_t(sizeof(T))), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float s = scales_at(w, r);
+      const float s = scale_at(w, r);
       const int8_t* src = data + r * w.k;
       T* dst = out + r * w.k;
       int64_t c = 0;
