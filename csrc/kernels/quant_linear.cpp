@@ -113,7 +113,7 @@ static inline void fill_scales(const QWeight& w, int64_t groups, int64_t r, int6
 
 template <typename T>
 static inline void store_scalar(T* p, float v) {
-  if constexpr (std::is_same_v<T, double>) *p = double(v); else ScalarVec<float>{v}.store(p);
+  ScalarVec<float>{v}.store(p);  // float, double, bf16 (round to nearest even) or f16
 }
 
 // ---------------------------------------------------------------- per-ISA decode

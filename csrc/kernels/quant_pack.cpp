@@ -15,11 +15,7 @@ namespace LLMKERN_ISA {
 namespace {
 
 template <typename T> static inline float load_f(const T* p, int64_t i) { return to_float(p[i]); }
-template <typename T> static inline void store_f(T* p, int64_t i, float v);
-template <> inline void store_f<float>(float* p, int64_t i, float v) { p[i] = v; }
-template <> inline void store_f<double>(double* p, int64_t i, float v) { p[i] = double(v); }
-template <> inline void store_f<bf16>(bf16* p, int64_t i, float v) { p[i] = to_bf16(v); }
-template <> inline void store_f<f16>(f16* p, int64_t i, float v) { p[i] = to_f16(v); }
+template <typename T> static inline void store_f(T* p, int64_t i, float v) { ScalarVec<float>{v}.store(p + i); }
 
 // Rounds v to scales_dtype and back, and stores it there.
 static inline float store_scale(const QWeight& w, int64_t i, float v) {
