@@ -95,6 +95,20 @@ struct KvRows {
       kr = k + j * k_rs, vr = v + j * v_rs;
     }
   }
+  // Pointers to the rows of keys [j0, j0 + n) (head hk0), walking the block table (no division per key).
+  void row_ptrs(int64_t j0, int n, const T** kr, const T** vr) const {
+    if (!blocks) {
+      for (int jj = 0; jj < n; ++jj) kr[jj] = k + (j0 + jj) * k_rs, vr[jj] = v + (j0 + jj) * v_rs;
+      return;
+    }
+    int64_t blk = j0 / bs;
+    int off = int(j0 % bs);
+    const T *kb = k + blocks[blk] * k_bs, *vb = v + blocks[blk] * v_bs;
+    for (int jj = 0; jj < n; ++jj, ++off) {
+      if (off == bs) off = 0, ++blk, kb = k + blocks[blk] * k_bs, vb = v + blocks[blk] * v_bs;
+      kr[jj] = kb + off * k_rs, vr[jj] = vb + off * v_rs;
+    }
+  }
   // The cache lines of one key's rows of all nh heads (one span when the heads are interleaved).
   void prefetch(const T* r, int64_t hs) const {
     const char* c = reinterpret_cast<const char*>(r);
@@ -333,23 +347,27 @@ struct GroupTask {
   static constexpr int W = V::W;
   static constexpr int kNkp = (kNkG + 15) / 16 * 16;
   static constexpr int kDots = W >= 16 ? 16 : 8;  // accumulators per dot block (registers)
+  static constexpr int kPairs = W >= 16 ? 2 : 1;  // vector pairs per P V strip: 4 rows x 2 x kPairs accumulators
 
   const AttnParams& p;
-  int d, dp, dfull, g, rows, nh;  // rows: R of the longest sequence (the per-head stride)
-  A *q, *vt, *s, *o, *m, *l, *slope;
+  // Rows of q and O are in paired order (attn::load_row_paired): pairs of vectors over [0, d2), natural after.
+  int d, dp, d2, dfull, g, rows, nh;  // rows: R of the longest sequence (the per-head stride)
+  A *q, *s, *o, *m, *l, *slope;
   const T* zero_row;  // d zeros: the key of padding slots in a dot block
   const T* kp[kNkp];  // this chunk's key / value rows (head hk0)
-  const T* vp[kNkp];
+  const T* vp[kNkG];
+  const T* kn[kNkG];  // the next chunk's, prefetched while this one runs
+  const T* vn[kNkG];
 
   static int64_t size(int d, int rows, int nh) {
     const int64_t dp = padded<V>(d), hr = int64_t(nh) * rows;
-    return 2 * hr * dp + kNkG * dp + hr * kNkp + 3 * hr + dp;
+    return 2 * hr * dp + hr * kNkp + 3 * hr + dp;
   }
   GroupTask(const AttnParams& p_, int rows_, int nh_, A* buf)
-      : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)), dfull(p_.head_dim / W * W),
-        g(p_.nheads / p_.nheads_k), rows(rows_), nh(nh_) {
+      : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)), d2(attn::paired<V>(p_.head_dim)),
+        dfull(p_.head_dim / W * W), g(p_.nheads / p_.nheads_k), rows(rows_), nh(nh_) {
     const int64_t hr = int64_t(nh) * rows;
-    q = buf, vt = q + hr * dp, s = vt + kNkG * dp, o = s + hr * kNkp;
+    q = buf, s = q + hr * dp, o = s + hr * kNkp;
     m = o + hr * dp, l = m + hr, slope = l + hr;
     A* z = slope + hr;
     std::memset(z, 0, sizeof(A) * dp);  // sizeof(T) <= sizeof(A): dp zero A's hold d zero T's
@@ -365,7 +383,7 @@ struct GroupTask {
         const int h = (hk0 + hh) * g + r % g;
         const int64_t rr = int64_t(hh) * rows + r;
         const T* qr = row_at<const T>(p.q, sq.b, sq.q_start + r / g, h);
-        attn::load_row<V>(qr, d, scale, q + rr * dp, dp);
+        attn::load_row_paired<V>(qr, d, scale, q + rr * dp, dp);
         m[rr] = -kInf<A>, l[rr] = A(0);
         slope[rr] = p.alibi_slopes ? A(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : A(0);
       }
@@ -373,26 +391,27 @@ struct GroupTask {
     }
     if (ja > jb) return;
     const KvRows<T> kv(p, sq, hk0, nh);
-    // Values straight from the cache need runs of rows with one stride (a paged block of >= 16 keys).
-    const bool direct_v = !p.block_table || p.block_size >= 16;
+    int nk = int(std::min<int64_t>(kNkG, jb + 1 - ja));
+    kv.row_ptrs(ja, nk, kp, vp);
     for (int64_t j0 = ja; j0 <= jb; j0 += kNkG) {
-      const int nk = int(std::min<int64_t>(kNkG, jb + 1 - j0));
-      for (int jj = 0; jj < nk; ++jj) kv.rows(j0 + jj, kp[jj], vp[jj]);
       for (int jj = nk; jj < kNkp; ++jj) kp[jj] = zero_row;
-      const int64_t next = j0 + kNkG, next_n = std::min<int64_t>(kNkG, jb + 1 - next);
+      const int64_t next = j0 + kNkG;
+      const int next_n = int(std::clamp<int64_t>(jb + 1 - next, 0, kNkG));
+      kv.row_ptrs(next, next_n, kn, vn);
       for (int hh = 0; hh < nh; ++hh) {
         // Prefetch this head's share of the next chunk (random paged blocks defeat the hardware prefetcher).
-        for (int64_t jj = next_n * hh / nh; jj < next_n * (hh + 1) / nh; ++jj) {
-          const T *kn, *vn;
-          kv.rows(next + jj, kn, vn);
-          kv.prefetch(kn, kv.k_hs);
-          kv.prefetch(vn, kv.v_hs);
+        for (int jj = next_n * hh / nh; jj < next_n * (hh + 1) / nh; ++jj) {
+          kv.prefetch(kn[jj], kv.k_hs);
+          kv.prefetch(vn[jj], kv.v_hs);
         }
         const int64_t r0 = int64_t(hh) * rows;
         scores(R, nk, q + r0 * dp, hh * kv.k_hs, s + r0 * kNkp);
         for (int r = 0; r < R; ++r) row_update(sq, r, r0 + r, j0, nk);
-        accumulate(kv, R, nk, j0, hh * kv.v_hs, direct_v, s + r0 * kNkp, o + r0 * dp);
+        values(R, nk, hh * kv.v_hs, s + r0 * kNkp, o + r0 * dp);
       }
+      std::memcpy(kp, kn, sizeof(kn));
+      std::memcpy(vp, vn, sizeof(vn));
+      nk = next_n;
     }
   }
 
@@ -412,7 +431,16 @@ struct GroupTask {
       for (int i = 0; i < RB * KB; ++i) acc[i] = V::zero();
       const T* kr[KB];
       for (int k = 0; k < KB; ++k) kr[k] = kp[jj + k] == zero_row ? zero_row : kp[jj + k] + hoff;
-      for (int e = 0; e < dfull; e += W) {
+      for (int e = 0; e < d2; e += 2 * W) {
+        V qa[RB], qb[RB];
+        for (int r = 0; r < RB; ++r) qa[r] = V::load(q0 + int64_t(r) * dp + e), qb[r] = V::load(q0 + int64_t(r) * dp + e + W);
+        for (int k = 0; k < KB; ++k) {
+          V ka, kb;
+          load_pair(kr[k] + e, ka, kb);
+          for (int r = 0; r < RB; ++r) acc[r * KB + k] = fmadd(qb[r], kb, fmadd(qa[r], ka, acc[r * KB + k]));
+        }
+      }
+      for (int e = d2; e < dfull; e += W) {
         V qv[RB];
         for (int r = 0; r < RB; ++r) qv[r] = V::load(q0 + int64_t(r) * dp + e);
         for (int k = 0; k < KB; ++k) {
@@ -456,28 +484,50 @@ struct GroupTask {
     for (int i = 0; i < N; ++i) out[i] = acc[i].reduce_add();
   }
 
-  // O[r] += sum_jj P[r][jj] V[jj] for the chunk's keys.
-  void accumulate(const KvRows<T>& kv, int R, int nk, int64_t j0, int64_t hoff, bool direct_v, const A* pr,
-                  A* oh) {
-    if (!direct_v) {
-      for (int jj = 0; jj < nk; ++jj) attn::load_row<V>(vp[jj] + hoff, d, A(1), vt + int64_t(jj) * dp, dp);
-      attn::gemm<V, true>(R, dp, nk, pr, kNkp, 1, vt, dp, oh, dp);
-      return;
+  // O[r] += sum_jj P[r][jj] V[jj] for the chunk's keys (rows in blocks of 4, 2, 1).
+  void values(int R, int nk, int64_t hoff, const A* pr, A* oh) const {
+    int r = 0;
+    for (; r + 4 <= R; r += 4) pv_rows<4>(nk, hoff, pr + int64_t(r) * kNkp, oh + int64_t(r) * dp);
+    for (; r + 2 <= R; r += 2) pv_rows<2>(nk, hoff, pr + int64_t(r) * kNkp, oh + int64_t(r) * dp);
+    for (; r < R; ++r) pv_rows<1>(nk, hoff, pr + int64_t(r) * kNkp, oh + int64_t(r) * dp);
+  }
+
+  template <int RB>
+  void pv_rows(int nk, int64_t hoff, const A* pr, A* oh) const {
+    int e = 0;
+    for (; e + 2 * kPairs * W <= d2; e += 2 * kPairs * W) pv_strip<RB, kPairs, true>(nk, hoff, e, pr, oh);
+    for (; e < d2; e += 2 * W) pv_strip<RB, 1, true>(nk, hoff, e, pr, oh);
+    for (; e < dfull; e += W) pv_strip<RB, 1, false>(nk, hoff, e, pr, oh);
+    for (int r = 0; r < RB; ++r)
+      for (e = dfull; e < d; ++e) {
+        A acc = oh[int64_t(r) * dp + e];
+        for (int k = 0; k < nk; ++k) acc += pr[int64_t(r) * kNkp + k] * ScalarVec<A>::load(vp[k] + hoff + e).v;
+        oh[int64_t(r) * dp + e] = acc;
+      }
+  }
+
+  // Columns [e, e + NV W) of RB rows of O, NV = 2 NP vectors read as NP pairs (PAIRED) or one natural vector.
+  template <int RB, int NP, bool PAIRED>
+  void pv_strip(int nk, int64_t hoff, int e, const A* pr, A* oh) const {
+    constexpr int NV = PAIRED ? 2 * NP : 1;
+    V acc[RB][NV];
+    for (int r = 0; r < RB; ++r)
+      for (int i = 0; i < NV; ++i) acc[r][i] = V::load(oh + int64_t(r) * dp + e + i * W);
+    for (int k = 0; k < nk; ++k) {
+      const T* vr = vp[k] + hoff + e;
+      V vv[NV];
+      if constexpr (PAIRED) {
+        for (int i = 0; i < NP; ++i) load_pair(vr + 2 * i * W, vv[2 * i], vv[2 * i + 1]);
+      } else {
+        vv[0] = V::load(vr);
+      }
+      for (int r = 0; r < RB; ++r) {
+        const V pk = V::set1(pr[int64_t(r) * kNkp + k]);
+        for (int i = 0; i < NV; ++i) acc[r][i] = fmadd(pk, vv[i], acc[r][i]);
+      }
     }
-    // Runs of keys within one paged block share the row stride.
-    for (int jj = 0; jj < nk;) {
-      int run = nk - jj;
-      if (kv.blocks) run = int(std::min<int64_t>(run, kv.bs - (j0 + jj) % kv.bs));
-      if (dfull > 0) attn::gemm<V, true>(R, dfull, run, pr + jj, kNkp, 1, vp[jj] + hoff, kv.v_rs, oh, dp);
-      for (int r = 0; r < R; ++r)
-        for (int e = dfull; e < d; ++e) {
-          A acc = oh[int64_t(r) * dp + e];
-          for (int k = 0; k < run; ++k)
-            acc += pr[int64_t(r) * kNkp + jj + k] * ScalarVec<A>::load(vp[jj + k] + hoff + e).v;
-          oh[int64_t(r) * dp + e] = acc;
-        }
-      jj += run;
-    }
+    for (int r = 0; r < RB; ++r)
+      for (int i = 0; i < NV; ++i) acc[r][i].store(oh + int64_t(r) * dp + e + i * W);
   }
 
   // Softcap, alibi, mask and the online softmax of row r (buffer row rr) over keys [j0, j0 + nk).
@@ -510,7 +560,7 @@ struct GroupTask {
       e.store(x + jj);
       sum = sum + e;
     }
-    const A a = std::exp(m[rr] - mu);
+    const A a = mx == m[rr] ? A(1) : std::exp(m[rr] - mu);  // the max rarely moves after the first chunks
     l[rr] = l[rr] * a + sum.reduce_add();
     m[rr] = mx;
     if (a != A(1)) {
@@ -528,7 +578,7 @@ struct GroupTask {
     if (lr == A(0)) { write_empty_row(out, d, p.dtype, lse); return; }
     const V inv = V::set1(A(1) / lr);
     for (int e = 0; e < dp; e += W) (V::load(orow + e) * inv).store(orow + e);
-    attn::store_row<V>(orow, d, out);
+    attn::store_row_paired<V>(orow, d, out);
     if (lse) *lse = float(mr + std::log(lr));
   }
 };

@@ -114,6 +114,34 @@ static inline void store_row(const typename V::value_type* src, int n, T* dst) {
   for_each_chunk<V>(n, [&](auto v, int64_t i) { decltype(v)::load(src + i).store(dst + i); });
 }
 
+// Rows in paired order (load_pair in cpu/vec/vec.h): the first paired<V>(n) elements as pairs of vectors in the
+// storage type's cheapest lane order, the rest in natural order. A dot product of two rows, or a row accumulated
+// from rows, stored this way is the same as in natural order; store_row_paired writes natural order back.
+template <typename V>
+constexpr int paired(int n) {
+  return n / (2 * V::W) * (2 * V::W);
+}
+
+template <typename V, typename T>
+static inline void load_row_paired(const T* src, int n, typename V::value_type mul, typename V::value_type* dst,
+                                   int n_pad) {
+  const int n2 = paired<V>(n);
+  const V m = V::set1(mul);
+  for (int i = 0; i < n2; i += 2 * V::W) {
+    V a, b;
+    load_pair(src + i, a, b);
+    (a * m).store(dst + i), (b * m).store(dst + i + V::W);
+  }
+  load_row<V>(src + n2, n - n2, mul, dst + n2, n_pad - n2);
+}
+
+template <typename V, typename T>
+static inline void store_row_paired(const typename V::value_type* src, int n, T* dst) {
+  const int n2 = paired<V>(n);
+  for (int i = 0; i < n2; i += 2 * V::W) store_pair(dst + i, V::load(src + i), V::load(src + i + V::W));
+  store_row<V>(src + n2, n - n2, dst + n2);
+}
+
 // An aligned scratch buffer owned by one task (plain malloc/free: no std containers in ISA TUs).
 template <typename A>
 struct Scratch {

@@ -34,6 +34,21 @@ inline void for_each_chunk(int64_t n, Body&& body) {
   for (; i < n; ++i) body(ScalarVec<typename V::value_type>{}, i);
 }
 
+// Paired loads: 2W consecutive elements of p as two vectors, in the lane order cheapest for the storage type.
+// Generic order: a = p[0, W), b = p[W, 2W). bf16 on AVX2 / AVX-512 (overloads in their headers): a = the even
+// elements, b = the odd ones, one load and two integer ops instead of two widening loads and two shifts. Dot
+// products and per-element accumulations do not depend on the order as long as every operand goes through the
+// same pairing; store_pair puts the elements back. Call unqualified and without template arguments, so the
+// overloads win.
+template <typename V, typename T>
+inline void load_pair(const T* p, V& a, V& b) {
+  a = V::load(p), b = V::load(p + V::W);
+}
+template <typename V, typename T>
+inline void store_pair(T* p, V a, V b) {
+  a.store(p), b.store(p + V::W);
+}
+
 // A sum accumulated by for_each_chunk bodies of either width.
 template <typename V>
 struct VecSum {

@@ -24,15 +24,18 @@ struct VecAvx2 {
   }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store(bf16* p) const {
-    // Round to nearest even; NaN lanes become quiet NaNs (same as to_bf16 in dtype.h).
-    __m256i u = _mm256_castps_si256(v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
-    r = _mm256_srli_epi32(r, 16);
+    __m256i r = _mm256_srli_epi32(bf16_round(v), 16);
     __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  }
+  // The fp32 bits rounded to nearest even in the upper 16 bits (the bf16); NaN lanes become quiet NaNs (same as
+  // to_bf16 in dtype.h).
+  static __m256i bf16_round(__m256 x) {
+    __m256i u = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
   }
   void store(f16* p) const {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
@@ -66,6 +69,19 @@ struct VecAvx2 {
     return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(x.v, t.v, _CMP_GT_OQ))};
   }
 };
+
+// Paired bf16 (see load_pair in vec.h): even elements from the low halves of the 32-bit words, odd ones from
+// the high halves.
+inline void load_pair(const bf16* p, VecAvx2& a, VecAvx2& b) {
+  const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a.v = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  b.v = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(int(0xffff0000u))));
+}
+inline void store_pair(bf16* p, VecAvx2 a, VecAvx2 b) {
+  const __m256i lo = _mm256_srli_epi32(VecAvx2::bf16_round(a.v), 16);
+  const __m256i hi = _mm256_and_si256(VecAvx2::bf16_round(b.v), _mm256_set1_epi32(int(0xffff0000u)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(lo, hi));
+}
 
 }  // namespace LLMKERN_ISA
 }  // namespace llmkern

@@ -25,13 +25,16 @@ struct VecAvx512 {
   }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store(bf16* p) const {
-    // Round to nearest even; NaN lanes become quiet NaNs (same as to_bf16 in dtype.h).
-    __m512i u = _mm512_castps_si512(v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round(v), 16)));
+  }
+  // The fp32 bits rounded to nearest even in the upper 16 bits (the bf16); NaN lanes become quiet NaNs (same as
+  // to_bf16 in dtype.h).
+  static __m512i bf16_round(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    return _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
   }
   void store(f16* p) const {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
@@ -60,6 +63,19 @@ struct VecAvx512 {
     return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, t.v, _CMP_GT_OQ), b.v, a.v)};
   }
 };
+
+// Paired bf16 (see load_pair in vec.h): one 64-byte load gives the even elements (low halves of the 32-bit
+// words, shifted up) and the odd ones (high halves, masked): two integer ops per 32 values.
+inline void load_pair(const bf16* p, VecAvx512& a, VecAvx512& b) {
+  const __m512i u = _mm512_loadu_si512(p);
+  a.v = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+  b.v = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(int(0xffff0000u))));
+}
+inline void store_pair(bf16* p, VecAvx512 a, VecAvx512 b) {
+  const __m512i lo = _mm512_srli_epi32(VecAvx512::bf16_round(a.v), 16);
+  const __m512i hi = _mm512_and_si512(VecAvx512::bf16_round(b.v), _mm512_set1_epi32(int(0xffff0000u)));
+  _mm512_storeu_si512(p, _mm512_or_si512(lo, hi));
+}
 
 }  // namespace LLMKERN_ISA
 }  // namespace llmkern
