@@ -1,0 +1,4 @@
+"""Text generation pieces: tokenizer and chat templates, incremental detokenization, sampling, stop conditions."""
+
+from llmkern.generation.tokenizer import Tokenizer  # noqa: F401
+from llmkern.generation.detokenizer import IncrementalDetokenizer  # noqa: F401
