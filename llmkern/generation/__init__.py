@@ -2,3 +2,4 @@
 
 from llmkern.generation.tokenizer import Tokenizer  # noqa: F401
 from llmkern.generation.detokenizer import IncrementalDetokenizer  # noqa: F401
+from llmkern.generation.sampling import SamplingParams, make_generator, probabilities, sample  # noqa: F401
