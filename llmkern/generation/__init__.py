@@ -2,6 +2,12 @@
 
 from llmkern.generation.tokenizer import Tokenizer  # noqa: F401
 from llmkern.generation.detokenizer import IncrementalDetokenizer  # noqa: F401
-from llmkern.generation.sampling import SamplingParams, make_generator, probabilities, sample  # noqa: F401
+from llmkern.generation.sampling import (  # noqa: F401
+    SamplingParams,
+    make_generator,
+    probabilities,
+    sample,
+    sample_from_probabilities,
+)
 from llmkern.generation.stop import OutputStream, StopStringMatcher  # noqa: F401
 from llmkern.generation.generation_config import GenerationConfig  # noqa: F401

@@ -53,24 +53,45 @@ def transformers_probs(logits_row, p: SamplingParams, history: list[int]) -> tor
     return procs(ids, logits_row[None].clone())[0].softmax(-1)
 
 
-def random_case(batch, seed=0):
+def random_case(batch, seed=0, vocab=VOCAB, scale=3.0):
+    """Random logits (integers 0..9 when scale is None: many exact ties) and random prompt / output tokens."""
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(batch, VOCAB, generator=g) * 3
-    prompts = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (batch,), generator=g)]
-    outputs = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(0, 20, (batch,), generator=g)]
+    if scale is None:
+        logits = torch.randint(0, 10, (batch, vocab), generator=g).float()
+    else:
+        logits = torch.randn(batch, vocab, generator=g) * scale
+    prompts = [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (batch,), generator=g)]
+    outputs = [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in torch.randint(0, 20, (batch,), generator=g)]
     return logits, prompts, outputs
 
 
-def test_probabilities_match_transformers_processors():
-    logits, prompts, outputs = random_case(len(ROWS))
-    ours = probabilities(logits, ROWS, prompts, outputs)
-    for r, p in enumerate(ROWS):
+# Logit shapes that take each path of the top-k / top-p code: all tokens candidates (vocab <= 1024); a peaked
+# distribution whose nucleus lies in the top-1024 candidates; a flat one that needs the full sort; exact ties
+# (top-k keeps every token tied with the k-th; no top-p there, since a sort orders ties arbitrarily).
+CASES = {
+    "small_vocab": (1000, 3.0, ROWS),
+    "peaked_large_vocab": (5000, 8.0, ROWS),
+    "flat_large_vocab": (5000, 0.5, ROWS),
+    "ties": (3000, None, [SamplingParams(top_k=k, min_p=m, temperature=t) for k, m, t in
+                          [(5, 0.0, 1.0), (1, 0.0, 0.5), (40, 0.3, 1.0), (1500, 0.0, 2.0), (0, 0.5, 1.0)]]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_probabilities_match_transformers_processors(case):
+    vocab, scale, rows = CASES[case]
+    logits, prompts, outputs = random_case(len(rows), vocab=vocab, scale=scale)
+    ours = probabilities(logits, rows, prompts, outputs)
+    for r, p in enumerate(rows):
         ref = transformers_probs(logits[r], p, prompts[r] + outputs[r])
         assert torch.equal(ours[r] > 0, ref > 0), f"row {r} ({p}): different tokens filtered"
-        # Same fp32 ops in the same order: only the softmax / cumsum reduction order may differ.
+        # Same fp32 math: only the order of the softmax / cumsum reductions may differ.
         torch.testing.assert_close(ours[r], ref, rtol=1e-5, atol=1e-7, msg=f"row {r} ({p})")
-    assert (ours[-1] > 0).sum() == 1  # top_k=1
-    assert (ours[3] > 0).sum() < VOCAB  # top_p=0.9 filtered something
+    if case != "ties":
+        assert (ours[-1] > 0).sum() == 1  # top_k=1
+        assert (ours[3] > 0).sum() < vocab  # top_p=0.9 filtered something
+    else:
+        assert (ours[0] > 0).sum() > 5  # ties with the 5th value kept
 
 
 def test_presence_and_frequency_penalties_match_vllm_formula():
