@@ -124,6 +124,14 @@ class Tokenizer:
             special.update({k: _token_content(v, f"{config_file}: extra_special_tokens.{k}") for k, v in extra.items()})
 
         vocab = backend.get_vocab(with_added_tokens=True)
+        # Unnamed extra special tokens (a list; "additional_special_tokens" before transformers 5) the vocabulary
+        # lacks are added as special tokens, as transformers does.
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        if isinstance(extra, list):
+            extra = [_token_content(t, f"{config_file}: extra_special_tokens[{i}]") for i, t in enumerate(extra)]
+            missing = [t for t in extra if t not in vocab]
+            if missing:
+                backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
         declared = config.get("added_tokens_decoder") or {}
         if not isinstance(declared, dict):
             raise ValueError(f"{config_file}: added_tokens_decoder must be a JSON object")

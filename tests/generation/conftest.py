@@ -131,6 +131,22 @@ CHATML_TEMPLATE = """{%- if tools %}
 {%- endif %}"""
 
 
+# Zephyr's template (its block tags indented): no whitespace control at all, so its output depends on
+# trim_blocks / lstrip_blocks.
+ZEPHYR_TEMPLATE = """{% for message in messages %}
+  {% if message['role'] == 'user' %}
+{{ '<|user|>\n' + message['content'] + eos_token }}
+  {% elif message['role'] == 'system' %}
+{{ '<|system|>\n' + message['content'] + eos_token }}
+  {% elif message['role'] == 'assistant' %}
+{{ '<|assistant|>\n'  + message['content'] + eos_token }}
+  {% endif %}
+  {% if loop.last and add_generation_prompt %}
+{{ '<|assistant|>' }}
+  {% endif %}
+{% endfor %}"""
+
+
 def train_byte_bpe(special_tokens: list[str], vocab_size: int = 600) -> Tokenizer:
     """A byte-level BPE like Llama 3's and Qwen's: every byte is in the alphabet, so any text encodes."""
     tok = Tokenizer(models.BPE())

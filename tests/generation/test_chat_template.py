@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llmkern.generation import Tokenizer
 
-from conftest import CHATML_SPECIAL, LLAMA3_TEMPLATE, train_byte_bpe, write_checkpoint
+from conftest import CHATML_SPECIAL, LLAMA3_TEMPLATE, ZEPHYR_TEMPLATE, train_byte_bpe, write_checkpoint
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer briefly; use <b>HTML</b> & \"quotes\"."}
 TURNS = [
@@ -20,7 +20,7 @@ TOOLS = [{
     "type": "function",
     "function": {
         "name": "get_weather",
-        "description": "Weather at a place <now>",
+        "description": "Météo at a place <now> & \"then\"",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }]
@@ -59,6 +59,17 @@ def test_matches_transformers(ckpt, conversation, add_generation_prompt):
     assert ids == ref.apply_chat_template(
         messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
     )
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_template_without_whitespace_control(chatml_dir, add_generation_prompt):
+    """Zephyr's template relies on trim_blocks / lstrip_blocks for its line breaks."""
+    ours, ref = Tokenizer.from_pretrained(chatml_dir), PreTrainedTokenizerFast.from_pretrained(chatml_dir)
+    messages = [SYSTEM, *TURNS]
+    expected = ref.apply_chat_template(messages, chat_template=ZEPHYR_TEMPLATE, add_generation_prompt=add_generation_prompt,
+                                       tokenize=False)
+    assert ours.apply_chat_template(messages, add_generation_prompt, chat_template=ZEPHYR_TEMPLATE) == expected
+    assert "<|user|>\nWhat is 2 + 2?<|im_end|>\n<|assistant|>" in expected
 
 
 def test_template_variables_and_kwargs(chatml_dir, llama3_dir):

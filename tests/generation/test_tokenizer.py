@@ -96,6 +96,15 @@ def test_special_token_missing_from_vocab_is_added(tmp_path):
     assert ours.encode("a<|my_pad|>b", add_special_tokens=False) == ref.encode("a<|my_pad|>b", add_special_tokens=False)
 
 
+def test_extra_special_tokens_list_is_added(tmp_path):
+    tok = train_byte_bpe(LLAMA3_SPECIAL)
+    d = write_checkpoint(tmp_path, tok, {"eos_token": "<|eot_id|>", "extra_special_tokens": ["<|tool|>", added_token_dict("<|img|>")]})
+    ours, ref = Tokenizer.from_pretrained(d), PreTrainedTokenizerFast.from_pretrained(d)
+    text = "x<|tool|>y<|img|>"
+    assert ours.encode(text) == ref.encode(text) and len(ours.encode(text)) == 4
+    assert ours.decode(ours.encode(text)) == ref.decode(ref.encode(text), skip_special_tokens=True) == "xy"
+
+
 def test_legacy_special_tokens_map(tmp_path):
     tok = train_byte_bpe(LLAMA3_SPECIAL)
     d = write_checkpoint(tmp_path, tok, {})
