@@ -3,7 +3,9 @@
 from llmkern.generation.tokenizer import Tokenizer  # noqa: F401
 from llmkern.generation.detokenizer import IncrementalDetokenizer  # noqa: F401
 from llmkern.generation.sampling import (  # noqa: F401
+    Logprobs,
     SamplingParams,
+    compute_logprobs,
     make_generator,
     probabilities,
     sample,

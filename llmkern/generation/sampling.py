@@ -59,6 +59,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -73,6 +74,8 @@ class SamplingParams:
             _check_int("seed", self.seed)
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, lo=1)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, lo=0)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         for i, s in enumerate(stop):
             if not isinstance(s, str) or not s:
@@ -296,3 +299,25 @@ def sample(logits, params, prompt_ids=None, output_ids=None, generators=None) ->
         generators = [None if p.greedy else g for p, g in zip(params, generators)]
     drawn = sample_from_probabilities(probs, generators)
     return torch.where(greedy, probs.argmax(dim=-1), drawn)
+
+
+@dataclass
+class Logprobs:
+    """Log-probabilities of sampled tokens under the model's raw distribution (log_softmax of the logits,
+    before penalties and warpers: vLLM's default). token [B], rank [B] (1 = the most likely token),
+    top / top_ids [B, n] the n most likely tokens, descending."""
+
+    token: torch.Tensor
+    rank: torch.Tensor
+    top: torch.Tensor
+    top_ids: torch.Tensor
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int = 0) -> Logprobs:
+    if logits.dim() != 2 or token_ids.shape != logits.shape[:1]:
+        raise ValueError(f"logits [B, V] and token_ids [B] expected, got {tuple(logits.shape)} and {tuple(token_ids.shape)}")
+    logprobs = logits.float().log_softmax(dim=-1)
+    token = logprobs.gather(1, token_ids[:, None].long())[:, 0]
+    rank = (logprobs > token[:, None]).sum(dim=-1) + 1
+    top, top_ids = logprobs.topk(min(num_top, logits.shape[1]), dim=-1)
+    return Logprobs(token, rank, top, top_ids)

@@ -17,7 +17,7 @@ from transformers.generation.logits_process import (
 )
 
 from llmkern.generation import SamplingParams, make_generator, probabilities, sample
-from llmkern.generation.sampling import apply_penalties
+from llmkern.generation.sampling import apply_penalties, compute_logprobs
 
 VOCAB = 1000
 
@@ -179,6 +179,7 @@ def test_bf16_logits_are_processed_in_fp32():
     ({"presence_penalty": 3.0}, "presence_penalty"), ({"frequency_penalty": -2.5}, "frequency_penalty"),
     ({"seed": 1.5}, "seed"), ({"max_tokens": 0}, "max_tokens"), ({"stop": ["ok", ""]}, r"stop\[1\]"),
     ({"stop_token_ids": [3, -1]}, r"stop_token_ids\[1\]"), ({"ignore_eos": "yes"}, "ignore_eos"),
+    ({"logprobs": -1}, "logprobs"),
 ])
 def test_bad_params_name_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -201,3 +202,14 @@ def test_bad_inputs_are_named():
         sample(torch.randn(2, 10), params, output_ids=[[1]])
     with pytest.raises(ValueError, match="token ids"):
         sample(torch.randn(2, 10), [SamplingParams(repetition_penalty=1.2)] * 2, prompt_ids=[[1], [10]])
+
+
+def test_logprobs_of_the_raw_distribution():
+    logits = torch.randn(3, 50, dtype=torch.float64)
+    tokens = torch.tensor([4, 0, 49])
+    got = compute_logprobs(logits.float(), tokens, num_top=5)
+    ref = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(got.token.double(), ref[torch.arange(3), tokens], rtol=0, atol=1e-6)
+    assert torch.equal(got.rank, (ref > ref[torch.arange(3), tokens][:, None]).sum(-1) + 1)
+    assert torch.equal(got.top_ids, ref.topk(5).indices)
+    assert compute_logprobs(logits, logits.argmax(-1)).rank.tolist() == [1, 1, 1]
