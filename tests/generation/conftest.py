@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 # Varied text so the merges cover ASCII words, code, accents, CJK and emoji (multi-token UTF-8 characters).
 CORPUS = [
@@ -162,6 +162,28 @@ def train_byte_bpe(special_tokens: list[str], vocab_size: int = 600) -> Tokenize
     return tok
 
 
+def train_sentencepiece_bpe(vocab_size: int = 500) -> Tokenizer:
+    """A Llama 2 / Mistral style tokenizer.json: '▁' for spaces, byte fallback (<0xXX> tokens for characters
+    outside the vocabulary), a decoder that strips the leading space, and BOS added by the post-processor."""
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizer
+    tok.train_from_iterator(CORPUS[:4] * 4, trainer)  # no CJK / emoji: those go through byte fallback
+    trained = json.loads(tok.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for token in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return tok
+
+
 def added_token_dict(content: str) -> dict:
     """A special token the way transformers writes it in tokenizer_config.json."""
     return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
@@ -193,6 +215,14 @@ def llama3_dir(tmp_path_factory):
     ])
     config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE}
     return write_checkpoint(tmp_path_factory.mktemp("llama3"), tok, config)
+
+
+@pytest.fixture(scope="session")
+def spm_dir(tmp_path_factory):
+    """Llama 2 / Mistral style: SentencePiece-like BPE with byte fallback."""
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+              "chat_template": ZEPHYR_TEMPLATE}
+    return write_checkpoint(tmp_path_factory.mktemp("spm"), train_sentencepiece_bpe(), config)
 
 
 @pytest.fixture(scope="session")

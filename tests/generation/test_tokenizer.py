@@ -23,7 +23,7 @@ TEXTS = CORPUS + [
 ]
 
 
-@pytest.fixture(params=["llama3", "chatml"])
+@pytest.fixture(params=["llama3", "chatml", "spm"])
 def ckpt(request):
     return request.getfixturevalue(f"{request.param}_dir")
 
