@@ -39,12 +39,13 @@ def _check_int(name: str, value, lo: int | None = None):
 class SamplingParams:
     """How one request picks its tokens (vLLM's names and defaults; greedy is temperature=0).
 
-    top_k: 0 or -1 keeps every token. stop: strings that end the output (excluded from it unless
+    n: completions per prompt (the server shares their prompt). top_k: 0 or -1 keeps every token. stop: strings that end the output (excluded from it unless
     include_stop_str_in_output). stop_token_ids: tokens that end the output besides EOS. ignore_eos: keep going
     past EOS (benchmarks). max_tokens: None lets the caller choose (the model length or the checkpoint's
     max_new_tokens). seed: None draws from torch's global generator.
     """
 
+    n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -63,6 +64,7 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self):
+        _check_int("n", self.n, lo=1)
         _check_number("temperature", self.temperature, 0.0, math.inf, hi_open=True)
         _check_number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _check_int("top_k", self.top_k, lo=-1)
