@@ -141,6 +141,8 @@ class Tokenizer:
         if new_tokens:
             backend.add_tokens(new_tokens)
 
+        # split_special_tokens: special-token text in the input is encoded as plain text (transformers' option).
+        backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
         if backend.post_processor is None:
             add_bos, add_eos = bool(config.get("add_bos_token")), bool(config.get("add_eos_token"))
             if add_bos or add_eos:

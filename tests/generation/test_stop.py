@@ -166,3 +166,15 @@ def test_the_package_example_loop(tok, tmp_path):
         delta, reason = out.append(token[0])
         deltas.append(delta)
     assert out.text == "".join(deltas) == "Hi there 👋 " and out.stop_reason == "friend"
+
+
+def test_generation_config_falls_back_to_config_json(tmp_path):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(bos_token_id=1, eos_token_id=[2, 7], pad_token_id=0)
+    cfg.save_pretrained(tmp_path)
+    assert not (tmp_path / "generation_config.json").exists()
+    ours, ref = GenerationConfig.from_pretrained(tmp_path), HFGenerationConfig.from_model_config(cfg)
+    assert (list(ours.eos_token_ids), ours.bos_token_id, ours.pad_token_id) == (
+        ref.eos_token_id, ref.bos_token_id, ref.pad_token_id)
+    assert ours.sampling_params().greedy

@@ -105,6 +105,14 @@ def test_extra_special_tokens_list_is_added(tmp_path):
     assert ours.decode(ours.encode(text)) == ref.decode(ref.encode(text), skip_special_tokens=True) == "xy"
 
 
+def test_split_special_tokens(tmp_path):
+    d = write_checkpoint(tmp_path, train_byte_bpe(LLAMA3_SPECIAL), {"eos_token": "<|eot_id|>", "split_special_tokens": True})
+    ours, ref = Tokenizer.from_pretrained(d), PreTrainedTokenizerFast.from_pretrained(d)
+    text = "a<|eot_id|>b"
+    assert ours.encode(text) == ref.encode(text)
+    assert ours.eos_token_id not in ours.encode(text)
+
+
 def test_legacy_special_tokens_map(tmp_path):
     tok = train_byte_bpe(LLAMA3_SPECIAL)
     d = write_checkpoint(tmp_path, tok, {})
