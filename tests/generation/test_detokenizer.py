@@ -6,7 +6,7 @@ import pytest
 
 from llmkern.generation import IncrementalDetokenizer, Tokenizer
 
-from conftest import CORPUS
+from tokenizer_refs import CORPUS
 
 TEXTS = CORPUS + ["🧑🏽‍🚀👩‍💻 🇫🇷🇯🇵 ∑∞ 日本語 naïve", "x = {'ключ': '值'}  # коммент"]
 

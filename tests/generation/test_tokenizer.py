@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llmkern.generation import Tokenizer
 
-from conftest import CORPUS, LLAMA3_SPECIAL, added_token_dict, train_byte_bpe, write_checkpoint
+from tokenizer_refs import CORPUS, LLAMA3_SPECIAL, added_token_dict, train_byte_bpe, write_checkpoint
 
 TEXTS = CORPUS + [
     "",
