@@ -8,7 +8,11 @@ is the weights plus one tensor in flight. Pickled `.bin` weights are refused: un
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -84,6 +88,43 @@ def _check(files: dict[str, Path], expected: dict[str, tuple[int, ...]], handles
                          f"quantized checkpoints are not loaded yet)")
 
 
+def _drop_pages(t: torch.Tensor) -> None:
+    """Drops t's pages from this process (madvise MADV_DONTNEED) once it has been copied. t is a tensor
+    safe_open returned, a view of the read-only file mapping: its touched pages count in the resident set
+    until the file is closed, which would put a dtype-converting load at file size + weights (measured 3.3x
+    the bf16 weights when loading a float32 file). Dropped clean file pages are re-read if touched again;
+    only whole pages inside t are dropped, so no other tensor is affected."""
+    if sys.platform != "linux" or t.device.type != "cpu" or not t.nbytes:
+        return
+    start = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (t.data_ptr() + t.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4: MADV_DONTNEED
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+
+
+def _read(handle, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+    """The tensor in dtype on device. A same-dtype CPU tensor stays a zero-copy view of the mapping; any
+    other is converted in row chunks whose source pages are dropped as they are done, so the peak is the
+    loaded weights plus one chunk (a whole float32 embedding read for bf16 would add 1/2 the weights)."""
+    src = handle.get_tensor(name)
+    if src.dtype == dtype and torch.device(device).type == "cpu":
+        return src
+    out = torch.empty(src.shape, dtype=dtype, device=device)
+    if src.dim() == 0:
+        return out.copy_(src)
+    rows = max(1, _CHUNK_BYTES // max(1, src[0].nbytes))
+    for i in range(0, src.shape[0], rows):
+        out[i : i + rows].copy_(src[i : i + rows])
+        _drop_pages(src[i : i + rows])
+    return out
+
+
+_CHUNK_BYTES = 4 << 20
+
+
 def _quant_config(quant):
     if quant is None or isinstance(quant, (NF4Config, Int4Config, Int8Config)):
         return quant
@@ -111,7 +152,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     _check(files, expected, handles)
     state = {}
     for name in expected:
-        state[name] = handles[files[name]].get_tensor(name).to(device=device, dtype=dtype)
+        state[name] = _read(handles[files[name]], name, dtype, device)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.init_buffers(device)
@@ -133,6 +174,10 @@ def save_pretrained(model: LlamaForCausalLM, directory: str | Path) -> None:
     dtype = next(iter(sd.values())).dtype
     cfg = {**model.config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch.")}
     cfg.pop("torch_dtype", None)
-    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(directory / SINGLE_FILE),
-              metadata={"format": "pt"})
+    # Written aside, then renamed over: a model loaded from this directory may still be reading the old
+    # file through its mapping (truncating a mapped file in place would crash it with SIGBUS).
+    tmp = directory / (SINGLE_FILE + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / SINGLE_FILE)
+    (directory / INDEX_FILE).unlink(missing_ok=True)  # a stale shard index would take precedence
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from model_refs import ARCHS, VOCAB, hf_checkpoints, make_hf_model, rel_err  # n
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from llmkern.models import load_model, save_pretrained
+from llmkern.models import LlamaForCausalLM, load_model, preset, save_pretrained
 from llmkern.quant import Int4Linear, Int8Linear, NF4Linear
 
 IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
@@ -26,7 +28,7 @@ def _logits(model, ids=IDS):
 
 def test_sharded_checkpoint_loads(tmp_path):
     hf = make_hf_model("llama")
-    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    hf.save_pretrained(tmp_path, max_shard_size="300KB")
     assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 2
     assert rel_err(_logits(load_model(tmp_path)), _logits(hf)) < 1e-4
 
@@ -116,7 +118,7 @@ def test_missing_and_unexpected_tensors(ckpt):
 
 
 def test_sharded_index_problems(tmp_path):
-    make_hf_model("llama").save_pretrained(tmp_path, max_shard_size="40KB")
+    make_hf_model("llama").save_pretrained(tmp_path, max_shard_size="300KB")
     index = tmp_path / "model.safetensors.index.json"
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.rename(tmp_path / "gone")
@@ -146,3 +148,40 @@ def test_pickled_weights_are_refused(ckpt):
         load_model(ckpt)
     with pytest.raises(ValueError, match="quant"):
         load_model(ckpt, quant="fp3")
+
+
+# ---- peak memory of a load: weights plus a bounded amount, never a second copy ----
+
+_MEASURE = """
+import gc, sys, torch
+from llmkern.models import LlamaForCausalLM, ModelConfig, load_model
+def status(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+with torch.device("meta"):  # first model build and first ops touch library code once (~70 MB): not weights
+    LlamaForCausalLM(ModelConfig.from_json(sys.argv[1] + "/config.json"))
+torch.ones(8, 8) @ torch.ones(8, 8)
+for dtype in sys.argv[2:]:
+    gc.collect()
+    base = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak resident set, to the current one
+    model = load_model(sys.argv[1], dtype=getattr(torch, dtype))
+    model(torch.zeros(1, 1, dtype=torch.int64))  # a forward touches every layer's weights
+    print(dtype, (status("VmHWM") - base) / sum(p.nbytes for p in model.parameters()))
+    del model
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_load_peak_memory_within_1_2x_weight_bytes(tmp_path):
+    """A float32 file loaded as float32 (zero-copy views of the mapping) and as bfloat16 (converted in
+    chunks). A 110 MB model whose embedding and head are each 30% of it: converting either whole would
+    exceed the bound."""
+    cfg = preset("tiny-llama").with_(vocab_size=16000, hidden_size=512, intermediate_size=1376, num_layers=4,
+                                     num_heads=8, num_kv_heads=2, head_dim=64)
+    save_pretrained(LlamaForCausalLM(cfg), tmp_path)
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path), "float32", "bfloat16"],
+                         capture_output=True, text=True, check=True)
+    ratios = dict(line.split() for line in out.stdout.splitlines())
+    assert ratios.keys() == {"float32", "bfloat16"}
+    for dtype, ratio in ratios.items():
+        assert float(ratio) <= 1.2, f"{dtype}: peak resident memory of the load {float(ratio):.2f}x the weight bytes"
