@@ -76,3 +76,26 @@ def test_bad_step_inputs_raise_clear_errors(hf_checkpoints):
     kv = allocate_kv_cache(model.config, num_blocks=2, block_size=BLOCK, dtype=torch.float32)
     with pytest.raises(ValueError, match="kv_caches"):
         model.step(build_step_input([SequenceChunk([1], 0, [0])], BLOCK), kv[:1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_decode_of_32_tokens_equals_transformers_generate(hf_checkpoints, arch):
+    """Prefill the prompt in one step, then one decode step per token (fp32), two sequences at once."""
+    hf, path = hf_checkpoints[arch]
+    model = load_model(path)
+    prompts = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    new = 32
+    with torch.no_grad():
+        ref = hf.generate(prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[:, 7:]
+    blocks_per_seq = -(-(7 + new) // BLOCK)
+    kv = allocate_kv_cache(model.config, num_blocks=2 * blocks_per_seq, block_size=BLOCK, dtype=torch.float32)
+    tables = [list(range(i, 2 * blocks_per_seq, 2)) for i in range(2)]  # interleaved blocks
+    seqs = [p.tolist() for p in prompts]
+    chunks = [SequenceChunk(s, 0, t) for s, t in zip(seqs, tables)]
+    for _ in range(new):
+        next_tokens = model.step(build_step_input(chunks, BLOCK), kv).argmax(-1).tolist()
+        chunks = [SequenceChunk([tok], len(s), t) for tok, s, t in zip(next_tokens, seqs, tables)]
+        for s, tok in zip(seqs, next_tokens):
+            s.append(tok)
+    assert torch.tensor(seqs)[:, 7:].tolist() == ref.tolist()
