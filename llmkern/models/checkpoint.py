@@ -22,7 +22,8 @@ from torch import nn
 
 from llmkern.models.config import ModelConfig
 from llmkern.models.llama import LlamaForCausalLM
-from llmkern.quant import Int4Config, Int8Config, NF4Config, quantize_
+from llmkern.models.prequantized import QUANT_SUFFIXES, PrequantizedFormat, read_quantization_config
+from llmkern.quant import Int4Config, Int4Linear, Int8Config, Int8Linear, NF4Config, NF4Linear, quantize_
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -85,7 +86,7 @@ def _check(files: dict[str, Path], expected: dict[str, tuple[int, ...]], handles
     extra = [n for n in files if n not in expected and n != tied and not n.endswith(_IGNORED_SUFFIXES)]
     if extra:
         raise ValueError(f"{files[extra[0]]}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all; "
-                         f"quantized checkpoints are not loaded yet)")
+                         f"a quantized checkpoint needs quantization_config in config.json)")
 
 
 def _drop_pages(t: torch.Tensor) -> None:
@@ -105,11 +106,12 @@ def _drop_pages(t: torch.Tensor) -> None:
 _LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
 
 
-def _read(handle, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+def _read(handle, name: str, dtype: torch.dtype | None, device) -> torch.Tensor:
     """The tensor in dtype on device. A same-dtype CPU tensor stays a zero-copy view of the mapping; any
     other is converted in row chunks whose source pages are dropped as they are done, so the peak is the
     loaded weights plus one chunk (a whole float32 embedding read for bf16 would add 1/2 the weights)."""
     src = handle.get_tensor(name)
+    dtype = src.dtype if dtype is None else dtype
     if src.dtype == dtype and torch.device(device).type == "cpu":
         return src
     out = torch.empty(src.shape, dtype=dtype, device=device)
@@ -125,6 +127,21 @@ def _read(handle, name: str, dtype: torch.dtype, device) -> torch.Tensor:
 _CHUNK_BYTES = 4 << 20
 
 
+def _prequantized_linears(model, files, prequant: PrequantizedFormat | None,
+                          expected: dict[str, tuple[int, ...]]) -> list[str]:
+    """Names of the linears a GPTQ/AWQ checkpoint stores quantized (those with a `.qweight`); their
+    `.weight` leaves `expected` and their stored tensors join it."""
+    if prequant is None:
+        return []
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.qweight" in files]
+    for name in names:
+        expected.pop(f"{name}.weight")
+        linear = model.get_submodule(name)
+        for suffix, shape in prequant.tensor_shapes(linear, f"{name}.g_idx" in files).items():
+            expected[f"{name}.{suffix}"] = shape
+    return names
+
+
 def _quant_config(quant):
     if quant is None or isinstance(quant, (NF4Config, Int4Config, Int8Config)):
         return quant
@@ -137,23 +154,37 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
                quant=None) -> LlamaForCausalLM:
     """The model of a Hugging Face directory (config.json + safetensors), in `dtype` (default: config.json's
     dtype, else float32) on `device`; quant "nf4" | "int4" | "int8" (or a llmkern.quant config) quantizes
-    every linear but the output head after loading (llmkern.quant.quantize_)."""
+    every linear but the output head after loading (llmkern.quant.quantize_). GPTQ / AWQ checkpoints
+    (quantization_config in config.json) load their 4-bit linears as Int4Linear directly."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a model directory")
     config = ModelConfig.from_json(path / "config.json")
     quant = _quant_config(quant)
     dtype = dtype or config.weight_dtype() or torch.float32
+    prequant = read_quantization_config(config.extra, str(path / "config.json"))
+    if prequant is not None and quant is not None:
+        raise ValueError(f"quant: {path} is already a {prequant.method} checkpoint; pass quant=None")
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     files = _weight_files(path)
     handles: dict[Path, object] = {}
     expected = _expected(model)
+    qlinears = _prequantized_linears(model, files, prequant, expected)
     _check(files, expected, handles)
     state = {}
-    for name in expected:
-        state[name] = _read(handles[files[name]], name, dtype, device)
+    for name in expected:  # quantized tensors (int32 codes, their scales) keep their stored dtype
+        keep = name.rsplit(".", 1)[0] in qlinears and name.rsplit(".", 1)[1] in QUANT_SUFFIXES
+        state[name] = _read(handles[files[name]], name, None if keep else dtype, device)
     model.load_state_dict(state, strict=False, assign=True)
+    for name in qlinears:
+        tensors = {s: state[f"{name}.{s}"] for s in QUANT_SUFFIXES if f"{name}.{s}" in state}
+        try:
+            layer = prequant.to_int4_linear(tensors, state.get(f"{name}.bias"))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{files[name + '.qweight']}: {name}: {e}") from None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
     model.tie_weights()
     model.init_buffers(device)
     if quant is not None:
@@ -163,7 +194,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
 
 def save_pretrained(model: LlamaForCausalLM, directory: str | Path) -> None:
     """config.json + model.safetensors that transformers' AutoModelForCausalLM.from_pretrained loads."""
-    if any(not isinstance(m, nn.Linear) and "Linear" in type(m).__name__ for m in model.modules()):
+    if any(isinstance(m, (NF4Linear, Int4Linear, Int8Linear)) for m in model.modules()):
         raise ValueError("save_pretrained: the model is quantized; save the unquantized model, or convert the "
                          "checkpoint with `python -m llmkern.quant`")
     directory = Path(directory)

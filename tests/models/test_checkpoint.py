@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from model_refs import ARCHS, VOCAB, hf_checkpoints, make_hf_model, rel_err  # noqa: F401 (fixture)
+from model_refs import ARCHS, VOCAB, hf_checkpoints, make_hf_model, rel_err, write_int4_checkpoint  # noqa: F401
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -185,3 +185,21 @@ def test_load_peak_memory_within_1_2x_weight_bytes(tmp_path):
     assert ratios.keys() == {"float32", "bfloat16"}
     for dtype, ratio in ratios.items():
         assert float(ratio) <= 1.2, f"{dtype}: peak resident memory of the load {float(ratio):.2f}x the weight bytes"
+
+
+@pytest.mark.parametrize("arch, method", [("qwen2", "gptq"), ("llama", "awq")])
+def test_gptq_awq_checkpoint_equals_its_dequantized_model(tmp_path, arch, method):
+    """A GPTQ (qwen2: with q/k/v bias) or AWQ checkpoint loads its linears as Int4Linear and computes what
+    transformers computes with the dequantized weights."""
+    hf = make_hf_model(arch, **QUANT_SHAPES)
+    write_int4_checkpoint(hf, tmp_path, method)
+    model = load_model(tmp_path)
+    kinds = {type(m) for name, m in model.named_modules() if name.endswith("_proj")}
+    assert kinds == {Int4Linear}
+    assert rel_err(_logits(model), _logits(hf)) < 1e-4
+    with pytest.raises(ValueError, match="already a"):
+        load_model(tmp_path, quant="nf4")
+    name = "model.layers.0.mlp.up_proj.qzeros"
+    _rewrite(tmp_path, lambda t: t.__setitem__(name, t[name][:, :-1].contiguous()))
+    with pytest.raises(ValueError, match=rf"model\.safetensors.*{name}"):
+        load_model(tmp_path)
