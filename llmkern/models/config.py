@@ -74,7 +74,8 @@ class ModelConfig:
         if not (isinstance(self.rope_theta, float) and self.rope_theta > 0):
             raise ValueError(f"ModelConfig.rope_theta: expected a positive float, got {self.rope_theta!r}")
         if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
-            raise ValueError(f"ModelConfig.sliding_window: expected None or a positive int, got {self.sliding_window!r}")
+            raise ValueError(f"ModelConfig.sliding_window: expected None or a positive int, "
+                             f"got {self.sliding_window!r}")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers or any(t not in LAYER_TYPES for t in self.layer_types):
                 raise ValueError(f"ModelConfig.layer_types: expected {self.num_layers} entries from {LAYER_TYPES}, "

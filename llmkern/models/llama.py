@@ -162,6 +162,13 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.alibi_slopes = self.config.alibi_slopes().to(device)
 
+    def _apply(self, fn, recurse=True):
+        """After .to(dtype / device), .half(), to_empty(...): the constants are rebuilt on the weights'
+        device and stay float32 (a bf16 cos/sin cache would be refused by the kernels, and is less exact)."""
+        super()._apply(fn, recurse)
+        self.init_buffers()
+        return self
+
     def _decode(self, input_ids: Tensor, positions: Tensor, attn: AttentionInput,
                 kv_caches: list[tuple[Tensor, Tensor]] | None) -> Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
@@ -221,7 +228,8 @@ def _shifted_loss(logits: Tensor, labels: Tensor, cu_seqlens: Tensor) -> Tensor:
     with the shifted target of each sequence's last token ignored so packed sequences never score across
     a boundary."""
     if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])} (like input_ids), got {tuple(labels.shape)}")
+        raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])} (like input_ids), "
+                         f"got {tuple(labels.shape)}")
     targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).clone()
     targets[cu_seqlens[1:].long() - 1] = -100
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=-100)

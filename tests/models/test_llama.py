@@ -102,3 +102,12 @@ def test_bad_inputs_raise_clear_errors(hf_checkpoints):
         model(torch.zeros(1, 5, dtype=torch.int64), cu_seqlens=torch.tensor([0, 3, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="labels"):
         model(torch.zeros(2, 5, dtype=torch.int64), labels=torch.zeros(2, 4, dtype=torch.int64))
+
+
+def test_to_dtype_keeps_rope_cache_float32(hf_checkpoints):
+    path = hf_checkpoints["llama"][1]
+    model = load_model(path).to(torch.bfloat16)
+    assert model.rope_cache.dtype == torch.float32 and model.lm_head.weight.dtype == torch.bfloat16
+    ids = _batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, load_model(path, dtype=torch.bfloat16)(ids).logits)
