@@ -89,6 +89,10 @@ TORCH_LIBRARY(llmkern, m) {
   // slot_mapping [tokens] int64 (slot = block * block_size + offset; -1 skips the token).
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 
+  // Dense linear x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N], one dtype, fp32 accumulation (CPU; the
+  // decode-shaped GEMV that reads each weight element once; Python face: llmkern/ops/linear.py).
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+
   // Weight-only quantization (formats and math: kernels/quant.h; Python face: llmkern/ops/quant.py).
   // Weights are W [N, K] (nn.Linear layout). Codes: nf4 code fp32 [16], nested/blockwise8 code fp32 [256].
   // bitsandbytes' quantize_4bit(nf4): w any shape -> (packed uint8 [(numel + 1) / 2, 1], absmax fp32 [blocks]).

@@ -449,7 +449,7 @@ struct GroupTask {
         }
       }
       alignas(64) A out[RB * KB];
-      hsum<RB * KB>(acc, out);
+      reduce_add_each<RB * KB>(acc, out);
       for (int e = dfull; e < d; ++e)
         for (int k = 0; k < KB; ++k) {
           const A x = ScalarVec<A>::load(kr[k] + e).v;
@@ -458,30 +458,6 @@ struct GroupTask {
       for (int r = 0; r < RB; ++r)
         for (int k = 0; k < KB; ++k) sc[int64_t(r) * kNkp + jj + k] = out[r * KB + k];
     }
-  }
-
-  // out[i] = sum of the lanes of acc[i].
-  template <int N>
-  static void hsum(const V* acc, A* out) {
-#if defined(LLMKERN_ISA_AVX512)
-    if constexpr (N == 16 && std::is_same_v<V, VecAvx512>) {
-      // A 16 x 16 transpose-and-add in four halving steps (256-bit halves, 128-bit quarters, pairs,
-      // singles); the input order below makes lane i of the result the sum of acc[i].
-      static constexpr int kOrder[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
-      __m512 a[16];
-      for (int i = 0; i < 16; ++i) a[kOrder[i]] = acc[i].v;
-      __m512 x[8], y[4], z[2];
-      for (int i = 0; i < 8; ++i)
-        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xEE));
-      for (int i = 0; i < 4; ++i)
-        y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[i], x[i + 4], 0x88), _mm512_shuffle_f32x4(x[i], x[i + 4], 0xDD));
-      for (int i = 0; i < 2; ++i)
-        z[i] = _mm512_add_ps(_mm512_shuffle_ps(y[i], y[i + 2], 0x44), _mm512_shuffle_ps(y[i], y[i + 2], 0xEE));
-      _mm512_store_ps(out, _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD)));
-      return;
-    }
-#endif
-    for (int i = 0; i < N; ++i) out[i] = acc[i].reduce_add();
   }
 
   // O[r] += sum_jj P[r][jj] V[jj] for the chunk's keys (rows in blocks of 4, 2, 1).

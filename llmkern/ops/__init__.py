@@ -10,6 +10,7 @@ from llmkern.ops.attention import (
     flash_attn_with_kvcache,
     write_kv_cache,
 )
+from llmkern.ops.linear import linear, linear_ref
 from llmkern.ops.quant import (
     DYNAMIC_CODE,
     NF4_CODE,
@@ -91,5 +92,7 @@ __all__ = [
     "int4_linear",
     "int4_linear_ref",
     "int8_linear",
+    "linear",
+    "linear_ref",
     "int8_linear_ref",
 ]

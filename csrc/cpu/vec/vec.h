@@ -49,6 +49,15 @@ inline void store_pair(T* p, V a, V b) {
   a.store(p), b.store(p + V::W);
 }
 
+// out[i] = the sum of the lanes of acc[i] for i < N (AVX-512 with N = 16: one transpose-and-add).
+template <int N, typename V>
+inline void reduce_add_each(const V* acc, typename V::value_type* out) {
+#if defined(LLMKERN_ISA_AVX512)
+  if constexpr (N == 16 && std::is_same_v<V, VecAvx512>) return reduce_add_16(acc, out);
+#endif
+  for (int i = 0; i < N; ++i) out[i] = acc[i].reduce_add();
+}
+
 // A sum accumulated by for_each_chunk bodies of either width.
 template <typename V>
 struct VecSum {

@@ -64,6 +64,22 @@ struct VecAvx512 {
   }
 };
 
+// out[i] = the sum of the lanes of acc[i], i < 16: a 16 x 16 transpose-and-add in four halving steps (256-bit
+// halves, 128-bit quarters, pairs, singles); the input order below makes lane i of the result the sum of acc[i].
+inline void reduce_add_16(const VecAvx512* acc, float* out) {
+  static constexpr int kOrder[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+  __m512 a[16];
+  for (int i = 0; i < 16; ++i) a[kOrder[i]] = acc[i].v;
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[i], x[i + 4], 0x88), _mm512_shuffle_f32x4(x[i], x[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    z[i] = _mm512_add_ps(_mm512_shuffle_ps(y[i], y[i + 2], 0x44), _mm512_shuffle_ps(y[i], y[i + 2], 0xEE));
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD)));
+}
+
 // Paired bf16 (see load_pair in vec.h): one 64-byte load gives the even elements (low halves of the 32-bit
 // words, shifted up) and the odd ones (high halves, masked): two integer ops per 32 values.
 inline void load_pair(const bf16* p, VecAvx512& a, VecAvx512& b) {

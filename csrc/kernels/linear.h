@@ -1,0 +1,25 @@
+// Dense linear y = x W^T (+ bias) kernel parameters and CPU entry point.
+// x [m, k] and y [m, n] with row strides in elements, W [n, k] with row stride w_stride, bias [n] or null;
+// one dtype for all of them, fp32 accumulation (fp64 for the gradcheck dtype), unit stride along k and n.
+#pragma once
+#include <cstdint>
+#include "cpu/vec/dispatch.h"
+#include "kernels/dtype.h"
+
+namespace llmkern {
+
+struct LinearParams {
+  DType dtype;
+  int64_t m = 0, n = 0, k = 0;
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const void* w = nullptr;
+  int64_t w_stride = 0;
+  const void* bias = nullptr;
+  void* y = nullptr;
+  int64_t y_stride = 0;
+};
+
+LLMKERN_DECLARE_CPU_KERNEL(linear_kernel, LinearParams)
+
+}  // namespace llmkern

@@ -1,0 +1,90 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkern.ops import linear, linear_ref
+from tests.helpers import DTYPES, assert_close_derived, grads, strided
+
+# (M, N, K): GEMV rows 1-4, the 4-row blocks plus a remainder, weight-row tails (N % 4), odd K (paired, whole
+# vector and scalar tails for 8- and 16-lane paths), K = 1.
+SHAPES = [(1, 1, 1), (1, 5, 7), (2, 17, 33), (3, 64, 100), (4, 33, 4097), (5, 18, 256), (7, 64, 129), (16, 40, 64),
+          (33, 19, 300)]
+
+
+def check(x, w, b):
+    want = linear_ref(x.double(), w.double(), None if b is None else b.double())
+    assert_close_derived(linear(x, w, b), want, linear_ref(x, w, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_linear_matches_reference(cpu_isa, dtype, m, n, k):
+    x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+    check(x, w, torch.randn(n).to(dtype) if (m + n) % 2 else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_and_batched(cpu_isa, dtype):
+    x = strided(torch.randn(6, 70).to(dtype))            # rows 3 elements apart
+    w = torch.randn(9, 80).to(dtype)[:, 5:75]            # a column slice: row stride 80
+    check(x, w, torch.randn(9).to(dtype))
+    check(torch.randn(2, 3, 70).to(dtype), w, None)      # leading dims flatten into rows
+    assert linear(torch.randn(2, 0, 70).to(dtype), w).shape == (2, 0, 9)
+
+
+def test_empty_k_gives_bias():
+    b = torch.randn(5)
+    assert torch.equal(linear(torch.randn(3, 0), torch.randn(5, 0), b), b.expand(3, 5))
+    assert torch.equal(linear(torch.randn(3, 0), torch.randn(5, 0)), torch.zeros(3, 5))
+
+
+def test_large_values_do_not_overflow_bf16_accumulation():
+    x = torch.full((1, 4096), 3.0, dtype=torch.bfloat16)
+    w = torch.full((2, 4096), 5.0, dtype=torch.bfloat16)
+    assert linear(x, w).float().tolist() == [[61440.0, 61440.0]]  # 15 * 4096, exact in fp32 and in bf16
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward(dtype):
+    x, w, b = torch.randn(5, 3, 40).to(dtype), torch.randn(24, 40).to(dtype), torch.randn(24).to(dtype)
+    dy = torch.randn(5, 3, 24).to(dtype)
+    got = grads(linear, [x, w, b], [dy])
+    want = grads(linear_ref, [t.double() for t in (x, w, b)], [dy.double()])
+    torch_ = grads(F.linear, [x, w, b], [dy])
+    for name, g, g64, gt in zip(["dx", "dweight", "dbias"], got, want, torch_):
+        assert_close_derived(g, g64, gt, name=name)
+
+
+def test_gradcheck_float64():
+    x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in [(3, 7), (5, 7), (5,)])
+    assert torch.autograd.gradcheck(linear, (x, w, b))
+
+
+def test_opcheck():
+    x, w, b = torch.randn(3, 40, requires_grad=True), torch.randn(6, 40, requires_grad=True), torch.randn(6)
+    torch.library.opcheck(torch.ops.llmkern.linear, (x, w, b))
+    torch.library.opcheck(torch.ops.llmkern.linear, (x.detach().bfloat16(), w.detach().bfloat16(), None))
+
+
+def test_compiled_matches_eager():
+    x, w = torch.randn(4, 64), torch.randn(8, 64)
+    compiled = torch.compile(lambda x, w: linear(x, w) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x, w), linear(x, w) * 2)
+
+
+X, W = torch.randn(2, 16), torch.randn(4, 16)
+BAD = [
+    ("weight", lambda: linear(X, W.double()), "weight: expected the dtype of x"),
+    ("weight", lambda: linear(X, W[0]), r"weight: expected 2 dimensions"),
+    ("weight", lambda: linear(X, torch.randn(4, 15)), "weight: expected K = 16"),
+    ("bias", lambda: linear(X, W, torch.randn(5)), r"bias: expected shape \[4\]"),
+    ("bias", lambda: linear(X, W, torch.randn(4).bfloat16()), "bias: expected the dtype of x"),
+    ("x", lambda: linear(torch.tensor(1.0), W), "x: expected at least 1 dimension"),
+    ("x", lambda: linear(X.int(), W.int()), "x: expected dtype"),
+]
+
+
+@pytest.mark.parametrize("name,call,message", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input(name, call, message):
+    with pytest.raises((ValueError, RuntimeError, TypeError), match=message):
+        call()
