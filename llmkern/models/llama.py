@@ -46,6 +46,19 @@ class CausalLMOutput:
     loss: Tensor | None = None  # mean token loss over labels != -100 (float32 scalar)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose dense matmul runs llmkern.ops.linear where it measured faster than torch's CPU matmul:
+    bf16 / fp16 at any row count (torch's bf16 GEMM lacks AVX512_BF16 here: 2-8x slower, bench/RESULTS.md)
+    and fp32 up to 16 rows (decode); larger fp32 products, CUDA and autocast regions use torch."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (x.device.type == "cpu" and x.dtype == w.dtype and not torch.is_autocast_enabled("cpu")
+                and (w.dtype != torch.float32 or x.numel() <= 16 * x.shape[-1])):
+            return ops.linear(x, w, self.bias)
+        return F.linear(x, w, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -66,10 +79,10 @@ class Attention(nn.Module):
         h, hk, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, hk, d
         self.window = cfg.window(layer)
-        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, hk * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, hk * d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, hk * d, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, hk * d, bias=cfg.qkv_bias)
+        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -99,9 +112,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
@@ -141,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         # Constants derived from the config, not saved (persistent=False); rebuilt by init_buffers after a
         # meta-device build.

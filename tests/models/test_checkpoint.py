@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from llmkern.models import LlamaForCausalLM, load_model, preset, save_pretrained
+from llmkern.models.llama import Linear
 from llmkern.quant import Int4Linear, Int8Linear, NF4Linear
 
 IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
@@ -67,7 +68,7 @@ def test_quantized_load_stays_close_to_full_precision(tmp_path, quant, module, m
     model = load_model(tmp_path, quant=quant)
     kinds = {name: type(m) for name, m in model.named_modules() if name.endswith("_proj")}
     assert set(kinds.values()) == {module} and len(kinds) == 2 * 7
-    assert type(model.lm_head) is torch.nn.Linear
+    assert type(model.lm_head) is Linear  # the head stays dense
     logp, logq = F.log_softmax(_logits(ref), -1), F.log_softmax(_logits(model), -1)
     kl = F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).mean().item()
     print(f"{quant}: mean KL vs float32 {kl:.2e}")
