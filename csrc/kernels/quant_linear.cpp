@@ -461,12 +461,22 @@ static bool quantize_x16(const QLinearParams& p, const I4Gemv& j, int16_t* xq, f
     std::memset(sx_m, 0, sizeof(float) * size_t(gs));
     for (int64_t b0 = 0; b0 < k; b0 += xb) {
       const int64_t len = std::min(xb, k - b0);
+      // NaN is flagged on its own: vmaxps (and std::max) return one operand, so a NaN would be dropped.
       __m512 amax = _mm512_setzero_ps();
+      __mmask16 nan = 0;
       int64_t i = 0;
-      for (; i + 16 <= len; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(V::load(x + b0 + i).v));
+      for (; i + 16 <= len; i += 16) {
+        const __m512 v = _mm512_abs_ps(V::load(x + b0 + i).v);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        amax = _mm512_max_ps(amax, v);
+      }
       float a = _mm512_reduce_max_ps(amax);
-      for (; i < len; ++i) a = std::max(a, std::fabs(to_float(x[b0 + i])));
-      if (!(a <= 3.4e38f)) return false;  // inf or NaN
+      for (; i < len; ++i) {
+        const float v = std::fabs(to_float(x[b0 + i]));
+        nan |= std::isnan(v);
+        a = std::max(a, v);
+      }
+      if (nan || !(a <= 3.4e38f)) return false;  // NaN or inf: the fp32 path propagates them
       const float xs = a / 32767.f, inv = a > 0.f ? 32767.f / a : 0.f;
       const __m512 iv = _mm512_set1_ps(inv);
       for (int64_t c0 = b0; c0 < b0 + len; c0 += kQC) {  // chunks of the block
@@ -510,9 +520,11 @@ static inline __m512 nf4_absmax16(const QWeight& w, int64_t b, __mmask16 mk) {
   if (w.absmax) return _mm512_maskz_loadu_ps(mk, w.absmax + b);
   const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, w.nested_q + b));
   const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, q, w.nested_code, 4);
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i hi = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(int(b & 255)), lane), 8);  // 0 or 1
-  const __m512 a2 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, hi, w.nested_absmax + b / 256, 4);
+  // nested_absmax[(b + i) / 256]: one value, or two when the 16 blocks cross a multiple of 256.
+  __m512 a2 = _mm512_set1_ps(w.nested_absmax[b / 256]);
+  const int cross = int(256 - (b & 255));  // lanes >= cross take the next value
+  if (cross < 16 && (mk >> cross))
+    a2 = _mm512_mask_mov_ps(a2, __mmask16(mk & ~((1u << cross) - 1)), _mm512_set1_ps(w.nested_absmax[b / 256 + 1]));
   return _mm512_maskz_add_ps(mk, _mm512_mul_ps(c, a2), _mm512_set1_ps(w.nested_offset));
 }
 
