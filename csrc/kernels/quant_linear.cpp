@@ -318,17 +318,17 @@ constexpr int kBigMR = 4, kBigNR = 2, kSmallNR = 2, kMaxP = 4;
 constexpr int kBigMR = 4, kBigNR = 2, kSmallNR = 2, kMaxP = 4;
 #endif
 
-// All row tiles [t0, t1) of NT rows each, for MR rows of x per block (x padded to mp rows).
-template <int P, int MR, int NR, typename T>
-static void run_tiles(const QLinearParams& p, const float* xp, int64_t mp, int64_t nt, int64_t kc, int64_t t0,
-                      int64_t t1) {
+// The row tiles of NT rows each that next() hands out (-1: none left), for MR rows of x per block (x padded
+// to mp rows).
+template <int P, int MR, int NR, typename T, typename Next>
+static void run_tiles(const QLinearParams& p, const float* xp, int64_t mp, int64_t nt, int64_t kc, Next&& next) {
   const QWeight& w = p.w;
   const int64_t k = w.k;
   const int64_t kmain = P == 1 ? k / L * L : k;
   Scratch<float> acc(size_t(mp * nt * L));
   Scratch<float> sz(size_t(2 * std::max(NR, 1) * (P == 1 ? 1 : (std::min(kc, k) + w.group - 1) / w.group)));
   Job j{&w, w.format == QFormat::nf4 ? w.code : kIota, xp, k, kmain, P == 1 ? 1 : k / w.group, acc.ptr, sz.ptr, nt};
-  for (int64_t tile = t0; tile < t1; ++tile) {
+  for (int64_t tile; (tile = next()) >= 0;) {
     const int64_t n_lo = tile * nt, n_hi = std::min(w.n, n_lo + nt);
     const int64_t rows = n_hi - n_lo, rows_full = rows / NR * NR;
     if (kmain == 0) std::memset(acc.ptr, 0, sizeof(float) * size_t(mp * nt * L));
@@ -392,7 +392,15 @@ static void fast_with(const QLinearParams& p, int64_t mp, int64_t kc) {
   const int64_t threads = std::max(1, max_threads());
   while (nt > NR && (p.w.n + nt - 1) / nt < 4 * threads) nt -= NR;
   const int64_t tiles = (p.w.n + nt - 1) / nt;
-  parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { run_tiles<P, MR, NR, T>(p, xp.ptr, mp, nt, kc, t0, t1); });
+  // Threads claim tiles one at a time from a shared counter rather than an even split up front, so a thread
+  // descheduled on a shared machine does not leave the other idle at the end.
+  std::atomic<int64_t> counter{0};
+  auto next = [&] {
+    const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+    return t < tiles ? t : int64_t(-1);
+  };
+  parallel_for(0, std::min<int64_t>(threads, tiles), 1,
+               [&](int64_t, int64_t) { run_tiles<P, MR, NR, T>(p, xp.ptr, mp, nt, kc, next); });
 }
 
 constexpr int64_t kKChunk = 1024;
