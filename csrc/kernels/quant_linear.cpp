@@ -22,12 +22,13 @@
 // NR-row blocks stream past it; the MR x NR vector accumulators live in a per-tile scratch between chunks
 // and are reduced once at the end.
 //
-// int4 at M <= 4 on AVX-512 takes its own GEMV path instead (int16 x and vpmaddwd, no table; see "AVX-512
-// int4 GEMV" below). 4-bit GEMV blocks prefetch the next block's rows in software.
+// int4 and nf4 at M <= 4 on AVX-512 take their own GEMV path instead (int16 x and vpmaddwd; see "AVX-512
+// 4-bit GEMV" below). 4-bit GEMV blocks prefetch the next block's rows in software.
 //
 // Generic path (nf4 whose rows do not start on a block boundary or odd k, fp64): each row of W is
 // dequantized to fp32 once and dotted with every row of x.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -317,17 +318,17 @@ constexpr int kBigMR = 4, kBigNR = 2, kSmallNR = 2, kMaxP = 4;
 constexpr int kBigMR = 4, kBigNR = 2, kSmallNR = 2, kMaxP = 4;
 #endif
 
-// All row tiles [t0, t1) of NT rows each, for MR rows of x per block (x padded to mp rows).
-template <int P, int MR, int NR, typename T>
-static void run_tiles(const QLinearParams& p, const float* xp, int64_t mp, int64_t nt, int64_t kc, int64_t t0,
-                      int64_t t1) {
+// The row tiles of NT rows each that next() hands out (-1: none left), for MR rows of x per block (x padded
+// to mp rows).
+template <int P, int MR, int NR, typename T, typename Next>
+static void run_tiles(const QLinearParams& p, const float* xp, int64_t mp, int64_t nt, int64_t kc, Next&& next) {
   const QWeight& w = p.w;
   const int64_t k = w.k;
   const int64_t kmain = P == 1 ? k / L * L : k;
   Scratch<float> acc(size_t(mp * nt * L));
   Scratch<float> sz(size_t(2 * std::max(NR, 1) * (P == 1 ? 1 : (std::min(kc, k) + w.group - 1) / w.group)));
   Job j{&w, w.format == QFormat::nf4 ? w.code : kIota, xp, k, kmain, P == 1 ? 1 : k / w.group, acc.ptr, sz.ptr, nt};
-  for (int64_t tile = t0; tile < t1; ++tile) {
+  for (int64_t tile; (tile = next()) >= 0;) {
     const int64_t n_lo = tile * nt, n_hi = std::min(w.n, n_lo + nt);
     const int64_t rows = n_hi - n_lo, rows_full = rows / NR * NR;
     if (kmain == 0) std::memset(acc.ptr, 0, sizeof(float) * size_t(mp * nt * L));
@@ -391,7 +392,15 @@ static void fast_with(const QLinearParams& p, int64_t mp, int64_t kc) {
   const int64_t threads = std::max(1, max_threads());
   while (nt > NR && (p.w.n + nt - 1) / nt < 4 * threads) nt -= NR;
   const int64_t tiles = (p.w.n + nt - 1) / nt;
-  parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { run_tiles<P, MR, NR, T>(p, xp.ptr, mp, nt, kc, t0, t1); });
+  // Threads claim tiles one at a time from a shared counter rather than an even split up front, so a thread
+  // descheduled on a shared machine does not leave the other idle at the end.
+  std::atomic<int64_t> counter{0};
+  auto next = [&] {
+    const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+    return t < tiles ? t : int64_t(-1);
+  };
+  parallel_for(0, std::min<int64_t>(threads, tiles), 1,
+               [&](int64_t, int64_t) { run_tiles<P, MR, NR, T>(p, xp.ptr, mp, nt, kc, next); });
 }
 
 constexpr int64_t kKChunk = 1024;
@@ -411,23 +420,31 @@ static void fast_p(const QLinearParams& p) {
   }
 }
 
-// ---------------------------------------------------------------- AVX-512 int4 GEMV (M <= 4)
+// ---------------------------------------------------------------- AVX-512 4-bit GEMV (M <= 4)
 //
-// x is quantized once per call to int16 with one fp32 scale per block of XB = max(group, 128) elements
-// (xs = max|x| / 32767 over the block: error <= xs / 2 per element, ~1e-5 of the block's largest), and each
-// chunk of 128 weights of a row is dotted with it exactly by vpmaddwd: a 32-bit lane sums 8 products
-// q * xq (<= 15 * 32767 each: exact in int32 and again in fp32, < 2^24). One 64-byte load holds 32 words;
-// nibble j of word w is element 4w + (j ^ 1) of the chunk (high nibble first), so x is stored as four
-// permuted vectors of 32 int16 per chunk and the nibbles come out by and / shift: per 128 weights and row,
-// 7 extract ops, 4 vpmaddwd, 3 adds, cvt and one fp32 FMA with s_g * xs (vs 23 ops for the table decode).
-// Lane l of a chunk holds elements 8l .. 8l + 7, so groups of 32 or 64 take their scale per lane (one
-// permute) and groups that are multiples of 128 one broadcast. Zero points leave the loop:
-// y = sum_g s_g (sum q x - z_g sum x) with sum_g x of the quantized x precomputed per call, fp32 across
-// groups. Blocks of R rows; software prefetch of the next block's rows (from memory on one core: ~7 -> ~9 GB/s).
-// x with a non-finite element, or groups that are not 32, 64 or a multiple of 128, take the fp32 path.
+// int4 and nf4 at M <= 4. x is quantized once per call to int16 with one fp32 scale per block of
+// XB = max(group, 128) elements (xs = max|x| / 32767 over the block: error <= xs / 2 per element, ~1e-5 of the
+// block's largest), and each chunk of 128 weights of a row is dotted with it by vpmaddwd, 32 products a µop
+// (fp32 FMA: 16). One 64-byte load holds 32 words; nibble j of word w is element 4w + (j ^ 1) of the chunk
+// (high nibble first), so x is stored as four permuted vectors of 32 int16 per chunk and each nibble comes
+// out by one shift:
+// - int4: and with 15 after the shift; q * xq (<= 15 * 32767) sums exactly in int32. Zero points leave the
+//   loop: y = sum_g s_g (sum q x - z_g sum x) with sum_g x of the quantized x precomputed per call.
+// - nf4: vpermw looks the nibble up in the 16 codes as int16 (code * 8192 / max|code|; vpermw reads 5 index
+//   bits, so the table is held twice and needs no and). Rounding the codes costs <= max|code| / 16384 per
+//   weight (6e-5 of the block's absmax for NF4), and 8 products <= 8192 * 32767 each stay below 2^31.
+//   Measured on L2-resident weights (one core): 12 cycles per 128 weights and row vs 17 for the fp32 table
+//   decode (shift, vpermps, FMA per 16 weights, vpmovzxbd per 32), whose vpermps + vpmovzxbd saturate port 5.
+// Per 128 weights and row: shifts, 4 vpmaddwd, 3 adds, cvt and one fp32 FMA with s_g * xs (nf4: absmax_g *
+// xs * max|code| / 8192). Lane l of a chunk holds elements 8l .. 8l + 7, so groups of 32 or 64 take their
+// scale per lane (one permute) and groups that are multiples of 128 one broadcast. Blocks of R rows;
+// software prefetch of the next block's rows (from memory on one core: ~7 -> ~9 GB/s). Threads claim runs
+// of blocks from a shared counter. x with a non-finite element, groups that are not 32, 64 or a multiple of
+// 128, or non-finite nf4 codes take the fp32 path.
 #if defined(LLMKERN_ISA_AVX512)
 
 constexpr int kQC = 128;           // chunk of weights per vpmaddwd pass (64 bytes)
+constexpr float kCodeOne = 8192.f;  // int16 value of the largest |nf4 code|
 
 struct I4Gemv {
   const QWeight* w;
@@ -435,6 +452,8 @@ struct I4Gemv {
   const int16_t* xq;    // [m][nch][128], permuted per chunk, zero past k
   const float* xsg;     // [m][groups + 16]: the x scale of each group's block (zero padded)
   const float* sx;      // [m][groups + 16]: sum over each group of the quantized x (zero padded)
+  float code_scale;     // nf4: max|code| / kCodeOne (a code's value per int16 unit)
+  alignas(64) int16_t code16[32];  // nf4: the codes in int16 units, twice
 };
 
 template <typename T>
@@ -450,12 +469,22 @@ static bool quantize_x16(const QLinearParams& p, const I4Gemv& j, int16_t* xq, f
     std::memset(sx_m, 0, sizeof(float) * size_t(gs));
     for (int64_t b0 = 0; b0 < k; b0 += xb) {
       const int64_t len = std::min(xb, k - b0);
+      // NaN is flagged on its own: vmaxps (and std::max) return one operand, so a NaN would be dropped.
       __m512 amax = _mm512_setzero_ps();
+      __mmask16 nan = 0;
       int64_t i = 0;
-      for (; i + 16 <= len; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(V::load(x + b0 + i).v));
+      for (; i + 16 <= len; i += 16) {
+        const __m512 v = _mm512_abs_ps(V::load(x + b0 + i).v);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        amax = _mm512_max_ps(amax, v);
+      }
       float a = _mm512_reduce_max_ps(amax);
-      for (; i < len; ++i) a = std::max(a, std::fabs(to_float(x[b0 + i])));
-      if (!(a <= 3.4e38f)) return false;  // inf or NaN
+      for (; i < len; ++i) {
+        const float v = std::fabs(to_float(x[b0 + i]));
+        nan |= std::isnan(v);
+        a = std::max(a, v);
+      }
+      if (nan || !(a <= 3.4e38f)) return false;  // NaN or inf: the fp32 path propagates them
       const float xs = a / 32767.f, inv = a > 0.f ? 32767.f / a : 0.f;
       const __m512 iv = _mm512_set1_ps(inv);
       for (int64_t c0 = b0; c0 < b0 + len; c0 += kQC) {  // chunks of the block
@@ -494,9 +523,22 @@ static bool quantize_x16(const QLinearParams& p, const I4Gemv& j, int16_t* xq, f
   return true;
 }
 
+// absmax of nf4 blocks [b, b + 16) (lanes outside mk: 0), nested ones each rounded as in nf4_absmax.
+static inline __m512 nf4_absmax16(const QWeight& w, int64_t b, __mmask16 mk) {
+  if (w.absmax) return _mm512_maskz_loadu_ps(mk, w.absmax + b);
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, w.nested_q + b));
+  const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, q, w.nested_code, 4);
+  // nested_absmax[(b + i) / 256]: one value, or two when the 16 blocks cross a multiple of 256.
+  __m512 a2 = _mm512_set1_ps(w.nested_absmax[b / 256]);
+  const int cross = int(256 - (b & 255));  // lanes >= cross take the next value
+  if (cross < 16 && (mk >> cross))
+    a2 = _mm512_mask_mov_ps(a2, __mmask16(mk & ~((1u << cross) - 1)), _mm512_set1_ps(w.nested_absmax[b / 256 + 1]));
+  return _mm512_maskz_add_ps(mk, _mm512_mul_ps(c, a2), _mm512_set1_ps(w.nested_offset));
+}
+
 // sv[m][g] = s_g * xs(m, g) for groups [0, groups) of row r (zero padded), and corr[m] = 16 partial sums of
-// sum_g s_g z_g sx[m][g], 16 groups a step.
-template <int MR>
+// sum_g s_g z_g sx[m][g], 16 groups a step (nf4: s_g = absmax_g * code_scale, no zero point: corr = 0).
+template <int MR, bool NF4>
 static inline void row_scales(const I4Gemv& j, int64_t r, float* sv, int64_t svs, __m512* corr) {
   const QWeight& w = *j.w;
   const int64_t groups = j.groups, b = r * groups, gs = groups + 16;
@@ -504,32 +546,36 @@ static inline void row_scales(const I4Gemv& j, int64_t r, float* sv, int64_t svs
   for (int64_t g = 0; g < groups; g += 16) {
     const __mmask16 mk = groups - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (groups - g)) - 1);
     __m512 s;
-    switch (w.scales_dtype) {
-      case DType::bf16:
-        s = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(w.scales) + b + g)), 16));
-        break;
-      case DType::f16: s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(w.scales) + b + g)); break;
-      case DType::f32: s = _mm512_maskz_loadu_ps(mk, static_cast<const float*>(w.scales) + b + g); break;
-      default: {
-        alignas(64) float t[16] = {};
-        for (int i = 0; i < 16 && g + i < groups; ++i) t[i] = float(static_cast<const double*>(w.scales)[b + g + i]);
-        s = _mm512_load_ps(t);
+    if constexpr (NF4) {
+      s = _mm512_mul_ps(nf4_absmax16(w, b + g, mk), _mm512_set1_ps(j.code_scale));
+    } else {
+      switch (w.scales_dtype) {
+        case DType::bf16:
+          s = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(w.scales) + b + g)), 16));
+          break;
+        case DType::f16: s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(w.scales) + b + g)); break;
+        case DType::f32: s = _mm512_maskz_loadu_ps(mk, static_cast<const float*>(w.scales) + b + g); break;
+        default: {
+          alignas(64) float t[16] = {};
+          for (int i = 0; i < 16 && g + i < groups; ++i) t[i] = float(static_cast<const double*>(w.scales)[b + g + i]);
+          s = _mm512_load_ps(t);
+        }
       }
     }
-    const __m512 z = w.zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, w.zeros + b + g)))
-                             : _mm512_set1_ps(8.f);
-    const __m512 sz = _mm512_mul_ps(s, z);
-    for (int m = 0; m < MR; ++m) {
-      _mm512_storeu_ps(sv + m * svs + g, _mm512_mul_ps(s, _mm512_loadu_ps(j.xsg + m * gs + g)));
-      corr[m] = _mm512_fmadd_ps(sz, _mm512_loadu_ps(j.sx + m * gs + g), corr[m]);
+    for (int m = 0; m < MR; ++m) _mm512_storeu_ps(sv + m * svs + g, _mm512_mul_ps(s, _mm512_loadu_ps(j.xsg + m * gs + g)));
+    if constexpr (!NF4) {
+      const __m512 z = w.zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, w.zeros + b + g)))
+                               : _mm512_set1_ps(8.f);
+      const __m512 sz = _mm512_mul_ps(s, z);
+      for (int m = 0; m < MR; ++m) corr[m] = _mm512_fmadd_ps(sz, _mm512_loadu_ps(j.sx + m * gs + g), corr[m]);
     }
   }
   for (int m = 0; m < MR; ++m) _mm512_storeu_ps(sv + m * svs + groups, _mm512_setzero_ps());
 }
 
 // res[m][i] = x_m . W row (n0 + i), i < R, before bias. sbuf: R * MR * (groups + 32) floats.
-template <int MR, int R>
+template <int MR, int R, bool NF4>
 static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
   const QWeight& w = *j.w;
   const int64_t G = w.group, svs = j.groups + 32;
@@ -539,11 +585,12 @@ static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
   for (int r = 0; r < R; ++r) {
     rows[r] = static_cast<const uint8_t*>(w.data) + (n0 + r) * (w.k / 2);
     sv[r] = sbuf + r * MR * svs;
-    row_scales<MR>(j, n0 + r, sbuf + r * MR * svs, svs, corr[r]);
+    row_scales<MR, NF4>(j, n0 + r, sbuf + r * MR * svs, svs, corr[r]);
   }
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i gidx = _mm512_srli_epi32(lane, G == 32 ? 2 : 3);  // a lane's group within the chunk
   const __m512i m15 = _mm512_set1_epi16(15);
+  const __m512i codes = _mm512_load_si512(j.code16);
   __m512 acc[MR][R];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -555,11 +602,20 @@ static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
     for (int r = 0; r < R; ++r) {
       // The same chunk of the next block's row: one block (R rows) ahead, whatever k is.
       if (!masked) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + R * (w.k / 2) + ci * 64), _MM_HINT_T0);
+      // Masked-off bytes read as nibble 0: their x is 0 (xq is zero past k).
       __m512i raw = masked ? _mm512_maskz_loadu_epi8(lm, rows[r] + ci * 64) : _mm512_loadu_si512(rows[r] + ci * 64);
-      const __m512i q0 = _mm512_and_si512(raw, m15);
-      const __m512i q1 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
-      const __m512i q2 = _mm512_and_si512(_mm512_srli_epi16(raw, 8), m15);
-      const __m512i q3 = _mm512_srli_epi16(raw, 12);
+      __m512i q0, q1, q2, q3;
+      if constexpr (NF4) {
+        q0 = _mm512_permutexvar_epi16(raw, codes);
+        q1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 4), codes);
+        q2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 8), codes);
+        q3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 12), codes);
+      } else {
+        q0 = _mm512_and_si512(raw, m15);
+        q1 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
+        q2 = _mm512_and_si512(_mm512_srli_epi16(raw, 8), m15);
+        q3 = _mm512_srli_epi16(raw, 12);
+      }
       for (int m = 0; m < MR; ++m) {
         const __m512i d = _mm512_add_epi32(_mm512_add_epi32(_mm512_madd_epi16(q0, x[m][0]), _mm512_madd_epi16(q1, x[m][1])),
                                            _mm512_add_epi32(_mm512_madd_epi16(q2, x[m][2]), _mm512_madd_epi16(q3, x[m][3])));
@@ -585,66 +641,93 @@ static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
     for (int m = 0; m < MR; ++m) res[m][r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[m][r], corr[r][m]));
 }
 
-template <int MR, typename T>
+template <int MR, bool NF4, typename T>
 static void i4_gemv(const QLinearParams& p, const I4Gemv& j) {
   constexpr int R = MR <= 2 ? 4 : 2;  // rows per block: accumulators MR * R and x (4 MR) in registers
   const QWeight& w = p.w;
   const int64_t nb = (w.n + R - 1) / R;
-  parallel_for(0, nb, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, w.k)), [&](int64_t b0, int64_t b1) {
+  // Threads claim runs of `step` blocks from a shared counter instead of an even split up front: on a
+  // shared machine a descheduled thread would otherwise leave the other idle at the end.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, w.k));  // blocks worth a thread
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(max_threads(), nb / grain));
+  const int64_t step = std::max<int64_t>(1, std::min<int64_t>(16, nb / (8 * threads)));
+  std::atomic<int64_t> next{0};
+  parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     Scratch<float> sbuf(size_t(R * MR * (j.groups + 32)));
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * R;
-      const int rr = int(std::min<int64_t>(R, w.n - n0));
-      float res[MR][R];
-      if (rr == R) {
-        i4_rows<MR, R>(j, n0, sbuf.ptr, res);
-      } else {
-        float r1[MR][1];
-        i4_rows<MR, 1>(j, n0, sbuf.ptr, r1);
-        for (int m = 0; m < MR; ++m) res[m][0] = r1[m][0];
-      }
-      for (int m = 0; m < MR; ++m) {
-        T* out = static_cast<T*>(p.out) + m * p.out_stride;
-        for (int r = 0; r < rr; ++r) {
-          float v = res[m][r];
-          if (p.bias) v += to_float(static_cast<const T*>(p.bias)[n0 + r]);
-          store_scalar(out + n0 + r, v);
+    for (int64_t b0; (b0 = next.fetch_add(step, std::memory_order_relaxed)) < nb;) {
+      for (int64_t b = b0; b < std::min(nb, b0 + step); ++b) {
+        const int64_t n0 = b * R;
+        const int rr = int(std::min<int64_t>(R, w.n - n0));
+        float res[MR][R];
+        if (rr == R) {
+          i4_rows<MR, R, NF4>(j, n0, sbuf.ptr, res);
+        } else {
+          float r1[MR][1];
+          for (int r = 0; r < rr; ++r) {
+            i4_rows<MR, 1, NF4>(j, n0 + r, sbuf.ptr, r1);
+            for (int m = 0; m < MR; ++m) res[m][r] = r1[m][0];
+          }
+        }
+        for (int m = 0; m < MR; ++m) {
+          T* out = static_cast<T*>(p.out) + m * p.out_stride;
+          for (int r = 0; r < rr; ++r) {
+            float v = res[m][r];
+            if (p.bias) v += to_float(static_cast<const T*>(p.bias)[n0 + r]);
+            store_scalar(out + n0 + r, v);
+          }
         }
       }
     }
   });
 }
 
+template <bool NF4, typename T>
+static void gemv4_with(const QLinearParams& p, const I4Gemv& j) {
+  switch (p.m) {
+    case 1: return i4_gemv<1, NF4, T>(p, j);
+    case 2: return i4_gemv<2, NF4, T>(p, j);
+    case 3: return i4_gemv<3, NF4, T>(p, j);
+    default: return i4_gemv<4, NF4, T>(p, j);
+  }
+}
+
 template <typename T>
-static bool int4_gemv(const QLinearParams& p) {
+static bool gemv4(const QLinearParams& p) {
   const QWeight& w = p.w;
-  if (p.m > 4 || w.format != QFormat::int4) return false;
+  if (p.m > 4 || w.format == QFormat::int8) return false;
   const int64_t G = w.group;
   if (!(G == 32 || G == 64 || G % kQC == 0) || w.k % G) return false;
   const int64_t nch = (w.k + kQC - 1) / kQC, groups = w.k / G;
   Scratch<int16_t> xq(size_t(p.m * nch * kQC));
   Scratch<float> xsg(size_t(p.m * (groups + 16))), sx(size_t(p.m * (groups + 16)));
-  const I4Gemv j{&w, nch, groups, xq.ptr, xsg.ptr, sx.ptr};
-  if (!quantize_x16<T>(p, j, xq.ptr, xsg.ptr, sx.ptr)) return false;
-  switch (p.m) {
-    case 1: i4_gemv<1, T>(p, j); break;
-    case 2: i4_gemv<2, T>(p, j); break;
-    case 3: i4_gemv<3, T>(p, j); break;
-    default: i4_gemv<4, T>(p, j); break;
+  I4Gemv j{&w, nch, groups, xq.ptr, xsg.ptr, sx.ptr, 1.f, {}};
+  const bool nf4 = w.format == QFormat::nf4;
+  if (nf4) {
+    float cmax = 0.f;
+    for (int i = 0; i < 16; ++i) {
+      if (!std::isfinite(w.code[i])) return false;
+      cmax = std::max(cmax, std::fabs(w.code[i]));
+    }
+    if (cmax == 0.f) return false;
+    for (int i = 0; i < 32; ++i) j.code16[i] = int16_t(std::lrint(w.code[i % 16] * (kCodeOne / cmax)));
+    j.code_scale = cmax / kCodeOne;
   }
+  if (!quantize_x16<T>(p, j, xq.ptr, xsg.ptr, sx.ptr)) return false;
+  if (nf4) gemv4_with<true, T>(p, j);
+  else gemv4_with<false, T>(p, j);
   return true;
 }
 
 #else
 
 template <typename T>
-static bool int4_gemv(const QLinearParams&) { return false; }
+static bool gemv4(const QLinearParams&) { return false; }
 
 #endif
 
 template <typename T>
 static void fast(const QLinearParams& p) {
-  if (p.m <= 4 && int4_gemv<T>(p)) return;
+  if (p.m <= 4 && gemv4<T>(p)) return;
   if (p.w.format == QFormat::int8) return fast_p<1, T>(p);
   const int64_t g = p.w.group;  // a multiple of 32 dividing k
   if constexpr (kMaxP >= 8) {

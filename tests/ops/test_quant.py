@@ -316,6 +316,53 @@ def test_linear_shapes(device, n, k):
         check_linear(name, linear(xs, None), xs, w32, None)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [5, 6, 7])
+def test_linear_gemv_row_tails(device, m, n):
+    """The M <= 4 GEMV works on blocks of 2 or 4 rows of W: n past the last full block (1, 2 or 3 rows)."""
+    k = 320
+    for name, linear, w32 in formats(n, k, device):
+        x = torch.randn(m, k, device=device)
+        check_linear(name, linear(x, None), x, w32, None)
+
+
+@pytest.mark.parametrize("scale", [0.25, 3.0])
+@pytest.mark.parametrize("m", [1, 4])
+def test_linear_nf4_other_codes(device, m, scale):
+    """A code table whose largest |code| is not 1: the GEMV scales its int16 codes by it."""
+    n, k = 24, 384
+    code = (NF4_CODE * scale).to(device)
+    packed, absmax = lk.quantize_nf4(weight(n, k), 64, code=code.cpu())
+    packed, absmax = packed.to(device), absmax.to(device)
+    w32 = lk.dequantize_nf4_ref(packed, absmax, shape=(n, k), dtype=torch.float32, block_size=64, code=code)
+    x = torch.randn(m, k, device=device)
+    y = lk.nf4_linear(x, packed, absmax, n, 64, code=code)
+    check_linear("nf4-code", y, x, w32, None)
+
+
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_linear_nan_poisons(device, m):
+    """A NaN in x makes its row of the output NaN (the int16 GEMV falls back to fp32 for it); a NaN scale
+    or absmax makes its output column NaN; the rest stays finite."""
+    n, k = 8, 256
+    w = weight(n, k)
+    x = torch.randn(m, k, device=device)
+    x[0, 5] = float("nan")
+    packed, absmax = (t.to(device) for t in lk.quantize_nf4(w, 64))
+    absmax[3 * (k // 64) + 1] = float("nan")  # a block of row 3
+    q4, s4, z4 = (t.to(device) if t is not None else None for t in lk.quantize_int4(w, 64, False))
+    s4[3, 2] = float("nan")
+    q8, s8 = (t.to(device) for t in lk.quantize_int8(w))
+    s8[3] = float("nan")
+    for name, y in [("nf4", lk.nf4_linear(x, packed, absmax, n, 64)), ("int4", lk.int4_linear(x, q4, s4, z4, 64)),
+                    ("int8", lk.int8_linear(x, q8, s8))]:
+        bad = torch.zeros(m, n, dtype=torch.bool, device=device)
+        bad[0, :] = True
+        bad[:, 3] = True
+        assert y[bad].isnan().all(), name
+        assert y[~bad].isfinite().all(), name
+
+
 def test_linear_zero_rows(device):
     for name, linear, _ in formats(16, 128, device):
         assert linear(torch.randn(0, 128, device=device), None).shape == (0, 16), name
