@@ -1,9 +1,10 @@
-"""Weight-only quantized linear (CPU): nf4 (block 64), int4 (group 128, symmetric), int8 per row, bf16 x.
+"""Weight-only quantized linear (CPU): nf4 (block 64), int4 (group 128, symmetric), int8 per row, bf16 x; and
+the dense bf16 linear (llmkern.ops.linear) the unquantized layers of a model use.
 
 Per shape (N x K) and M, one interleaved measurement times every implementation on the same rotating
 weight sets (so each call reads its weight from memory, as a model's layers do): llmkern's nf4_linear,
-int4_linear and int8_linear, torch.ops.aten._weight_int4pack_mm_for_cpu at the same group size (the int4
-baseline), a dense bf16 x @ W.T (F.linear), and bench_read over a buffer beyond the LLC (the read
+int4_linear, int8_linear and linear, torch.ops.aten._weight_int4pack_mm_for_cpu at the same group size (the
+int4 baseline), a dense bf16 x @ W.T (F.linear), and bench_read over a buffer beyond the LLC (the read
 bandwidth of the moment). The floor is the packed weight bytes + scales (+ absmax) over that bandwidth.
 Then the resident memory of a quantized 4096 x 4096 layer, measured in a fresh interpreter.
 """
@@ -22,7 +23,8 @@ HEADER = ["case", "M", "llmkern ms", "floor ms", "% read BW", "int4pack ms", "x 
 LEGEND = ("floor: bytes the kernel must read (packed weight + scales / absmax) / read GB/s of bench_read over "
           f"{'>'} 4x LLC, timed interleaved; % read BW: floor / llmkern; x int4pack, x dense: that baseline's time / "
           "llmkern time (int4pack: torch.ops.aten._weight_int4pack_mm_for_cpu, same group size; dense: F.linear "
-          "with a bf16 weight); medians of interleaved calls over rotating weight sets. Memory rows: resident "
+          "with a bf16 weight; the dense bf16 rows time llmkern.ops.linear on that weight, floor = its bytes); "
+          "medians of interleaved calls over rotating weight sets. Memory rows: resident "
           "memory (VmRSS) an nn.Linear(4096, 4096) quantized by llmkern.quant.quantize_ adds in a fresh "
           "interpreter, vs bits/8 x params + scales.")
 
@@ -59,7 +61,7 @@ def set_bytes(n: int, k: int) -> int:
 
 
 def case_rows(n: int, k: int, ms: list[int], cfg: Config) -> list[list[str]]:
-    from llmkern.ops import int4_linear, int8_linear, nf4_linear
+    from llmkern.ops import int4_linear, int8_linear, linear, nf4_linear
 
     sets = rotating_sets(lambda: make_set(n, k), int(set_bytes(n, k)), cfg)
     pick = lambda i: sets[i % len(sets)]  # noqa: E731
@@ -68,6 +70,7 @@ def case_rows(n: int, k: int, ms: list[int], cfg: Config) -> list[list[str]]:
         "nf4": n * k // 2 + n * k // NF4_BLOCK * 4,
         "int4": n * k // 2 + n * (k // INT4_GROUP) * 2,
         "int8": n * k + n * 2,
+        "linear": n * k * 2,
     }
     rows = []
     for m in ms:
@@ -78,13 +81,15 @@ def case_rows(n: int, k: int, ms: list[int], cfg: Config) -> list[list[str]]:
             "int8": lambda i: int8_linear(x, pick(i)["int8"], pick(i)["int8_scales"]),
             "int4pack": lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, pick(i)["int4pack"], INT4_GROUP,
                                                                               pick(i)["int4pack_sz"]),
+            "linear": lambda i: linear(x, pick(i)["dense"]),
             "dense": lambda i: F.linear(x, pick(i)["dense"]),
             "read": lambda i: torch.ops.llmkern.bench_read(probe),
         }  # fmt: skip
         t = measure(fns, reps=cfg.reps, warmup=max(cfg.warmup, len(sets)), budget_s=cfg.budget_s)
         ms_ = {name: v.median_s * 1e3 for name, v in t.items()}
         read_gbps = probe.numel() * 4 / (ms_["read"] / 1e3) / 1e9
-        for fmt, label in (("nf4", f"nf4 b{NF4_BLOCK}"), ("int4", f"int4 g{INT4_GROUP}"), ("int8", "int8")):
+        for fmt, label in (("nf4", f"nf4 b{NF4_BLOCK}"), ("int4", f"int4 g{INT4_GROUP}"), ("int8", "int8"),
+                           ("linear", "dense bf16")):  # fmt: skip
             lk = ms_[fmt]
             floor = read_bytes[fmt] / read_gbps / 1e6
             base = ms_["int4pack"] if fmt == "int4" else None

@@ -70,7 +70,7 @@ def test_quant_bench_quick():
     cfg.reps, cfg.warmup, cfg.budget_s, cfg.compile, cfg.rotate_bytes = 2, 1, 0.1, False, 1 << 16
     ceilings = harness.Ceilings([1.0], [1.0], {"float32": 1.0, "bfloat16": 1.0}, 1)
     rows = bench_quant.run(cfg, ceilings)
-    assert [r[0].split()[0] for r in rows] == ["nf4", "int4", "int8"] * 3
+    assert [r[0].split()[0] for r in rows] == ["nf4", "int4", "int8", "dense"] * 2 + ["nf4", "int4", "int8"]
     assert all(len(r) == len(bench_quant.HEADER) for r in rows)
     assert all(float(r[2]) > 0 for r in rows[:6]) and rows[1][6] != "-", "int4 rows compare with int4pack"
     assert all(r[2].endswith("of expected)") for r in rows[-3:]), "resident memory was not measured"
