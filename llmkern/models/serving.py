@@ -1,0 +1,99 @@
+"""Serving-mode inputs: the paged KV cache and the step over ragged sequences (vLLM's contract).
+
+A step packs the new tokens of B sequences, each either a chunk of its prompt (prefill) or one token
+(decode), sequence after sequence. Each layer writes the new keys and values into its paged cache at
+slot_mapping, then every query attends (causally, bottom-right aligned) to its sequence's keys through
+the block table: the last cu_seqlens_k-count keys of a sequence end with its new tokens.
+
+KV cache layout (one (k_cache, v_cache) pair per layer), flash-attn's paged layout:
+    k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_dim]  in the model's dtype
+    token p of a sequence lives in block block_table[p // block_size], row p % block_size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llmkern.models.config import ModelConfig
+from llmkern.models.llama import AttentionInput
+
+
+@dataclass
+class StepInput:
+    """One serving step. Shape legend: T new tokens in all, B sequences, N wanted logits.
+
+    input_ids       int64 [T]      new tokens, sequence after sequence
+    positions       int64 [T]      position of each new token in its sequence
+    attn            AttentionInput cu_seqlens_q [B + 1] (offsets into T), cu_seqlens_k [B + 1] (cumulative
+                                   cached + new key counts), block_tables int32 [B, max_blocks],
+                                   slot_mapping int64 [T]
+    logits_indices  int64 [N]      rows of T whose logits step() returns (usually each sequence's last)
+    """
+
+    input_ids: Tensor
+    positions: Tensor
+    attn: AttentionInput
+    logits_indices: Tensor
+
+
+@dataclass
+class SequenceChunk:
+    """One sequence's part of a step: `tokens` at positions start .. start + len - 1 (start = tokens
+    already in its cache), its block table (block ids, enough for start + len tokens)."""
+
+    tokens: list[int]
+    start: int
+    block_table: list[int]
+    want_logits: bool = True  # the logits of the chunk's last token
+
+    def __post_init__(self):
+        if not self.tokens:
+            raise ValueError("SequenceChunk.tokens: expected at least one token")
+        if self.start < 0:
+            raise ValueError(f"SequenceChunk.start: expected >= 0, got {self.start}")
+
+
+def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                      device: str | torch.device = "cpu") -> list[tuple[Tensor, Tensor]]:
+    """One (k_cache, v_cache) per layer, each [num_blocks, block_size, num_kv_heads, head_dim], zero-filled."""
+    if num_blocks <= 0 or block_size <= 0:
+        raise ValueError(f"num_blocks, block_size: expected positive ints, got {num_blocks}, {block_size}")
+    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_layers)]
+
+
+def build_step_input(chunks: list[SequenceChunk], block_size: int, device: str | torch.device = "cpu") -> StepInput:
+    """The StepInput of a list of per-sequence chunks (the serving engine's scheduler output)."""
+    if not chunks:
+        raise ValueError("chunks: expected at least one sequence")
+    ids, positions, slots, wanted, q_lens, k_lens = [], [], [], [], [], []
+    for i, c in enumerate(chunks):
+        end = c.start + len(c.tokens)
+        if len(c.block_table) * block_size < end:
+            raise ValueError(f"chunks[{i}].block_table: {len(c.block_table)} blocks of {block_size} hold fewer "
+                             f"than the {end} tokens the sequence reaches")
+        pos = range(c.start, end)
+        ids += c.tokens
+        positions += pos
+        slots += [c.block_table[p // block_size] * block_size + p % block_size for p in pos]
+        if c.want_logits:
+            wanted.append(len(ids) - 1)
+        q_lens.append(len(c.tokens))
+        k_lens.append(end)
+    max_blocks = max(len(c.block_table) for c in chunks)
+    tables = torch.zeros(len(chunks), max_blocks, dtype=torch.int32)
+    for i, c in enumerate(chunks):
+        tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+
+    def cu(lens):
+        return torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+
+    attn = AttentionInput(cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), tables.to(device),
+                          torch.tensor(slots, dtype=torch.int64, device=device))
+    return StepInput(torch.tensor(ids, dtype=torch.int64, device=device),
+                     torch.tensor(positions, dtype=torch.int64, device=device), attn,
+                     torch.tensor(wanted, dtype=torch.int64, device=device))
