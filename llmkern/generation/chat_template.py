@@ -174,7 +174,9 @@ def render_chat_template(
         final_text = messages[-1].get(field)
         if final_text is None:
             raise ValueError(f"continue_final_message: the final message has no {field!r} to continue")
-        fields = [f for f in _REASONING_FIELDS if messages[-1].get(f) == final_text] if field in _REASONING_FIELDS else [field]
+        fields = [field]
+        if field in _REASONING_FIELDS:  # reasoning is copied under several names: continue every copy
+            fields = [f for f in _REASONING_FIELDS if messages[-1].get(f) == final_text]
         if not any(f in source for f in fields):
             raise ValueError(f"continue_final_message: the chat template never reads the field {field!r}")
         if isinstance(final_text, (list, tuple)):  # content blocks: continue the last text block

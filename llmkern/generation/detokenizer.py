@@ -19,8 +19,10 @@ _REPLACEMENT = "\ufffd"
 
 class IncrementalDetokenizer:
     """Feed generated token ids one at a time (`add`), get the new text each makes complete; `flush` at the end
-    returns whatever was held back. The concatenation of everything returned equals
-    `tokenizer.decode(generated_ids)` for byte-level BPE tokenizers (Llama 3, Qwen, Mistral v3 tekken...)."""
+    returns whatever was held back. The concatenation of everything returned is the text the generated tokens
+    add to the prompt: decode(prompt + generated) minus decode(prompt). For byte-level BPE (Llama 3, Qwen)
+    that is decode(generated); SentencePiece-style decoders (Llama 2, Mistral) drop the leading space of a
+    decode's first token, which the stream keeps (" world" after "Hello", as vLLM streams it)."""
 
     def __init__(self, tokenizer, prompt_ids: Iterable[int] = (), skip_special_tokens: bool = True):
         self.tokenizer = tokenizer

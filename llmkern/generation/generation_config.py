@@ -42,17 +42,27 @@ class GenerationConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "GenerationConfig":
-        """Read DIR/generation_config.json; a checkpoint without one gets the all-None defaults."""
+        """Read DIR/generation_config.json. Without one, the special token ids of config.json (transformers'
+        `GenerationConfig.from_model_config`), else all-None defaults."""
         path = Path(directory) / "generation_config.json"
         if not path.is_file():
-            return cls()
+            path = Path(directory) / "config.json"
+            if not path.is_file():
+                return cls()
+            data = cls._read(path)
+            data = {k: data.get(k) for k in ("eos_token_id", "bos_token_id", "pad_token_id")}
+            return cls.from_dict(data, where=str(path))
+        return cls.from_dict(cls._read(path), where=str(path))
+
+    @staticmethod
+    def _read(path: Path) -> dict:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, where=str(path))
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "generation config") -> "GenerationConfig":

@@ -39,12 +39,15 @@ def _check_int(name: str, value, lo: int | None = None):
 class SamplingParams:
     """How one request picks its tokens (vLLM's names and defaults; greedy is temperature=0).
 
-    top_k: 0 or -1 keeps every token. stop: strings that end the output (excluded from it unless
-    include_stop_str_in_output). stop_token_ids: tokens that end the output besides EOS. ignore_eos: keep going
-    past EOS (benchmarks). max_tokens: None lets the caller choose (the model length or the checkpoint's
-    max_new_tokens). seed: None draws from torch's global generator.
+    n: completions per prompt (the server shares their prompt). top_k: 0 or -1 keeps every token.
+    stop: strings that end the output (excluded from it unless include_stop_str_in_output).
+    stop_token_ids: tokens that end the output besides EOS. ignore_eos: keep going past EOS (benchmarks).
+    max_tokens: None lets the caller choose (the model length or the checkpoint's max_new_tokens).
+    seed: None draws from torch's global generator. logprobs: how many top log-probabilities to return with
+    each token (None: none; 0: only the sampled token's).
     """
 
+    n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -63,6 +66,7 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self):
+        _check_int("n", self.n, lo=1)
         _check_number("temperature", self.temperature, 0.0, math.inf, hi_open=True)
         _check_number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _check_int("top_k", self.top_k, lo=-1)
@@ -118,7 +122,9 @@ def _flat_positions(histories, vocab: int, device, unique: bool):
         tokens += ids
     tokens = torch.tensor(tokens, dtype=torch.long)
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
-        raise ValueError(f"token ids must be in [0, {vocab}) (the logits' vocabulary), got {tokens.min()}..{tokens.max()}")
+        raise ValueError(
+            f"token ids must be in [0, {vocab}) (the logits' vocabulary), got {tokens.min()}..{tokens.max()}"
+        )
     rows = torch.tensor(rows, dtype=torch.long)
     return (rows * vocab + tokens).to(device), rows.to(device)
 
@@ -158,7 +164,8 @@ def apply_penalties(logits, params, prompt_ids=None, output_ids=None) -> torch.T
         values = flat[pos]
         flat[pos] = torch.where(values < 0, values * penalty, values / penalty)
     if any(counted):
-        pos, _ = _flat_positions([o if on else [] for o, on in zip(output_ids, counted)], vocab, flat.device, unique=False)
+        counted_ids = [o if on else [] for o, on in zip(output_ids, counted)]
+        pos, _ = _flat_positions(counted_ids, vocab, flat.device, unique=False)
         pos, counts = pos.unique(return_counts=True)
         rows = pos // vocab
         frequency = _row_values(params, "frequency_penalty", flat.device)[rows]
@@ -197,7 +204,9 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     k = torch.where(use_k, top_k.clamp(max=vocab), vocab)
     # One candidate more than the largest k: a row whose last candidate still ties with its k-th value may keep
     # tokens beyond the candidates.
-    n = max(int(k[use_k].max()) + 1 if bool(use_k.any()) else 0, TOP_P_CANDIDATES if bool((use_p & ~use_k).any()) else 0)
+    n = int(k[use_k].max()) + 1 if bool(use_k.any()) else 0
+    if bool((use_p & ~use_k).any()):
+        n = max(n, TOP_P_CANDIDATES)
     n = min(n, vocab)
     values, order = logits.topk(n, dim=-1)  # descending: the first n of a full sort
     kth = torch.where(use_k, values.gather(1, (k - 1).clamp(max=n - 1)[:, None])[:, 0], _NEG_INF)
@@ -315,7 +324,9 @@ class Logprobs:
 
 def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int = 0) -> Logprobs:
     if logits.dim() != 2 or token_ids.shape != logits.shape[:1]:
-        raise ValueError(f"logits [B, V] and token_ids [B] expected, got {tuple(logits.shape)} and {tuple(token_ids.shape)}")
+        raise ValueError(
+            f"logits [B, V] and token_ids [B] expected, got {tuple(logits.shape)} and {tuple(token_ids.shape)}"
+        )
     logprobs = logits.float().log_softmax(dim=-1)
     token = logprobs.gather(1, token_ids[:, None].long())[:, 0]
     rank = (logprobs > token[:, None]).sum(dim=-1) + 1

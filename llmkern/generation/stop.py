@@ -72,7 +72,9 @@ class OutputStream:
 
     EOS and stop token ids end the output without adding their text (unless include_stop_str_in_output)."""
 
-    def __init__(self, tokenizer, params: SamplingParams, prompt_ids: Iterable[int] = (), eos_token_ids: Iterable[int] = ()):
+    def __init__(
+        self, tokenizer, params: SamplingParams, prompt_ids: Iterable[int] = (), eos_token_ids: Iterable[int] = ()
+    ):
         self.params = params
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
         self.matcher = StopStringMatcher(params.stop_strings, params.include_stop_str_in_output)
@@ -105,7 +107,8 @@ class OutputStream:
         if token_id in self.eos_token_ids or token_id in self.stop_token_ids:
             delta = self._end("stop", token_id)
             if self.params.include_stop_str_in_output and self.finish_reason == "stop" and self.stop_reason == token_id:
-                delta += self.detokenizer.tokenizer.decode([token_id], skip_special_tokens=self.params.skip_special_tokens)
+                tokenizer = self.detokenizer.tokenizer
+                delta += tokenizer.decode([token_id], skip_special_tokens=self.params.skip_special_tokens)
         else:
             delta = self.matcher.feed(self.detokenizer.add(token_id))
             if self.matcher.stopped:

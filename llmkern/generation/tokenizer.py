@@ -71,7 +71,8 @@ def _load_chat_templates(directory: Path, config: dict) -> str | dict[str, str] 
     if isinstance(template, (list, tuple)):  # legacy form of several templates: [{"name": ..., "template": ...}]
         return {t["name"]: t["template"] for t in template}
     if template is not None and not isinstance(template, str):
-        raise ValueError(f"{directory / 'tokenizer_config.json'}: chat_template must be a string or a list of templates")
+        where = directory / "tokenizer_config.json"
+        raise ValueError(f"{where}: chat_template must be a string or a list of templates")
     return template
 
 
@@ -140,6 +141,8 @@ class Tokenizer:
         if new_tokens:
             backend.add_tokens(new_tokens)
 
+        # split_special_tokens: special-token text in the input is encoded as plain text (transformers' option).
+        backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
         if backend.post_processor is None:
             add_bos, add_eos = bool(config.get("add_bos_token")), bool(config.get("add_eos_token"))
             if add_bos or add_eos:
@@ -233,7 +236,9 @@ class Tokenizer:
                 return templates["tool_use"]
             if "default" in templates:
                 return templates["default"]
-            raise ValueError(f"the checkpoint has several chat templates and no default; pick one of {sorted(templates)}")
+            raise ValueError(
+                f"the checkpoint has several chat templates and no default; pick one of {sorted(templates)}"
+            )
         if chat_template is not None:
             return chat_template
         if templates is None:

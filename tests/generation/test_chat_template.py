@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llmkern.generation import Tokenizer
 
-from conftest import CHATML_SPECIAL, LLAMA3_TEMPLATE, ZEPHYR_TEMPLATE, train_byte_bpe, write_checkpoint
+from tokenizer_refs import CHATML_SPECIAL, LLAMA3_TEMPLATE, ZEPHYR_TEMPLATE, train_byte_bpe, write_checkpoint
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer briefly; use <b>HTML</b> & \"quotes\"."}
 TURNS = [

@@ -179,7 +179,7 @@ def test_bf16_logits_are_processed_in_fp32():
     ({"presence_penalty": 3.0}, "presence_penalty"), ({"frequency_penalty": -2.5}, "frequency_penalty"),
     ({"seed": 1.5}, "seed"), ({"max_tokens": 0}, "max_tokens"), ({"stop": ["ok", ""]}, r"stop\[1\]"),
     ({"stop_token_ids": [3, -1]}, r"stop_token_ids\[1\]"), ({"ignore_eos": "yes"}, "ignore_eos"),
-    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"), ({"n": 0}, "n"),
 ])
 def test_bad_params_name_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):

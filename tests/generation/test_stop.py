@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 from transformers import GenerationConfig as HFGenerationConfig
 
 from llmkern.generation import GenerationConfig, OutputStream, SamplingParams, StopStringMatcher, Tokenizer
@@ -141,3 +142,39 @@ def test_generation_config_bad_values_named(tmp_path, data, name):
     (tmp_path / "generation_config.json").write_text("{oops")
     with pytest.raises(ValueError, match="generation_config.json"):
         GenerationConfig.from_pretrained(tmp_path)
+
+
+def test_the_package_example_loop(tok, tmp_path):
+    """The loop in llmkern.generation's docstring, with a stand-in model that spells a reply, then EOS."""
+    from llmkern.generation import make_generator, sample
+
+    reply = tok.encode("Hi there 👋 friend", add_special_tokens=False) + [tok.eos_token_id]
+    write(tmp_path, {"eos_token_id": tok.eos_token_id, "do_sample": True, "temperature": 0.9})
+    defaults = GenerationConfig.from_pretrained(tmp_path)
+    params = defaults.sampling_params(max_tokens=64, stop=["friend"], seed=3)
+    prompt = tok.encode("Say hi")
+    out = OutputStream(tok, params, prompt, eos_token_ids=defaults.eos_token_ids)
+    generator, deltas = make_generator(params), []
+
+    def model_step(step):  # logits [1, V] strongly preferring the reply's next token
+        logits = torch.zeros(1, len(tok))
+        logits[0, reply[step]] = 30.0
+        return logits
+
+    while not out.finished:
+        token = sample(model_step(len(out.token_ids)), [params], [prompt], [out.token_ids], [generator])
+        delta, reason = out.append(token[0])
+        deltas.append(delta)
+    assert out.text == "".join(deltas) == "Hi there 👋 " and out.stop_reason == "friend"
+
+
+def test_generation_config_falls_back_to_config_json(tmp_path):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(bos_token_id=1, eos_token_id=[2, 7], pad_token_id=0)
+    cfg.save_pretrained(tmp_path)
+    assert not (tmp_path / "generation_config.json").exists()
+    ours, ref = GenerationConfig.from_pretrained(tmp_path), HFGenerationConfig.from_model_config(cfg)
+    assert (list(ours.eos_token_ids), ours.bos_token_id, ours.pad_token_id) == (
+        ref.eos_token_id, ref.bos_token_id, ref.pad_token_id)
+    assert ours.sampling_params().greedy

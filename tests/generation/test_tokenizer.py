@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llmkern.generation import Tokenizer
 
-from conftest import CORPUS, LLAMA3_SPECIAL, added_token_dict, train_byte_bpe, write_checkpoint
+from tokenizer_refs import CORPUS, LLAMA3_SPECIAL, added_token_dict, train_byte_bpe, write_checkpoint
 
 TEXTS = CORPUS + [
     "",
@@ -23,7 +23,7 @@ TEXTS = CORPUS + [
 ]
 
 
-@pytest.fixture(params=["llama3", "chatml"])
+@pytest.fixture(params=["llama3", "chatml", "spm"])
 def ckpt(request):
     return request.getfixturevalue(f"{request.param}_dir")
 
@@ -103,6 +103,14 @@ def test_extra_special_tokens_list_is_added(tmp_path):
     text = "x<|tool|>y<|img|>"
     assert ours.encode(text) == ref.encode(text) and len(ours.encode(text)) == 4
     assert ours.decode(ours.encode(text)) == ref.decode(ref.encode(text), skip_special_tokens=True) == "xy"
+
+
+def test_split_special_tokens(tmp_path):
+    d = write_checkpoint(tmp_path, train_byte_bpe(LLAMA3_SPECIAL), {"eos_token": "<|eot_id|>", "split_special_tokens": True})
+    ours, ref = Tokenizer.from_pretrained(d), PreTrainedTokenizerFast.from_pretrained(d)
+    text = "a<|eot_id|>b"
+    assert ours.encode(text) == ref.encode(text)
+    assert ours.eos_token_id not in ours.encode(text)
 
 
 def test_legacy_special_tokens_map(tmp_path):
