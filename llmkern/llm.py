@@ -246,6 +246,8 @@ class LLM:
                 raise ValueError(f"prompts[{i}]: {len(p_ids)} tokens leave no room in the model's length "
                                  f"{self.max_model_len}")
             p = self._resolve(p)
+            if getattr(p, "n", 1) != 1 or p.logprobs is not None:
+                raise ValueError(f"params[{i}]: n > 1 and logprobs are not supported by LLM.generate yet")
             if self.tokenizer is None and p.stop_strings:
                 raise ValueError(f"params[{i}].stop: stop strings need a tokenizer")
             stream = OutputStream(self.tokenizer or _NoText(), p, p_ids, self.eos_token_ids)

@@ -1,10 +1,9 @@
 """A tiny Llama checkpoint with a tokenizer, for the generation API and CLI tests: the models tests' random
 transformers model (tests/models/model_refs.py) and the generation tests' trained byte-level BPE with a
-Llama-3 chat template (tests/generation/conftest.py), saved together in one directory."""
+Llama-3 chat template (tests/generation/tokenizer_refs.py), saved together in one directory."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,19 +11,10 @@ from pathlib import Path
 from tokenizers import processors
 
 TESTS = Path(__file__).parent
-sys.path.insert(0, str(TESTS / "models"))
+sys.path[:0] = [str(TESTS / "models"), str(TESTS / "generation")]
+import tokenizer_refs as gen  # noqa: E402
 from model_refs import make_hf_model  # noqa: E402
 
-
-def _generation_fixtures():
-    """tests/generation/conftest.py as a plain module (its name `conftest` is taken by tests/conftest.py)."""
-    spec = importlib.util.spec_from_file_location("generation_fixtures", TESTS / "generation" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _generation_fixtures()
 VOCAB = 640  # >= the trained tokenizer's vocabulary (600 + special tokens)
 EOT = "<|eot_id|>"
 

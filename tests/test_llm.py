@@ -128,5 +128,7 @@ def test_bad_inputs_raise_clear_errors(checkpoint, llm, tmp_path):
         llm.generate(None, GREEDY, prompt_token_ids=[[1, 640]])
     with pytest.raises(ValueError, match="leave no room"):
         llm.generate(None, GREEDY, prompt_token_ids=[[1] * 128])
+    with pytest.raises(ValueError, match="n > 1 and logprobs are not supported"):
+        llm.generate("x", SamplingParams(n=2))
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):
         LLM.from_model(llm.model).generate(None, SamplingParams(stop="x"), prompt_token_ids=[[1, 2]])
