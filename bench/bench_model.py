@@ -12,6 +12,7 @@ bench_read measures right after that row.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
@@ -21,11 +22,11 @@ from bench.harness import Ceilings, Config, bandwidth
 HEADER = ["case", "batch", "llmkern tok/s", "transformers tok/s", "x transformers", "llmkern ms/step",
           "bound ms/step", "% BW bound"]
 LEGEND = ("Llama-3.2-1B shape (hidden 2048, 16 layers, 32 heads, 8 kv heads, intermediate 8192, vocab 128256, "
-          "tied embeddings), random weights, greedy. decode: prompt 128, 128 new tokens for llmkern (batch x "
-          "(new - 1) tokens over the decode steps' time), fewer for transformers' generate (its rate: the time "
-          "of generate(max_new_tokens=1 + n) minus generate(max_new_tokens=1), over batch x n tokens); prefill: "
-          "prompt tokens over the time to the first token. bound ms/step: bytes one decode step must read (all "
-          "weights once, INT4 packed + scales, the bf16 output head, KV cache of every sequence at the mean "
+          "tied embeddings), random weights, greedy, one sequence per row of the batch. decode tok/s: batch / "
+          "median time of a decode step (llmkern: between model.step calls; transformers' generate: between "
+          "its streamer's token timestamps; sampling included), fewer new tokens for transformers; prefill: "
+          "prompt tokens / time to the first token (one run each). bound ms/step: bytes one decode step "
+          "must read (all weights once, INT4 packed + scales, the bf16 output head, KV cache of every sequence at the mean "
           "context length) / read GB/s of bench_read measured right after the row; % BW bound: bound / "
           "llmkern ms/step. INT4: llmkern.quant Int4Config (group 128) on every linear but the output head.")
 
@@ -96,14 +97,28 @@ def step_bytes(model, batch: int, context: float) -> float:
     return weights + batch * context * kv_per_token
 
 
-def llmkern_decode(llm, prompts, new: int) -> tuple[float, float]:
-    """(tokens/s, s/step) of the decode steps of one batched generate."""
+def llmkern_decode(llm, prompts, new: int) -> float:
+    """Median seconds of one decode step (the interval between consecutive model.step calls, sampling and
+    detokenizing included, as transformers' streamer timestamps include them) in one batched generate.
+    Medians, not means: on a shared machine one descheduled step can last several normal ones."""
     from llmkern.generation import SamplingParams
 
-    outs = llm.generate(None, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True), prompt_token_ids=prompts)
+    starts, step = [], llm.model.step
+
+    def timed_step(*args):
+        starts.append(time.perf_counter())
+        return step(*args)
+
+    llm.model.step = timed_step  # an instance attribute shadowing the method, removed below
+    try:
+        outs = llm.generate(None, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True),
+                            prompt_token_ids=prompts)
+        end = time.perf_counter()
+    finally:
+        del llm.model.step
     assert all(o.num_generated_tokens == new for o in outs)
-    steps = new - 1
-    return len(prompts) * steps / outs[0].decode_s, outs[0].decode_s / steps
+    decode = starts[-(new - 1):] + [end]  # the last new - 1 steps are the decode steps
+    return statistics.median(b - a for a, b in zip(decode, decode[1:]))
 
 
 def hf_generate(hf, prompts, new: int) -> list[float]:
@@ -148,11 +163,11 @@ def run(cfg: Config, ceilings: Ceilings | None = None) -> list[list[str]]:
     rows = []
 
     def decode_row(dtype: str, batch: int, prompt: int, new: int, hf_new: int | None):
-        rate, step_s = llmkern_decode(llm, prompts(batch, prompt), new)
-        hf_rate = None
+        step_s = llmkern_decode(llm, prompts(batch, prompt), new)
+        rate, hf_rate = batch / step_s, None
         if hf_new:
-            times = hf_generate(hf, prompts(batch, prompt), hf_new)
-            hf_rate = batch * (hf_new - 1) / (times[-1] - times[2])  # after the first token, as llmkern's
+            times = hf_generate(hf, prompts(batch, prompt), hf_new)[2:]  # the decode steps' tokens
+            hf_rate = batch / statistics.median(b - a for a, b in zip(times, times[1:]))
         read_gbps = bandwidth(cfg.ceiling_bytes, cfg)[1]
         bound_s = step_bytes(model, batch, prompt + new / 2) / (read_gbps * 1e9)
         print(f"  decode {dtype} batch {batch}: llmkern {rate:.2f} tok/s" +

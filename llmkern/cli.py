@@ -49,7 +49,8 @@ def run_generate(args: argparse.Namespace) -> int:
     overrides["max_tokens"] = args.max_new_tokens or gc.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     params = gc.sampling_params(**overrides)
     if args.chat:
-        stream = llm.stream(params=params, prompt_token_ids=llm.chat_token_ids([{"role": "user", "content": args.prompt}])[0])
+        ids = llm.chat_token_ids([{"role": "user", "content": args.prompt}])[0]
+        stream = llm.stream(params=params, prompt_token_ids=ids)
     else:
         stream = llm.stream(args.prompt, params)
     for piece in stream:

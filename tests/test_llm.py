@@ -46,7 +46,8 @@ def test_batch_of_different_lengths_equals_each_alone(llm):
 
 def test_chunked_prefill_equals_whole_prompt(checkpoint, llm):
     chunked = LLM.from_model(llm.model, llm.tokenizer, llm.generation_config, block_size=3, max_prefill_tokens=4)
-    assert [o.token_ids for o in chunked.generate(PROMPTS, GREEDY)] == [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    whole = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert [o.token_ids for o in chunked.generate(PROMPTS, GREEDY)] == whole
 
 
 def test_same_seed_same_output_alone_or_in_a_batch(llm):
