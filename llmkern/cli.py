@@ -1,8 +1,67 @@
-"""The `llmkern` command: `llmkern info`, `llmkern quantize` (more arrive with serving, training and bench)."""
+"""The `llmkern` command: `llmkern info`, `llmkern quantize`, `llmkern generate` (more arrive with serving,
+training and bench)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+# Used when neither --max-new-tokens nor the checkpoint's generation_config sets a length.
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face checkpoint directory")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt (the user message with --chat)")
+    p.add_argument("--chat", action="store_true", help="render the prompt as a user message with the chat template")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help=f"default: the checkpoint's max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}")
+    p.add_argument("--temperature", type=float, metavar="T", help="0 is greedy (default: the checkpoint's "
+                   "generation_config: its temperature if it sets do_sample, else greedy)")
+    p.add_argument("--top-p", type=float, metavar="P")
+    p.add_argument("--top-k", type=int, metavar="K")
+    p.add_argument("--seed", type=int, metavar="S", help="same seed, same output")
+    p.add_argument("--quant", metavar="Q", help="quantize the linears at load time: nf4, int4 or int8")
+    p.add_argument("--dtype", metavar="D", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Streams the generated text to stdout; prompt and decode speeds go to stderr (stdout stays the text)."""
+    from llmkern.llm import LLM, parse_dtype
+    from llmkern.models.checkpoint import QUANT_CONFIGS
+
+    # Bad arguments fail before the model loads.
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model: {args.model} is not a directory")
+    try:
+        dtype = parse_dtype(args.dtype)
+    except ValueError:
+        raise ValueError(f"--dtype: expected float32, bfloat16 or float16, got {args.dtype!r}") from None
+    if args.quant is not None and args.quant not in QUANT_CONFIGS:
+        raise ValueError(f"--quant: expected one of {', '.join(sorted(QUANT_CONFIGS))}, got {args.quant!r}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
+    llm = LLM(args.model, dtype=dtype, quant=args.quant)
+    overrides = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k),
+                                   ("seed", args.seed)) if v is not None}
+    gc = llm.generation_config
+    overrides["max_tokens"] = args.max_new_tokens or gc.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    params = gc.sampling_params(**overrides)
+    if args.chat:
+        ids = llm.chat_token_ids([{"role": "user", "content": args.prompt}])[0]
+        stream = llm.stream(params=params, prompt_token_ids=ids)
+    else:
+        stream = llm.stream(args.prompt, params)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    out = stream.output
+    sys.stdout.write("\n")
+    print(f"prompt: {out.num_prompt_tokens} tokens, {out.prompt_tokens_per_s:.1f} tokens/s; "
+          f"decode: {out.num_generated_tokens} tokens, {out.decode_tokens_per_s:.1f} tokens/s "
+          f"(finish: {out.finish_reason})", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -13,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
     convert.add_arguments(sub.add_parser("quantize", help="quantize a safetensors checkpoint directory "
                                          "(same as python -m llmkern.quant)"))
+    add_generate_arguments(sub.add_parser("generate", help="generate text from a prompt, streamed to stdout"))
     args = parser.parse_args(argv)
     if args.command == "info":
         from llmkern.info import main as info_main
@@ -20,6 +80,15 @@ def main(argv: list[str] | None = None) -> None:
         info_main()
     elif args.command == "quantize":
         raise SystemExit(convert.run(args))
+    elif args.command == "generate":
+        try:
+            raise SystemExit(run_generate(args))
+        except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+            print(f"llmkern generate: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

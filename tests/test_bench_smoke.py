@@ -74,3 +74,14 @@ def test_quant_bench_quick():
     assert all(len(r) == len(bench_quant.HEADER) for r in rows)
     assert all(float(r[2]) > 0 for r in rows[:6]) and rows[1][6] != "-", "int4 rows compare with int4pack"
     assert all(r[2].endswith("of expected)") for r in rows[-3:]), "resident memory was not measured"
+
+
+def test_model_bench_quick():
+    from bench import bench_model
+
+    cfg = harness.Config.quick_config()
+    cfg.ceiling_bytes = 1 << 20
+    rows = bench_model.run(cfg)
+    assert [r[0].split(",")[0] for r in rows] == ["decode bf16"] * 2 + ["prefill bf16"] + ["decode int4"] * 2
+    assert all(len(r) == len(bench_model.HEADER) for r in rows)
+    assert all(float(r[2]) > 0 for r in rows) and rows[0][3] != "-", "transformers was not timed"
