@@ -97,6 +97,7 @@ struct KvRows {
   }
   // Pointers to the rows of keys [j0, j0 + n) (head hk0), walking the block table (no division per key).
   void row_ptrs(int64_t j0, int n, const T** kr, const T** vr) const {
+    if (n <= 0) return;  // j0 may be past the block table's end
     if (!blocks) {
       for (int jj = 0; jj < n; ++jj) kr[jj] = k + (j0 + jj) * k_rs, vr[jj] = v + (j0 + jj) * v_rs;
       return;
@@ -433,7 +434,10 @@ struct GroupTask {
       for (int k = 0; k < KB; ++k) kr[k] = kp[jj + k] == zero_row ? zero_row : kp[jj + k] + hoff;
       for (int e = 0; e < d2; e += 2 * W) {
         V qa[RB], qb[RB];
-        for (int r = 0; r < RB; ++r) qa[r] = V::load(q0 + int64_t(r) * dp + e), qb[r] = V::load(q0 + int64_t(r) * dp + e + W);
+        for (int r = 0; r < RB; ++r) {
+          qa[r] = V::load(q0 + int64_t(r) * dp + e);
+          qb[r] = V::load(q0 + int64_t(r) * dp + e + W);
+        }
         for (int k = 0; k < KB; ++k) {
           V ka, kb;
           load_pair(kr[k] + e, ka, kb);
