@@ -281,12 +281,9 @@ class LLM:
             r.blocks += allocator.allocate(more)
 
     def _pick(self, requests: list[_Request], logits: torch.Tensor) -> list[int]:
-        params = [r.params for r in requests]
-        penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
-        history = (None, None)
-        if penalties:  # the penalties need each request's prompt and output so far
-            history = ([r.prompt_ids for r in requests], [r.stream.token_ids for r in requests])
-        return sample(logits, params, *history, generators=[r.generator for r in requests]).tolist()
+        # Each request's prompt and output so far: read only by the requests that set a penalty.
+        return sample(logits, [r.params for r in requests], [r.prompt_ids for r in requests],
+                      [r.stream.token_ids for r in requests], generators=[r.generator for r in requests]).tolist()
 
     def _accept(self, r: _Request, token: int, allocator: BlockAllocator) -> tuple[int, str]:
         text, finished = r.stream.append(token)

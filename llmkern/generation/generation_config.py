@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from llmkern._json import read_json_object
 from llmkern.generation.sampling import SamplingParams
 
 # Keys of generation_config.json that become SamplingParams defaults (max_new_tokens becomes max_tokens).
@@ -49,20 +49,10 @@ class GenerationConfig:
             path = Path(directory) / "config.json"
             if not path.is_file():
                 return cls()
-            data = cls._read(path)
+            data = read_json_object(path)
             data = {k: data.get(k) for k in ("eos_token_id", "bos_token_id", "pad_token_id")}
             return cls.from_dict(data, where=str(path))
-        return cls.from_dict(cls._read(path), where=str(path))
-
-    @staticmethod
-    def _read(path: Path) -> dict:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return data
+        return cls.from_dict(read_json_object(path), where=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "generation config") -> "GenerationConfig":

@@ -14,7 +14,6 @@ post-processor at all it honours add_bos_token / add_eos_token, as transformers 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,22 +21,12 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import processors
 
+from llmkern._json import read_json_object
 from llmkern.generation.chat_template import render_chat_template
 
 # The named special tokens of transformers' tokenizers (SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _token_content(value, where: str) -> str | None:
@@ -112,10 +101,10 @@ class Tokenizer:
             raise ValueError(f"{tokenizer_file}: cannot be read by the tokenizers library ({e})") from e
 
         config_file = directory / "tokenizer_config.json"
-        config = _read_json(config_file) if config_file.is_file() else {}
+        config = read_json_object(config_file) if config_file.is_file() else {}
         if "added_tokens_decoder" not in config and (directory / "special_tokens_map.json").is_file():
             # Legacy checkpoints name their special tokens in special_tokens_map.json, which then wins.
-            config = {**config, **_read_json(directory / "special_tokens_map.json")}
+            config = {**config, **read_json_object(directory / "special_tokens_map.json")}
 
         special = {name: _token_content(config.get(name), f"{config_file}: {name}") for name in SPECIAL_TOKEN_NAMES}
         # Model-specific named tokens (image_token, ...) given as strings are template variables too.

@@ -13,7 +13,6 @@ Read from a Hugging Face `config.json` with the semantics of transformers 5 (`mo
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any
 
 import torch
 
-from llmkern.ops import rope_cos_sin_cache
+from llmkern._json import read_json_object
+from llmkern.ops import rope_cos_sin_cache, rope_parameters
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -135,13 +135,9 @@ class ModelConfig:
     def from_json(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = read_json_object(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such file (a model directory needs config.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
         return cls.from_hf_dict(d, str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -183,25 +179,11 @@ _HF_KEYS = {"model_type", "architectures", "vocab_size", "hidden_size", "interme
             "hidden_act"}  # fmt: skip
 
 
-def _rope(d: dict) -> tuple[float, dict | None]:
-    """(rope_theta, scaling dict or None) from rope_parameters (transformers 5) or rope_theta + rope_scaling."""
-    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    if any(isinstance(v, dict) for v in params.values()):
-        raise ValueError("rope_parameters: per-layer-type rope parameters are not supported")
-    theta = float(params.pop("rope_theta", None) or d.get("rope_theta") or 10000.0)
-    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    if rope_type == "default":
-        return theta, None
-    if rope_type == "llama3":  # transformers' standardize_rope_params default
-        params.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
-    return theta, {"rope_type": rope_type, **params}
-
-
 def _hf_fields(model_type: str, d: dict) -> dict[str, Any]:
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act: only 'silu' (SwiGLU) is supported, got {d['hidden_act']!r}")
     heads = d["num_attention_heads"]
-    theta, scaling = _rope(d)
+    theta, scaling, _ = rope_parameters(d)  # llama-family configs have no partial rotary
     layers = d["num_hidden_layers"]
     sliding, layer_types = d.get("sliding_window"), None
     if model_type in ("qwen2", "qwen3"):

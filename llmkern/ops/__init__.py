@@ -40,6 +40,7 @@ from llmkern.ops.rope import (
     rope_cos_sin_cache,
     rope_cos_sin_cache_from_config,
     rope_inv_freq,
+    rope_parameters,
     rotary_embedding_,
     rotary_embedding_ref,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "rope_cos_sin_cache",
     "rope_cos_sin_cache_from_config",
     "rope_inv_freq",
+    "rope_parameters",
     "flash_attn_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",

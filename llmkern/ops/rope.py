@@ -13,6 +13,7 @@ layout), built by `rope_cos_sin_cache` or `rope_cos_sin_cache_from_config`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -87,25 +88,39 @@ def rope_cos_sin_cache(
     return torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype)
 
 
-def rope_cos_sin_cache_from_config(hf_config: Any, max_position: int | None = None) -> Tensor:
-    """The cache for a transformers config: reads `rope_parameters` (transformers 5.x: rope_theta,
-    rope_type, partial_rotary_factor and the scaling keys in one dict) or, for older configs, the
-    `rope_theta` / `rope_scaling` / `partial_rotary_factor` attributes; and `head_dim` (else
-    hidden_size // num_attention_heads). max_position defaults to config.max_position_embeddings."""
-    params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+def rope_parameters(hf_config: Any) -> tuple[float, dict | None, float]:
+    """(rope_theta, scaling dict for rope_cos_sin_cache or None for plain rope, partial_rotary_factor) of a
+    transformers config object or a parsed config.json dict: `rope_parameters` (transformers 5.x: rope_theta,
+    rope_type, partial_rotary_factor and the scaling keys in one dict) or, for older configs, `rope_theta` /
+    `rope_scaling` ({"type" | "rope_type", ...}) / `partial_rotary_factor`."""
+    if isinstance(hf_config, Mapping):
+        get = hf_config.get
+    else:
+        def get(key, default=None):
+            return getattr(hf_config, key, default)
+    params = dict(get("rope_parameters") or get("rope_scaling") or {})
     if any(isinstance(v, dict) for v in params.values()):
-        raise ValueError("hf_config: per-layer-type rope_parameters are not supported; pass one layer type's dict "
-                         "to rope_cos_sin_cache")
-    base = params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or getattr(
-        hf_config, "default_theta", 10000.0
-    )
-    partial = params.get("partial_rotary_factor") or getattr(hf_config, "partial_rotary_factor", None) or 1.0
+        raise ValueError("rope_parameters: per-layer-type rope parameters are not supported; pass one layer "
+                         "type's dict to rope_cos_sin_cache")
+    theta = float(params.pop("rope_theta", None) or get("rope_theta") or get("default_theta") or 10000.0)
+    partial = params.pop("partial_rotary_factor", None) or get("partial_rotary_factor") or 1.0
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    if rope_type == "default":
+        return theta, None, partial
+    if rope_type == "llama3":  # transformers' standardize_rope_params default
+        params.setdefault("original_max_position_embeddings", get("max_position_embeddings"))
+    return theta, {"rope_type": rope_type, **params}, partial
+
+
+def rope_cos_sin_cache_from_config(hf_config: Any, max_position: int | None = None) -> Tensor:
+    """The cache for a transformers config (rope settings read by rope_parameters), of width `head_dim`
+    (else hidden_size // num_attention_heads) times partial_rotary_factor. max_position defaults to
+    config.max_position_embeddings."""
+    base, scaling, partial = rope_parameters(hf_config)
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     if max_position is None:
         max_position = hf_config.max_position_embeddings
-    if _rope_type(params) == "llama3":  # transformers' standardize_rope_params default
-        params.setdefault("original_max_position_embeddings", hf_config.max_position_embeddings)
-    return rope_cos_sin_cache(int(head_dim * partial), max_position, float(base), params)
+    return rope_cos_sin_cache(int(head_dim * partial), max_position, base, scaling)
 
 
 # ---- pure-PyTorch reference (the definition; tests run it in float64) ----
