@@ -140,11 +140,10 @@ static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, int6
 
 // ---------------------------------------------------------------- register-blocked product
 
-// C[r][j] (+)= sum_k a[r * kChunk + k] * b[k * ldb + j] for MR rows and NR vectors (a constant row stride
-// keeps the MR broadcast addresses as displacements off one register).
+// C[r][j] (+)= sum_k a[r * kChunk + k] * b[k * ldb + j] for MR rows and NR vectors. A's row stride is always
+// kChunk (the decode scratch): a constant keeps the MR broadcast addresses as displacements off one register.
 template <int MR, int NR>
-static inline void kblock(int kdim, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-                          bool acc_in) {
+static inline void kblock(int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, bool acc_in) {
   V acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) acc[r][j] = acc_in ? V::load(c + r * ldc + j * L) : V::zero();
@@ -170,32 +169,31 @@ template <int NR> constexpr int kMRFor = 4;
 #endif
 
 template <int NR, int MR>
-static inline void krest(int rows, int kdim, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                         int64_t ldc, bool acc_in) {
+static inline void krest(int rows, int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
+                         bool acc_in) {
   if constexpr (MR > 0) {
-    if (rows == MR) return kblock<MR, NR>(kdim, a, lda, b, ldb, c, ldc, acc_in);
-    krest<NR, MR - 1>(rows, kdim, a, lda, b, ldb, c, ldc, acc_in);
+    if (rows == MR) return kblock<MR, NR>(kdim, a, b, ldb, c, ldc, acc_in);
+    krest<NR, MR - 1>(rows, kdim, a, b, ldb, c, ldc, acc_in);
   }
 }
 
 template <int NR>
-static void kstrip(int m, int kdim, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-                   bool acc_in) {
+static void kstrip(int m, int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, bool acc_in) {
   constexpr int MR = kMRFor<NR>;
   int r = 0;
-  for (; r + MR <= m; r += MR) kblock<MR, NR>(kdim, a + r * lda, lda, b, ldb, c + r * ldc, ldc, acc_in);
-  if (r < m) krest<NR, MR - 1>(m - r, kdim, a + r * lda, lda, b, ldb, c + r * ldc, ldc, acc_in);
+  for (; r + MR <= m; r += MR) kblock<MR, NR>(kdim, a + r * kChunk, b, ldb, c + r * ldc, ldc, acc_in);
+  if (r < m) krest<NR, MR - 1>(m - r, kdim, a + r * kChunk, b, ldb, c + r * ldc, ldc, acc_in);
 }
 
-// C[m][nvec * L] (+)= A[m][kdim] B[kdim][nvec * L].
-static void kgemm(int m, int nvec, int kdim, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                  int64_t ldc, bool acc_in) {
+// C[m][nvec * L] (+)= A[m][kdim] B[kdim][nvec * L], A with row stride kChunk.
+static void kgemm(int m, int nvec, int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
+                  bool acc_in) {
   int j = 0;
-  for (; j + 4 <= nvec; j += 4) kstrip<4>(m, kdim, a, lda, b + j * L, ldb, c + j * L, ldc, acc_in);
+  for (; j + 4 <= nvec; j += 4) kstrip<4>(m, kdim, a, b + j * L, ldb, c + j * L, ldc, acc_in);
   switch (nvec - j) {
-    case 3: kstrip<3>(m, kdim, a, lda, b + j * L, ldb, c + j * L, ldc, acc_in); break;
-    case 2: kstrip<2>(m, kdim, a, lda, b + j * L, ldb, c + j * L, ldc, acc_in); break;
-    case 1: kstrip<1>(m, kdim, a, lda, b + j * L, ldb, c + j * L, ldc, acc_in); break;
+    case 3: kstrip<3>(m, kdim, a, b + j * L, ldb, c + j * L, ldc, acc_in); break;
+    case 2: kstrip<2>(m, kdim, a, b + j * L, ldb, c + j * L, ldc, acc_in); break;
+    case 1: kstrip<1>(m, kdim, a, b + j * L, ldb, c + j * L, ldc, acc_in); break;
     default: break;
   }
 }
@@ -243,7 +241,7 @@ static void gemm_typed(const QLinearParams& p) {
       for (int64_t c0 = 0; c0 < k; c0 += kc) {
         const int64_t c1 = std::min(k, c0 + kc), gfirst = w.format == QFormat::int8 ? 0 : c0 / w.group;
         for (int64_t r = 0; r < rows; ++r) decode_row(w, n0 + r, c0, c1, gfirst, a.ptr + r * kChunk);
-        kgemm(int(rows), nvec, int(c1 - c0), a.ptr, kc, xt.ptr + c0 * mp, mp, c.ptr, mp, c0 > 0);
+        kgemm(int(rows), nvec, int(c1 - c0), a.ptr, xt.ptr + c0 * mp, mp, c.ptr, mp, c0 > 0);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = n0 + r;

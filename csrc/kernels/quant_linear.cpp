@@ -28,7 +28,6 @@
 // Generic path (nf4 whose rows do not start on a block boundary or odd k, fp64): each row of W is
 // dequantized to fp32 once and dotted with every row of x.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -110,11 +109,6 @@ static inline void fill_scales(const QWeight& w, int64_t groups, int64_t r, int6
   } else {
     for (int64_t i = 0; i < ng; ++i) z[i] = 8.f;
   }
-}
-
-template <typename T>
-static inline void store_scalar(T* p, float v) {
-  ScalarVec<float>{v}.store(p);  // float, double, bf16 (round to nearest even) or f16
 }
 
 // ---------------------------------------------------------------- per-ISA decode
@@ -352,7 +346,7 @@ static void run_tiles(const QLinearParams& p, const float* xp, int64_t mp, int64
           s *= group_scale(w, 1, n, 0).s;
         }
         if (p.bias) s += to_float(static_cast<const T*>(p.bias)[n]);
-        store_scalar(out + n, s);
+        ScalarVec<float>{s}.store(out + n);
       }
     }
   }
@@ -392,15 +386,12 @@ static void fast_with(const QLinearParams& p, int64_t mp, int64_t kc) {
   const int64_t threads = std::max(1, max_threads());
   while (nt > NR && (p.w.n + nt - 1) / nt < 4 * threads) nt -= NR;
   const int64_t tiles = (p.w.n + nt - 1) / nt;
-  // Threads claim tiles one at a time from a shared counter rather than an even split up front, so a thread
-  // descheduled on a shared machine does not leave the other idle at the end.
-  std::atomic<int64_t> counter{0};
-  auto next = [&] {
-    const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
-    return t < tiles ? t : int64_t(-1);
-  };
-  parallel_for(0, std::min<int64_t>(threads, tiles), 1,
-               [&](int64_t, int64_t) { run_tiles<P, MR, NR, T>(p, xp.ptr, mp, nt, kc, next); });
+  parallel_claim(tiles, 1, threads, [&](auto& claim) {
+    run_tiles<P, MR, NR, T>(p, xp.ptr, mp, nt, kc, [&] {
+      int64_t t0, t1;
+      return claim(t0, t1) ? t0 : int64_t(-1);
+    });
+  });
 }
 
 constexpr int64_t kKChunk = 1024;
@@ -646,16 +637,14 @@ static void i4_gemv(const QLinearParams& p, const I4Gemv& j) {
   constexpr int R = MR <= 2 ? 4 : 2;  // rows per block: accumulators MR * R and x (4 MR) in registers
   const QWeight& w = p.w;
   const int64_t nb = (w.n + R - 1) / R;
-  // Threads claim runs of `step` blocks from a shared counter instead of an even split up front: on a
-  // shared machine a descheduled thread would otherwise leave the other idle at the end.
+  // Threads claim runs of `step` blocks (parallel_claim).
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, w.k));  // blocks worth a thread
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(max_threads(), nb / grain));
   const int64_t step = std::max<int64_t>(1, std::min<int64_t>(16, nb / (8 * threads)));
-  std::atomic<int64_t> next{0};
-  parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  parallel_claim(nb, step, threads, [&](auto& claim) {
     Scratch<float> sbuf(size_t(R * MR * (j.groups + 32)));
-    for (int64_t b0; (b0 = next.fetch_add(step, std::memory_order_relaxed)) < nb;) {
-      for (int64_t b = b0; b < std::min(nb, b0 + step); ++b) {
+    for (int64_t b0, b1; claim(b0, b1);) {
+      for (int64_t b = b0; b < b1; ++b) {
         const int64_t n0 = b * R;
         const int rr = int(std::min<int64_t>(R, w.n - n0));
         float res[MR][R];
@@ -673,7 +662,7 @@ static void i4_gemv(const QLinearParams& p, const I4Gemv& j) {
           for (int r = 0; r < rr; ++r) {
             float v = res[m][r];
             if (p.bias) v += to_float(static_cast<const T*>(p.bias)[n0 + r]);
-            store_scalar(out + n0 + r, v);
+            ScalarVec<float>{v}.store(out + n0 + r);
           }
         }
       }
@@ -763,7 +752,7 @@ static void generic(const QLinearParams& p) {
           out[n] = total;
         } else {
           if (p.bias) total += to_float(static_cast<const T*>(p.bias)[n]);
-          store_scalar(out + n, float(total));
+          ScalarVec<float>{float(total)}.store(out + n);
         }
       }
     }
@@ -792,7 +781,7 @@ void qlinear_kernel(const QLinearParams& p) {
         for (int64_t n = 0; n < p.w.n; ++n) {
           T* out = static_cast<T*>(p.out) + m * p.out_stride + n;
           if constexpr (std::is_same_v<T, double>) *out = p.bias ? static_cast<const double*>(p.bias)[n] : 0.0;
-          else store_scalar(out, p.bias ? to_float(static_cast<const T*>(p.bias)[n]) : 0.f);
+          else ScalarVec<float>{p.bias ? to_float(static_cast<const T*>(p.bias)[n]) : 0.f}.store(out);
         }
       return;
     }

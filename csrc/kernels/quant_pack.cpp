@@ -15,7 +15,6 @@ namespace LLMKERN_ISA {
 namespace {
 
 template <typename T> static inline float load_f(const T* p, int64_t i) { return to_float(p[i]); }
-template <typename T> static inline void store_f(T* p, int64_t i, float v) { ScalarVec<float>{v}.store(p + i); }
 
 // Rounds v to scales_dtype and back, and stores it there.
 static inline float store_scale(const QWeight& w, int64_t i, float v) {
@@ -69,7 +68,7 @@ static inline void expand_nibbles(const float* table, const uint8_t* src, int64_
 #endif
   if (i < nbytes) {
     T t[16];
-    for (int q = 0; q < 16; ++q) store_f(t, q, table[q]);
+    for (int q = 0; q < 16; ++q) ScalarVec<float>{table[q]}.store(t + q);
     for (; i < nbytes; ++i) {
       out[2 * i] = t[src[i] >> 4];
       out[2 * i + 1] = t[src[i] & 0xF];
@@ -88,7 +87,9 @@ void dequant_blocks(const QWeight& w, int64_t numel, T* out, Table&& table) {
       table(b, t);
       const int64_t e0 = b * g, count = std::min(numel - e0, g);  // e0 is even: g is
       expand_nibbles(t, data + e0 / 2, count / 2, out + e0);
-      if (count & 1) store_f(out, e0 + count - 1, t[data[(e0 + count - 1) / 2] >> 4]);  // odd numel: last value
+      if (count & 1) {  // odd numel: the last value
+        ScalarVec<float>{t[data[(e0 + count - 1) / 2] >> 4]}.store(out + e0 + count - 1);
+      }
     }
   });
 }
@@ -137,7 +138,7 @@ void dequant_int8(const QWeight& w, T* out) {
         }
       }
 #endif
-      for (; c < w.k; ++c) store_f(dst, c, float(src[c]) * s);
+      for (; c < w.k; ++c) ScalarVec<float>{float(src[c]) * s}.store(dst + c);
     }
   });
 }
