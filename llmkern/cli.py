@@ -1,5 +1,5 @@
-"""The `llmkern` command: `llmkern info`, `llmkern quantize`, `llmkern generate` (more arrive with serving,
-training and bench)."""
+"""The `llmkern` command: `llmkern info`, `llmkern quantize`, `llmkern generate`, `llmkern train pretrain` (more
+arrive with serving and bench)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     convert.add_arguments(sub.add_parser("quantize", help="quantize a safetensors checkpoint directory "
                                          "(same as python -m llmkern.quant)"))
     add_generate_arguments(sub.add_parser("generate", help="generate text from a prompt, streamed to stdout"))
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="trainer", required=True)
+    from llmkern.train import pretrain
+
+    pretrain.add_arguments(train.add_parser("pretrain", help="pretrain on the standard-library corpus"))
     args = parser.parse_args(argv)
     if args.command == "info":
         from llmkern.info import main as info_main
@@ -80,6 +84,12 @@ def main(argv: list[str] | None = None) -> None:
         info_main()
     elif args.command == "quantize":
         raise SystemExit(convert.run(args))
+    elif args.command == "train":
+        try:
+            raise SystemExit(pretrain.run(args))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"llmkern train: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     elif args.command == "generate":
         try:
             raise SystemExit(run_generate(args))

@@ -163,6 +163,22 @@ class LlamaForCausalLM(nn.Module):
         if not any(p.is_meta for p in self.parameters()):
             self.init_buffers()
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Weights for training from scratch: N(0, std) matrices and embeddings (transformers' initializer_range),
+        zero biases, unit norm gains, and the residual-stream outputs (o_proj, down_proj) scaled by
+        1/sqrt(2 num_layers) so the residual's variance stays put with depth (GPT-2, Radford et al. 2019)."""
+        residual_std = std / (2 * self.config.num_layers) ** 0.5
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, residual_std if name.endswith(("o_proj", "down_proj")) else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -191,11 +207,13 @@ class LlamaForCausalLM(nn.Module):
                                 None if kv_caches is None else kv_caches[i])
         return self.model.norm.add_and_norm(x, residual)[0]
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None, cu_seqlens: Tensor | None = None
-                ) -> CausalLMOutput:
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                num_items_in_batch: int | Tensor | None = None) -> CausalLMOutput:
         """input_ids [batch, seq] int64, or packed [1, total] with cu_seqlens int32 [num_seqs + 1] (each
         sequence starts at position 0 and attends only to itself). labels like input_ids: token i's logits
-        are scored against labels[i + 1] (transformers' shift; within a sequence when packed)."""
+        are scored against labels[i + 1] (transformers' shift; within a sequence when packed).
+        num_items_in_batch (transformers' name): divide the summed token loss by it instead of taking the mean,
+        so gradient accumulation over micro-batches normalizes by the global token count."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected [batch, seq], got shape {tuple(input_ids.shape)}")
         b, s = input_ids.shape
@@ -209,7 +227,7 @@ class LlamaForCausalLM(nn.Module):
         attn = AttentionInput(cu_seqlens, cu_seqlens, max_len, max_len)
         hidden = self._decode(input_ids.reshape(-1), positions, attn, None)
         logits = self.lm_head(hidden).view(b, s, -1)
-        loss = None if labels is None else _shifted_loss(logits, labels, cu_seqlens)
+        loss = None if labels is None else _shifted_loss(logits, labels, cu_seqlens, num_items_in_batch)
         return CausalLMOutput(logits, loss)
 
     @torch.inference_mode()
@@ -236,13 +254,16 @@ def _packed_positions(input_ids: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, in
     return torch.arange(input_ids.shape[1], device=input_ids.device) - starts, int(lens.max())
 
 
-def _shifted_loss(logits: Tensor, labels: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """transformers' ForCausalLMLoss (float32 cross entropy, ignore_index -100, mean over counted tokens),
-    with the shifted target of each sequence's last token ignored so packed sequences never score across
-    a boundary."""
+def _shifted_loss(logits: Tensor, labels: Tensor, cu_seqlens: Tensor, num_items_in_batch=None) -> Tensor:
+    """transformers' ForCausalLMLoss (float32 cross entropy, ignore_index -100, mean over counted tokens or sum /
+    num_items_in_batch), with the shifted target of each sequence's last token ignored so packed sequences never
+    score across a boundary."""
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])} (like input_ids), "
                          f"got {tuple(labels.shape)}")
     targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).clone()
     targets[cu_seqlens[1:].long() - 1] = -100
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, targets, ignore_index=-100)
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch

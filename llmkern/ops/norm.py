@@ -136,6 +136,12 @@ def _register() -> None:
 
     torch.library.register_autograd("llmkern::fused_add_rms_norm", fused_backward, setup_context=fused_setup)
 
+    # Under autocast the norms run in float32, as torch's own layer_norm does: their inputs mix the autocast
+    # dtype (a linear's output) with float32 (the gain, the residual stream), and the residual stream stays float32.
+    for op in ("llmkern::rms_norm", "llmkern::fused_add_rms_norm"):
+        for device in ("cpu", "cuda"):
+            torch.library.register_autocast(op, device, torch.float32)
+
 
 if available():
     _register()
