@@ -59,22 +59,32 @@ def test_dtype_defaults_to_the_checkpoints_and_can_be_overridden(tmp_path):
 QUANT_SHAPES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
 
+def _mean_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over tokens of KL(ref || model) of the next-token distributions (float32 math)."""
+    logp, logq = F.log_softmax(ref_logits.float(), -1), F.log_softmax(logits.float(), -1)
+    return F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).mean().item()
+
+
 @pytest.mark.parametrize("quant, module, max_kl", [("int8", Int8Linear, 5e-4), ("int4", Int4Linear, 0.06),
                                                    ("nf4", NF4Linear, 0.04)])  # fmt: skip
 def test_quantized_load_stays_close_to_full_precision(tmp_path, quant, module, max_kl):
-    """Every linear but the head quantized; next-token distributions close to the float32 model's
-    (mean KL divergence per token, printed with -s; measured 6.5e-5 / 2.0e-2 / 1.35e-2 for int8 / int4 / nf4,
-    the bounds are about 3x those)."""
+    """Every linear but the head quantized; next-token distributions close to the unquantized model's, in
+    bfloat16 (the issue's reference) and float32: mean KL divergence per token, printed with -s.
+    Measured (float32 / bfloat16): int8 6.5e-5 / 1.0e-4, int4 2.0e-2 / 2.0e-2, nf4 1.35e-2 / 1.36e-2. The
+    rounding noise of the weights does not depend on the activations' dtype, so both share one bound, 3x to 5x
+    the larger measurement; bfloat16's own rounding (the dense bf16 model vs the float32 one: KL 3.2e-5)
+    is checked to stay well below it, so the bf16 comparison measures quantization, not bf16 noise."""
     make_hf_model("llama", **QUANT_SHAPES).save_pretrained(tmp_path)
-    ref = load_model(tmp_path)
-    model = load_model(tmp_path, quant=quant)
-    kinds = {name: type(m) for name, m in model.named_modules() if name.endswith("_proj")}
-    assert set(kinds.values()) == {module} and len(kinds) == 2 * 7
-    assert type(model.lm_head) is Linear  # the head stays dense
-    logp, logq = F.log_softmax(_logits(ref), -1), F.log_softmax(_logits(model), -1)
-    kl = F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).mean().item()
-    print(f"{quant}: mean KL vs float32 {kl:.2e}")
-    assert 0 < kl < max_kl, f"{quant}: KL {kl:.2e}"
+    dense = {dtype: _logits(load_model(tmp_path, dtype=dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    assert _mean_kl(dense[torch.float32], dense[torch.bfloat16]) < max_kl / 5
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(tmp_path, dtype=dtype, quant=quant)
+        kinds = {name: type(m) for name, m in model.named_modules() if name.endswith("_proj")}
+        assert set(kinds.values()) == {module} and len(kinds) == 2 * 7
+        assert type(model.lm_head) is Linear and model.lm_head.weight.dtype == dtype  # the head stays dense
+        kl = _mean_kl(dense[dtype], _logits(model))
+        print(f"{quant}: mean KL vs the {str(dtype).removeprefix('torch.')} model {kl:.2e}")
+        assert 0 < kl < max_kl, f"{quant} {dtype}: KL {kl:.2e}"
     with pytest.raises(ValueError, match="quantized"):
         save_pretrained(model, tmp_path / "out")
 
