@@ -167,8 +167,8 @@ def sample_seeds(params: SamplingParams) -> list[int | None]:
 
 class LLM:
     """A model, its tokenizer and its generation_config, ready to generate. `path`: a Hugging Face
-    checkpoint directory; dtype: a torch.dtype or its name (default: config.json's dtype); quant: None,
-    "nf4", "int4" or "int8" (quantized at load time)."""
+    checkpoint directory (quantized ones included: GPTQ, AWQ, `llmkern quantize` output); dtype: a torch.dtype
+    or its name (default: config.json's dtype); quant: None, "nf4", "int4" or "int8" (quantized at load time)."""
 
     def __init__(self, path: str | Path, dtype=None, quant: str | None = None, device: str | torch.device = "cpu",
                  block_size: int = 16, max_prefill_tokens: int = 2048):

@@ -166,7 +166,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     """The model of a Hugging Face directory (config.json + safetensors), in `dtype` (default: config.json's
     dtype, else float32) on `device`; quant "nf4" | "int4" | "int8" (or a llmkern.quant config) quantizes
     every linear but the output head after loading (llmkern.quant.quantize_). GPTQ / AWQ checkpoints
-    (quantization_config in config.json) load their 4-bit linears as Int4Linear directly.
+    (quantization_config in config.json) load their 4-bit linears as Int4Linear directly; checkpoints written
+    by `python -m llmkern.quant` load their NF4Linear / Int4Linear / Int8Linear state as stored (bit-equal
+    to quantizing the original at load time), their quantized tensors kept in their stored dtypes.
     Weights already in `dtype` on the CPU are copy-on-write views of the file's private mapping: reading
     costs no copy, an in-place update (training) copies only the pages it writes, the file never changes."""
     path = Path(path)
