@@ -15,12 +15,16 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face checkpoint directory")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt (the user message with --chat)")
     p.add_argument("--chat", action="store_true", help="render the prompt as a user message with the chat template")
+    p.add_argument("--system", metavar="TEXT", help="a system message before the prompt (with --chat)")
     p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help=f"default: the checkpoint's max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}")
     p.add_argument("--temperature", type=float, metavar="T", help="0 is greedy (default: the checkpoint's "
                    "generation_config: its temperature if it sets do_sample, else greedy)")
     p.add_argument("--top-p", type=float, metavar="P")
     p.add_argument("--top-k", type=int, metavar="K")
+    p.add_argument("--min-p", type=float, metavar="P", help="drop tokens below P x the top token's probability")
+    p.add_argument("--repetition-penalty", type=float, metavar="R",
+                   help="> 1 discourages tokens of the prompt and output (transformers' rule)")
     p.add_argument("--seed", type=int, metavar="S", help="same seed, same output")
     p.add_argument("--quant", metavar="Q", help="quantize the linears at load time: nf4, int4 or int8")
     p.add_argument("--dtype", metavar="D", help="float32, bfloat16 or float16 (default: the checkpoint's)")
@@ -28,6 +32,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Streams the generated text to stdout; prompt and decode speeds go to stderr (stdout stays the text)."""
+    from llmkern.generation import SamplingParams
     from llmkern.llm import LLM, parse_dtype
     from llmkern.models.checkpoint import QUANT_CONFIGS
 
@@ -42,14 +47,25 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--quant: expected one of {', '.join(sorted(QUANT_CONFIGS))}, got {args.quant!r}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system: needs --chat (the system message goes through the chat template)")
+    overrides = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        try:
+            SamplingParams(**{name: value})  # its checks, with the flag's name
+        except ValueError as e:
+            raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+        overrides[name] = value
     llm = LLM(args.model, dtype=dtype, quant=args.quant)
-    overrides = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k),
-                                   ("seed", args.seed)) if v is not None}
     gc = llm.generation_config
     overrides["max_tokens"] = args.max_new_tokens or gc.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     params = gc.sampling_params(**overrides)
     if args.chat:
-        ids = llm.chat_token_ids([{"role": "user", "content": args.prompt}])[0]
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+        ids = llm.chat_token_ids([*system, {"role": "user", "content": args.prompt}])[0]
         stream = llm.stream(params=params, prompt_token_ids=ids)
     else:
         stream = llm.stream(args.prompt, params)

@@ -8,7 +8,10 @@
 Each generate call drives the model's serving step (model.step) over a paged KV cache: every prompt is
 prefilled on its own (in chunks of at most `max_prefill_tokens`), then all unfinished requests decode
 together, one token each per step, until each meets its stop condition (EOS from generation_config, a
-stop token or string, max_tokens, or the model's length). Sampling, stop strings and incremental
+stop token or string, max_tokens, or the model's length). SamplingParams.n > 1 samples n completions of
+a prompt: it is prefilled once and its KV blocks copied to the other n - 1. logprobs: each generated
+token's log-probability, rank and the top ones (llmkern.generation.compute_logprobs: the model's raw
+distribution, before penalties and warpers, as vLLM). Sampling, stop strings and incremental
 detokenization are llmkern.generation's; blocks are handed out as sequences grow and returned when
 they finish. (The continuous-batching serving engine is a later issue; this is its single-batch core.)
 """
@@ -22,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from llmkern.generation import GenerationConfig, OutputStream, SamplingParams, Tokenizer, make_generator, sample
+from llmkern.generation import (GenerationConfig, OutputStream, SamplingParams, Tokenizer, compute_logprobs,
+                                make_generator, sample)
 from llmkern.models import SequenceChunk, allocate_kv_cache, build_step_input, load_model
 
 # Spellings accepted for dtype (the CLI passes these strings through).
@@ -40,10 +44,23 @@ def parse_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype: expected one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw distribution, its rank there (1: the
+    most likely token) and the `SamplingParams.logprobs` most likely (token id, log-probability), descending."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
 @dataclasses.dataclass
 class GenerationOutput:
-    """One request's result. prefill_s: time of its prompt's steps (they also pick the first token);
-    decode_s: time of the decode steps it took part in (shared with the batch's other requests)."""
+    """One completion's result. prefill_s: time of its prompt's steps (they also pick the first token);
+    decode_s: time of the decode steps it took part in (shared with the batch's other requests).
+    prompt_index / sample_index: which prompt, and which of its SamplingParams.n samples.
+    logprobs: one TokenLogprob per generated token when SamplingParams.logprobs is set, else None."""
 
     prompt: str | None
     prompt_token_ids: list[int]
@@ -53,6 +70,9 @@ class GenerationOutput:
     stop_reason: int | str | None  # the stop token id or stop string that ended it
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    prompt_index: int = 0
+    sample_index: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -96,15 +116,18 @@ class _NoText:
 
 @dataclasses.dataclass
 class _Request:
-    index: int
+    index: int  # in the returned list
     prompt: str | None
     prompt_ids: list[int]
     params: SamplingParams
     stream: OutputStream
     generator: torch.Generator | None
+    prompt_index: int = 0
+    sample_index: int = 0  # > 0: a further sample of its prompt (sample 0 prefills, this one copies the KV)
     blocks: list[int] = dataclasses.field(default_factory=list)
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def length(self) -> int:  # tokens in the sequence so far (prompt + generated)
@@ -113,7 +136,8 @@ class _Request:
     def output(self) -> GenerationOutput:
         s = self.stream
         return GenerationOutput(self.prompt, self.prompt_ids, s.text, s.token_ids, s.finish_reason, s.stop_reason,
-                                self.prefill_s, self.decode_s)
+                                self.prefill_s, self.decode_s, self.prompt_index, self.sample_index,
+                                None if self.logprobs is None else list(self.logprobs))
 
 
 class GenerationStream:
@@ -131,10 +155,20 @@ class GenerationStream:
         self.output = self._outputs[0]
 
 
+def sample_seeds(params: SamplingParams) -> list[int | None]:
+    """The seed of each of a request's `n` samples: the request's own for the first (so n=1 and the first of
+    n samples agree), then seeds drawn from a generator seeded with it (same seed, same n outputs). Unseeded
+    requests stay unseeded (torch's global generator)."""
+    if params.seed is None or params.n == 1:
+        return [params.seed] * params.n
+    more = torch.randint(2**62, (params.n - 1,), generator=torch.Generator().manual_seed(params.seed))
+    return [params.seed, *more.tolist()]
+
+
 class LLM:
     """A model, its tokenizer and its generation_config, ready to generate. `path`: a Hugging Face
-    checkpoint directory; dtype: a torch.dtype or its name (default: config.json's dtype); quant: None,
-    "nf4", "int4" or "int8" (quantized at load time)."""
+    checkpoint directory (quantized ones included: GPTQ, AWQ, `llmkern quantize` output); dtype: a torch.dtype
+    or its name (default: config.json's dtype); quant: None, "nf4", "int4" or "int8" (quantized at load time)."""
 
     def __init__(self, path: str | Path, dtype=None, quant: str | None = None, device: str | torch.device = "cpu",
                  block_size: int = 16, max_prefill_tokens: int = 2048):
@@ -177,10 +211,11 @@ class LLM:
     def generate(self, prompts: str | Sequence[str] | None = None, params: SamplingParams | Sequence | None = None,
                  *, prompt_token_ids: Sequence[Sequence[int]] | None = None,
                  on_text: Callable[[int, str], None] | None = None) -> list[GenerationOutput]:
-        """One GenerationOutput per prompt, in order. prompts: text (encoded with the tokenizer's special
-        tokens, BOS included where it adds one), or prompt_token_ids instead. params: one SamplingParams for
-        all or one per prompt (default: the checkpoint's generation_config). on_text(index, piece) is called
-        with each request's text as it is generated."""
+        """One GenerationOutput per prompt and sample, in order (a prompt whose SamplingParams.n > 1 gives its
+        n samples in a row). prompts: text (encoded with the tokenizer's special tokens, BOS included where it
+        adds one), or prompt_token_ids instead. params: one SamplingParams for all or one per prompt (default:
+        the checkpoint's generation_config). on_text(index, piece) is called with each output's text as it is
+        generated (index: the output's position in the returned list)."""
         requests = self._requests(prompts, params, prompt_token_ids)
         for index, text in self._run(requests):
             if on_text is not None and text:
@@ -194,6 +229,8 @@ class LLM:
             raise ValueError("stream: pass either prompt or prompt_token_ids")
         requests = self._requests(None if prompt is None else [prompt], None if params is None else [params],
                                   None if prompt_token_ids is None else [prompt_token_ids])
+        if len(requests) > 1:
+            raise ValueError("stream: n > 1 gives several outputs; use generate(..., on_text=...)")
         outputs: list[GenerationOutput] = []
 
         def events():
@@ -236,7 +273,7 @@ class LLM:
         if len(params) != len(ids):
             raise ValueError(f"params: expected one SamplingParams or one per prompt ({len(ids)}), got {len(params)}")
         vocab = self.model.config.vocab_size
-        requests = []
+        requests: list[_Request] = []
         for i, (text, p_ids, p) in enumerate(zip(texts, ids, params)):
             if not p_ids:
                 raise ValueError(f"prompts[{i}]: empty prompt (no tokens)")
@@ -246,12 +283,14 @@ class LLM:
                 raise ValueError(f"prompts[{i}]: {len(p_ids)} tokens leave no room in the model's length "
                                  f"{self.max_model_len}")
             p = self._resolve(p)
-            if getattr(p, "n", 1) != 1 or p.logprobs is not None:
-                raise ValueError(f"params[{i}]: n > 1 and logprobs are not supported by LLM.generate yet")
             if self.tokenizer is None and p.stop_strings:
                 raise ValueError(f"params[{i}].stop: stop strings need a tokenizer")
-            stream = OutputStream(self.tokenizer or _NoText(), p, p_ids, self.eos_token_ids)
-            requests.append(_Request(i, text, p_ids, p, stream, make_generator(p, self.device)))
+            for j, seed in enumerate(sample_seeds(p)):
+                sample_params = dataclasses.replace(p, seed=seed)
+                stream = OutputStream(self.tokenizer or _NoText(), sample_params, p_ids, self.eos_token_ids)
+                requests.append(_Request(len(requests), text, p_ids, sample_params, stream,
+                                         make_generator(sample_params, self.device), prompt_index=i, sample_index=j,
+                                         logprobs=None if p.logprobs is None else []))
         return requests
 
     def _resolve(self, params: SamplingParams | None) -> SamplingParams:
@@ -281,9 +320,29 @@ class LLM:
             r.blocks += allocator.allocate(more)
 
     def _pick(self, requests: list[_Request], logits: torch.Tensor) -> list[int]:
+        """Each request's next token from its row of logits; the requests wanting logprobs record them."""
         # Each request's prompt and output so far: read only by the requests that set a penalty.
-        return sample(logits, [r.params for r in requests], [r.prompt_ids for r in requests],
-                      [r.stream.token_ids for r in requests], generators=[r.generator for r in requests]).tolist()
+        tokens = sample(logits, [r.params for r in requests], [r.prompt_ids for r in requests],
+                        [r.stream.token_ids for r in requests], generators=[r.generator for r in requests])
+        rows = [i for i, r in enumerate(requests) if r.logprobs is not None]
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            lp = compute_logprobs(logits[index], tokens[index], max(requests[i].params.logprobs for i in rows))
+            token, rank, top, top_ids = lp.token.tolist(), lp.rank.tolist(), lp.top.tolist(), lp.top_ids.tolist()
+            for j, i in enumerate(rows):
+                k = requests[i].params.logprobs
+                requests[i].logprobs.append(TokenLogprob(int(tokens[i]), token[j], rank[j],
+                                                         list(zip(top_ids[j][:k], top[j][:k]))))
+        return tokens.tolist()
+
+    def _share_prompt(self, source: _Request, r: _Request, kv, allocator: BlockAllocator) -> None:
+        """r's prompt KV = source's (the same prompt, just prefilled): its own blocks, copied."""
+        self._grow(r, len(r.prompt_ids), allocator)
+        src = torch.tensor(source.blocks[: len(r.blocks)], device=self.device)
+        dst = torch.tensor(r.blocks, device=self.device)
+        for k_cache, v_cache in kv:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
 
     def _accept(self, r: _Request, token: int, allocator: BlockAllocator) -> tuple[int, str]:
         text, finished = r.stream.append(token)
@@ -298,16 +357,25 @@ class LLM:
         """Generates every request to its end, yielding (request index, text piece) as text appears."""
         kv, allocator = self._kv_cache(requests)
         step = lambda chunks: self.model.step(build_step_input(chunks, self.block_size, self.device), kv)  # noqa: E731
-        for r in requests:  # prefill, prompt by prompt, in chunks
+        # Prefill, prompt by prompt, in chunks; a prompt's further samples copy its KV blocks and pick their
+        # first tokens from the same logits (before any of them can finish and free its blocks).
+        groups = [[r] for r in requests if r.sample_index == 0]
+        for r in requests:
+            if r.sample_index > 0:
+                groups[r.prompt_index].append(r)
+        for group in groups:
             t0 = time.perf_counter()
-            ids = r.prompt_ids
+            first, ids = group[0], group[0].prompt_ids
             for start in range(0, len(ids), self.max_prefill_tokens):
                 end = min(start + self.max_prefill_tokens, len(ids))
-                self._grow(r, end, allocator)
-                logits = step([SequenceChunk(ids[start:end], start, r.blocks, want_logits=end == len(ids))])
-            token = self._pick([r], logits)[0]
-            r.prefill_s = time.perf_counter() - t0
-            yield self._accept(r, token, allocator)
+                self._grow(first, end, allocator)
+                logits = step([SequenceChunk(ids[start:end], start, first.blocks, want_logits=end == len(ids))])
+            for r in group[1:]:
+                self._share_prompt(first, r, kv, allocator)
+            tokens = self._pick(group, logits.expand(len(group), -1))
+            for r, token in zip(group, tokens):
+                r.prefill_s = time.perf_counter() - t0
+                yield self._accept(r, token, allocator)
         running = [r for r in requests if not r.stream.finished]
         while running:
             t0 = time.perf_counter()

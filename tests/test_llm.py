@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from llm_refs import EOT, write_llama_checkpoint
 
 from llmkern import LLM, SamplingParams
 from llmkern.generation import GenerationConfig
+from llmkern.llm import sample_seeds
 
 PROMPTS = ["The quick brown fox", "def fibonacci(n):\n    if n < 2:", "Hello"]  # different lengths
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
@@ -129,7 +132,66 @@ def test_bad_inputs_raise_clear_errors(checkpoint, llm, tmp_path):
         llm.generate(None, GREEDY, prompt_token_ids=[[1, 640]])
     with pytest.raises(ValueError, match="leave no room"):
         llm.generate(None, GREEDY, prompt_token_ids=[[1] * 128])
-    with pytest.raises(ValueError, match="n > 1 and logprobs are not supported"):
-        llm.generate("x", SamplingParams(n=2))
+    with pytest.raises(ValueError, match="stream: n > 1 gives several outputs"):
+        llm.stream("x", SamplingParams(n=2))
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):
         LLM.from_model(llm.model).generate(None, SamplingParams(stop="x"), prompt_token_ids=[[1, 2]])
+
+
+def test_n_samples_share_the_prompt_and_equal_their_seeds_alone(llm):
+    """n > 1: n outputs per prompt in a row, each equal to generating alone with its sample's seed (so the
+    copied prompt KV blocks hold what a prefill writes); the first sample keeps the request's seed."""
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=10, ignore_eos=True)
+    outs = llm.generate(PROMPTS[:2], [params, dataclasses.replace(params, n=2, seed=12)])
+    assert [(o.prompt_index, o.sample_index) for o in outs] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    seeds = sample_seeds(params) + sample_seeds(dataclasses.replace(params, n=2, seed=12))
+    assert seeds[0] == 11 and seeds[3] == 12 and len(set(seeds)) == 5
+    for o, seed in zip(outs, seeds):
+        alone = llm.generate(PROMPTS[o.prompt_index], dataclasses.replace(params, n=1, seed=seed))[0]
+        assert o.token_ids == alone.token_ids and o.text == alone.text
+        assert o.prompt_token_ids == alone.prompt_token_ids
+    assert len({tuple(o.token_ids) for o in outs[:3]}) == 3  # three different draws
+    assert [o.token_ids for o in llm.generate(PROMPTS[:2], [params, dataclasses.replace(params, n=2, seed=12)])] \
+        == [o.token_ids for o in outs]  # same seed, same n outputs
+    # Samples that finish at their first token (freeing their blocks) still all get theirs.
+    short = llm.generate(PROMPTS[0], dataclasses.replace(params, n=4, max_tokens=1))
+    assert [o.token_ids for o in short] == [o.token_ids[:1] for o in outs[:3]] + [short[3].token_ids]
+
+
+def _reference_logprobs(hf, out) -> torch.Tensor:
+    """log_softmax of transformers' logits at each generated token's position [num_generated, vocab]."""
+    ids = torch.tensor([out.prompt_token_ids + out.token_ids[:-1]])
+    with torch.no_grad():
+        logits = hf(ids).logits[0, len(out.prompt_token_ids) - 1 :]
+    return torch.log_softmax(logits, dim=-1), logits
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3),
+    SamplingParams(temperature=1.5, top_k=20, repetition_penalty=1.2, seed=4, max_tokens=8, ignore_eos=True,
+                   logprobs=5),
+    SamplingParams(temperature=1.0, seed=2, max_tokens=4, ignore_eos=True, logprobs=0, n=2),
+], ids=["greedy", "sampled", "n2-token-only"])  # fmt: skip
+def test_logprobs_are_log_softmax_of_the_models_logits(checkpoint, llm, params):
+    """Each generated token's logprob, rank and top logprobs: transformers' log_softmax of the raw logits
+    (before penalties and warpers, vLLM's default). Tolerance derived from llmkern's float32 logits matching
+    transformers' within 1e-4 relative (tests/models/test_llama.py): log_softmax moves an error of at most
+    max|d logits| by at most twice that."""
+    hf, _ = checkpoint
+    outs = llm.generate(PROMPTS[0], params)
+    assert len(outs) == params.n
+    for out in outs:
+        assert len(out.logprobs) == len(out.token_ids)
+        ref, logits = _reference_logprobs(hf, out)
+        tol = 2 * 1e-4 * logits.abs().max().item()
+        for t, (lp, row) in enumerate(zip(out.logprobs, ref)):
+            token = out.token_ids[t]
+            assert lp.token_id == token
+            assert abs(lp.logprob - row[token].item()) <= tol, t
+            assert lp.rank == int((row > row[token]).sum()) + 1
+            if params.greedy:
+                assert lp.rank == 1
+            top, top_ids = row.topk(params.logprobs)
+            assert [i for i, _ in lp.top] == top_ids.tolist()
+            assert max((abs(v - r) for (_, v), r in zip(lp.top, top.tolist())), default=0.0) <= tol
+    assert llm.generate(PROMPTS[0], dataclasses.replace(params, logprobs=None))[0].logprobs is None

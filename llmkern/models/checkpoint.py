@@ -4,6 +4,7 @@ Loading builds the model on the meta device, checks every tensor's name and shap
 headers before reading any data (so a bad checkpoint fails fast, naming the file and the tensor, and
 nothing half-loaded is ever returned), then reads tensor by tensor through safe_open's mmap, so the peak
 is the weights plus one tensor in flight. Pickled `.bin` weights are refused: unpickling runs code.
+Quantized checkpoints (GPTQ, AWQ, `python -m llmkern.quant`): llmkern/models/prequantized.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import nn
 
 from llmkern.models.config import ModelConfig
 from llmkern.models.llama import LlamaForCausalLM
-from llmkern.models.prequantized import QUANT_SUFFIXES, PrequantizedFormat, read_quantization_config
+from llmkern.models.prequantized import (QUANT_SUFFIXES, LlmkernFormat, PrequantizedFormat,
+                                         read_quantization_config)
 from llmkern.quant import Int4Config, Int4Linear, Int8Config, Int8Linear, NF4Config, NF4Linear, quantize_
 
 SINGLE_FILE = "model.safetensors"
@@ -30,6 +32,8 @@ INDEX_FILE = "model.safetensors.index.json"
 QUANT_CONFIGS = {"nf4": NF4Config, "int4": Int4Config, "int8": Int8Config}
 # Tensors older checkpoints carry that the model recomputes (rope inverse frequencies).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# NF4Linear's quant-state JSON (uint8 bytes): its length depends on the values written, not on the shapes.
+_ANY_SHAPE_SUFFIXES = (".weight.quant_state.bitsandbytes__nf4",)
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
@@ -62,25 +66,26 @@ def _open(file: Path):
         raise ValueError(f"{file}: not a valid safetensors file (truncated or corrupt?): {e}") from None
 
 
-def _expected(model: LlamaForCausalLM) -> dict[str, tuple[int, ...]]:
+def _expected(model: LlamaForCausalLM) -> dict[str, tuple[int, ...] | None]:
+    """Tensor name -> shape the checkpoint must hold (None: any shape)."""
     sd = model.state_dict()
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight")  # shares model.embed_tokens.weight; transformers does not save it
-    return {name: tuple(t.shape) for name, t in sd.items()}
+    return {name: None if name.endswith(_ANY_SHAPE_SUFFIXES) else tuple(t.shape) for name, t in sd.items()}
 
 
-def _check(files: dict[str, Path], expected: dict[str, tuple[int, ...]], handles: dict[Path, object]) -> None:
+def _check(files: dict[str, Path], expected: dict[str, tuple[int, ...] | None], handles: dict[Path, object]) -> None:
     """Every expected tensor present with its shape; no unexpected ones. Reads headers only."""
     for name, shape in expected.items():
         if name not in files:
             where = ", ".join(sorted({str(f) for f in files.values()})) or "the checkpoint"
-            raise ValueError(f"{where}: missing tensor {name!r} (shape {list(shape)})")
+            raise ValueError(f"{where}: missing tensor {name!r}" + (f" (shape {list(shape)})" if shape else ""))
         file = files[name]
         f = handles.setdefault(file, _open(file))
         if name not in f.keys():
             raise ValueError(f"{file}: missing tensor {name!r} (the index maps it to this file)")
         got = tuple(f.get_slice(name).get_shape())
-        if got != shape:
+        if shape is not None and got != shape:
             raise ValueError(f"{file}: tensor {name!r} has shape {list(got)}, the config needs {list(shape)}")
     tied = "lm_head.weight"  # a tied head's copy in the file is ignored, as transformers does
     extra = [n for n in files if n not in expected and n != tied and not n.endswith(_IGNORED_SUFFIXES)]
@@ -127,12 +132,10 @@ def _read(handle, name: str, dtype: torch.dtype | None, device) -> torch.Tensor:
 _CHUNK_BYTES = 4 << 20
 
 
-def _prequantized_linears(model, files, prequant: PrequantizedFormat | None,
-                          expected: dict[str, tuple[int, ...]]) -> list[str]:
+def _prequantized_linears(model, files, prequant: PrequantizedFormat,
+                          expected: dict[str, tuple[int, ...] | None]) -> list[str]:
     """Names of the linears a GPTQ/AWQ checkpoint stores quantized (those with a `.qweight`); their
     `.weight` leaves `expected` and their stored tensors join it."""
-    if prequant is None:
-        return []
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.qweight" in files]
     for name in names:
         expected.pop(f"{name}.weight")
@@ -140,6 +143,14 @@ def _prequantized_linears(model, files, prequant: PrequantizedFormat | None,
         for suffix, shape in prequant.tensor_shapes(linear, f"{name}.g_idx" in files).items():
             expected[f"{name}.{suffix}"] = shape
     return names
+
+
+def _quantized_owner(name: str, quantized: set[str]) -> str | None:
+    """The quantized linear whose stored tensor `name` is, but its bias (None for any other tensor)."""
+    for i, c in enumerate(name):
+        if c == "." and name[:i] in quantized:
+            return None if name[i + 1:] == "bias" else name[:i]
+    return None
 
 
 def _quant_config(quant):
@@ -155,7 +166,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     """The model of a Hugging Face directory (config.json + safetensors), in `dtype` (default: config.json's
     dtype, else float32) on `device`; quant "nf4" | "int4" | "int8" (or a llmkern.quant config) quantizes
     every linear but the output head after loading (llmkern.quant.quantize_). GPTQ / AWQ checkpoints
-    (quantization_config in config.json) load their 4-bit linears as Int4Linear directly.
+    (quantization_config in config.json) load their 4-bit linears as Int4Linear directly; checkpoints written
+    by `python -m llmkern.quant` load their NF4Linear / Int4Linear / Int8Linear state as stored (bit-equal
+    to quantizing the original at load time), their quantized tensors kept in their stored dtypes.
     Weights already in `dtype` on the CPU are copy-on-write views of the file's private mapping: reading
     costs no copy, an in-place update (training) copies only the pages it writes, the file never changes."""
     path = Path(path)
@@ -169,15 +182,26 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         raise ValueError(f"quant: {path} is already a {prequant.method} checkpoint; pass quant=None")
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    if isinstance(prequant, LlmkernFormat):
+        prequant.quantize_meta_model(model, str(path / "config.json"))
     files = _weight_files(path)
     handles: dict[Path, object] = {}
     expected = _expected(model)
-    qlinears = _prequantized_linears(model, files, prequant, expected)
+    gptq_awq = isinstance(prequant, PrequantizedFormat)
+    qlinears = _prequantized_linears(model, files, prequant, expected) if gptq_awq else []
+    own_quantized = list(prequant.modules) if isinstance(prequant, LlmkernFormat) else []
     _check(files, expected, handles)
+    quantized = set(qlinears) | set(own_quantized)
     state = {}
-    for name in expected:  # quantized tensors (int32 codes, their scales) keep their stored dtype
-        keep = name.rsplit(".", 1)[0] in qlinears and name.rsplit(".", 1)[1] in QUANT_SUFFIXES
+    for name in expected:  # quantized tensors (codes, scales, absmax) keep their stored dtype; biases do not
+        keep = _quantized_owner(name, quantized) is not None
         state[name] = _read(handles[files[name]], name, None if keep else dtype, device)
+    for name in own_quantized:  # each module checks its own state dict (layout vs in/out features)
+        own = {k[len(name) + 1:]: state.pop(k) for k in list(state) if k.startswith(name + ".")}
+        try:
+            model.get_submodule(name).load_state_dict(own, assign=True)
+        except RuntimeError as e:
+            raise ValueError(f"{files[name + '.weight']}: {name}: {e}") from None
     model.load_state_dict(state, strict=False, assign=True)
     for name in qlinears:
         tensors = {s: state[f"{name}.{s}"] for s in QUANT_SUFFIXES if f"{name}.{s}" in state}

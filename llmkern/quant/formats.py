@@ -162,7 +162,9 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = Fal
     offset = absmax.mean()
     code2 = ops.DYNAMIC_CODE.to(w.device).clone()
     qabsmax, nested_absmax = ops.quantize_blockwise8(absmax - offset, code2, NESTED_BLOCK_SIZE)
-    return NF4Weight(absmax=qabsmax, nested_absmax=nested_absmax, nested_code=code2, offset=offset.item(), **qw)
+    # A meta weight (a model built on the meta device, about to load a quantized checkpoint) has no value.
+    value = 0.0 if offset.is_meta else offset.item()
+    return NF4Weight(absmax=qabsmax, nested_absmax=nested_absmax, nested_code=code2, offset=value, **qw)
 
 
 def dequantize_nf4(qw: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:

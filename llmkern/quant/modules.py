@@ -10,7 +10,8 @@ gradient; x and bias do, so LoRA adapters on top train as in QLoRA). `state_dict
 - Int8Linear: `weight` (int8 [N, K]), `scales` [N], `bias`.
 `.to(dtype)` / `.half()` move the quantized state between devices but never cast it (only the bias).
 `load_state_dict` takes the layout from the state dict (block size, double quant, group size,
-symmetric, perm may differ from the module's), checks it against in/out features and replaces the buffers.
+symmetric, perm may differ from the module's), checks it against in/out features and replaces the buffers
+(with assign=True, as loading into a meta-device model, by the loaded tensors themselves).
 """
 
 from __future__ import annotations
@@ -79,14 +80,18 @@ class _QuantLinear(nn.Module):
             error_msgs.append(f"{prefix or 'module'}: weight shape {tuple(qw.shape)} does not match "
                               f"[out_features, in_features] = [{self.out_features}, {self.in_features}]")
             return
-        device = self.weight.device
-        self._set_weight(F.with_device(qw, device))
+        # load_state_dict(assign=True) (a model built on the meta device): take the loaded tensors as they
+        # are; otherwise they move to this module's device (and the bias is copied into the parameter).
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        self._set_weight(qw if assign else F.with_device(qw, self.weight.device))
         if self.bias is not None:
-            if "bias" in own:
+            if "bias" not in own:
+                missing_keys.append(prefix + "bias")
+            elif assign:
+                self.bias = nn.Parameter(own["bias"], requires_grad=self.bias.requires_grad)
+            else:
                 with torch.no_grad():
                     self.bias.copy_(own["bias"])
-            else:
-                missing_keys.append(prefix + "bias")
         known = set(self._to_sd()) | {"bias"}
         unexpected_keys.extend(prefix + k for k in own if k not in known and (self.bias is not None or k != "bias"))
 

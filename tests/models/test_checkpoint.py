@@ -4,6 +4,7 @@ quantized loads, and bad checkpoints that fail naming the file and the tensor.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from llmkern.models import LlamaForCausalLM, load_model, preset, save_pretrained
 from llmkern.models.llama import Linear
-from llmkern.quant import Int4Linear, Int8Linear, NF4Linear
+from llmkern.quant import Int4Config, Int4Linear, Int8Config, Int8Linear, NF4Config, NF4Linear
+from llmkern.quant.convert import main as convert_main
 
 IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
 
@@ -57,24 +59,94 @@ def test_dtype_defaults_to_the_checkpoints_and_can_be_overridden(tmp_path):
 QUANT_SHAPES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
 
+def _mean_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over tokens of KL(ref || model) of the next-token distributions (float32 math)."""
+    logp, logq = F.log_softmax(ref_logits.float(), -1), F.log_softmax(logits.float(), -1)
+    return F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).mean().item()
+
+
 @pytest.mark.parametrize("quant, module, max_kl", [("int8", Int8Linear, 5e-4), ("int4", Int4Linear, 0.06),
                                                    ("nf4", NF4Linear, 0.04)])  # fmt: skip
 def test_quantized_load_stays_close_to_full_precision(tmp_path, quant, module, max_kl):
-    """Every linear but the head quantized; next-token distributions close to the float32 model's
-    (mean KL divergence per token, printed with -s; measured 6.5e-5 / 2.0e-2 / 1.35e-2 for int8 / int4 / nf4,
-    the bounds are about 3x those)."""
+    """Every linear but the head quantized; next-token distributions close to the unquantized model's, in
+    bfloat16 (the issue's reference) and float32: mean KL divergence per token, printed with -s.
+    Measured (float32 / bfloat16): int8 6.5e-5 / 1.0e-4, int4 2.0e-2 / 2.0e-2, nf4 1.35e-2 / 1.36e-2. The
+    rounding noise of the weights does not depend on the activations' dtype, so both share one bound, 3x to 5x
+    the larger measurement; bfloat16's own rounding (the dense bf16 model vs the float32 one: KL 3.2e-5)
+    is checked to stay well below it, so the bf16 comparison measures quantization, not bf16 noise."""
     make_hf_model("llama", **QUANT_SHAPES).save_pretrained(tmp_path)
-    ref = load_model(tmp_path)
-    model = load_model(tmp_path, quant=quant)
-    kinds = {name: type(m) for name, m in model.named_modules() if name.endswith("_proj")}
-    assert set(kinds.values()) == {module} and len(kinds) == 2 * 7
-    assert type(model.lm_head) is Linear  # the head stays dense
-    logp, logq = F.log_softmax(_logits(ref), -1), F.log_softmax(_logits(model), -1)
-    kl = F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).mean().item()
-    print(f"{quant}: mean KL vs float32 {kl:.2e}")
-    assert 0 < kl < max_kl, f"{quant}: KL {kl:.2e}"
+    dense = {dtype: _logits(load_model(tmp_path, dtype=dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    assert _mean_kl(dense[torch.float32], dense[torch.bfloat16]) < max_kl / 5
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(tmp_path, dtype=dtype, quant=quant)
+        kinds = {name: type(m) for name, m in model.named_modules() if name.endswith("_proj")}
+        assert set(kinds.values()) == {module} and len(kinds) == 2 * 7
+        assert type(model.lm_head) is Linear and model.lm_head.weight.dtype == dtype  # the head stays dense
+        kl = _mean_kl(dense[dtype], _logits(model))
+        print(f"{quant}: mean KL vs the {str(dtype).removeprefix('torch.')} model {kl:.2e}")
+        assert 0 < kl < max_kl, f"{quant} {dtype}: KL {kl:.2e}"
     with pytest.raises(ValueError, match="quantized"):
         save_pretrained(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("fmt, extra, config", [
+    ("nf4", [], NF4Config()),
+    ("int4", ["--group-size", "32", "--asymmetric"], Int4Config(group_size=32, symmetric=False)),
+    ("int8", [], Int8Config()),
+])  # fmt: skip
+def test_llmkern_quantized_checkpoint_loads_as_quantizing_at_load_time(tmp_path, fmt, extra, config):
+    """A checkpoint converted by `python -m llmkern.quant` (qwen2: q/k/v biases, tied head) loads with the
+    module tree and buffers of quantizing the original at load time: the same codes through the same
+    kernels, so bit-equal logits. Loading in bfloat16 keeps the stored quantized state and casts the rest."""
+    make_hf_model("qwen2", **QUANT_SHAPES).save_pretrained(tmp_path / "src")
+    assert convert_main([str(tmp_path / "src"), "--out", str(tmp_path / "q"), "--format", fmt, *extra,
+                         "--no-progress"]) == 0
+    model, ref = load_model(tmp_path / "q"), load_model(tmp_path / "src", quant=config)
+    ref_dense = load_model(tmp_path / "src")
+    assert {n: type(m) for n, m in model.named_modules()} == {n: type(m) for n, m in ref.named_modules()}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(_logits(model), _logits(ref))
+    bf16 = load_model(tmp_path / "q", dtype=torch.bfloat16)
+    q_proj = bf16.model.layers[0].self_attn.q_proj
+    assert q_proj.bias.dtype == torch.bfloat16 and not any(t.is_meta for t in bf16.state_dict().values())
+    fp32_state = model.model.layers[0].self_attn.q_proj.state_dict()
+    assert all(torch.equal(t, fp32_state[k]) for k, t in q_proj.state_dict().items() if k != "bias")
+    # bfloat16 activations cost the quantized model what they cost the dense one (derived 2x rule, measured ~1x).
+    dense_err = rel_err(_logits(load_model(tmp_path / "src", dtype=torch.bfloat16)).float(), _logits(ref_dense))
+    assert rel_err(_logits(bf16).float(), _logits(model)) <= 2 * dense_err
+    with pytest.raises(ValueError, match="already a llmkern checkpoint"):
+        load_model(tmp_path / "q", quant=fmt)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"format": "nf5"}, r"format: expected one of \['int4', 'int8', 'nf4'\], got 'nf5'"),
+    ({"modules": "all"}, "modules: expected a list of module names"),
+    ({"modules": ["model.layers.0.mlp.nope"]}, "'model.layers.0.mlp.nope' is not a linear of the model"),
+    ({"block_size": 7}, "block_size must be one of"),
+    ({"double_quant": "yes"}, "double_quant must be a bool"),
+])  # fmt: skip
+def test_bad_llmkern_quantization_config_names_the_file(tmp_path, change, match):
+    make_hf_model("llama", **QUANT_SHAPES).save_pretrained(tmp_path)
+    assert convert_main([str(tmp_path), "--format", "nf4", "--no-progress"]) == 0
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"].update(change)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"config\.json: quantization_config: .*{match}"):
+        load_model(tmp_path)
+
+
+def test_llmkern_quantized_checkpoint_with_bad_tensors_names_file_and_tensor(tmp_path):
+    make_hf_model("llama", **QUANT_SHAPES).save_pretrained(tmp_path)
+    assert convert_main([str(tmp_path), "--format", "nf4", "--no-progress"]) == 0
+    module = "model.layers.1.mlp.up_proj"
+    state = f"{module}.weight.quant_state.bitsandbytes__nf4"  # JSON bytes: any length passes the header check
+    _rewrite(tmp_path, lambda t: t.__setitem__(state, t[state][:-3].contiguous()))
+    with pytest.raises(ValueError, match=rf"model\.safetensors: {re.escape(module)}: .*"):
+        load_model(tmp_path)
+    absmax = f"{module}.weight.absmax"
+    _rewrite(tmp_path, lambda t: t.__setitem__(absmax, t[absmax][:-1].contiguous()))
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{re.escape(absmax)}' has shape"):
+        load_model(tmp_path)
 
 
 # ---- bad checkpoints: an error naming the file and the tensor, nothing returned ----
