@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BNB_SPEC ?= bitsandbytes==0.50.2
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: setup build test bench info cuda-check gpu-check clean
+.PHONY: setup build test bench info cuda-check gpu-check demo-models clean
 
 setup: build
 
@@ -34,6 +34,12 @@ bench: build
 
 info: build
 	$(PY) -m llmkern.info
+
+# Retrain the built-in demo pair (about an hour on 2 cores) and rewrite llmkern/models/demo/ with new model cards.
+demo-models: build
+	$(PY) -m llmkern.cli train pretrain --preset demo-target --out runs/demo-target
+	$(PY) -m llmkern.cli train pretrain --preset demo-draft --out runs/demo-draft --tokenizer runs/demo-target/tokenizer
+	$(PY) -m llmkern.train.demo --target runs/demo-target --draft runs/demo-draft --dest llmkern/models/demo
 
 cuda-check:
 	bash scripts/cuda_check.sh

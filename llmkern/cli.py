@@ -12,7 +12,8 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face checkpoint directory")
+    p.add_argument("--model", metavar="DIR", help="Hugging Face checkpoint directory (default: the built-in "
+                   "demo-target, a small Python code model)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt (the user message with --chat)")
     p.add_argument("--chat", action="store_true", help="render the prompt as a user message with the chat template")
     p.add_argument("--system", metavar="TEXT", help="a system message before the prompt (with --chat)")
@@ -37,6 +38,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from llmkern.models.checkpoint import QUANT_CONFIGS
 
     # Bad arguments fail before the model loads.
+    if args.model is None:
+        from llmkern.models import demo_model_path
+
+        args.model = str(demo_model_path("demo-target"))
+        print(f"llmkern generate: no --model given, using the built-in demo model {args.model}", file=sys.stderr)
     if not Path(args.model).is_dir():
         raise ValueError(f"--model: {args.model} is not a directory")
     try:

@@ -42,7 +42,7 @@ class AttentionInput:
 
 @dataclass
 class CausalLMOutput:
-    logits: Tensor  # [batch, seq, vocab]
+    logits: Tensor | None  # [batch, seq, vocab]; None when the loss was computed without them
     loss: Tensor | None = None  # mean token loss over labels != -100 (float32 scalar)
 
 
@@ -208,12 +208,14 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm.add_and_norm(x, residual)[0]
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                num_items_in_batch: int | Tensor | None = None) -> CausalLMOutput:
+                num_items_in_batch: int | Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
         """input_ids [batch, seq] int64, or packed [1, total] with cu_seqlens int32 [num_seqs + 1] (each
         sequence starts at position 0 and attends only to itself). labels like input_ids: token i's logits
         are scored against labels[i + 1] (transformers' shift; within a sequence when packed).
         num_items_in_batch (transformers' name): divide the summed token loss by it instead of taking the mean,
-        so gradient accumulation over micro-batches normalizes by the global token count."""
+        so gradient accumulation over micro-batches normalizes by the global token count.
+        return_logits=False (with labels): the loss comes from ops.linear_cross_entropy, which never stores the
+        [tokens, vocab] logits (training's largest activation); out.logits is then None."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected [batch, seq], got shape {tuple(input_ids.shape)}")
         b, s = input_ids.shape
@@ -226,9 +228,17 @@ class LlamaForCausalLM(nn.Module):
             positions, max_len = _packed_positions(input_ids, cu_seqlens)
         attn = AttentionInput(cu_seqlens, cu_seqlens, max_len, max_len)
         hidden = self._decode(input_ids.reshape(-1), positions, attn, None)
+        targets = None if labels is None else _shifted_targets(labels, (b, s), cu_seqlens)
+        if targets is not None and not return_logits and isinstance(self.lm_head, nn.Linear):
+            loss = ops.linear_cross_entropy(hidden, self.lm_head.weight, targets, self.lm_head.bias,
+                                            num_items=num_items_in_batch)
+            return CausalLMOutput(None, loss)
         logits = self.lm_head(hidden).view(b, s, -1)
-        loss = None if labels is None else _shifted_loss(logits, labels, cu_seqlens, num_items_in_batch)
-        return CausalLMOutput(logits, loss)
+        if targets is None:
+            return CausalLMOutput(logits)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, reduction="sum")
+        return CausalLMOutput(logits, loss / ((targets != -100).sum() if num_items_in_batch is None
+                                              else num_items_in_batch))
 
     @torch.inference_mode()
     def step(self, batch, kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -254,16 +264,12 @@ def _packed_positions(input_ids: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, in
     return torch.arange(input_ids.shape[1], device=input_ids.device) - starts, int(lens.max())
 
 
-def _shifted_loss(logits: Tensor, labels: Tensor, cu_seqlens: Tensor, num_items_in_batch=None) -> Tensor:
-    """transformers' ForCausalLMLoss (float32 cross entropy, ignore_index -100, mean over counted tokens or sum /
-    num_items_in_batch), with the shifted target of each sequence's last token ignored so packed sequences never
-    score across a boundary."""
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])} (like input_ids), "
-                         f"got {tuple(labels.shape)}")
+def _shifted_targets(labels: Tensor, shape: tuple[int, int], cu_seqlens: Tensor) -> Tensor:
+    """The target of each token [batch * seq] for transformers' ForCausalLMLoss (float32 cross entropy, ignore_index
+    -100, mean over counted tokens or sum / num_items_in_batch): the next label, with each sequence's last token
+    ignored so packed sequences never score across a boundary."""
+    if labels.shape != shape:
+        raise ValueError(f"labels: expected shape {shape} (like input_ids), got {tuple(labels.shape)}")
     targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).clone()
     targets[cu_seqlens[1:].long() - 1] = -100
-    logits = logits.float().reshape(-1, logits.shape[-1])
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, targets, ignore_index=-100)
-    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
+    return targets

@@ -70,13 +70,17 @@ VOCAB = 8192
 # (bench/RESULTS.md, the models' README.md): compute-optimal sizes at this budget are far smaller still.
 _DEMO = dict(model_type="llama", vocab_size=VOCAB, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=1024,
              tie_word_embeddings=True)
+# Small batches, many steps: early in training the loss falls per optimizer step, not per token, and 2048-token
+# steps cost little more per token here than 8192-token ones.
 PRESETS: dict[str, PretrainConfig] = {
     "demo-target": PretrainConfig(
         ModelConfig(hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=2, **_DEMO),
-        max_steps=480, lr=1.5e-3, warmup_steps=30),
+        max_steps=1400, micro_batch_tokens=2048, lr=2e-3, warmup_steps=50, eval_every=100, eval_tokens=16384,
+        checkpoint_every=100, spike_window=50),
     "demo-draft": PretrainConfig(
         ModelConfig(hidden_size=192, intermediate_size=512, num_layers=4, num_heads=3, num_kv_heads=1, **_DEMO),
-        max_steps=400, lr=2e-3, warmup_steps=30),
+        max_steps=1400, micro_batch_tokens=2048, lr=3e-3, warmup_steps=50, eval_every=100, eval_tokens=16384,
+        checkpoint_every=100, spike_window=50),
     "tiny-test": PretrainConfig(
         ModelConfig("llama", vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=2,
                     num_kv_heads=1, head_dim=32, max_position_embeddings=128, tie_word_embeddings=True),

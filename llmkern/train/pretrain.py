@@ -79,7 +79,8 @@ def evaluate(model: LlamaForCausalLM, batches, bf16: bool = False) -> float:
     total, n = 0.0, 0
     for b in batches:
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            out = model(b.input_ids, labels=b.input_ids, cu_seqlens=b.cu_seqlens, num_items_in_batch=1)
+            out = model(b.input_ids, labels=b.input_ids, cu_seqlens=b.cu_seqlens, num_items_in_batch=1,
+                        return_logits=False)
         total, n = total + out.loss.item(), n + b.num_targets
     return total / n
 
@@ -94,6 +95,9 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
                  resume: bool = False, corpus_root: str | Path | None = None):
         self.cfg, self.out = cfg, Path(out_dir)
+        if not resume and (self.out / "checkpoint").exists():
+            raise ValueError(f"{self.out} already holds a run's checkpoint: pass --resume (resume=True) to continue "
+                             "it, or choose another output directory")
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         files = stdlib_files(corpus_root)[: cfg.max_files]
@@ -186,7 +190,8 @@ class Pretrainer:
         loss = 0.0
         for b in batches:
             with torch.autocast("cpu", torch.bfloat16, enabled=self.cfg.bf16):
-                out = self.model(b.input_ids, labels=b.input_ids, cu_seqlens=b.cu_seqlens, num_items_in_batch=n_items)
+                out = self.model(b.input_ids, labels=b.input_ids, cu_seqlens=b.cu_seqlens, num_items_in_batch=n_items,
+                                 return_logits=False)
             out.loss.backward()
             loss += out.loss.item()
         return loss, sum(b.input_ids.numel() for b in batches)

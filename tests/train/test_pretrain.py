@@ -69,6 +69,10 @@ def test_resume_refuses_a_different_config_or_a_missing_checkpoint(tmp_path, tok
     Pretrainer(CFG.with_(max_steps=2), tmp_path, tokenizer_dir).train(progress=False)
     with pytest.raises(ValueError, match=r"different config \(differs in \['lr'\]\)"):
         Pretrainer(CFG.with_(max_steps=2, lr=1e-2), tmp_path, tokenizer_dir, resume=True)
+    before = (tmp_path / "checkpoint" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run's checkpoint"):  # a forgotten --resume loses nothing
+        Pretrainer(CFG, tmp_path, tokenizer_dir)
+    assert (tmp_path / "checkpoint" / "model.safetensors").read_bytes() == before
 
 
 def _inject(trainer, monkeypatch, spiked_steps, times=1):

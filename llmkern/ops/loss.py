@@ -1,0 +1,90 @@
+"""Fused output head + cross entropy: the loss of `hidden @ weight.T` against targets without the logits.
+
+A language model's logits are the largest activation of training ([tokens, vocab] in float32: 268 MB for 8192
+tokens of an 8k vocabulary, 4 GB at 128k), stored for the backward along with log_softmax's output. This op
+(Liger-Kernel's FusedLinearCrossEntropy, arXiv:2410.10989) walks the tokens in chunks whose logits stay in cache:
+each chunk's logits give its loss and, at once, its gradient softmax - onehot, which is multiplied into
+d(hidden) and accumulated into d(weight); only those two gradients are kept for the backward. The matmuls are
+torch's (the same ones the unfused head runs); there is no compiled kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHUNK_BYTES = 8 << 20  # a chunk's float32 logits: well inside the L2 + L3 of one socket
+
+
+def linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
+                             ignore_index: int = -100, num_items: float | Tensor | None = None) -> Tensor:
+    """Sum over targets != ignore_index of -log_softmax(hidden @ weight.T + bias)[target], divided by num_items
+    (default: the number of counted targets, i.e. the mean)."""
+    logits = F.linear(hidden, weight, bias).float()
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    return loss / ((targets != ignore_index).sum() if num_items is None else num_items)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
+                         ignore_index: int = -100, num_items: float | Tensor | None = None,
+                         chunk_rows: int | None = None) -> Tensor:
+    """linear_cross_entropy_ref(hidden [N, H], weight [V, H], targets [N] int64, bias [V]) without storing the
+    [N, V] logits; differentiable in hidden, weight and bias (float32 scalar loss)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden, weight: expected [N, H] and [V, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1] or targets.dtype != torch.int64:
+        raise ValueError(f"targets: expected int64 [{hidden.shape[0]}], got {targets.dtype} {tuple(targets.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias: expected [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if chunk_rows is None:
+        chunk_rows = max(16, CHUNK_BYTES // (4 * weight.shape[0]))
+    divisor = (targets != ignore_index).sum() if num_items is None else num_items
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, divisor, chunk_rows)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, divisor, chunk_rows):
+        with torch.autocast(hidden.device.type, enabled=False):  # the dtypes given; gradients kept in float32
+            return _LinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, ignore_index, divisor, chunk_rows)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, ignore_index, divisor, chunk_rows):
+        need_grad, hidden_dtype = ctx.needs_input_grad, hidden.dtype
+        hidden = hidden.to(weight.dtype)
+        dhidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_grad[0] else None
+        dweight = torch.zeros_like(weight, dtype=torch.float32) if need_grad[1] else None
+        dbias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and need_grad[2] else None
+        divisor = torch.as_tensor(divisor, dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logits = F.linear(h, weight, bias).float()  # [chunk, V]
+            valid = t != ignore_index
+            t = t.masked_fill(~valid, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += ((lse - logits.gather(1, t[:, None])[:, 0]) * valid).sum()
+            if dhidden is None and dweight is None and dbias is None:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(len(t), device=t.device), t] -= 1.0
+            grad *= (valid / divisor)[:, None]
+            if dbias is not None:
+                dbias += grad.sum(0)
+            if dweight is not None:
+                dweight.addmm_(grad.t(), h.float())
+            if dhidden is not None:
+                torch.mm(grad.to(weight.dtype), weight, out=dhidden[start:start + chunk_rows])
+        ctx.save_for_backward(dhidden, dweight, dbias)
+        ctx.dtypes = (hidden_dtype, weight.dtype)
+        return loss / divisor
+
+    @staticmethod
+    def backward(ctx, dloss):
+        dhidden, dweight, dbias = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        grads = [None if g is None else (g * dloss).to(dtype)
+                 for g, dtype in ((dhidden, hidden_dtype), (dweight, weight_dtype), (dbias, weight_dtype))]
+        return *grads, None, None, None, None
