@@ -125,7 +125,8 @@ Python-looking code, not correct programs.
 
 | | |
 |---|---|
-| parameters | {params / 1e6:.2f} M (embeddings tied with the output head) |
+| parameters | {params / 1e6:.2f} M ({"embeddings tied with the output head" if c.tie_word_embeddings
+                                       else "input embeddings and output head untied"}) |
 | layers, hidden, intermediate | {c.num_layers}, {c.hidden_size}, {c.intermediate_size} (SwiGLU) |
 | heads, kv heads, head dim | {c.num_heads}, {c.num_kv_heads}, {c.head_dim} (RoPE theta {c.rope_theta:g}) |
 | context | {c.max_position_embeddings} positions (trained on pieces of up to {run.cfg.seq_len} tokens) |
@@ -162,13 +163,23 @@ The draft's greedy next token equals the target's at **{100 * m['agreement']:.1f
 
 Greedy continuations (64 new tokens, bfloat16, as `llmkern generate --temperature 0` writes them):
 
-{samples}"""
+{samples}
+Without `--temperature`, `llmkern generate` samples with this checkpoint's generation_config.json:
+{", ".join(f"{k} {v}" for k, v in RECOMMENDED_SAMPLING.items())}.
+"""
+
+
+# What `llmkern generate` / `llmkern serve` use when a request sets nothing: greedy decoding of models this small
+# falls into loops, so the demo recommends sampling (as most Hub checkpoints do in generation_config.json).
+RECOMMENDED_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2}
 
 
 def ship(run: Run, name: str, other: str, m: dict, dest: Path) -> None:
     out = dest / name
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(run.dir / "model", out)
+    gen = json.loads((out / "generation_config.json").read_text())
+    (out / "generation_config.json").write_text(json.dumps({**gen, **RECOMMENDED_SAMPLING}, indent=2) + "\n")
     with (out / "heldout_sample.jsonl").open("w") as f:
         for text in m["sample_texts"]:
             f.write(json.dumps({"text": text}) + "\n")

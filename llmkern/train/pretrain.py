@@ -26,11 +26,10 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from llmkern.models import LlamaForCausalLM, save_pretrained
+from llmkern.models.checkpoint import SINGLE_FILE
 from llmkern.train.config import PretrainConfig, preset
 from llmkern.train.data import (BOS, EOS, PAD, PackedStream, encode_documents, read_texts, save_tokenizer,
                                 split_files, stdlib_files, train_tokenizer, unigram_loss)
-
-SINGLE_FILE = "model.safetensors"
 
 
 class SpikeGuard:
