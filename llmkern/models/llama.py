@@ -228,7 +228,7 @@ class LlamaForCausalLM(nn.Module):
             positions, max_len = _packed_positions(input_ids, cu_seqlens)
         attn = AttentionInput(cu_seqlens, cu_seqlens, max_len, max_len)
         hidden = self._decode(input_ids.reshape(-1), positions, attn, None)
-        targets = None if labels is None else _shifted_targets(labels, (b, s), cu_seqlens)
+        targets = None if labels is None else shifted_targets(labels, (b, s), cu_seqlens)
         if targets is not None and not return_logits and isinstance(self.lm_head, nn.Linear):
             loss = ops.linear_cross_entropy(hidden, self.lm_head.weight, targets, self.lm_head.bias,
                                             num_items=num_items_in_batch)
@@ -264,7 +264,7 @@ def _packed_positions(input_ids: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, in
     return torch.arange(input_ids.shape[1], device=input_ids.device) - starts, int(lens.max())
 
 
-def _shifted_targets(labels: Tensor, shape: tuple[int, int], cu_seqlens: Tensor) -> Tensor:
+def shifted_targets(labels: Tensor, shape: tuple[int, int], cu_seqlens: Tensor) -> Tensor:
     """The target of each token [batch * seq] for transformers' ForCausalLMLoss (float32 cross entropy, ignore_index
     -100, mean over counted tokens or sum / num_items_in_batch): the next label, with each sequence's last token
     ignored so packed sequences never score across a boundary."""

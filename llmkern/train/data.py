@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from llmkern.models.llama import shifted_targets
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2
 
@@ -89,6 +91,10 @@ class Batch:
     def num_targets(self) -> int:
         return self.input_ids.shape[1] - (self.cu_seqlens.numel() - 1)
 
+    def targets(self) -> torch.Tensor:
+        """The token each position is scored against [T] (-100 at each piece's last token), as the model scores."""
+        return shifted_targets(self.input_ids, tuple(self.input_ids.shape), self.cu_seqlens)
+
 
 class PackedStream:
     """Micro-batches from documents at a token position that survives a restart (`position`): the stream of epoch
@@ -153,9 +159,8 @@ def unigram_loss(train_documents: list[np.ndarray], batches: list[Batch], vocab_
     logp = torch.from_numpy(np.log(counts / counts.sum()))
     total, n = 0.0, 0
     for b in batches:
-        targets = b.input_ids[0, 1:].clone()
-        targets[b.cu_seqlens[1:-1].long() - 1] = -1  # a piece's last token has no target
-        targets = targets[targets >= 0]
+        targets = b.targets()
+        targets = targets[targets != -100]
         total -= float(logp[targets].sum())
         n += targets.numel()
     return total / n

@@ -44,8 +44,7 @@ def greedy_agreement(target, draft, batches) -> float:
     """Fraction of scored positions where both models' argmax next tokens are equal."""
     same = n = 0
     for b in batches:
-        keep = torch.ones(b.input_ids.shape[1], dtype=torch.bool)
-        keep[b.cu_seqlens[1:].long() - 1] = False  # a piece's last token is not scored
+        keep = b.targets() != -100  # a piece's last token is not scored
         t = target(b.input_ids, cu_seqlens=b.cu_seqlens).logits[0, keep].argmax(-1)
         d = draft(b.input_ids, cu_seqlens=b.cu_seqlens).logits[0, keep].argmax(-1)
         same, n = same + int((t == d).sum()), n + t.numel()
