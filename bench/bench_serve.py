@@ -353,6 +353,153 @@ def server_flags(args: argparse.Namespace) -> list[str]:
     return flags + shlex.split(args.server_args or "")
 
 
+# ---- comparison: the issue's targets, side by side in one run ----
+
+COMPARE_CONCURRENCY = 16  # the issue's batch and transformers' static batch size
+COMPARE_KV_CACHE_MEMORY = 128 << 20  # bytes per server: three servers run at once, none takes a share of free memory
+COMPARE_HEADER = ["scenario", "prompts", "server flags", "conc.", "ok/failed", "out tok/s", "TTFT mean ms",
+                  "TPOT mean ms", "ITL median ms", "ITL p99 ms", "ratio", "target"]
+
+
+async def interleaved(servers: dict[str, tuple[str, str]], prompts: list[list[int]], output_len: int,
+                      timeout_s: float) -> dict[str, BenchResult]:
+    """Each prompt sent to each server (name -> (base URL, model name)) in turn, one request at a time: batch 1,
+    and machine drift hits every server alike. A server's duration is the sum of its requests' latencies."""
+    results: dict[str, list[RequestResult]] = {k: [] for k in servers}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0)) as client:
+        for prompt in prompts:
+            for key, (url, name) in servers.items():
+                payload = completion_payload(name, prompt, output_len)
+                results[key].append(await send_request(client, url.rstrip("/") + "/v1/completions", payload))
+    return {k: BenchResult(v, sum(r.latency or 0.0 for r in v)) for k, v in results.items()}
+
+
+def transformers_generate(model: str, prompts: list[list[int]], output_len: int, batch_size: int,
+                          dtype: str | None) -> tuple[float, int]:
+    """(seconds, output tokens) of transformers' greedy `generate` over static batches of the prompts (equal
+    lengths, so no padding), min_new_tokens = max_new_tokens so EOS cannot end a row early; after one warm-up."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from llmkern.llm import parse_dtype
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=parse_dtype(dtype) if dtype else "auto").eval()
+    eos = hf.generation_config.eos_token_id
+    eos = eos if eos is not None else 0
+    config = lambda n: GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos,
+                                        pad_token_id=eos[0] if isinstance(eos, list) else eos)
+    batches = [torch.tensor(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    seconds, tokens = 0.0, 0
+    with torch.inference_mode():
+        hf.generate(batches[0], attention_mask=torch.ones_like(batches[0]), generation_config=config(2))
+        for ids in batches:
+            t0 = time.perf_counter()
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config(output_len))
+            seconds += time.perf_counter() - t0
+            assert out.shape == (ids.shape[0], ids.shape[1] + output_len), out.shape
+            tokens += ids.shape[0] * output_len
+    return seconds, tokens
+
+
+def metrics_lines(base_url: str, word: str) -> list[str]:
+    """The Prometheus samples of GET /metrics whose name contains `word` (e.g. the speculative counters)."""
+    try:
+        resp = httpx.get(base_url + "/metrics", timeout=10.0)
+    except httpx.HTTPError as e:
+        return [f"GET /metrics failed: {e}"]
+    if resp.status_code != 200:
+        return [f"GET /metrics: HTTP {resp.status_code}"]
+    samples = [line for line in resp.text.splitlines() if line.strip() and not line.startswith("#")]
+    return [line for line in samples if word in line.split("{")[0].split()[0]]
+
+
+def compare_row(scenario: str, prompts: str, flags: str, conc: int, rep: Report, ratio: str, target: str) -> list[str]:
+    f = lambda v: "-" if math.isnan(v) else f"{v:.1f}"
+    return [scenario, prompts, flags, str(conc), f"{rep.completed}/{rep.failed}", f"{rep.output_throughput:.1f}",
+            f(rep.ttft.mean_ms), f(rep.tpot.mean_ms), f(rep.itl.median_ms), f(rep.itl.p99_ms), ratio, target]
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Starts three servers (no speculation, draft model, n-gram) on the same target, measures (1) the same
+    random-prompt requests one at a time and at concurrency 16, (2) batch-1 greedy code completion on each server,
+    interleaved, (3) transformers' generate on the random prompts in static batches of 16; prints one table."""
+    from llmkern.generation import Tokenizer
+    from llmkern.models import demo_model_path
+
+    from bench.harness import format_table
+
+    model = args.model or default_model()
+    draft = args.draft_model or str(demo_model_path("demo-draft"))
+    k = str(args.num_speculative_tokens or 4)
+    tok = Tokenizer.from_pretrained(model)
+    rand = random_prompts(tok, args.num_prompts, args.input_len, args.seed)
+    code = code_prompts(tok, args.spec_prompts, args.input_len, args.seed)
+    common = ["--kv-cache-memory", str(args.kv_cache_memory or COMPARE_KV_CACHE_MEMORY)]
+    for name in ("max_num_seqs", "max_num_batched_tokens", "dtype"):
+        if getattr(args, name) is not None:
+            common += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    common += shlex.split(args.server_args or "")
+    variants = {"none": [], "draft": ["--draft-model", draft, "--num-speculative-tokens", k],
+                "ngram": ["--ngram", "--num-speculative-tokens", k]}
+    ports = {v: free_port() for v in variants}
+    servers = {v: ServerProcess(serve_command(model, ports[v], common + f), ports[v]) for v, f in variants.items()}
+    t0 = time.perf_counter()
+    print(f"$ {shlex.join([sys.executable, *sys.argv])}")
+    try:
+        for s in servers.values():
+            print(f"$ {shlex.join(s.cmd)}", flush=True)
+            s.start()
+        for s in servers.values():
+            s.wait_healthy(args.server_timeout)
+        names = {v: args.served_model_name or served_model_name(s.base_url) for v, s in servers.items()}
+        for v, s in servers.items():  # first-request costs out of the measurements
+            warm = asyncio.run(run_requests(s.base_url, names[v], code[:1], 4, timeout_s=args.request_timeout))
+            if not warm.results[0].ok:
+                raise RuntimeError(f"the warm-up request to the {v} server failed: {warm.results[0].error}")
+        plain = servers["none"].base_url
+        reps = {}
+        for conc in (1, COMPARE_CONCURRENCY):
+            print(f"random prompts at concurrency {conc} ...", flush=True)
+            reps[conc] = summarize(asyncio.run(run_requests(plain, names["none"], rand, args.output_len,
+                                                            max_concurrency=conc, timeout_s=args.request_timeout)))
+        print("code prompts, batch 1, interleaved over the three servers ...", flush=True)
+        spec = {v: summarize(b) for v, b in asyncio.run(interleaved(
+            {v: (s.base_url, names[v]) for v, s in servers.items()}, code, args.output_len, args.request_timeout)).items()}
+        spec_metrics = {v: metrics_lines(servers[v].base_url, "spec") for v in ("draft", "ngram")}
+    finally:
+        for s in servers.values():
+            s.stop()
+    print(f"transformers generate, static batches of {COMPARE_CONCURRENCY} ...", flush=True)
+    hf_s, hf_tokens = transformers_generate(model, rand, args.output_len, COMPARE_CONCURRENCY, args.dtype)
+
+    one, batched = reps[1], reps[COMPARE_CONCURRENCY]
+    hf_tps = hf_tokens / hf_s
+    tpot_x = lambda v: f"{spec['none'].tpot.mean_ms / spec[v].tpot.mean_ms:.2f}x lower TPOT"
+    rows = [
+        compare_row("one at a time", "random", "-", 1, one, "", ""),
+        compare_row("continuous batching", "random", "-", COMPARE_CONCURRENCY, batched,
+                    f"{batched.output_throughput / one.output_throughput:.2f}x out tok/s", ">= 4x"),
+        compare_row("no speculation", "code", "-", 1, spec["none"], "", ""),
+        compare_row(f"draft model k={k}", "code", shlex.join(variants["draft"][:1] + [Path(draft).name]) + f" -k {k}",
+                    1, spec["draft"], tpot_x("draft"), ">= 1.8x"),
+        compare_row(f"n-gram k={k}", "code", f"--ngram -k {k}", 1, spec["ngram"], tpot_x("ngram"), "reported"),
+        ["transformers generate", "random", f"static batches of {COMPARE_CONCURRENCY}", str(COMPARE_CONCURRENCY),
+         f"{len(rand)}/0", f"{hf_tps:.1f}", "-", "-", "-", "-",
+         f"llmkern {batched.output_throughput / hf_tps:.2f}x out tok/s", ">= 3x"],
+    ]
+    print()
+    print(f"{Path(model).name} ({args.dtype or 'checkpoint dtype'}), {args.num_prompts} random and "
+          f"{args.spec_prompts} code prompts of {args.input_len} tokens, {args.output_len} output tokens each "
+          f"(ignore_eos, greedy), seed {args.seed}, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs")
+    print(format_table(COMPARE_HEADER, rows, args.markdown))
+    print(f"-k: --num-speculative-tokens; TPOT = (e2e - TTFT) / (output tokens - 1); the speculation rows ran "
+          f"interleaved (one request per server in turn). {time.perf_counter() - t0:.0f} s in all.")
+    for v, lines in spec_metrics.items():
+        print(f"{v} server /metrics: " + ("; ".join(lines) or "no 'spec' samples"))
+    failed = sum(r.failed for r in (one, batched, *spec.values()))
+    return 0 if failed == 0 else 1
+
+
 # ---- command line ----
 
 

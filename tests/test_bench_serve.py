@@ -18,8 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from bench import bench_serve as bs
-from llmkern.generation import Tokenizer
-from llmkern.models import demo_model_path
+
+# llmkern (and torch) are imported inside the tests: the fake server's subprocesses import this module, lightly.
 
 REPO = Path(__file__).resolve().parents[1]
 FAIL_400, CUT_STREAM = 0, 1  # first prompt token ids that make the fake server fail that request
@@ -86,6 +86,9 @@ def fake_server():
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    from llmkern.generation import Tokenizer
+    from llmkern.models import demo_model_path
+
     return Tokenizer.from_pretrained(demo_model_path("demo-target"))
 
 
@@ -187,3 +190,41 @@ def test_server_process(monkeypatch):
     bad = [sys.executable, "-c", "import sys; sys.exit('no such checkpoint: /nowhere')"]
     with bs.ServerProcess(bad, bs.free_port()) as server, pytest.raises(RuntimeError, match="no such checkpoint"):
         server.start().wait_healthy(60)
+
+
+def test_compare_runs_end_to_end(fake_server, monkeypatch, capsys):
+    """--compare on tiny sizes, its three servers replaced by the in-thread fake one (ServerProcess is tested
+    above): every row present, nothing failed, the right server flags, and transformers' generate really ran on
+    the demo checkpoint."""
+    from llmkern.models import demo_model_path
+
+    launched = []
+
+    class FakeServer:
+        def __init__(self, cmd, port):
+            launched.append(cmd)
+            self.cmd, self.base_url = cmd, fake_server[1]
+
+        def start(self):
+            return self
+
+        def wait_healthy(self, timeout_s):
+            pass
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(bs, "ServerProcess", FakeServer)
+    argv = ["--compare", "--num-prompts", "3", "--spec-prompts", "2", "--input-len", "8", "--output-len", "3",
+            "--dtype", "float32"]
+    assert bs.main(argv) == 0
+    out = capsys.readouterr().out
+    for scenario in ("one at a time", "continuous batching", "no speculation", "draft model k=4", "n-gram k=4",
+                     "transformers generate"):
+        assert scenario in out
+    assert len(re.findall(r"\s3/0\s", out)) == 3 and len(re.findall(r"\s2/0\s", out)) == 3  # ok/failed per row
+    flags = [cmd[cmd.index("--port") + 2:] for cmd in launched]
+    common = ["--kv-cache-memory", str(bs.COMPARE_KV_CACHE_MEMORY), "--dtype", "float32"]
+    assert flags == [common, common + ["--draft-model", str(demo_model_path("demo-draft")), "--num-speculative-tokens",
+                                       "4"], common + ["--ngram", "--num-speculative-tokens", "4"]]
+    assert all(f"$ {bs.shlex.join(cmd)}" in out for cmd in launched)  # the exact server command lines
