@@ -109,8 +109,10 @@ class RequestResult:
 
 
 def completion_payload(model: str, prompt: list[int], output_len: int) -> dict:
-    return {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    """Greedy without the checkpoint's repetition penalty (the server would apply its generation_config's, e.g. the
+    demo model's 1.2): plain argmax decoding, the same work transformers' baseline does."""
+    return {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+            "repetition_penalty": 1.0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
 
 
 async def send_request(client: httpx.AsyncClient, url: str, payload: dict) -> RequestResult:
@@ -386,8 +388,10 @@ def transformers_generate(model: str, prompts: list[list[int]], output_len: int,
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=parse_dtype(dtype) if dtype else "auto").eval()
     eos = hf.generation_config.eos_token_id
     eos = eos if eos is not None else 0
+    # Unset fields would come from the checkpoint's generation_config (sampling, a repetition penalty): plain greedy.
     config = lambda n: GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos,
-                                        pad_token_id=eos[0] if isinstance(eos, list) else eos)
+                                        pad_token_id=eos[0] if isinstance(eos, list) else eos, temperature=None,
+                                        top_p=None, top_k=None, repetition_penalty=1.0)
     batches = [torch.tensor(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
     seconds, tokens = 0.0, 0
     with torch.inference_mode():

@@ -115,7 +115,8 @@ def test_client_report_and_payload(fake_server, tokenizer):
     assert sorted(map(tuple, (b["prompt"] for b in app.state.bodies))) == sorted(map(tuple, prompts))
     body = app.state.bodies[0]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
-    assert body["ignore_eos"] is True and body["max_tokens"] == 5 and body["temperature"] == 0.0
+    assert body["ignore_eos"] is True and body["max_tokens"] == 5
+    assert body["temperature"] == 0.0 and body["repetition_penalty"] == 1.0  # plain greedy
     text = bs.format_report(rep)
     assert re.search(r"Successful requests:\s+8\n", text) and "P99 ITL (ms):" in text
 
