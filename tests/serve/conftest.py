@@ -1,0 +1,91 @@
+"""Servers for the HTTP API tests: a real engine over a tiny random Llama checkpoint (fp32), served by uvicorn on
+127.0.0.1 at a free port in a background thread, so tests talk to it over real sockets (httpx, the openai
+client) while they can still read the engine's stats directly."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+import torch
+import uvicorn
+from llm_refs import write_llama_checkpoint
+
+from llmkern.serve.api import build_app
+from llmkern.serve.async_engine import AsyncEngine
+from llmkern.serve.config import EngineConfig
+from llmkern.serve.engine import Engine
+
+SERVED_NAME = "tiny"
+KV_CACHE_MEMORY = 8 << 20  # plenty for the tiny model at 128 tokens, small enough for CI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout_s: float = 20.0, what: str = "condition"):
+    """Polls `condition` (the tests' only waits are bounded: a hang fails instead of blocking CI)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def start_engine(model_dir, **config) -> AsyncEngine:
+    engine = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_memory=KV_CACHE_MEMORY, **config),
+                                    dtype=torch.float32)
+    aengine = AsyncEngine(engine)
+    aengine.start()
+    return aengine
+
+
+class ThreadServer:
+    """build_app(aengine, ...) on uvicorn in a daemon thread; `url` is its base URL."""
+
+    def __init__(self, aengine, **app_kwargs):
+        self.aengine = aengine
+        self.app = build_app(aengine, SERVED_NAME, **app_kwargs)
+        self.port = free_port()
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), what="uvicorn to start")
+        assert self.server.started, "uvicorn did not start"
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def idle(aengine) -> bool:
+    s = aengine.stats()
+    return s.num_running == 0 and s.num_waiting == 0 and s.kv_cache_usage == 0
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(fp32 transformers model, directory) of the tiny Llama with a tokenizer and a Llama-3 chat template."""
+    return write_llama_checkpoint(tmp_path_factory.mktemp("serve-tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_aengine(tiny_checkpoint):
+    aengine = start_engine(tiny_checkpoint[1])
+    yield aengine
+    asyncio.run(aengine.shutdown(0))
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_aengine):
+    server = ThreadServer(tiny_aengine)
+    yield server
+    server.close()
