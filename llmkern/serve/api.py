@@ -154,7 +154,7 @@ class EngineRun:
         self.aengine = state.aengine
         self.timer: RequestTimer = state.metrics.timer()
         self.n = params.n
-        self.unfinished: dict[str, int] = {}  # engine request id -> prompt index
+        self.unfinished: dict[str, set[int]] = {}  # engine request id -> its samples still generating
         self.prompt_tokens = [len(ids) for ids in prompts]
         self.completion_tokens = 0
         self.streams = []
@@ -162,14 +162,17 @@ class EngineRun:
             for i, ids in enumerate(prompts):
                 rid = f"{request_id}-{i}"
                 self.streams.append(self.aengine.add_request(rid, ids, params))
-                self.unfinished[rid] = i
+                self.unfinished[rid] = set(range(params.n))
         except Exception as e:
             self.abort()
             raise engine_error(e) from None
 
     def abort(self) -> None:
-        for rid in self.unfinished:
+        """Aborts what is still generating (its final outputs will not be read: count them here)."""
+        for rid, samples in self.unfinished.items():
             self.aengine.abort(rid)
+            for _ in samples:
+                self.timer.finish("abort")
         self.unfinished.clear()
 
     async def outputs(self) -> AsyncIterator[tuple[int, object]]:
@@ -184,6 +187,7 @@ class EngineRun:
                         self.timer.tokens(choice)
                     if d.finish_reason is not None:
                         self.timer.finish(d.finish_reason)
+                        self.unfinished.get(out.request_id, set()).discard(d.index)
                     yield choice, d
                 if out.finished:
                     self.unfinished.pop(out.request_id, None)

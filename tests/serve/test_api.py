@@ -202,6 +202,7 @@ def test_sigterm_drains_the_streaming_request_then_exits_0(tiny_checkpoint, tmp_
         body = {"prompt": "Hello", "max_tokens": 800, "temperature": 0, "ignore_eos": True, "stream": True}
         texts, finish = [], None
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200
             lines = r.iter_lines()
             for line in lines:
                 if line:
