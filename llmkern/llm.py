@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from llmkern.generation import (GenerationConfig, OutputStream, SamplingParams, Tokenizer, compute_logprobs,
-                                make_generator, sample)
+from llmkern.generation import (GenerationConfig, OutputStream, SamplingParams, TokenLogprob, Tokenizer,  # noqa: F401
+                                compute_logprobs, make_generator, sample, sample_seeds)
 from llmkern.models import SequenceChunk, allocate_kv_cache, build_step_input, load_model
 
 # Spellings accepted for dtype (the CLI passes these strings through).
@@ -42,17 +42,6 @@ def parse_dtype(dtype) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]
     raise ValueError(f"dtype: expected one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenLogprob:
-    """A generated token's log-probability under the model's raw distribution, its rank there (1: the
-    most likely token) and the `SamplingParams.logprobs` most likely (token id, log-probability), descending."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top: list[tuple[int, float]]
 
 
 @dataclasses.dataclass
@@ -153,16 +142,6 @@ class GenerationStream:
             if text:
                 yield text
         self.output = self._outputs[0]
-
-
-def sample_seeds(params: SamplingParams) -> list[int | None]:
-    """The seed of each of a request's `n` samples: the request's own for the first (so n=1 and the first of
-    n samples agree), then seeds drawn from a generator seeded with it (same seed, same n outputs). Unseeded
-    requests stay unseeded (torch's global generator)."""
-    if params.seed is None or params.n == 1:
-        return [params.seed] * params.n
-    more = torch.randint(2**62, (params.n - 1,), generator=torch.Generator().manual_seed(params.seed))
-    return [params.seed, *more.tolist()]
 
 
 class LLM:
@@ -369,7 +348,7 @@ class LLM:
             for start in range(0, len(ids), self.max_prefill_tokens):
                 end = min(start + self.max_prefill_tokens, len(ids))
                 self._grow(first, end, allocator)
-                logits = step([SequenceChunk(ids[start:end], start, first.blocks, want_logits=end == len(ids))])
+                logits = step([SequenceChunk(ids[start:end], start, first.blocks, num_logits=int(end == len(ids)))])
             for r in group[1:]:
                 self._share_prompt(first, r, kv, allocator)
             tokens = self._pick(group, logits.expand(len(group), -1))

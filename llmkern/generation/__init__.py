@@ -19,11 +19,13 @@ from llmkern.generation.detokenizer import IncrementalDetokenizer  # noqa: F401
 from llmkern.generation.sampling import (  # noqa: F401
     Logprobs,
     SamplingParams,
+    TokenLogprob,
     compute_logprobs,
     make_generator,
     probabilities,
     sample,
     sample_from_probabilities,
+    sample_seeds,
 )
 from llmkern.generation.stop import OutputStream, StopStringMatcher  # noqa: F401
 from llmkern.generation.generation_config import GenerationConfig  # noqa: F401

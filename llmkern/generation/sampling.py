@@ -98,6 +98,16 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def sample_seeds(params: SamplingParams) -> list[int | None]:
+    """The seed of each of a request's `n` samples: the request's own for the first (so n=1 and the first of
+    n samples agree), then seeds drawn from a generator seeded with it (same seed, same n outputs). Unseeded
+    requests stay unseeded (torch's global generator)."""
+    if params.seed is None or params.n == 1:
+        return [params.seed] * params.n
+    more = torch.randint(2**62, (params.n - 1,), generator=torch.Generator().manual_seed(params.seed))
+    return [params.seed, *more.tolist()]
+
+
 def make_generator(params: SamplingParams, device="cpu") -> torch.Generator | None:
     """The request's own generator (seeded requests), or None (torch's global generator). Make it once per
     request and pass it at every step: it carries the request's random stream."""
@@ -332,3 +342,14 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
     rank = (logprobs > token[:, None]).sum(dim=-1) + 1
     top, top_ids = logprobs.topk(min(num_top, logits.shape[1]), dim=-1)
     return Logprobs(token, rank, top, top_ids)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw distribution, its rank there (1: the
+    most likely token) and the `SamplingParams.logprobs` most likely (token id, log-probability), descending."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]

@@ -42,18 +42,23 @@ class StepInput:
 @dataclass
 class SequenceChunk:
     """One sequence's part of a step: `tokens` at positions start .. start + len - 1 (start = tokens
-    already in its cache), its block table (block ids, enough for start + len tokens)."""
+    already in its cache), its block table (block ids, enough for start + len tokens), and how many of its
+    last tokens' logits the step returns (1: the next token's; 0: a prompt chunk before the last; k + 1: a
+    speculative verification of k draft tokens)."""
 
     tokens: list[int]
     start: int
     block_table: list[int]
-    want_logits: bool = True  # the logits of the chunk's last token
+    num_logits: int = 1
 
     def __post_init__(self):
         if not self.tokens:
             raise ValueError("SequenceChunk.tokens: expected at least one token")
         if self.start < 0:
             raise ValueError(f"SequenceChunk.start: expected >= 0, got {self.start}")
+        if not 0 <= self.num_logits <= len(self.tokens):
+            raise ValueError(f"SequenceChunk.num_logits: expected 0..{len(self.tokens)} (its tokens), "
+                             f"got {self.num_logits}")
 
 
 def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -80,8 +85,7 @@ def build_step_input(chunks: list[SequenceChunk], block_size: int, device: str |
         ids += c.tokens
         positions += pos
         slots += [c.block_table[p // block_size] * block_size + p % block_size for p in pos]
-        if c.want_logits:
-            wanted.append(len(ids) - 1)
+        wanted += range(len(ids) - c.num_logits, len(ids))
         q_lens.append(len(c.tokens))
         k_lens.append(end)
     max_blocks = max(len(c.block_table) for c in chunks)

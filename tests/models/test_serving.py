@@ -55,8 +55,9 @@ def test_mixed_prefill_chunks_and_decodes_equal_full_forward(hf_checkpoints, arc
 def test_step_returns_the_wanted_rows_only(hf_checkpoints):
     model = load_model(hf_checkpoints["llama"][1])
     kv = allocate_kv_cache(model.config, num_blocks=4, block_size=BLOCK, dtype=torch.float32)
-    chunks = [SequenceChunk([1, 2, 3, 4], 0, [2, 0]), SequenceChunk([5, 6], 0, [3], want_logits=False),
+    chunks = [SequenceChunk([1, 2, 3, 4], 0, [2, 0]), SequenceChunk([5, 6], 0, [3], num_logits=0),
               SequenceChunk([7], 0, [1])]  # fmt: skip
+    assert build_step_input([SequenceChunk([1, 2, 3], 0, [0], num_logits=3)], BLOCK).logits_indices.tolist() == [0, 1, 2]
     batch = build_step_input(chunks, BLOCK)
     assert batch.logits_indices.tolist() == [3, 6]
     assert batch.attn.slot_mapping.tolist() == [6, 7, 8, 0, 9, 10, 3]
@@ -73,6 +74,8 @@ def test_bad_step_inputs_raise_clear_errors(hf_checkpoints):
         build_step_input([SequenceChunk([1, 2, 3, 4], 0, [0])], BLOCK)
     with pytest.raises(ValueError, match="tokens"):
         SequenceChunk([], 0, [0])
+    with pytest.raises(ValueError, match="num_logits"):
+        SequenceChunk([1, 2], 0, [0], num_logits=3)
     kv = allocate_kv_cache(model.config, num_blocks=2, block_size=BLOCK, dtype=torch.float32)
     with pytest.raises(ValueError, match="kv_caches"):
         model.step(build_step_input([SequenceChunk([1], 0, [0])], BLOCK), kv[:1])
