@@ -192,7 +192,7 @@ class EngineRun:
                 if out.finished:
                     self.unfinished.pop(out.request_id, None)
             self.timer.done()
-        except (EngineDeadError, EngineStoppedError) as e:
+        except (EngineDeadError, EngineStoppedError, QueueFullError, ValueError) as e:  # the engine thread's refusal
             raise engine_error(e) from None
         finally:
             self.abort()
@@ -244,7 +244,10 @@ class CompletionLogprobsBuilder:
             out.text_offset.append(self.offset)
             out.tokens.append(token)
             out.token_logprobs.append(lp.logprob)
-            top = {_token_text(self.tokenizer, t): v for t, v in lp.top}
+            # Tokens that decode alike (pieces of one UTF-8 character) share a key: the likelier one keeps it.
+            top = {}
+            for t, v in lp.top:
+                top.setdefault(_token_text(self.tokenizer, t), v)
             top.setdefault(token, lp.logprob)  # the sampled token is always listed (vLLM)
             out.top_logprobs.append(top)
             self.offset += len(token)
@@ -327,20 +330,8 @@ def _prompt_ids(tokenizer, prompt) -> list[tuple[str | None, list[int]]]:
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    out = []
-    vocab = len(tokenizer)
-    for i, p in enumerate(prompt):
-        if isinstance(p, str):
-            out.append((p, tokenizer.encode(p)))
-            continue
-        if not p:
-            raise APIError(400, f"prompt[{i}] is an empty list of token ids", param="prompt")
-        bad = [t for t in p if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"prompt[{i}]: token id {bad[0]} is outside the vocabulary [0, {vocab})",
-                           param="prompt")
-        out.append((None, list(p)))
-    return out
+    # Token ids are checked by the engine (empty, outside the model's vocabulary, too long).
+    return [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompt]
 
 
 async def create_completion(state: ServerState, body: CompletionRequest) -> Response:

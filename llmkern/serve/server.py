@@ -103,13 +103,17 @@ def engine_config(args):
                         enable_prefix_caching=not args.no_prefix_caching, **_speculation(args, is_demo))
 
 
-def _make_server_class():
+def server_class():
+    """DrainingServer (a function, so `llmkern --help` does not import uvicorn)."""
     import uvicorn
 
+    from llmkern.serve.async_engine import AsyncEngine
+
     class DrainingServer(uvicorn.Server):
-        """uvicorn, plus: the model loads after the socket opens, and the first SIGTERM/SIGINT drains the engine
-        before uvicorn's own shutdown (which then finds no request left and exits without re-raising the signal,
-        so the exit status is 0)."""
+        """uvicorn, plus: the model loads after the socket opens (`load()` returns the Engine, on a worker
+        thread; its AsyncEngine then starts on this event loop, where its streams are read), and the first
+        SIGTERM/SIGINT drains the engine before uvicorn's own shutdown (which then finds no request left and exits
+        without re-raising the signal, so the exit status is 0). A second signal exits at once."""
 
         def __init__(self, config, state, load, shutdown_timeout: float):
             super().__init__(config)
@@ -131,12 +135,15 @@ def _make_server_class():
 
         async def _load(self):
             try:
-                self.state.aengine = await asyncio.to_thread(self.load)
+                engine = await asyncio.to_thread(self.load)
             except Exception:
                 log.exception("loading the model failed")
                 self.load_failed = True
                 self.should_exit = True
                 return
+            aengine = AsyncEngine(engine)
+            aengine.start()
+            self.state.aengine = aengine
             log.info("ready: serving %r", self.state.served_model_name)
 
         def handle_exit(self, sig, frame):
@@ -144,7 +151,7 @@ def _make_server_class():
                 return super().handle_exit(sig, frame)
             self.draining = True
             self.state.accepting = False
-            log.info("signal %d: draining running requests (up to %.0f s), then exiting", sig, self.shutdown_timeout)
+            log.info("signal %d: draining running requests (up to %g s), then exiting", sig, self.shutdown_timeout)
             self.loop.call_soon_threadsafe(lambda: self._spawn(self._drain()))
 
         async def _drain(self):
@@ -154,6 +161,12 @@ def _make_server_class():
                 log.exception("error while draining")
             finally:
                 self.should_exit = True
+
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets)
+            aengine = self.state.aengine
+            if aengine is not None and aengine.healthy:  # not drained (e.g. stopped by should_exit): stop it now
+                await aengine.shutdown(0)
 
     return DrainingServer
 
@@ -185,17 +198,13 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from llmkern.serve.api import build_app
-    from llmkern.serve.async_engine import AsyncEngine
     from llmkern.serve.engine import Engine
 
     def load():
-        engine = Engine.from_pretrained(args.model, config, dtype=dtype, quant=args.quant)
-        aengine = AsyncEngine(engine)
-        aengine.start()
-        return aengine
+        return Engine.from_pretrained(args.model, config, dtype=dtype, quant=args.quant)
 
     app = build_app(None, name, api_key=args.api_key, chat_template=chat_template)
-    server = _make_server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_config=None),
-                                  app.state.server, load, args.shutdown_timeout)
+    server = server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_config=None),
+                            app.state.server, load, args.shutdown_timeout)
     server.run()
     return 1 if server.load_failed else 0

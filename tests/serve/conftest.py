@@ -1,10 +1,9 @@
 """Servers for the HTTP API tests: a real engine over a tiny random Llama checkpoint (fp32), served by uvicorn on
-127.0.0.1 at a free port in a background thread, so tests talk to it over real sockets (httpx, the openai
-client) while they can still read the engine's stats directly."""
+127.0.0.1 at a free port in a background thread (the same DrainingServer `llmkern serve` runs), so tests talk to it
+over real sockets (httpx, the openai client) while they can still read the engine's stats directly."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
@@ -15,9 +14,9 @@ import uvicorn
 from llm_refs import write_llama_checkpoint
 
 from llmkern.serve.api import build_app
-from llmkern.serve.async_engine import AsyncEngine
 from llmkern.serve.config import EngineConfig
 from llmkern.serve.engine import Engine
+from llmkern.serve.server import server_class
 
 SERVED_NAME = "tiny"
 KV_CACHE_MEMORY = 8 << 20  # plenty for the tiny model at 128 tokens, small enough for CI
@@ -30,7 +29,7 @@ def free_port() -> int:
 
 
 def wait_until(condition, timeout_s: float = 20.0, what: str = "condition"):
-    """Polls `condition` (the tests' only waits are bounded: a hang fails instead of blocking CI)."""
+    """Polls `condition` (the tests' waits are bounded: a hang fails instead of blocking CI)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -38,32 +37,28 @@ def wait_until(condition, timeout_s: float = 20.0, what: str = "condition"):
         time.sleep(0.02)
 
 
-def start_engine(model_dir, **config) -> AsyncEngine:
-    engine = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_memory=KV_CACHE_MEMORY, **config),
-                                    dtype=torch.float32)
-    aengine = AsyncEngine(engine)
-    aengine.start()
-    return aengine
-
-
 class ThreadServer:
-    """build_app(aengine, ...) on uvicorn in a daemon thread; `url` is its base URL."""
+    """A fresh engine over `model_dir` (EngineConfig `config`) behind build_app(..., **app_kwargs), served in a
+    daemon thread; `url` is its base URL, `aengine` its AsyncEngine, `state` the app's ServerState."""
 
-    def __init__(self, aengine, **app_kwargs):
-        self.aengine = aengine
-        self.app = build_app(aengine, SERVED_NAME, **app_kwargs)
+    def __init__(self, model_dir, config: dict | None = None, **app_kwargs):
+        engine = Engine.from_pretrained(model_dir, EngineConfig(**{"kv_cache_memory": KV_CACHE_MEMORY, **(config or {})}),
+                                        dtype=torch.float32)
+        self.app = build_app(None, SERVED_NAME, **app_kwargs)
+        self.state = self.app.state.server
         self.port = free_port()
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
+        self.server = server_class()(config, self.state, lambda: engine, shutdown_timeout=0)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        wait_until(lambda: self.server.started or not self.thread.is_alive(), what="uvicorn to start")
-        assert self.server.started, "uvicorn did not start"
+        wait_until(lambda: self.state.aengine is not None or not self.thread.is_alive(), what="the server to start")
+        assert self.state.aengine is not None, "the server did not start"
+        self.aengine = self.state.aengine
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self):
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=20)
 
 
 def idle(aengine) -> bool:
@@ -78,14 +73,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_aengine(tiny_checkpoint):
-    aengine = start_engine(tiny_checkpoint[1])
-    yield aengine
-    asyncio.run(aengine.shutdown(0))
-
-
-@pytest.fixture(scope="session")
-def tiny_server(tiny_aengine):
-    server = ThreadServer(tiny_aengine)
+def tiny_server(tiny_checkpoint):
+    server = ThreadServer(tiny_checkpoint[1])
     yield server
     server.close()

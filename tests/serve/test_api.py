@@ -11,10 +11,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import SERVED_NAME, free_port, idle, wait_until
+from conftest import SERVED_NAME, ThreadServer, free_port, idle, wait_until
 from fastapi.testclient import TestClient
 
 from llmkern.serve.api import build_app
@@ -29,10 +30,10 @@ BAD_REQUESTS = [
     ("/v1/completions", json.dumps({**GOOD, "temperature": -0.5}), 400, "temperature"),
     ("/v1/completions", json.dumps({**GOOD, "max_tokens": "many"}), 400, "max_tokens"),
     ("/v1/completions", json.dumps({**GOOD, "n": [2]}), 400, "n"),
-    ("/v1/completions", json.dumps({**GOOD, "prompt": "word " * 200}), 400, "max_model_len"),
+    ("/v1/completions", json.dumps({**GOOD, "prompt": "word " * 200}), 400, "maximum context length"),
     ("/v1/completions", json.dumps({**GOOD, "max_tokens": 1000}), 400, "1000"),
     ("/v1/completions", json.dumps({**GOOD, "prompt": []}), 400, "prompt"),
-    ("/v1/completions", json.dumps({**GOOD, "prompt": [1, 10**6]}), 400, "vocabulary"),
+    ("/v1/completions", json.dumps({**GOOD, "prompt": [1, 10**6]}), 400, "token ids"),
     ("/v1/completions", json.dumps({**GOOD, "best_of": 2}), 400, "best_of"),
     ("/v1/completions", json.dumps({**GOOD, "logit_bias": {"5": 100}}), 400, "logit_bias"),
     ("/v1/completions", json.dumps({**GOOD, "top_p": 0}), 400, "top_p"),
@@ -43,7 +44,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", json.dumps({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}), 400, "role"),
     ("/v1/chat/completions", json.dumps({**CHAT, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400, "messages"),
-    ("/v1/chat/completions", json.dumps({**CHAT, "max_tokens": 120}), 400, "max_model_len"),
+    ("/v1/chat/completions", json.dumps({**CHAT, "max_tokens": 120}), 400, "maximum context length"),
     ("/v1/chat/completions", json.dumps({**CHAT, "top_logprobs": 2}), 400, "top_logprobs"),
     ("/v1/chat/completions", json.dumps({**CHAT, "tools": [{"type": "function"}]}), 400, "tools"),
     ("/v1/nothing", "{}", 404, "Not Found"),
@@ -146,33 +147,36 @@ def test_disconnect_aborts_the_request(http, tiny_server):
     wait_until(lambda: idle(tiny_server.aengine), what="its blocks to be freed")
 
 
-def test_loading_and_draining_answer_503(tiny_aengine):
+def test_loading_and_draining_answer_503():
     loading = TestClient(build_app(None, SERVED_NAME))
     assert loading.get("/health").status_code == 503
     assert loading.post("/v1/completions", json=GOOD).status_code == 503
-    app = build_app(tiny_aengine, SERVED_NAME)
+    app = build_app(SimpleNamespace(healthy=True), SERVED_NAME)  # only /health reads the engine here
     client = TestClient(app)
     assert client.get("/health").status_code == 200
     app.state.server.accepting = False  # what SIGTERM does first
     assert client.get("/health").status_code == 503
     r = client.post("/v1/completions", json=GOOD)
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+    assert TestClient(build_app(SimpleNamespace(healthy=False), SERVED_NAME)).get("/health").status_code == 503
 
 
-def test_no_chat_template_is_a_400(tiny_aengine, tmp_path):
-    template = tmp_path / "t.jinja"
-    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
-    client = TestClient(build_app(tiny_aengine, SERVED_NAME, chat_template=template.read_text()))
-    r = client.post("/v1/chat/completions", json={**CHAT, "temperature": 0})
-    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(
-        tiny_aengine.engine.tokenizer.encode("Hi\n", add_special_tokens=False))
-    tokenizer = tiny_aengine.engine.tokenizer
+def test_chat_template_file_and_none(tiny_checkpoint, http, tiny_server):
+    template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    server = ThreadServer(tiny_checkpoint[1], chat_template=template)
+    try:
+        r = httpx.post(server.url + "/v1/chat/completions", json=CHAT)
+        expected = server.aengine.engine.tokenizer.encode("Hi\n", add_special_tokens=False)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(expected)
+    finally:
+        server.close()
+    tokenizer = tiny_server.aengine.engine.tokenizer
     saved, tokenizer.chat_template = tokenizer.chat_template, None
     try:
-        r = TestClient(build_app(tiny_aengine, SERVED_NAME)).post("/v1/chat/completions", json=CHAT)
+        r = http.post("/v1/chat/completions", json=CHAT)
     finally:
         tokenizer.chat_template = saved
-    assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
 
 
 def test_sigterm_drains_the_streaming_request_then_exits_0(tiny_checkpoint, tmp_path):

@@ -7,7 +7,7 @@ import asyncio
 
 import httpx
 import pytest
-from conftest import SERVED_NAME, ThreadServer, idle, start_engine, wait_until
+from conftest import SERVED_NAME, ThreadServer, idle, wait_until
 
 NUM_REQUESTS = 200
 MAX_TOKENS = 4
@@ -15,11 +15,9 @@ MAX_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def small_queue_server(tiny_checkpoint):
-    aengine = start_engine(tiny_checkpoint[1], max_num_seqs=8, max_waiting=16)
-    server = ThreadServer(aengine)
+    server = ThreadServer(tiny_checkpoint[1], {"max_num_seqs": 8, "max_waiting": 16})
     yield server
     server.close()
-    asyncio.run(aengine.shutdown(0))
 
 
 async def _fire(url: str) -> list[tuple[int, dict]]:

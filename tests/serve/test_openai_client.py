@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 
+import httpx
 import openai
 import pytest
 import torch
-from conftest import SERVED_NAME, ThreadServer, idle, start_engine, wait_until
+from conftest import SERVED_NAME, ThreadServer, idle, wait_until
 
 from llmkern import LLM, SamplingParams
 
@@ -35,11 +36,14 @@ def test_greedy_completion_equals_llm_and_transformers(client, llm, tiny_checkpo
     assert r.choices[0].text == ref.text and r.choices[0].finish_reason == "length"
     assert r.usage.prompt_tokens == ref.num_prompt_tokens and r.usage.completion_tokens == 24
     assert r.usage.total_tokens == ref.num_prompt_tokens + 24
+    # transformers' greedy, one full forward per token (its cached generate() drifts from its own forward on
+    # this random model and long-context rope; the forward is the reference).
     ids = ref.prompt_token_ids
+    seq = list(ids)
     with torch.no_grad():
-        hf = tiny_checkpoint[0].generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24,
-                                         do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
-    assert ref.token_ids == hf.tolist()
+        for _ in range(24):
+            seq.append(int(tiny_checkpoint[0](torch.tensor([seq])).logits[0, -1].argmax()))
+    assert ref.token_ids == seq[len(ids):]
     # The same prompt as token ids gives the same completion.
     by_ids = client.completions.create(model=SERVED_NAME, prompt=ids, max_tokens=24, temperature=0, extra_body=NO_EOS)
     assert by_ids.choices[0].text == ref.text
@@ -105,7 +109,8 @@ def test_completion_logprobs(client, llm):
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
     for got, want, top in zip(lp.token_logprobs, ref.logprobs, lp.top_logprobs):
         assert math.isclose(got, want.logprob, rel_tol=1e-4, abs_tol=1e-4)
-        assert 3 <= len(top) <= 4 and max(top.values()) == pytest.approx(got, abs=1e-4)  # greedy: the top one
+        # Up to 3 + the sampled token (fewer when tokens decode alike); greedy: the sampled one is the top one.
+        assert 1 <= len(top) <= 4 and max(top.values()) == pytest.approx(got, abs=1e-4)
 
 
 def test_chat_logprobs(client):
@@ -121,7 +126,7 @@ def test_chat_logprobs(client):
 def test_errors_are_the_clients_exceptions(client):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=SERVED_NAME, prompt=PROMPT, temperature=-1)
-    with pytest.raises(openai.BadRequestError, match="max_model_len"):
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.completions.create(model=SERVED_NAME, prompt=PROMPT, max_tokens=500)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt=PROMPT)
@@ -129,13 +134,15 @@ def test_errors_are_the_clients_exceptions(client):
     assert [m.id for m in client.models.list().data] == [SERVED_NAME]
 
 
-def test_api_key_is_required_when_set(tiny_aengine):
-    server = ThreadServer(tiny_aengine, api_key="sk-test")
+def test_api_key_is_required_when_set(tiny_checkpoint):
+    server = ThreadServer(tiny_checkpoint[1], api_key="sk-test")
     try:
-        for key in ("wrong", None):
-            bad = openai.OpenAI(base_url=server.url + "/v1", api_key=key or "", max_retries=0)
-            with pytest.raises(openai.AuthenticationError):
-                bad.models.list()
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        assert httpx.get(server.url + "/v1/models").status_code == 401  # no key at all
+        assert httpx.get(server.url + "/metrics").status_code == 401
+        assert httpx.get(server.url + "/health").status_code == 200  # open to load balancers
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-test", max_retries=0)
         assert good.completions.create(model=SERVED_NAME, prompt="Hi", max_tokens=2).choices
     finally:
@@ -143,8 +150,8 @@ def test_api_key_is_required_when_set(tiny_aengine):
 
 
 def test_full_waiting_queue_gives_429(tiny_checkpoint):
-    aengine = start_engine(tiny_checkpoint[1], max_num_seqs=1, max_waiting=1)
-    server = ThreadServer(aengine)
+    server = ThreadServer(tiny_checkpoint[1], {"max_num_seqs": 1, "max_waiting": 1})
+    aengine = server.aengine
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
     long = dict(model=SERVED_NAME, prompt="Hello", max_tokens=100, temperature=0, stream=True, extra_body=NO_EOS)
     try:
@@ -159,6 +166,3 @@ def test_full_waiting_queue_gives_429(tiny_checkpoint):
         assert client.completions.create(model=SERVED_NAME, prompt="Hello", max_tokens=2).choices
     finally:
         server.close()
-        import asyncio
-
-        asyncio.run(aengine.shutdown(0))
