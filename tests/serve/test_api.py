@@ -187,7 +187,7 @@ def test_sigterm_drains_the_streaming_request_then_exits_0(tiny_checkpoint, tmp_
         (model / f.name).symlink_to(f)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").unlink()
-    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
     port = free_port()
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "llmkern.cli", "serve", "--model", str(model), "--port",
@@ -203,7 +203,7 @@ def test_sigterm_drains_the_streaming_request_then_exits_0(tiny_checkpoint, tmp_
                 return False
 
         wait_until(healthy, timeout_s=60, what="the server to load")
-        body = {"prompt": "Hello", "max_tokens": 800, "temperature": 0, "ignore_eos": True, "stream": True}
+        body = {"prompt": "Hello", "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
         texts, finish = [], None
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             assert r.status_code == 200
@@ -228,3 +228,44 @@ def test_sigterm_drains_the_streaming_request_then_exits_0(tiny_checkpoint, tmp_
             proc.wait()
         log.close()
     assert "draining" in (tmp_path / "server.log").read_text()
+
+
+def _serve_args(*argv):
+    import argparse
+
+    from llmkern.serve import server
+
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_serve_flags_resolve_to_an_engine_config(tiny_checkpoint):
+    from llmkern.models import demo_model_path
+    from llmkern.serve.server import engine_config, parse_bytes
+
+    assert parse_bytes("512M") == 512 << 20 and parse_bytes("2G") == 2 << 30 and parse_bytes("1.5GiB") == 3 << 29
+    assert parse_bytes("4096") == 4096
+    with pytest.raises(ValueError, match="512X"):
+        parse_bytes("512X")
+    demo = engine_config(_serve_args())  # no --model: the demo target, no speculation
+    assert demo.speculative is None and demo.draft_model is None and demo.enable_prefix_caching
+    draft = engine_config(_serve_args("--speculative", "draft", "--num-speculative-tokens", "3"))
+    assert draft.speculative == "draft" and Path(draft.draft_model) == demo_model_path("demo-draft")
+    assert draft.num_speculative_tokens == 3
+    ngram = engine_config(_serve_args("--model", str(tiny_checkpoint[1]), "--ngram", "--no-prefix-caching",
+                                      "--kv-cache-memory", "64M", "--max-waiting", "3"))
+    assert ngram.speculative == "ngram" and ngram.draft_model is None and not ngram.enable_prefix_caching
+    assert ngram.kv_cache_memory == 64 << 20 and ngram.max_waiting == 3
+    for argv, words in [(("--model", str(tiny_checkpoint[1]), "--speculative", "draft"), "--draft-model"),
+                        (("--ngram", "--draft-model", str(tiny_checkpoint[1])), "pick one"),
+                        (("--kv-cache-memory", "lots"), "--kv-cache-memory"),
+                        (("--model", "/nonexistent"), "--model")]:
+        with pytest.raises(ValueError, match=words):
+            engine_config(_serve_args(*argv))
+
+
+def test_serve_command_rejects_bad_flags_in_one_line():
+    r = subprocess.run([sys.executable, "-m", "llmkern.cli", "serve", "--kv-cache-memory", "12X"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "llmkern serve: error: --kv-cache-memory" in r.stderr and "Traceback" not in r.stderr
