@@ -105,25 +105,42 @@ class ServerState:
 
 
 class Gate:
-    """ASGI middleware in front of every route: the Bearer token (when an API key is set) and the drain (new
-    requests get 503 once SIGTERM arrived). Pure ASGI, so streaming and disconnect detection pass untouched."""
+    """ASGI middleware in front of every route: the Bearer token (when an API key is set), the drain (new
+    requests get 503 once SIGTERM arrived), and the last resort for unexpected errors (a generic 500, the traceback
+    in the log; starlette's own handler would re-raise and reset the connection). Pure ASGI, so streaming and
+    disconnect detection pass untouched."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"] not in OPEN_PATHS:
             error = None
             if self.state.api_key is not None:
-                header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-                if not hmac.compare_digest(header.encode(), f"Bearer {self.state.api_key}".encode()):
+                header = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(header, f"Bearer {self.state.api_key}".encode()):
                     error = APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                      code="invalid_api_key")
             if error is None and not self.state.accepting:
                 error = APIError(503, "server is shutting down", "service_unavailable")
             if error is not None:
                 return await error.response()(scope, receive, send)
-        await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception:
+            log.exception("unexpected error in %s %s", scope.get("method"), scope["path"])
+            if started:  # too late for a status: the connection closes
+                raise
+            await internal_error().response()(scope, receive, send)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -476,11 +493,6 @@ def build_app(aengine, served_model_name: str, api_key: str | None = None, chat_
     async def http_error(request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), kind).response()
-
-    @app.exception_handler(Exception)
-    async def unexpected(request, exc: Exception):
-        log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
-        return internal_error().response()
 
     @app.get("/health")
     async def health():

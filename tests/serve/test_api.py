@@ -265,7 +265,48 @@ def test_serve_flags_resolve_to_an_engine_config(tiny_checkpoint):
             engine_config(_serve_args(*argv))
 
 
-def test_serve_command_rejects_bad_flags_in_one_line():
-    r = subprocess.run([sys.executable, "-m", "llmkern.cli", "serve", "--kv-cache-memory", "12X"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "llmkern serve: error: --kv-cache-memory" in r.stderr and "Traceback" not in r.stderr
+def test_serve_command_rejects_bad_flags_in_one_line(capsys):
+    from llmkern.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--kv-cache-memory", "12X"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "llmkern serve: error: --kv-cache-memory" in err and "Traceback" not in err
+
+
+def test_unexpected_errors_are_a_generic_500(http, tiny_server, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(tiny_server.aengine.engine.tokenizer, "encode", broken)
+    r = http.post("/v1/completions", json=GOOD)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_server_error"
+    assert "secret" not in r.text and "Traceback" not in r.text
+    monkeypatch.undo()
+    assert http.post("/v1/completions", json=GOOD).status_code == 200
+
+
+def test_engine_death_ends_streams_with_an_error_and_health_503(tiny_checkpoint):
+    server = ThreadServer(tiny_checkpoint[1])
+    try:
+        engine = server.aengine.engine
+        real_step, steps = engine.step, []
+
+        def failing_step():
+            steps.append(1)
+            if len(steps) > 3:
+                raise RuntimeError("device lost")
+            return real_step()
+
+        engine.step = failing_step
+        body = {**GOOD, "max_tokens": 50, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2][6:])["error"]
+        assert error["type"] == "internal_server_error" and "device lost" not in error["message"]
+        assert httpx.get(server.url + "/health").status_code == 503
+        r = httpx.post(server.url + "/v1/completions", json=GOOD)
+        assert r.status_code == 500 and "engine stopped" in r.json()["error"]["message"]
+    finally:
+        server.close()
