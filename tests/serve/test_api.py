@@ -187,7 +187,7 @@ def test_sigterm_drains_the_streaming_request_then_exits_0(tiny_checkpoint, tmp_
         (model / f.name).symlink_to(f)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").unlink()
-    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
     port = free_port()
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "llmkern.cli", "serve", "--model", str(model), "--port",
@@ -203,7 +203,7 @@ def test_sigterm_drains_the_streaming_request_then_exits_0(tiny_checkpoint, tmp_
                 return False
 
         wait_until(healthy, timeout_s=60, what="the server to load")
-        body = {"prompt": "Hello", "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+        body = {"prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
         texts, finish = [], None
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             assert r.status_code == 200
