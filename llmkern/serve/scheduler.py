@@ -54,6 +54,8 @@ class Sequence:
     num_computed: int = 0
     draft_computed: int = 0  # tokens in the draft model's cache (speculative decoding with a draft model)
     logprobs: list | None = None
+    prefill_s: float = 0.0  # time of the steps before its first token (they pick it)
+    decode_s: float = 0.0  # time of the steps that decoded it afterwards (shared with the batch)
     seq_id: int = field(default_factory=itertools.count().__next__)
 
     @property
