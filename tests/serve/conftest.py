@@ -61,6 +61,33 @@ class ThreadServer:
         self.thread.join(timeout=20)
 
 
+class StepGate:
+    """Lets the engine thread run only `allow(n)` more steps, so a test can hold requests running or waiting
+    without racing the engine; `close()` restores the engine's step."""
+
+    def __init__(self, engine, allowed: int | None = 0):
+        self.engine, self.real_step = engine, engine.step
+        self.cond = threading.Condition()
+        self.allowed = allowed
+        engine.step = self.step
+
+    def step(self):
+        with self.cond:  # bounded: a forgotten gate slows a test down instead of hanging it
+            self.cond.wait_for(lambda: self.allowed is None or self.allowed > 0, timeout=30)
+            if self.allowed is not None:
+                self.allowed = max(0, self.allowed - 1)
+        return self.real_step()
+
+    def allow(self, steps: int | None) -> None:
+        with self.cond:
+            self.allowed = steps
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        self.allow(None)
+        self.engine.step = self.real_step
+
+
 def idle(aengine) -> bool:
     s = aengine.stats()
     return s.num_running == 0 and s.num_waiting == 0 and s.kv_cache_usage == 0

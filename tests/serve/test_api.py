@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import SERVED_NAME, ThreadServer, free_port, idle, wait_until
+from conftest import SERVED_NAME, StepGate, ThreadServer, free_port, idle, wait_until
 from fastapi.testclient import TestClient
 
 from llmkern.serve.api import build_app
@@ -134,17 +134,23 @@ def test_disconnect_aborts_the_request(http, tiny_server):
     aborted = 'llmkern:request_success_total{finished_reason="abort"}'
     before = _metric(http, aborted)
     body = {**GOOD, "max_tokens": 100, "ignore_eos": True}
-    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
-        next(r.iter_lines())  # generating; leaving the block closes the connection
-    wait_until(lambda: _metric(http, aborted) == before + 1, what="the streamed request to be aborted")
-    # Not streaming: the raw request, then hang up while it runs.
-    raw = json.dumps(body).encode()
-    with socket.create_connection(("127.0.0.1", tiny_server.port)) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
-        wait_until(lambda: tiny_server.aengine.stats().num_running == 1, what="the request to start")
-    wait_until(lambda: _metric(http, aborted) == before + 2, what="the non-streamed request to be aborted")
-    wait_until(lambda: idle(tiny_server.aengine), what="its blocks to be freed")
+    gate = StepGate(tiny_server.aengine.engine, allowed=4)  # the request cannot finish before the client leaves
+    try:
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            next(r.iter_lines())  # generating; leaving the block closes the connection
+        wait_until(lambda: _metric(http, aborted) == before + 1, what="the streamed request to be aborted")
+        gate.allow(0)
+        # Not streaming: the raw request, then hang up while it waits for its steps.
+        raw = json.dumps(body).encode()
+        with socket.create_connection(("127.0.0.1", tiny_server.port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
+            wait_until(lambda: tiny_server.aengine.num_unfinished == 1, what="the request to arrive")
+        wait_until(lambda: _metric(http, aborted) == before + 2, what="the non-streamed request to be aborted")
+    finally:
+        gate.close()
+    wait_until(lambda: idle(tiny_server.aengine) and tiny_server.aengine.num_unfinished == 0,
+               what="its blocks to be freed")
 
 
 def test_loading_and_draining_answer_503():

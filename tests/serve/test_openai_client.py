@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import SERVED_NAME, ThreadServer, idle, wait_until
+from conftest import SERVED_NAME, StepGate, ThreadServer, idle, wait_until
 
 from llmkern import LLM, SamplingParams
 
@@ -150,19 +150,19 @@ def test_api_key_is_required_when_set(tiny_checkpoint):
 
 
 def test_full_waiting_queue_gives_429(tiny_checkpoint):
-    server = ThreadServer(tiny_checkpoint[1], {"max_num_seqs": 1, "max_waiting": 1})
-    aengine = server.aengine
+    server = ThreadServer(tiny_checkpoint[1], {"max_waiting": 1})
+    gate = StepGate(server.aengine.engine)  # no step runs: the first request stays waiting
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
-    long = dict(model=SERVED_NAME, prompt="Hello", max_tokens=100, temperature=0, stream=True, extra_body=NO_EOS)
     try:
-        running = client.completions.create(**long)
-        next(iter(running))  # scheduled: it produced a token
-        waiting = client.completions.create(**long)  # headers sent: it is queued behind the running one
-        with pytest.raises(openai.RateLimitError):
+        waiting = client.completions.create(model=SERVED_NAME, prompt="Hello", max_tokens=5, temperature=0,
+                                            stream=True, extra_body=NO_EOS)  # headers sent: it is queued
+        with pytest.raises(openai.RateLimitError, match="busy"):
             client.completions.create(model=SERVED_NAME, prompt="Hello", max_tokens=2)
-        running.close()
-        waiting.close()
-        wait_until(lambda: idle(aengine), what="the aborted requests to free their blocks")
+        gate.allow(None)
+        chunks = list(waiting)
+        assert chunks[-1].choices[0].finish_reason == "length"
+        wait_until(lambda: idle(server.aengine), what="the engine to be idle")
         assert client.completions.create(model=SERVED_NAME, prompt="Hello", max_tokens=2).choices
     finally:
+        gate.close()
         server.close()
