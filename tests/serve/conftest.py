@@ -42,13 +42,13 @@ class ThreadServer:
     daemon thread; `url` is its base URL, `aengine` its AsyncEngine, `state` the app's ServerState."""
 
     def __init__(self, model_dir, config: dict | None = None, **app_kwargs):
-        engine = Engine.from_pretrained(model_dir, EngineConfig(**{"kv_cache_memory": KV_CACHE_MEMORY, **(config or {})}),
-                                        dtype=torch.float32)
+        engine_config = EngineConfig(**{"kv_cache_memory": KV_CACHE_MEMORY, **(config or {})})
+        engine = Engine.from_pretrained(model_dir, engine_config, dtype=torch.float32)
         self.app = build_app(None, SERVED_NAME, **app_kwargs)
         self.state = self.app.state.server
         self.port = free_port()
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = server_class()(config, self.state, lambda: engine, shutdown_timeout=0)
+        uvicorn_config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = server_class()(uvicorn_config, self.state, lambda: engine, shutdown_timeout=0)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_until(lambda: self.state.aengine is not None or not self.thread.is_alive(), what="the server to start")
