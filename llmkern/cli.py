@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     from llmkern.train import pretrain
 
     pretrain.add_arguments(train.add_parser("pretrain", help="pretrain on the standard-library corpus"))
+    from llmkern.serve import server
+
+    server.add_arguments(sub.add_parser("serve", help="the OpenAI-compatible HTTP server (default: the demo model "
+                                        "on 127.0.0.1:8000)"))
     args = parser.parse_args(argv)
     if args.command == "info":
         from llmkern.info import main as info_main
@@ -111,6 +115,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(pretrain.run(args))
         except (ValueError, FileNotFoundError) as e:
             print(f"llmkern train: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    elif args.command == "serve":
+        try:
+            raise SystemExit(server.run(args))
+        except (ValueError, FileNotFoundError) as e:  # bad flags: one line, no traceback
+            print(f"llmkern serve: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
     elif args.command == "generate":
         try:

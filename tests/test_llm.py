@@ -128,9 +128,9 @@ def test_bad_inputs_raise_clear_errors(checkpoint, llm, tmp_path):
         LLM(checkpoint[1], quant="int3")
     with pytest.raises(ValueError, match="params: expected one SamplingParams or one per prompt"):
         llm.generate(PROMPTS, [GREEDY, GREEDY])
-    with pytest.raises(ValueError, match=r"prompts\[0\]: token ids must be in \[0, 640\)"):
+    with pytest.raises(ValueError, match=r"prompts\[0\]: prompt token ids must be in \[0, 640\)"):
         llm.generate(None, GREEDY, prompt_token_ids=[[1, 640]])
-    with pytest.raises(ValueError, match="leave no room"):
+    with pytest.raises(ValueError, match="leaving no room"):
         llm.generate(None, GREEDY, prompt_token_ids=[[1] * 128])
     with pytest.raises(ValueError, match="stream: n > 1 gives several outputs"):
         llm.stream("x", SamplingParams(n=2))

@@ -17,6 +17,7 @@ AsyncEngine drives it from one thread.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -182,9 +183,9 @@ class Engine:
         ids = prompt_token_ids
         vocab = self.model.config.vocab_size
         if not ids:
-            raise ValueError("prompt: empty (no tokens)")
+            raise ValueError("the prompt is empty (no tokens)")
         if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt: token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
                              f"prompt has {len(ids)} tokens, leaving no room for a completion. Please reduce the "
@@ -250,10 +251,12 @@ class Engine:
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return outputs
+        decoding = [bool(s.seq.output_ids) for s in plan.scheduled]
         self._copy_blocks(plan.copies)
         drafts = self._propose(plan.scheduled)
         chunks = []
@@ -285,7 +288,15 @@ class Engine:
                 emitted[seq] = [token]
         if speculated:
             emitted.update(self._verify(speculated, logits))
-        return outputs + self._emit(emitted)
+        outputs += self._emit(emitted)
+        elapsed = time.perf_counter() - t0
+        for s, decoded in zip(plan.scheduled, decoding):
+            if decoded:
+                s.seq.decode_s += elapsed
+            else:
+                for seq in s.seq.request.seqs if s.seq.index == 0 else [s.seq]:  # forks share the prefill
+                    seq.prefill_s += elapsed
+        return outputs
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:

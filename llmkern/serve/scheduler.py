@@ -37,6 +37,7 @@ class Request:
     arrival: int  # admission order
     seqs: list["Sequence"] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    admitted: bool = False  # scheduled at least once
 
     @property
     def finished(self) -> bool:
@@ -54,6 +55,8 @@ class Sequence:
     num_computed: int = 0
     draft_computed: int = 0  # tokens in the draft model's cache (speculative decoding with a draft model)
     logprobs: list | None = None
+    prefill_s: float = 0.0  # time of the steps before its first token (they pick it)
+    decode_s: float = 0.0  # time of the steps that decoded it afterwards (shared with the batch)
     seq_id: int = field(default_factory=itertools.count().__next__)
 
     @property
@@ -104,6 +107,7 @@ class Scheduler:
 
     @property
     def num_waiting_requests(self) -> int:
+        """Waiting sequences: new requests and preempted sequences (the bound on new requests counts both)."""
         return len(self.waiting)
 
     def add(self, seq: Sequence) -> None:
@@ -172,9 +176,10 @@ class Scheduler:
     def _admit(self, scheduled: list[Scheduled], budget: int) -> None:
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            fresh = seq.num_computed == 0 and not seq.output_ids and seq.index == 0
-            # A new request's forks join it later: leave room for them among the running sequences.
-            if len(self.running) + (seq.request.params.n if fresh else 1) > self.config.max_num_seqs:
+            request = seq.request
+            # A request's other samples are forked from its first when its prefill ends: leave room for them.
+            unforked = request.params.n - len(request.seqs)
+            if len(self.running) + 1 + unforked > self.config.max_num_seqs:
                 break
             hit_blocks, hit_keys = self.kv.find_prefix(seq.tokens)
             num_computed = len(hit_blocks) * self.kv.block_size
@@ -186,9 +191,10 @@ class Scheduler:
             self.kv.acquire(hit_blocks)
             seq.blocks = hit_blocks + self.kv.allocate(new)
             seq.block_keys, seq.num_computed = hit_keys, num_computed
-            if fresh:
+            if not request.admitted:  # the hit rate counts each prompt once, not its recomputations
+                request.admitted = True
                 self.kv.record_prefix_lookup(seq.length, num_computed)
-                seq.request.num_cached_tokens = num_computed
+                request.num_cached_tokens = num_computed
             self.running.append(seq)
             scheduled.append(Scheduled(seq, n))
             budget -= n

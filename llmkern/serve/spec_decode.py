@@ -9,6 +9,7 @@ distributed exactly as if the target had sampled them one at a time.
 
 from __future__ import annotations
 
+import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,19 +27,42 @@ def ngram_propose(token_ids: Sequence[int], k: int, min_n: int = 1, max_n: int =
     _check_int("max_n", max_n, lo=1)
     if max_n < min_n:
         raise ValueError(f"max_n must be >= min_n, got max_n={max_n}, min_n={min_n}")
-    tokens = torch.as_tensor(token_ids, dtype=torch.long)
-    if tokens.dim() != 1:
-        raise ValueError(f"token_ids must be a flat sequence of token ids, got shape {tuple(tokens.shape)}")
-    length = tokens.numel()
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        # Windows tokens[i:i+n] for every start i whose window ends before the last token (so one follows it);
-        # this leaves out the suffix itself, which starts at length - n.
-        windows = tokens[: length - 1].unfold(0, n, 1)
-        starts = (windows == tokens[length - n :]).all(dim=1).nonzero()
-        if starts.numel():
-            follow = int(starts[-1]) + n
-            return tokens[follow : follow + k].tolist()
-    return []
+    tokens = _token_array(token_ids)
+    last = len(tokens) - 1
+    if last < 1:
+        return []
+    # Plain Python, as this runs per request per step and turning a long list into a tensor costs more than the
+    # scan: walk back over the earlier positions holding the last token (array.index runs in C), measure how far
+    # each match extends backwards (up to max_n), keep the longest, the most recent on ties; stop at max_n.
+    earlier_reversed = tokens[last - 1 :: -1]  # tokens[last - 1], ..., tokens[0]
+    best_n, best_end, i = 0, -1, 0
+    while best_n < max_n:
+        try:
+            i = earlier_reversed.index(tokens[last], i)
+        except ValueError:
+            break
+        end = last - 1 - i
+        n = 1
+        while n < max_n and n <= end and tokens[end - n] == tokens[last - n]:
+            n += 1
+        if n > best_n:
+            best_n, best_end = n, end
+        i += 1
+    if best_n < min_n:
+        return []
+    return tokens[best_end + 1 : best_end + 1 + k].tolist()
+
+
+def _token_array(token_ids) -> array.array:
+    """token_ids as an int64 array: C-speed search, and a clear error for anything but ints."""
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dim() != 1 or token_ids.is_floating_point() or token_ids.is_complex():
+            raise ValueError(f"token_ids must be a flat sequence of int token ids, got {_describe(token_ids)}")
+        token_ids = token_ids.tolist()
+    try:
+        return array.array("q", token_ids)
+    except (TypeError, OverflowError) as error:
+        raise ValueError(f"token_ids must be a flat sequence of int token ids ({error})") from None
 
 
 @dataclass

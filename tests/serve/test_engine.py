@@ -159,7 +159,7 @@ def test_bad_requests_raise_and_the_queue_is_bounded(checkpoint, prompts):
     engine = make_engine(checkpoint, max_waiting=2)
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("x", [], GREEDY)
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, 640\)"):
+    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 640\)"):
         engine.add_request("x", [640], GREEDY)
     limit = engine.max_model_len
     with pytest.raises(ValueError, match=rf"maximum context length is {limit} tokens.*{limit + 1} tokens \(10 in the "

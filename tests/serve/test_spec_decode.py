@@ -38,6 +38,24 @@ def test_ngram_propose(tokens, k, min_n, max_n, expected):
     assert ngram_propose(tokens, k, min_n=min_n, max_n=max_n) == expected
 
 
+def ngram_propose_ref(tokens, k, min_n, max_n):
+    """The definition, literally: for n = max_n..min_n, the latest start i < len - n with the same n tokens."""
+    for n in range(max_n, min_n - 1, -1):
+        for i in range(len(tokens) - n - 1, -1, -1):
+            if tokens[i : i + n] == tokens[len(tokens) - n :]:
+                return tokens[i + n : i + n + k]
+    return []
+
+
+def test_ngram_propose_matches_the_definition():
+    gen = torch.Generator().manual_seed(0)
+    for case in range(400):
+        tokens = torch.randint(0, 2 + case % 3, (case % 41,), generator=gen).tolist()
+        k, min_n = 1 + case % 5, 1 + case % 3
+        max_n = min_n + case % 4
+        assert ngram_propose(tokens, k, min_n, max_n) == ngram_propose_ref(tokens, k, min_n, max_n), (tokens, k)
+
+
 def test_ngram_propose_accepts_a_tensor():
     assert ngram_propose(torch.tensor([7, 1, 2, 3, 9, 8, 6, 1, 2, 3]), 2) == [9, 8]
 
@@ -51,13 +69,14 @@ def test_ngram_propose_accepts_a_tensor():
         (dict(k=2, min_n=0), "min_n must be >= 1"),
         (dict(k=2, max_n=0), "max_n must be >= 1"),
         (dict(k=2, min_n=3, max_n=2), "max_n must be >= min_n"),
-        (dict(token_ids=[[1, 2], [3, 4]], k=2), "token_ids"),
+        (dict(token_ids=[[1, 2], [3, 4]], k=2), "token_ids must be a flat sequence of int token ids"),
+        (dict(token_ids=[1.0, 2.5], k=2), "token_ids must be a flat sequence of int token ids"),
+        (dict(token_ids=["a", "b"], k=2), "token_ids must be a flat sequence of int token ids"),
     ],
 )
 def test_ngram_propose_bad_args(kwargs, match):
-    kwargs = dict(token_ids=[1, 2, 1], **kwargs) if "token_ids" not in kwargs else kwargs
     with pytest.raises(ValueError, match=match):
-        ngram_propose(**kwargs)
+        ngram_propose(**{"token_ids": [1, 2, 1], **kwargs})
 
 
 # ----------------------------------------------------------------------------------------------- greedy rows
