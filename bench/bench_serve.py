@@ -358,7 +358,7 @@ def server_flags(args: argparse.Namespace) -> list[str]:
 # ---- comparison: the issue's targets, side by side in one run ----
 
 COMPARE_CONCURRENCY = 16  # the issue's batch and transformers' static batch size
-COMPARE_KV_CACHE_MEMORY = 128 << 20  # bytes per server: three servers run at once, none takes a share of free memory
+COMPARE_KV_CACHE_MEMORY = "128M"  # per server: three servers run at once, none takes a share of free memory
 COMPARE_HEADER = ["scenario", "prompts", "server flags", "conc.", "ok/failed", "out tok/s", "TTFT mean ms",
                   "TPOT mean ms", "ITL median ms", "ITL p99 ms", "ratio", "target"]
 
@@ -388,21 +388,27 @@ def transformers_generate(model: str, prompts: list[list[int]], output_len: int,
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=parse_dtype(dtype) if dtype else "auto").eval()
     eos = hf.generation_config.eos_token_id
     eos = eos if eos is not None else 0
-    # Unset fields would come from the checkpoint's generation_config (sampling, a repetition penalty): plain greedy.
-    config = lambda n: GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos,
-                                        pad_token_id=eos[0] if isinstance(eos, list) else eos, temperature=None,
-                                        top_p=None, top_k=None, repetition_penalty=1.0)
+    # Replaces the checkpoint's defaults (sampling, a repetition penalty), which generate() would merge in: plain greedy.
+    hf.generation_config = GenerationConfig(do_sample=False, eos_token_id=eos, repetition_penalty=1.0,
+                                            pad_token_id=eos[0] if isinstance(eos, list) else eos)
     batches = [torch.tensor(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
     seconds, tokens = 0.0, 0
     with torch.inference_mode():
-        hf.generate(batches[0], attention_mask=torch.ones_like(batches[0]), generation_config=config(2))
+        hf.generate(batches[0], attention_mask=torch.ones_like(batches[0]), max_new_tokens=2, min_new_tokens=2)
         for ids in batches:
             t0 = time.perf_counter()
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config(output_len))
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                              min_new_tokens=output_len)
             seconds += time.perf_counter() - t0
             assert out.shape == (ids.shape[0], ids.shape[1] + output_len), out.shape
             tokens += ids.shape[0] * output_len
     return seconds, tokens
+
+
+def checkpoint_dtype(model: str) -> str:
+    """The weights' dtype config.json names (what both sides load without --dtype)."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
 def metrics_lines(base_url: str, word: str) -> list[str]:
@@ -448,7 +454,7 @@ def compare(args: argparse.Namespace) -> int:
     ports = {v: free_port() for v in variants}
     servers = {v: ServerProcess(serve_command(model, ports[v], common + f), ports[v]) for v, f in variants.items()}
     t0 = time.perf_counter()
-    print(f"$ {shlex.join([sys.executable, *sys.argv])}")
+    print(f"$ {getattr(args, 'command_line', None) or shlex.join([sys.executable, *sys.argv])}")
     try:
         for s in servers.values():
             print(f"$ {shlex.join(s.cmd)}", flush=True)
@@ -492,7 +498,7 @@ def compare(args: argparse.Namespace) -> int:
          f"llmkern {batched.output_throughput / hf_tps:.2f}x out tok/s", ">= 3x"],
     ]
     print()
-    print(f"{Path(model).name} ({args.dtype or 'checkpoint dtype'}), {args.num_prompts} random and "
+    print(f"{Path(model).name} ({args.dtype or checkpoint_dtype(model)}), {args.num_prompts} random and "
           f"{args.spec_prompts} code prompts of {args.input_len} tokens, {args.output_len} output tokens each "
           f"(ignore_eos, greedy), seed {args.seed}, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs")
     print(format_table(COMPARE_HEADER, rows, args.markdown))
@@ -534,7 +540,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="the model name requests carry (default: the first of GET /v1/models)")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="random",
                    help="random: uniform vocabulary ids; code: windows of real Python code (default random)")
-    p.add_argument("--num-prompts", type=positive_int, default=16)
+    p.add_argument("--num-prompts", type=positive_int, default=32)
     p.add_argument("--input-len", type=positive_int, default=128, help="prompt tokens per request")
     p.add_argument("--output-len", type=positive_int, default=64, help="output tokens per request (ignore_eos)")
     p.add_argument("--request-rate", type=positive_float, default=math.inf,
@@ -555,7 +561,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("comparison (--compare)")
     c.add_argument("--compare", action="store_true", help="measure the issue's targets side by side in one run "
                    "(batching, speculation, transformers' generate) and print one table")
-    c.add_argument("--spec-prompts", type=positive_int, default=8, help="code prompts of the speculation rows")
+    c.add_argument("--spec-prompts", type=positive_int, default=16, help="code prompts of the speculation rows")
     c.add_argument("--markdown", action="store_true", help="print the comparison table in markdown")
 
 
@@ -592,7 +598,9 @@ def benchmark(base_url: str, args: argparse.Namespace, prompts: list[list[int]])
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_serve", description=__doc__.splitlines()[0])
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    args.command_line = shlex.join([sys.executable, "-m", "bench.bench_serve", *(sys.argv[1:] if argv is None else argv)])
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -179,18 +179,25 @@ def test_bad_arguments_name_the_flag(capsys):
         assert argv[0] in capsys.readouterr().err
 
 
-def test_server_process(monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "tests")]))
-    port = bs.free_port()
-    cmd = [sys.executable, "-c", "import sys, uvicorn, test_bench_serve as t; "
-           "uvicorn.run(t.fake_app(), host='127.0.0.1', port=int(sys.argv[1]), log_level='warning')", str(port)]
-    with bs.ServerProcess(cmd, port) as server:
-        server.start().wait_healthy(60)
-        assert bs.served_model_name(server.base_url) == "fake"
-        assert server.stop() in (0, -signal.SIGTERM)  # ended by our SIGTERM (uvicorn re-raises it), not SIGKILL
+def test_against_llmkern_serve(capsys):
+    """The default path: the benchmark starts `llmkern serve` on the demo model, measures, stops it."""
+    argv = ["--num-prompts", "3", "--input-len", "8", "--output-len", "4", "--max-concurrency", "2",
+            "--kv-cache-memory", "16M", "--max-num-seqs", "4"]
+    assert bs.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "llmkern.cli serve --model" in out and "--max-num-seqs 4 --kv-cache-memory 16M" in out
+    assert re.search(r"Successful requests:\s+3\n", out) and re.search(r"Failed requests:\s+0\n", out)
+    assert re.search(r"Total input tokens:\s+24\n", out) and re.search(r"Total generated tokens:\s+12\n", out)
+
+
+def test_server_process_failures():
     bad = [sys.executable, "-c", "import sys; sys.exit('no such checkpoint: /nowhere')"]
     with bs.ServerProcess(bad, bs.free_port()) as server, pytest.raises(RuntimeError, match="no such checkpoint"):
         server.start().wait_healthy(60)
+    silent = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with bs.ServerProcess(silent, bs.free_port()) as server, pytest.raises(RuntimeError, match="--server-timeout"):
+        server.start().wait_healthy(0.5)
+    assert server.proc.returncode == -signal.SIGTERM  # stopped, not left running
 
 
 def test_compare_runs_end_to_end(fake_server, monkeypatch, capsys):
