@@ -376,10 +376,9 @@ async def interleaved(servers: dict[str, tuple[str, str]], prompts: list[list[in
     return {k: BenchResult(v, sum(r.latency or 0.0 for r in v)) for k, v in results.items()}
 
 
-def transformers_generate(model: str, prompts: list[list[int]], output_len: int, batch_size: int,
-                          dtype: str | None) -> tuple[float, int]:
-    """(seconds, output tokens) of transformers' greedy `generate` over static batches of the prompts (equal
-    lengths, so no padding), min_new_tokens = max_new_tokens so EOS cannot end a row early; after one warm-up."""
+def transformers_generator(model: str, dtype: str | None):
+    """generate(prompts, output_len) -> seconds: transformers' greedy `generate` on the checkpoint, one static batch
+    of equal-length prompts (no padding), min_new_tokens = max_new_tokens so EOS cannot end a row early."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -391,18 +390,37 @@ def transformers_generate(model: str, prompts: list[list[int]], output_len: int,
     # Replaces the checkpoint's defaults (sampling, a repetition penalty), which generate() would merge in: plain greedy.
     hf.generation_config = GenerationConfig(do_sample=False, eos_token_id=eos, repetition_penalty=1.0,
                                             pad_token_id=eos[0] if isinstance(eos, list) else eos)
-    batches = [torch.tensor(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
-    seconds, tokens = 0.0, 0
-    with torch.inference_mode():
-        hf.generate(batches[0], attention_mask=torch.ones_like(batches[0]), max_new_tokens=2, min_new_tokens=2)
-        for ids in batches:
+
+    def generate(prompts: list[list[int]], output_len: int) -> float:
+        ids = torch.tensor(prompts)
+        with torch.inference_mode():
             t0 = time.perf_counter()
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
                               min_new_tokens=output_len)
-            seconds += time.perf_counter() - t0
-            assert out.shape == (ids.shape[0], ids.shape[1] + output_len), out.shape
-            tokens += ids.shape[0] * output_len
-    return seconds, tokens
+            seconds = time.perf_counter() - t0
+        assert out.shape == (ids.shape[0], ids.shape[1] + output_len), out.shape
+        return seconds
+
+    return generate
+
+
+def batching_rows(base_url: str, name: str, prompts: list[list[int]], output_len: int, hf_generate,
+                  timeout_s: float) -> tuple[Report, Report, float]:
+    """(one at a time, concurrency 16, transformers' output tokens/s) over the prompts, taken batch by batch of 16
+    in turn (drift on a shared machine hits all three alike); after a warm-up of each on the first batch."""
+    batches = [prompts[i:i + COMPARE_CONCURRENCY] for i in range(0, len(prompts), COMPARE_CONCURRENCY)]
+    asyncio.run(run_requests(base_url, name, batches[0], 4, max_concurrency=COMPARE_CONCURRENCY, timeout_s=timeout_s))
+    hf_generate(batches[0], 2)
+    runs: dict[int, list[BenchResult]] = {1: [], COMPARE_CONCURRENCY: []}
+    hf_seconds = 0.0
+    for batch in batches:
+        for conc, acc in runs.items():
+            acc.append(asyncio.run(run_requests(base_url, name, batch, output_len, max_concurrency=conc,
+                                                timeout_s=timeout_s)))
+        hf_seconds += hf_generate(batch, output_len)
+    one, batched = (summarize(BenchResult([r for b in acc for r in b.results], sum(b.duration_s for b in acc)))
+                    for acc in runs.values())
+    return one, batched, len(prompts) * output_len / hf_seconds
 
 
 def checkpoint_dtype(model: str) -> str:
@@ -431,8 +449,8 @@ def compare_row(scenario: str, prompts: str, flags: str, conc: int, rep: Report,
 
 def compare(args: argparse.Namespace) -> int:
     """Starts three servers (no speculation, draft model, n-gram) on the same target, measures (1) the same
-    random-prompt requests one at a time and at concurrency 16, (2) batch-1 greedy code completion on each server,
-    interleaved, (3) transformers' generate on the random prompts in static batches of 16; prints one table."""
+    random-prompt requests one at a time, at concurrency 16 and with transformers' generate in static batches of
+    16, batch by batch in turn, (2) batch-1 greedy code completion on each server, interleaved; prints one table."""
     from llmkern.generation import Tokenizer
     from llmkern.models import demo_model_path
 
@@ -466,12 +484,11 @@ def compare(args: argparse.Namespace) -> int:
             warm = asyncio.run(run_requests(s.base_url, names[v], code[:1], 4, timeout_s=args.request_timeout))
             if not warm.results[0].ok:
                 raise RuntimeError(f"the warm-up request to the {v} server failed: {warm.results[0].error}")
-        plain = servers["none"].base_url
-        reps = {}
-        for conc in (1, COMPARE_CONCURRENCY):
-            print(f"random prompts at concurrency {conc} ...", flush=True)
-            reps[conc] = summarize(asyncio.run(run_requests(plain, names["none"], rand, args.output_len,
-                                                            max_concurrency=conc, timeout_s=args.request_timeout)))
+        print(f"random prompts: one at a time, at concurrency {COMPARE_CONCURRENCY}, and transformers' generate "
+              f"in static batches of {COMPARE_CONCURRENCY}, batch by batch in turn ...", flush=True)
+        hf_generate = transformers_generator(model, args.dtype)
+        one, batched, hf_tps = batching_rows(servers["none"].base_url, names["none"], rand, args.output_len,
+                                             hf_generate, args.request_timeout)
         print("code prompts, batch 1, interleaved over the three servers ...", flush=True)
         spec = {v: summarize(b) for v, b in asyncio.run(interleaved(
             {v: (s.base_url, names[v]) for v, s in servers.items()}, code, args.output_len, args.request_timeout)).items()}
@@ -479,11 +496,7 @@ def compare(args: argparse.Namespace) -> int:
     finally:
         for s in servers.values():
             s.stop()
-    print(f"transformers generate, static batches of {COMPARE_CONCURRENCY} ...", flush=True)
-    hf_s, hf_tokens = transformers_generate(model, rand, args.output_len, COMPARE_CONCURRENCY, args.dtype)
 
-    one, batched = reps[1], reps[COMPARE_CONCURRENCY]
-    hf_tps = hf_tokens / hf_s
     tpot_x = lambda v: f"{spec['none'].tpot.mean_ms / spec[v].tpot.mean_ms:.2f}x lower TPOT"
     rows = [
         compare_row("one at a time", "random", "-", 1, one, "", ""),
@@ -502,8 +515,9 @@ def compare(args: argparse.Namespace) -> int:
           f"{args.spec_prompts} code prompts of {args.input_len} tokens, {args.output_len} output tokens each "
           f"(ignore_eos, greedy), seed {args.seed}, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs")
     print(format_table(COMPARE_HEADER, rows, args.markdown))
-    print(f"-k: --num-speculative-tokens; TPOT = (e2e - TTFT) / (output tokens - 1); the speculation rows ran "
-          f"interleaved (one request per server in turn). {time.perf_counter() - t0:.0f} s in all.")
+    print(f"-k: --num-speculative-tokens; TPOT = (e2e - TTFT) / (output tokens - 1); the random-prompt rows ran "
+          f"{COMPARE_CONCURRENCY} prompts at a time in turn, the code rows one request per server in turn. "
+          f"{time.perf_counter() - t0:.0f} s in all.")
     for v, lines in spec_metrics.items():
         print(f"{v} server /metrics: " + ("; ".join(lines) or "no 'spec' samples"))
     failed = sum(r.failed for r in (one, batched, *spec.values()))
