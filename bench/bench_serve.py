@@ -387,7 +387,7 @@ def transformers_generator(model: str, dtype: str | None):
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=parse_dtype(dtype) if dtype else "auto").eval()
     eos = hf.generation_config.eos_token_id
     eos = eos if eos is not None else 0
-    # Replaces the checkpoint's defaults (sampling, a repetition penalty), which generate() would merge in: plain greedy.
+    # Replaces the checkpoint's defaults (sampling, a repetition penalty) that generate() would merge in: plain greedy.
     hf.generation_config = GenerationConfig(do_sample=False, eos_token_id=eos, repetition_penalty=1.0,
                                             pad_token_id=eos[0] if isinstance(eos, list) else eos)
 
@@ -429,16 +429,19 @@ def checkpoint_dtype(model: str) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
-def metrics_lines(base_url: str, word: str) -> list[str]:
-    """The Prometheus samples of GET /metrics whose name contains `word` (e.g. the speculative counters)."""
+def speculative_metrics(base_url: str) -> str:
+    """The server's speculative-decoding samples of GET /metrics (Prometheus text), "name{labels} value" each with
+    the name's common prefix dropped, e.g. "acceptance_rate 0.452, mean_accepted_length 2.76"."""
     try:
         resp = httpx.get(base_url + "/metrics", timeout=10.0)
     except httpx.HTTPError as e:
-        return [f"GET /metrics failed: {e}"]
+        return f"GET /metrics failed: {e}"
     if resp.status_code != 200:
-        return [f"GET /metrics: HTTP {resp.status_code}"]
-    samples = [line for line in resp.text.splitlines() if line.strip() and not line.startswith("#")]
-    return [line for line in samples if word in line.split("{")[0].split()[0]]
+        return f"GET /metrics: HTTP {resp.status_code}"
+    samples = [line.rpartition(" ") for line in resp.text.splitlines() if line.strip() and not line.startswith("#")]
+    spec = [f"{name.split('spec_decode_')[-1]} {float(value):.3g}" for name, _, value in samples
+            if "spec_decode" in name.split("{")[0]]
+    return ", ".join(spec) or "no spec_decode samples"
 
 
 def compare_row(scenario: str, prompts: str, flags: str, conc: int, rep: Report, ratio: str, target: str) -> list[str]:
@@ -490,9 +493,10 @@ def compare(args: argparse.Namespace) -> int:
         one, batched, hf_tps = batching_rows(servers["none"].base_url, names["none"], rand, args.output_len,
                                              hf_generate, args.request_timeout)
         print("code prompts, batch 1, interleaved over the three servers ...", flush=True)
-        spec = {v: summarize(b) for v, b in asyncio.run(interleaved(
-            {v: (s.base_url, names[v]) for v, s in servers.items()}, code, args.output_len, args.request_timeout)).items()}
-        spec_metrics = {v: metrics_lines(servers[v].base_url, "spec") for v in ("draft", "ngram")}
+        urls = {v: (s.base_url, names[v]) for v, s in servers.items()}
+        spec = {v: summarize(b) for v, b in
+                asyncio.run(interleaved(urls, code, args.output_len, args.request_timeout)).items()}
+        spec_metrics = {v: speculative_metrics(servers[v].base_url) for v in ("draft", "ngram")}
     finally:
         for s in servers.values():
             s.stop()
@@ -518,8 +522,8 @@ def compare(args: argparse.Namespace) -> int:
     print(f"-k: --num-speculative-tokens; TPOT = (e2e - TTFT) / (output tokens - 1); the random-prompt rows ran "
           f"{COMPARE_CONCURRENCY} prompts at a time in turn, the code rows one request per server in turn. "
           f"{time.perf_counter() - t0:.0f} s in all.")
-    for v, lines in spec_metrics.items():
-        print(f"{v} server /metrics: " + ("; ".join(lines) or "no 'spec' samples"))
+    for v, text in spec_metrics.items():
+        print(f"{v} server GET /metrics: {text}")
     failed = sum(r.failed for r in (one, batched, *spec.values()))
     return 0 if failed == 0 else 1
 
@@ -613,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_serve", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    args.command_line = shlex.join([sys.executable, "-m", "bench.bench_serve", *(sys.argv[1:] if argv is None else argv)])
+    argv = sys.argv[1:] if argv is None else argv
+    args.command_line = shlex.join([sys.executable, "-m", "bench.bench_serve", *argv])
     return run(args)
 
 

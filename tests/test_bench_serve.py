@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from bench import bench_serve as bs
 
@@ -38,6 +38,13 @@ def fake_app() -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": "fake", "object": "model"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        text = ("# TYPE llmkern:spec_decode_acceptance_rate gauge\nllmkern:spec_decode_acceptance_rate 0.5\n"
+                'llmkern:spec_decode_num_accepted_tokens_per_pos_total{position="0"} 7.0\n'
+                "llmkern:num_requests_running 0\n")
+        return PlainTextResponse(text)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -231,6 +238,7 @@ def test_compare_runs_end_to_end(fake_server, monkeypatch, capsys):
                      "transformers generate"):
         assert scenario in out
     assert len(re.findall(r"\s3/0\s", out)) == 3 and len(re.findall(r"\s2/0\s", out)) == 3  # ok/failed per row
+    assert 'GET /metrics: acceptance_rate 0.5, num_accepted_tokens_per_pos_total{position="0"} 7\n' in out
     flags = [cmd[cmd.index("--port") + 2:] for cmd in launched]
     common = ["--kv-cache-memory", str(bs.COMPARE_KV_CACHE_MEMORY), "--dtype", "float32"]
     assert flags == [common, common + ["--draft-model", str(demo_model_path("demo-draft")), "--num-speculative-tokens",
