@@ -343,14 +343,18 @@ def served_model_name(base_url: str) -> str:
     return resp.json()["data"][0]["id"]
 
 
-def server_flags(args: argparse.Namespace) -> list[str]:
-    """The `llmkern serve` flags this benchmark passes through (those set), then --server-args."""
+SPECULATION_FLAGS = ("draft_model", "num_speculative_tokens")  # and --ngram
+ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "dtype")
+
+
+def server_flags(args: argparse.Namespace, speculation: bool = True) -> list[str]:
+    """The `llmkern serve` flags this benchmark passes through (those set; the speculation ones unless
+    speculation=False), then --server-args."""
     flags = []
-    for name in ("draft_model", "num_speculative_tokens", "max_num_seqs", "max_num_batched_tokens",
-                 "kv_cache_memory", "dtype"):
+    for name in (SPECULATION_FLAGS if speculation else ()) + ENGINE_FLAGS:
         if getattr(args, name) is not None:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    if args.ngram:
+    if speculation and args.ngram:
         flags.append("--ngram")
     return flags + shlex.split(args.server_args or "")
 
@@ -465,11 +469,8 @@ def compare(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_pretrained(model)
     rand = random_prompts(tok, args.num_prompts, args.input_len, args.seed)
     code = code_prompts(tok, args.spec_prompts, args.input_len, args.seed)
-    common = ["--kv-cache-memory", str(args.kv_cache_memory or COMPARE_KV_CACHE_MEMORY)]
-    for name in ("max_num_seqs", "max_num_batched_tokens", "dtype"):
-        if getattr(args, name) is not None:
-            common += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    common += shlex.split(args.server_args or "")
+    common = (["--kv-cache-memory", COMPARE_KV_CACHE_MEMORY] if args.kv_cache_memory is None else []) + \
+        server_flags(args, speculation=False)
     variants = {"none": [], "draft": ["--draft-model", draft, "--num-speculative-tokens", k],
                 "ngram": ["--ngram", "--num-speculative-tokens", k]}
     ports = {v: free_port() for v in variants}
