@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BNB_SPEC ?= bitsandbytes==0.50.2
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: setup build test bench info cuda-check gpu-check demo-models clean
+.PHONY: setup build test bench serve info cuda-check gpu-check demo-models clean
 
 setup: build
 
@@ -31,6 +31,11 @@ test: build
 
 bench: build
 	$(PY) -m bench
+
+# The OpenAI-compatible server on the built-in demo model (127.0.0.1:8000); SERVE_ARGS adds flags, e.g.
+# make serve SERVE_ARGS="--speculative draft --port 8080".
+serve: build
+	$(PY) -m llmkern.cli serve $(SERVE_ARGS)
 
 info: build
 	$(PY) -m llmkern.info

@@ -262,7 +262,7 @@ class Engine:
         chunks = []
         for s, draft in zip(plan.scheduled, drafts):
             seq, start = s.seq, s.seq.num_computed
-            tokens = seq.tokens[start : start + s.num_tokens] + draft.tokens
+            tokens = seq.token_slice(start, start + s.num_tokens) + draft.tokens
             chunks.append(SequenceChunk(tokens, start, seq.blocks, num_logits=(1 + len(draft.tokens)) * s.completes))
         logits = self.model.step(build_step_input(chunks, self.config.block_size, self.device), self.kv_caches)
 

@@ -75,6 +75,14 @@ class Sequence:
     def length(self) -> int:
         return len(self.request.prompt_ids) + len(self.stream.token_ids)
 
+    def token_slice(self, start: int, end: int | None = None) -> list[int]:
+        """tokens[start:end] without building the whole list (decode steps read one token of a long sequence)."""
+        prompt, output = self.request.prompt_ids, self.stream.token_ids
+        end = self.length if end is None else end
+        if start >= len(prompt):
+            return output[start - len(prompt) : end - len(prompt)]
+        return prompt[start:end] + output[: max(0, end - len(prompt))]
+
 
 @dataclass
 class Scheduled:

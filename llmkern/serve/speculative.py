@@ -60,7 +60,7 @@ class DraftModelProposer:
             for i in active:
                 seq = items[i][0]
                 if step == 0:  # everything the draft's cache lacks, up to the sequence's last token
-                    chunks.append(SequenceChunk(seq.tokens[seq.draft_computed :], seq.draft_computed, seq.blocks))
+                    chunks.append(SequenceChunk(seq.token_slice(seq.draft_computed), seq.draft_computed, seq.blocks))
                 else:
                     chunks.append(SequenceChunk([tokens[i][-1]], seq.length + step - 1, seq.blocks))
             logits = self.model.step(build_step_input(chunks, self.block_size, self.device), self.kv_caches)

@@ -63,13 +63,22 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+# The demo models write Python, so a conversation becomes a Python file: system and user messages are comment
+# lines, assistant messages are code, and the reply continues the file (chat requests to `llmkern serve` work).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}\n"
+    "{% else %}{% for line in m['content'].split('\n') %}# {{ line }}\n{% endfor %}{% endif %}{% endfor %}"
+)
+
+
 def save_tokenizer(tok: Tokenizer, directory: str | Path, model_max_length: int) -> None:
     """tokenizer.json + tokenizer_config.json, as transformers' PreTrainedTokenizerFast.save_pretrained writes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-              "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
+              "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
+              "chat_template": CHAT_TEMPLATE}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
