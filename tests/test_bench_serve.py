@@ -1,15 +1,14 @@
-"""Smoke test of bench/bench_serve.py: its client against a tiny fake OpenAI streaming server (FastAPI + uvicorn),
-the report's bookkeeping, the workloads, and the server-process handling. Timing is never asserted."""
+"""Smoke test of bench/bench_serve.py: its client against a tiny fake OpenAI streaming server (FastAPI + uvicorn in
+a thread), the report's bookkeeping, the workloads, the server-process handling, one short run against the real
+`llmkern serve`, and --compare on tiny sizes. Timing is never asserted."""
 
 import asyncio
 import math
-import os
 import re
 import signal
 import statistics
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from bench import bench_serve as bs
+from llmkern.generation import Tokenizer
+from llmkern.models import demo_model_path
 
-# llmkern (and torch) are imported inside the tests: the fake server's subprocesses import this module, lightly.
-
-REPO = Path(__file__).resolve().parents[1]
 FAIL_400, CUT_STREAM = 0, 1  # first prompt token ids that make the fake server fail that request
 
 
@@ -93,9 +91,6 @@ def fake_server():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from llmkern.generation import Tokenizer
-    from llmkern.models import demo_model_path
-
     return Tokenizer.from_pretrained(demo_model_path("demo-target"))
 
 
@@ -211,8 +206,6 @@ def test_compare_runs_end_to_end(fake_server, monkeypatch, capsys):
     """--compare on tiny sizes, its three servers replaced by the in-thread fake one (ServerProcess is tested
     above): every row present, nothing failed, the right server flags, and transformers' generate really ran on
     the demo checkpoint."""
-    from llmkern.models import demo_model_path
-
     launched = []
 
     class FakeServer:
