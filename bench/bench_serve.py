@@ -585,6 +585,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.compare and args.base_url:
+        raise ValueError("--base-url: --compare starts its own three servers (no speculation, draft, n-gram)")
     if args.compare:
         return compare(args)
     model = args.model or default_model()

@@ -179,6 +179,8 @@ def test_bad_arguments_name_the_flag(capsys):
         with pytest.raises(SystemExit):
             bs.main(argv)
         assert argv[0] in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--base-url: --compare starts its own"):
+        bs.main(["--compare", "--base-url", "http://127.0.0.1:1"])
 
 
 def test_against_llmkern_serve(capsys):
