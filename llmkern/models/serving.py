@@ -12,6 +12,7 @@ KV cache layout (one (k_cache, v_cache) pair per layer), flash-attn's paged layo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -89,12 +90,12 @@ def build_step_input(chunks: list[SequenceChunk], block_size: int, device: str |
         q_lens.append(len(c.tokens))
         k_lens.append(end)
     max_blocks = max(len(c.block_table) for c in chunks)
-    tables = torch.zeros(len(chunks), max_blocks, dtype=torch.int32)
-    for i, c in enumerate(chunks):
-        tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+    # One tensor from padded lists: a decode step of a large batch would spend longer on per-row copies.
+    tables = torch.tensor([c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks],
+                          dtype=torch.int32)
 
     def cu(lens):
-        return torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        return torch.tensor(list(itertools.accumulate(lens, initial=0)), dtype=torch.int32, device=device)
 
     attn = AttentionInput(cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), tables.to(device),
                           torch.tensor(slots, dtype=torch.int64, device=device))

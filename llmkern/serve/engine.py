@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from llmkern.generation import (GenerationConfig, OutputStream, SamplingParams, TokenLogprob, Tokenizer,
-                                compute_logprobs, make_generator, probabilities, sample, sample_seeds)
+                                compute_logprobs, make_generator, sample, sample_seeds)
 from llmkern.models import SequenceChunk, allocate_kv_cache, build_step_input, load_model
 from llmkern.serve.config import DEFAULT_KV_CACHE_FRACTION, EngineConfig
 from llmkern.serve.kv_cache import KVCacheManager
@@ -356,25 +356,16 @@ class Engine:
 
     def _verify(self, speculated, logits: torch.Tensor) -> dict[Sequence, list[int]]:
         """Exact speculative sampling over each sequence's 1 + k rows of target logits."""
-        seqs, row_lists, params, prompts, histories = [], [], [], [], []
-        for seq, draft, row in speculated:
-            seqs.append(seq)
-            rows = list(range(row, row + 1 + len(draft.tokens)))
-            row_lists.append(rows)
-            for j in range(len(rows)):  # the target's distribution after the first j draft tokens
-                params.append(seq.stream.params)
-                prompts.append(seq.prompt_ids)
-                histories.append(seq.output_ids + draft.tokens[:j])
-        flat_rows = torch.tensor([r for rows in row_lists for r in rows], device=logits.device)
-        target = logits[flat_rows]
-        p = probabilities(target, params, prompts, histories)
-        results = verify(p, [d for _, d, _ in speculated], [s.generator for s in seqs])
+        seqs = [seq for seq, _, _ in speculated]
+        drafts = [draft for _, draft, _ in speculated]
+        rows = torch.tensor([r for _, d, row in speculated for r in range(row, row + 1 + len(d.tokens))],
+                            device=logits.device)
+        target = logits[rows]
         out, at = {}, 0
-        for seq, (_, draft, _), tokens, rows in zip(seqs, speculated, results, row_lists):
+        for seq, draft, tokens in zip(seqs, drafts, verify(target, drafts, seqs)):
             accepted = len(tokens) - 1
             seq.num_computed += accepted  # the accepted draft tokens' keys and values are in the cache
-            if self.proposer is not None:
-                self.proposer.rollback(seq)
+            self.proposer.rollback(seq)
             self.spec_rounds += 1
             self.spec_drafted += len(draft.tokens)
             self.spec_accepted += accepted
@@ -383,7 +374,7 @@ class Engine:
             if seq.logprobs is not None:  # token j was picked from row j of the target's raw logits
                 picked = torch.tensor(tokens, device=logits.device)
                 self._record_logprobs([seq] * len(tokens), target[at : at + len(tokens)], picked)
-            at += len(rows)
+            at += 1 + len(draft.tokens)
             out[seq] = tokens
         return out
 

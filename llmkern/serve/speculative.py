@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkern.generation import probabilities, sample_from_probabilities
+from llmkern.generation import probabilities, sample, sample_from_probabilities
 from llmkern.models import SequenceChunk, allocate_kv_cache, build_step_input
 from llmkern.serve.spec_decode import ngram_propose, rejection_sample
 
@@ -66,13 +66,14 @@ class DraftModelProposer:
             logits = self.model.step(build_step_input(chunks, self.block_size, self.device), self.kv_caches)
             seqs = [items[i][0] for i in active]
             params = [s.stream.params for s in seqs]
-            q = probabilities(logits, params, [s.prompt_ids for s in seqs],
-                              [s.output_ids + tokens[i] for s, i in zip(seqs, active)])
-            greedy = torch.tensor([p.greedy for p in params], device=q.device)
-            drawn = q.argmax(dim=-1)
-            if not bool(greedy.all()):
+            prompts, histories = [s.prompt_ids for s in seqs], [s.output_ids + tokens[i] for s, i in zip(seqs, active)]
+            if all(p.greedy for p in params):  # the argmax of the penalized logits; q is one-hot
+                drawn = sample(logits, params, prompts, histories)
+            else:
+                q = probabilities(logits, params, prompts, histories)
+                greedy = torch.tensor([p.greedy for p in params], device=q.device)
                 sampled = sample_from_probabilities(q, [None if p.greedy else s.generator for p, s in zip(params, seqs)])
-                drawn = torch.where(greedy, drawn, sampled)
+                drawn = torch.where(greedy, q.argmax(dim=-1), sampled)
             for j, (i, seq) in enumerate(zip(active, seqs)):
                 tokens[i].append(int(drawn[j]))
                 if not params[j].greedy:
@@ -88,9 +89,27 @@ class DraftModelProposer:
         seq.draft_computed = min(seq.draft_computed, seq.num_computed)
 
 
-def verify(target_probs: torch.Tensor, drafts: list[Draft], generators) -> list[list[int]]:
-    """target_probs: [sum(1 + len(draft)), V], each sequence's rows in order (the target's distribution at
-    each draft position and the bonus one). Returns each sequence's accepted draft tokens plus one more."""
+def verify(target_logits: torch.Tensor, drafts: list[Draft], seqs) -> list[list[int]]:
+    """target_logits: [sum(1 + len(draft)), V], each sequence's rows in order (the target's logits at each draft
+    position and the bonus one). Returns each sequence's accepted draft tokens plus one more."""
+    params, prompts, histories = [], [], []
+    for seq, d in zip(seqs, drafts):
+        for j in range(len(d.tokens) + 1):  # the target's distribution after the first j draft tokens
+            params.append(seq.stream.params)
+            prompts.append(seq.prompt_ids)
+            histories.append(seq.output_ids + d.tokens[:j])
+    if all(p.greedy for p in params):
+        # p is one-hot at the argmax of the penalized logits, so rejection sampling accepts while the draft
+        # equals that argmax and then emits it: no distributions needed.
+        best, out, at = sample(target_logits, params, prompts, histories).tolist(), [], 0
+        for d in drafts:
+            n, a = len(d.tokens), 0
+            while a < n and d.tokens[a] == best[at + a]:
+                a += 1
+            out.append(d.tokens[:a] + [best[at + a]])
+            at += n + 1
+        return out
+    target_probs = probabilities(target_logits, params, prompts, histories)
     batch, k = len(drafts), max(len(d.tokens) for d in drafts)
     vocab = target_probs.shape[-1]
     p = target_probs.new_zeros(batch, k + 1, vocab)
@@ -109,4 +128,4 @@ def verify(target_probs: torch.Tensor, drafts: list[Draft], generators) -> list[
             else:  # a deterministic draft: one-hot q
                 q[i, torch.arange(n), tokens[i, :n]] = 1.0
         at += n + 1
-    return rejection_sample(p, tokens, q, [len(d.tokens) for d in drafts], generators).tokens
+    return rejection_sample(p, tokens, q, [len(d.tokens) for d in drafts], [s.generator for s in seqs]).tokens

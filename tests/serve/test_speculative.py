@@ -151,3 +151,20 @@ def test_sampled_output_with_a_draft_model_is_distributed_as_the_target(tmp_path
         assert stat < critical, f"{name}: chi-square {stat:.1f} >= {critical:.1f} against the target"
         stat, critical = chi_square(counts.sum(dims), p_draft.sum(dims))
         assert stat > critical, f"{name}: the test cannot tell the draft's distribution from the target's"
+
+
+def test_greedy_and_sampled_requests_speculate_in_one_batch(checkpoints, prompts):
+    """Mixed batches take the general verification path (greedy rows one-hot); greedy outputs stay exact."""
+    target, draft = checkpoints
+    plain = run(engine(target), prompts, GREEDY)
+    spec = engine(target, draft, num_speculative_tokens=3)
+    sampled = SamplingParams(temperature=1.0, seed=1, max_tokens=20, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        spec.add_request(f"g{i}", p, GREEDY)
+        spec.add_request(f"s{i}", p, sampled)
+    out = {}
+    while spec.has_unfinished_requests():
+        for o in spec.step():
+            out.setdefault(o.request_id, []).extend(t for d in o.deltas for t in d.token_ids)
+    assert [out[f"g{i}"] for i in range(len(prompts))] == [p[0] for p in plain]
+    assert all(len(out[f"s{i}"]) == 20 for i in range(len(prompts)))
