@@ -1,5 +1,5 @@
-"""The `llmkern` command: `llmkern info`, `llmkern quantize`, `llmkern generate`, `llmkern train pretrain` (more
-arrive with serving and bench)."""
+"""The `llmkern` command: `llmkern info`, `llmkern quantize`, `llmkern generate`, `llmkern train pretrain`,
+`llmkern serve`, `llmkern bench serve`."""
 
 from __future__ import annotations
 
@@ -86,6 +86,18 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_module(name: str):
+    """bench/<name>.py of the source checkout llmkern runs from (the benchmarks are not part of the package)."""
+    import importlib
+
+    root = str(Path(__file__).resolve().parents[1])
+    if not (Path(root) / "bench" / f"{name}.py").is_file():
+        raise SystemExit(f"llmkern bench: {root}/bench/{name}.py not found; the benchmarks need a source checkout")
+    if root not in sys.path:
+        sys.path.append(root)
+    return importlib.import_module(f"bench.{name}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="llmkern")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,7 +115,13 @@ def main(argv: list[str] | None = None) -> None:
 
     server.add_arguments(sub.add_parser("serve", help="the OpenAI-compatible HTTP server (default: the demo model "
                                         "on 127.0.0.1:8000)"))
+    bench = sub.add_parser("bench", help="benchmarks (from a source checkout: they live in bench/)")
+    bench_serve = _bench_module("bench_serve")
+    bench_serve.add_arguments(bench.add_subparsers(dest="benchmark", required=True).add_parser(
+        "serve", help="serving benchmark of llmkern serve (same as python -m bench.bench_serve)"))
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        raise SystemExit(bench_serve.run(args))
     if args.command == "info":
         from llmkern.info import main as info_main
 
