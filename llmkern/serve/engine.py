@@ -58,18 +58,20 @@ class RequestOutput:
 
 @dataclasses.dataclass
 class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    prompt_tokens: int
-    generation_tokens: int
-    spec_rounds: int
-    spec_drafted: int
-    spec_accepted: int
-    spec_accepted_per_position: list[int]
+    """Gauges (running, waiting, KV usage) and monotonic totals; all zero before the engine exists."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, and those found
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    spec_rounds: int = 0
+    spec_drafted: int = 0
+    spec_accepted: int = 0
+    spec_accepted_per_position: list[int] = dataclasses.field(default_factory=list)
 
 
 class _NoText:
@@ -121,7 +123,7 @@ class Engine:
             raise ValueError(
                 f"max_model_len {self.max_model_len} needs {need} KV-cache blocks of {bs} tokens "
                 f"({need * per_block / 2**20:.1f} MiB), but the KV cache budget of {budget / 2**20:.1f} MiB holds "
-                f"{num_blocks}: raise kv_cache_memory or lower max_model_len")
+                f"{num_blocks}: raise kv_cache_memory (--kv-cache-memory) or lower max_model_len (--max-model-len)")
         self.num_blocks = num_blocks
         dtype = model.model.embed_tokens.weight.dtype
         self.kv_caches = allocate_kv_cache(model.config, num_blocks, bs, dtype, self.device)

@@ -136,8 +136,11 @@ def server_class():
         async def _load(self):
             try:
                 engine = await asyncio.to_thread(self.load)
-            except Exception:
-                log.exception("loading the model failed")
+            except Exception as e:
+                if isinstance(e, (ValueError, FileNotFoundError)):  # a bad model or setting: the message says it
+                    log.error("cannot serve: %s", e)
+                else:
+                    log.exception("loading the model failed")
                 self.load_failed = True
                 self.should_exit = True
                 return

@@ -157,6 +157,7 @@ def test_loading_and_draining_answer_503():
     loading = TestClient(build_app(None, SERVED_NAME))
     assert loading.get("/health").status_code == 503
     assert loading.post("/v1/completions", json=GOOD).status_code == 503
+    assert loading.get("/metrics").status_code == 200  # zeros until the engine exists
     app = build_app(SimpleNamespace(healthy=True), SERVED_NAME)  # only /health reads the engine here
     client = TestClient(app)
     assert client.get("/health").status_code == 200
