@@ -31,11 +31,25 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", metavar="D", help="float32, bfloat16 or float16 (default: the checkpoint's)")
 
 
+def check_dtype_and_quant(args: argparse.Namespace):
+    """The --dtype flag as a torch.dtype (None: the checkpoint's); bad --dtype or --quant values raise, naming
+    the flag, before any model loads."""
+    from llmkern.llm import parse_dtype
+    from llmkern.models.checkpoint import QUANT_CONFIGS
+
+    try:
+        dtype = parse_dtype(args.dtype)
+    except ValueError:
+        raise ValueError(f"--dtype: expected float32, bfloat16 or float16, got {args.dtype!r}") from None
+    if args.quant is not None and args.quant not in QUANT_CONFIGS:
+        raise ValueError(f"--quant: expected one of {', '.join(sorted(QUANT_CONFIGS))}, got {args.quant!r}")
+    return dtype
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Streams the generated text to stdout; prompt and decode speeds go to stderr (stdout stays the text)."""
     from llmkern.generation import SamplingParams
-    from llmkern.llm import LLM, parse_dtype
-    from llmkern.models.checkpoint import QUANT_CONFIGS
+    from llmkern.llm import LLM
 
     # Bad arguments fail before the model loads.
     if args.model is None:
@@ -45,12 +59,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"llmkern generate: no --model given, using the built-in demo model {args.model}", file=sys.stderr)
     if not Path(args.model).is_dir():
         raise ValueError(f"--model: {args.model} is not a directory")
-    try:
-        dtype = parse_dtype(args.dtype)
-    except ValueError:
-        raise ValueError(f"--dtype: expected float32, bfloat16 or float16, got {args.dtype!r}") from None
-    if args.quant is not None and args.quant not in QUANT_CONFIGS:
-        raise ValueError(f"--quant: expected one of {', '.join(sorted(QUANT_CONFIGS))}, got {args.quant!r}")
+    dtype = check_dtype_and_quant(args)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
     if args.system is not None and not args.chat:

@@ -177,16 +177,10 @@ def server_class():
 def run(args: argparse.Namespace) -> int:
     """Bad flags raise ValueError before anything starts; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from llmkern.llm import parse_dtype
-    from llmkern.models.checkpoint import QUANT_CONFIGS
+    from llmkern.cli import check_dtype_and_quant
 
     config = engine_config(args)
-    try:
-        dtype = parse_dtype(args.dtype)
-    except ValueError:
-        raise ValueError(f"--dtype: expected float32, bfloat16 or float16, got {args.dtype!r}") from None
-    if args.quant is not None and args.quant not in QUANT_CONFIGS:
-        raise ValueError(f"--quant: expected one of {', '.join(sorted(QUANT_CONFIGS))}, got {args.quant!r}")
+    dtype = check_dtype_and_quant(args)
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout: expected >= 0, got {args.shutdown_timeout}")
     if not 0 <= args.port < 65536:
