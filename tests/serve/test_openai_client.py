@@ -3,6 +3,7 @@ streaming pieces make the same text, usage, n, logprobs, and errors as the clien
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 
 import httpx
@@ -165,4 +166,37 @@ def test_full_waiting_queue_gives_429(tiny_checkpoint):
         assert client.completions.create(model=SERVED_NAME, prompt="Hello", max_tokens=2).choices
     finally:
         gate.close()
+        server.close()
+
+
+@pytest.mark.parametrize("speculative", ["ngram", "draft"])
+def test_speculating_server_gives_the_same_greedy_text_and_reports_acceptance(tiny_checkpoint, client, speculative):
+    """A server that speculates (n-gram, or a draft equal to the target: acceptance 1.0) streams the same greedy
+    completions as the plain one, several requests at once, and exports the speculative counters."""
+    config = {"speculative": speculative, "num_speculative_tokens": 3}
+    if speculative == "draft":
+        config["draft_model"] = str(tiny_checkpoint[1])
+    server = ThreadServer(tiny_checkpoint[1], config)
+    try:
+        spec_client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        prompts = [PROMPT, "a b a b a b a b", "import os\nimport sys\nimport os\n"]
+
+        def complete(c, prompt):
+            return c.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=20, temperature=0,
+                                        extra_body=NO_EOS).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            spec = list(pool.map(lambda p: complete(spec_client, p), prompts))
+        assert spec == [complete(client, p) for p in prompts]
+        metrics = httpx.get(server.url + "/metrics").text
+        drafted = accepted = None
+        for line in metrics.splitlines():
+            if line.startswith("llmkern:spec_decode_num_draft_tokens_total"):
+                drafted = float(line.split()[-1])
+            if line.startswith("llmkern:spec_decode_num_accepted_tokens_total"):
+                accepted = float(line.split()[-1])
+        assert drafted and drafted > 0 and accepted is not None
+        if speculative == "draft":
+            assert accepted == drafted
+    finally:
         server.close()
