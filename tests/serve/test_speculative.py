@@ -82,14 +82,17 @@ def test_a_draft_equal_to_the_target_accepts_every_sampled_token(checkpoints, pr
     assert stats.spec_drafted > 0 and stats.spec_accepted == stats.spec_drafted
 
 
-def test_speculation_with_preemption_and_n_samples_keeps_greedy_output(checkpoints, prompts):
+def test_speculation_with_preemption_prefix_hits_and_n_samples_keeps_greedy_output(checkpoints, prompts):
     target, draft = checkpoints
     params = SamplingParams(n=2, temperature=0.0, max_tokens=20, ignore_eos=True)
+    prompts = prompts + [prompts[3] + [5, 6, 7]]  # a cached prefix: the draft recomputes its own cache over it
     plain = run(engine(target), prompts, params)
     per_block = kv_block_bytes(load_model(target), 4) * 2  # target and draft caches
     tiny = engine(target, draft, kv_cache_memory=(32 + 6) * per_block)  # one full-length sequence and a bit
+    assert run(tiny, prompts[3:4], params) == plain[3:4]  # caches the prefix of the last prompt
     assert run(tiny, prompts, params) == plain
-    assert tiny.stats().num_preemptions > 0
+    stats = tiny.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
 
 
 # ---- the sampled distribution ----
