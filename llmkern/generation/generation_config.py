@@ -74,13 +74,18 @@ class GenerationConfig:
             values[f.name] = v
         return cls(**values)
 
+    def sampling_defaults(self) -> dict:
+        """The sampling values the checkpoint sets (temperature, top_p, top_k, min_p, repetition_penalty): what
+        the server applies to a request's unset fields (vLLM's --generation-config auto)."""
+        return {k: getattr(self, k) for k in _SAMPLING_KEYS if getattr(self, k) is not None}
+
     def sampling_params(self, **overrides) -> SamplingParams:
         """SamplingParams with the checkpoint's recommended values as defaults and `overrides` on top.
 
         As in transformers' generate, the checkpoint samples only if it sets do_sample: true; otherwise it
         defaults to greedy (temperature 0). Unlike transformers, no top_k=50 is added when the checkpoint sets
         none (vLLM's behaviour: the checkpoint's values only). max_new_tokens becomes max_tokens."""
-        defaults = {k: getattr(self, k) for k in _SAMPLING_KEYS if getattr(self, k) is not None}
+        defaults = self.sampling_defaults()
         if not self.do_sample:
             defaults["temperature"] = 0.0
         if self.max_new_tokens is not None:

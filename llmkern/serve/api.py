@@ -334,9 +334,9 @@ def _refuse_unsupported(body) -> None:
         raise APIError(400, refused[0], param=refused[1])
 
 
-def _sampling_params(body, max_tokens, logprobs):
+def _sampling_params(state: ServerState, body, max_tokens, logprobs):
     try:
-        return body.sampling_params(max_tokens=max_tokens, logprobs=logprobs)
+        return body.sampling_params(max_tokens, logprobs, state.engine.generation_config.sampling_defaults())
     except ValueError as e:
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
@@ -356,7 +356,7 @@ async def create_completion(state: ServerState, body: CompletionRequest) -> Resp
     _refuse_unsupported(body)
     tokenizer = state.engine.tokenizer
     prompts = _prompt_ids(tokenizer, body.prompt)
-    params = _sampling_params(body, body.max_tokens, body.logprobs)
+    params = _sampling_params(state, body, body.max_tokens, body.logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     run = EngineRun(state, request_id, [ids for _, ids in prompts], params)
@@ -426,7 +426,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     if max_tokens is None:  # vLLM: whatever room the model length leaves (at least 1: the engine then explains)
         max_tokens = max(1, state.engine.max_model_len - len(ids))
     top_n = body.top_logprobs or 0
-    params = _sampling_params(body, max_tokens, top_n if body.logprobs else None)
+    params = _sampling_params(state, body, max_tokens, top_n if body.logprobs else None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     run = EngineRun(state, request_id, [ids], params)

@@ -33,8 +33,9 @@ class StreamOptions(_Request):
 
 
 class _SamplingRequest(_Request):
-    """The sampling fields completions and chat share. Unset fields take SamplingParams' defaults, which are
-    OpenAI's (temperature 1, top_p 1), as vLLM does."""
+    """The sampling fields completions and chat share. Unset fields take the checkpoint's generation_config
+    values (temperature, top_p, top_k, min_p, repetition_penalty), else SamplingParams' defaults, which are
+    OpenAI's (temperature 1, top_p 1): vLLM's behaviour."""
 
     model: str | None = None  # None: the served model
     n: int | None = None
@@ -69,10 +70,11 @@ class _SamplingRequest(_Request):
             return "stream_options is only allowed with stream: true", "stream_options"
         return None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """Raises ValueError (SamplingParams' message, naming the field) for out-of-range values."""
+    def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict | None = None) -> SamplingParams:
+        """The request's SamplingParams: its set fields over `defaults` (the checkpoint's sampling values) over
+        SamplingParams' own. Raises ValueError (SamplingParams' message, naming the field) for out-of-range values."""
         values = {name: getattr(self, name) for name in _SAMPLING_FIELDS if getattr(self, name) is not None}
-        return SamplingParams(**values, max_tokens=max_tokens, logprobs=logprobs)
+        return SamplingParams(**{**(defaults or {}), **values}, max_tokens=max_tokens, logprobs=logprobs)
 
 
 class CompletionRequest(_SamplingRequest):

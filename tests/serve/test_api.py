@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import SERVED_NAME, StepGate, ThreadServer, free_port, idle, wait_until
+from serve_refs import SERVED_NAME, StepGate, ThreadServer, free_port, idle, wait_until
 from fastapi.testclient import TestClient
 
 from llmkern.serve.api import build_app
@@ -317,3 +317,16 @@ def test_engine_death_ends_streams_with_an_error_and_health_503(tiny_checkpoint)
         assert r.status_code == 500 and "engine stopped" in r.json()["error"]["message"]
     finally:
         server.close()
+
+
+def test_unset_sampling_fields_take_the_checkpoints_values():
+    """vLLM's --generation-config auto: the request's fields over the checkpoint's over SamplingParams' defaults."""
+    from llmkern.generation import GenerationConfig
+    from llmkern.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    defaults = GenerationConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.2).sampling_defaults()
+    assert defaults == {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2}
+    p = CompletionRequest(prompt="x", top_p=0.5).sampling_params(16, None, defaults)
+    assert (p.temperature, p.top_p, p.repetition_penalty, p.top_k) == (0.7, 0.5, 1.2, 0)
+    p = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], temperature=0).sampling_params(8, None)
+    assert (p.temperature, p.top_p, p.repetition_penalty) == (0.0, 1.0, 1.0)

@@ -8,7 +8,7 @@ import asyncio
 
 import httpx
 import pytest
-from conftest import SERVED_NAME, ThreadServer, idle, wait_until
+from serve_refs import SERVED_NAME, ThreadServer, idle, wait_until
 
 NUM_REQUESTS = 200
 MAX_TOKENS = 4

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import SERVED_NAME, StepGate, ThreadServer, idle, wait_until
+from serve_refs import SERVED_NAME, StepGate, ThreadServer, idle, wait_until
 
 from llmkern import LLM, SamplingParams
 
