@@ -213,7 +213,9 @@ class Pretrainer:
         save_pretrained(self.model, tmp)
         torch.save({"step": self.step, "elapsed": self.elapsed, "data_position": self.stream.position,
                     "optimizer": self.optimizer.state_dict(), "guard": self.guard.state_dict(),
-                    "rng": torch.get_rng_state(), "config": self.cfg.as_dict()}, tmp / "state.pt")
+                    "rng": torch.get_rng_state(), "config": self.cfg.as_dict(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},
+                   tmp / "state.pt")
         if final.exists():
             final.rename(old)
         tmp.rename(final)
@@ -233,6 +235,8 @@ class Pretrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.guard.load_state_dict(state["guard"])
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None:  # the CUDA generators too, when the run used CUDA
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.elapsed = state["step"], state["elapsed"]
         if check_config:  # a rollback keeps reading forward: the batches that spiked are skipped
             self.stream.position = state["data_position"]
