@@ -163,7 +163,8 @@ class Scheduler:
             seq = self.running[i]
             remaining = seq.length - seq.num_computed
             n = min(remaining, budget)
-            extra = self.lookahead(seq) if remaining == 1 else 0
+            # Only decoding sequences speculate (a prompt's last token picks the first one plainly: forks need it).
+            extra = self.lookahead(seq) if remaining == 1 and seq.output_ids else 0
             extra = min(extra, budget - n)
             while not self._reserve(seq, n + extra, copies):
                 victim = self.running.pop()

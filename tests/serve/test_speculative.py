@@ -171,3 +171,14 @@ def test_greedy_and_sampled_requests_speculate_in_one_batch(checkpoints, prompts
             out.setdefault(o.request_id, []).extend(t for d in o.deltas for t in d.token_ids)
     assert [out[f"g{i}"] for i in range(len(prompts))] == [p[0] for p in plain]
     assert all(len(out[f"s{i}"]) == 20 for i in range(len(prompts)))
+
+
+def test_a_prompt_whose_last_chunk_is_one_token_forks_its_samples(checkpoints):
+    """Chunked prefill can leave exactly one prompt token for a step: it picks the first token plainly (no
+    drafts), so a request's n samples are still forked from it."""
+    target, _ = checkpoints
+    prompt = [7, 8, 9, 10] * 2 + [7]  # 9 tokens: a chunk of 8, then 1; n-gram lookup has a proposal for it
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=6, ignore_eos=True)
+    plain = run(engine(target, max_num_batched_tokens=8), [prompt], params)
+    spec = run(engine(target, speculative="ngram", max_num_batched_tokens=8), [prompt], params)
+    assert spec == plain and [len(t) for t in spec[0]] == [6, 6]
