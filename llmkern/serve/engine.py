@@ -17,6 +17,7 @@ AsyncEngine drives it from one thread.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from llmkern.serve.config import DEFAULT_KV_CACHE_FRACTION, EngineConfig
 from llmkern.serve.kv_cache import KVCacheManager
 from llmkern.serve.scheduler import Request, Scheduled, Scheduler, Sequence
 from llmkern.serve.speculative import Draft, DraftModelProposer, NgramProposer, verify
+
+
+log = logging.getLogger("llmkern.serve")
 
 
 class QueueFullError(RuntimeError):
@@ -120,10 +124,16 @@ class Engine:
                          config.max_num_seqs * need * per_block)
         num_blocks = budget // per_block
         if num_blocks < need:
-            raise ValueError(
-                f"max_model_len {self.max_model_len} needs {need} KV-cache blocks of {bs} tokens "
-                f"({need * per_block / 2**20:.1f} MiB), but the KV cache budget of {budget / 2**20:.1f} MiB holds "
-                f"{num_blocks}: raise kv_cache_memory (--kv-cache-memory) or lower max_model_len (--max-model-len)")
+            message = (f"max_model_len {self.max_model_len} needs {need} KV-cache blocks of {bs} tokens "
+                       f"({need * per_block / 2**20:.1f} MiB), but the KV cache budget of {budget / 2**20:.1f} MiB "
+                       f"holds {num_blocks}")
+            if config.max_model_len is not None or num_blocks == 0:
+                raise ValueError(f"{message}: raise kv_cache_memory (--kv-cache-memory) or lower max_model_len "
+                                 f"(--max-model-len)")
+            # No length was asked for (a 128k-context checkpoint on a CPU): serve what the budget holds.
+            self.max_model_len = num_blocks * bs
+            log.warning("%s: serving sequences of up to %d tokens (set kv_cache_memory for more)", message,
+                        self.max_model_len)
         self.num_blocks = num_blocks
         dtype = model.model.embed_tokens.weight.dtype
         self.kv_caches = allocate_kv_cache(model.config, num_blocks, bs, dtype, self.device)

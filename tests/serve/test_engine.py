@@ -103,11 +103,17 @@ def test_preemption_under_a_tiny_kv_budget_completes_everything(checkpoint, prom
     assert tiny.stats().num_preemptions > 0
 
 
-def test_kv_budget_below_one_full_length_sequence_is_refused(checkpoint):
+def test_kv_budget_below_one_full_length_sequence(checkpoint):
+    """An asked-for max_model_len the budget cannot hold is refused; without one, the engine serves what fits."""
     engine = make_engine(checkpoint)
     per_block = kv_block_bytes(engine.model, BS)
     with pytest.raises(ValueError, match=r"max_model_len 64 needs 16 KV-cache blocks.*holds 15"):
         make_engine(checkpoint, max_model_len=64, kv_cache_memory=15 * per_block)
+    capped = make_engine(checkpoint, kv_cache_memory=15 * per_block)
+    assert capped.max_model_len == 15 * BS < engine.max_model_len
+    with pytest.raises(ValueError, match=r"maximum context length is 60 tokens"):
+        capped.add_request("x", [5] * 50, SamplingParams(max_tokens=11))
+    assert run(capped, [[5] * 50], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))["0"][0]
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         make_engine(checkpoint, max_model_len=10**6)
 
