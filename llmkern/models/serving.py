@@ -64,11 +64,13 @@ class SequenceChunk:
 
 def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: str | torch.device = "cpu") -> list[tuple[Tensor, Tensor]]:
-    """One (k_cache, v_cache) per layer, each [num_blocks, block_size, num_kv_heads, head_dim], zero-filled."""
+    """One (k_cache, v_cache) per layer, each [num_blocks, block_size, num_kv_heads, head_dim], uninitialized:
+    attention reads only the slots a step has written, and on the CPU a large cache's pages are then committed
+    as its blocks are first used rather than all at startup."""
     if num_blocks <= 0 or block_size <= 0:
         raise ValueError(f"num_blocks, block_size: expected positive ints, got {num_blocks}, {block_size}")
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+    return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             for _ in range(config.num_layers)]
 
 
