@@ -12,7 +12,6 @@ and batch exist (activations, gradients, optimizer state, allocator slack), and 
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import Ceilings, Config
+from bench.harness import Ceilings, Config, measure
 
 HEADER = ["case", "tokens/step", "llmkern tok/s", "transformers tok/s", "x transformers", "llmkern ms/step",
           "transformers ms/step", "llmkern peak MiB (+train)", "transformers peak MiB (+train)"]
@@ -98,15 +97,10 @@ def run(cfg: Config, ceilings: Ceilings | None = None) -> list[list[str]]:
     s = shapes(cfg)
     t0 = time.perf_counter()
     setups = {impl: build(impl, cfg) for impl in ("llmkern", "transformers")}
-    times = {impl: [] for impl in setups}
-    for i in range(2 + s["steps"]):
-        for impl, setup in setups.items():
-            start = time.perf_counter()
-            train_step(*setup)
-            if i >= 2:
-                times[impl].append(time.perf_counter() - start)
+    timings = measure({impl: lambda i, setup=setup: train_step(*setup) for impl, setup in setups.items()},
+                      reps=s["steps"], warmup=2)
     del setups
-    step = {impl: statistics.median(t) for impl, t in times.items()}
+    step = {impl: t.median_s for impl, t in timings.items()}
     mem = {impl: measure_peak(impl, cfg) for impl in step}
     tokens = s["batch"] * s["seq"]
     print(f"  train step: llmkern {step['llmkern'] * 1e3:.0f} ms, transformers {step['transformers'] * 1e3:.0f} ms; "

@@ -27,8 +27,24 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, metavar="R",
                    help="> 1 discourages tokens of the prompt and output (transformers' rule)")
     p.add_argument("--seed", type=int, metavar="S", help="same seed, same output")
+    add_dtype_and_quant_arguments(p)
+
+
+def add_dtype_and_quant_arguments(p: argparse.ArgumentParser) -> None:
+    """--dtype and --quant: how `generate` and `serve` load the model."""
     p.add_argument("--quant", metavar="Q", help="quantize the linears at load time: nf4, int4 or int8")
     p.add_argument("--dtype", metavar="D", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+
+
+def resolve_model(args: argparse.Namespace, announce) -> None:
+    """args.model: the --model directory, or the built-in demo-target (said through announce(path))."""
+    if args.model is None:
+        from llmkern.models import demo_model_path
+
+        args.model = str(demo_model_path("demo-target"))
+        announce(args.model)
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model: {args.model} is not a directory")
 
 
 def check_dtype_and_quant(args: argparse.Namespace):
@@ -52,13 +68,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from llmkern.llm import LLM
 
     # Bad arguments fail before the model loads.
-    if args.model is None:
-        from llmkern.models import demo_model_path
-
-        args.model = str(demo_model_path("demo-target"))
-        print(f"llmkern generate: no --model given, using the built-in demo model {args.model}", file=sys.stderr)
-    if not Path(args.model).is_dir():
-        raise ValueError(f"--model: {args.model} is not a directory")
+    resolve_model(args, lambda path: print(f"llmkern generate: no --model given, using the built-in demo model "
+                                           f"{path}", file=sys.stderr))
     dtype = check_dtype_and_quant(args)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
@@ -125,9 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     server.add_arguments(sub.add_parser("serve", help="the OpenAI-compatible HTTP server (default: the demo model "
                                         "on 127.0.0.1:8000)"))
     bench = sub.add_parser("bench", help="benchmarks (from a source checkout: they live in bench/)")
-    bench_serve = _bench_module("bench_serve")
-    bench_serve.add_arguments(bench.add_subparsers(dest="benchmark", required=True).add_parser(
-        "serve", help="serving benchmark of llmkern serve (same as python -m bench.bench_serve)"))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # only `llmkern bench` imports the benchmarks (not every server start)
+        bench_serve = _bench_module("bench_serve")
+        bench_serve.add_arguments(bench.add_subparsers(dest="benchmark", required=True).add_parser(
+            "serve", help="serving benchmark of llmkern serve (same as python -m bench.bench_serve)"))
     args = parser.parse_args(argv)
     if args.command == "bench":
         raise SystemExit(bench_serve.run(args))

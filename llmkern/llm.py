@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from llmkern.generation import GenerationConfig, SamplingParams, TokenLogprob, Tokenizer, sample_seeds  # noqa: F401
-from llmkern.models import load_model
 from llmkern.serve.config import EngineConfig
 from llmkern.serve.engine import Engine
 
@@ -104,16 +103,8 @@ class LLM:
 
     def __init__(self, path: str | Path, dtype=None, quant: str | None = None, device: str | torch.device = "cpu",
                  block_size: int = 16, max_prefill_tokens: int = 2048, **engine_options):
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: not a model directory")
-        model = load_model(path, dtype=parse_dtype(dtype), device=device, quant=quant)
         config = _engine_config(block_size, max_prefill_tokens, engine_options)
-        draft = None
-        if config.draft_model is not None:
-            draft = load_model(config.draft_model, dtype=model.model.embed_tokens.weight.dtype, device=device)
-        self._setup(Engine(model, Tokenizer.from_pretrained(path), GenerationConfig.from_pretrained(path), config,
-                           draft, model_name=path.name))
+        self._setup(Engine.from_pretrained(path, config, dtype=parse_dtype(dtype), quant=quant, device=device))
 
     @classmethod
     def from_model(cls, model, tokenizer: Tokenizer | None = None, generation_config: GenerationConfig | None = None,

@@ -169,7 +169,8 @@ def test_prompts(tokenizer):
     assert ps == bs.random_prompts(tokenizer, 6, 33, seed=5) and ps != bs.random_prompts(tokenizer, 6, 33, seed=6)
     code = bs.code_prompts(tokenizer, 3, 40, seed=0)
     assert [len(p) for p in code] == [40] * 3
-    assert all(tokenizer.decode(p) in bs.code_text() for p in code)  # windows of the real source
+    source = bs.code_text()
+    assert all(tokenizer.decode(p) in source for p in code)  # windows of the real source
     with pytest.raises(ValueError, match="--input-len"):
         bs.code_prompts(tokenizer, 1, 10**7, seed=0)
 

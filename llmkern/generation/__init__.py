@@ -26,6 +26,7 @@ from llmkern.generation.sampling import (  # noqa: F401
     sample,
     sample_from_probabilities,
     sample_seeds,
+    sample_with_probabilities,
 )
 from llmkern.generation.stop import OutputStream, StopStringMatcher  # noqa: F401
 from llmkern.generation.generation_config import GenerationConfig  # noqa: F401

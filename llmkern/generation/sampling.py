@@ -310,14 +310,20 @@ def sample(logits, params, prompt_ids=None, output_ids=None, generators=None) ->
     """Next token ids [B] (int64) for logits [B, V]: argmax of the penalized logits for greedy rows, a draw from
     `probabilities` for the others. prompt_ids / output_ids: each row's previous tokens (lists or 1-D tensors),
     needed by the penalties. generators: each row's generator from make_generator (None entries: global RNG)."""
+    return sample_with_probabilities(logits, params, prompt_ids, output_ids, generators)[0]
+
+
+def sample_with_probabilities(logits, params, prompt_ids=None, output_ids=None, generators=None):
+    """`sample`, and the distribution each row drew from ([B, V], None when every row is greedy: then no
+    distribution is computed). Speculative decoding's draft keeps it as q."""
     if all(p.greedy for p in params):
-        return apply_penalties(logits, params, prompt_ids, output_ids).argmax(dim=-1)
+        return apply_penalties(logits, params, prompt_ids, output_ids).argmax(dim=-1), None
     probs = probabilities(logits, params, prompt_ids, output_ids)
     greedy = torch.tensor([p.greedy for p in params], device=probs.device)
     if generators is not None:  # greedy rows draw nothing, so their generators do not advance
         generators = [None if p.greedy else g for p, g in zip(params, generators)]
     drawn = sample_from_probabilities(probs, generators)
-    return torch.where(greedy, probs.argmax(dim=-1), drawn)
+    return torch.where(greedy, probs.argmax(dim=-1), drawn), probs
 
 
 @dataclass

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkern.serve.async_engine import EngineDeadError, EngineStoppedError
-from llmkern.serve.engine import QueueFullError
+from llmkern.serve.engine import EngineStats, QueueFullError
 from llmkern.serve.metrics import RequestTimer, ServerMetrics
 from llmkern.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                     ChatCompletionChunk, ChatCompletionRequest, ChatLogprobs, Completion,
@@ -87,8 +87,6 @@ class ServerState:
 
     def _stats(self):
         if self.aengine is None:
-            from llmkern.serve.engine import EngineStats
-
             return EngineStats()
         return self.aengine.stats()
 
@@ -154,8 +152,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "invalid request: " + "; ".join(parts), param
 
 
-def _token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
+def _token_texts(tokenizer, logprobs) -> dict[int, str]:
+    """Each token id of these TokenLogprobs (sampled and top) -> its text, decoded in one batch."""
+    ids = list({i for lp in logprobs or () for i in (lp.token_id, *(t for t, _ in lp.top))})
+    return dict(zip(ids, tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)))
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
@@ -172,7 +172,7 @@ class EngineRun:
         self.timer: RequestTimer = state.metrics.timer()
         self.n = params.n
         self.unfinished: dict[str, set[int]] = {}  # engine request id -> its samples still generating
-        self.prompt_tokens = [len(ids) for ids in prompts]
+        self.prompt_tokens = sum(len(ids) for ids in prompts)
         self.completion_tokens = 0
         self.streams = []
         try:
@@ -196,7 +196,6 @@ class EngineRun:
         """(choice index, SampleDelta) pairs as the engine produces them; raises APIError if the engine died."""
         try:
             async for prompt, out in self._merged():
-                self.prompt_tokens[prompt] = out.num_prompt_tokens
                 for d in out.deltas:
                     choice = prompt * self.n + d.index
                     self.completion_tokens += len(d.token_ids)
@@ -245,7 +244,7 @@ class EngineRun:
                 t.cancel()
 
     def usage(self) -> Usage:
-        return _usage(sum(self.prompt_tokens), self.completion_tokens)
+        return _usage(self.prompt_tokens, self.completion_tokens)
 
 
 class CompletionLogprobsBuilder:
@@ -256,30 +255,31 @@ class CompletionLogprobsBuilder:
 
     def make(self, logprobs) -> CompletionLogprobs:
         out = CompletionLogprobs()
+        texts = _token_texts(self.tokenizer, logprobs)
         for lp in logprobs or ():
-            token = _token_text(self.tokenizer, lp.token_id)
+            token = texts[lp.token_id]
             out.text_offset.append(self.offset)
             out.tokens.append(token)
             out.token_logprobs.append(lp.logprob)
             # Tokens that decode alike (pieces of one UTF-8 character) share a key: the likelier one keeps it.
             top = {}
             for t, v in lp.top:
-                top.setdefault(_token_text(self.tokenizer, t), v)
+                top.setdefault(texts[t], v)
             top.setdefault(token, lp.logprob)  # the sampled token is always listed (vLLM)
             out.top_logprobs.append(top)
             self.offset += len(token)
         return out
 
 
-def _chat_logprob(tokenizer, token_id: int, logprob: float) -> dict:
-    token = _token_text(tokenizer, token_id)
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+def _chat_logprobs(tokenizer, logprobs) -> ChatLogprobs:
+    """Chat logprobs of TokenLogprobs whose `top` the engine already cut to the request's top_logprobs."""
+    texts = _token_texts(tokenizer, logprobs)
 
+    def entry(token_id: int, logprob: float) -> dict:
+        return {"token": texts[token_id], "logprob": logprob, "bytes": list(texts[token_id].encode())}
 
-def _chat_logprobs(tokenizer, logprobs, top_n: int) -> ChatLogprobs:
     return ChatLogprobs(content=[
-        TokenLogprob(**_chat_logprob(tokenizer, lp.token_id, lp.logprob),
-                     top_logprobs=[TopLogprob(**_chat_logprob(tokenizer, t, v)) for t, v in lp.top[:top_n]])
+        TokenLogprob(**entry(lp.token_id, lp.logprob), top_logprobs=[TopLogprob(**entry(t, v)) for t, v in lp.top])
         for lp in logprobs or ()
     ])
 
@@ -370,7 +370,7 @@ async def create_completion(state: ServerState, body: CompletionRequest) -> Resp
 
     def chunk(choices, usage=None) -> Completion:
         return Completion(id=request_id, created=created, model=state.served_model_name, choices=choices,
-                          **({} if usage is None else {"usage": usage}))
+                          usage=usage)
 
     if body.stream:
         async def chunks():
@@ -433,7 +433,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     num = params.n
 
     def logprobs_of(d):
-        return _chat_logprobs(tokenizer, d.logprobs, top_n) if body.logprobs else None
+        return _chat_logprobs(tokenizer, d.logprobs) if body.logprobs else None
 
     if body.stream:
         def chunk(choices, **usage) -> str:

@@ -32,8 +32,7 @@ class EngineStoppedError(RuntimeError):
 class RequestStream:
     """Async iterator over one request's RequestOutputs; the last one has finished=True."""
 
-    def __init__(self, request_id: str, aengine: "AsyncEngine"):
-        self.request_id, self._aengine = request_id, aengine
+    def __init__(self):
         self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
 
@@ -100,7 +99,7 @@ class AsyncEngine:
                 raise ValueError(f"request_id: {request_id!r} is already running")
             if engine.scheduler.num_waiting_requests + len(self._new) >= engine.config.max_waiting:
                 raise QueueFullError(f"the server is busy: {engine.config.max_waiting} requests are waiting already")
-            stream = RequestStream(request_id, self)
+            stream = RequestStream()
             self._streams[request_id] = stream
             self._new.append((request_id, list(prompt_token_ids), params))
             self._wake.notify()

@@ -31,7 +31,6 @@ from llmkern.serve.kv_cache import KVCacheManager
 from llmkern.serve.scheduler import Request, Scheduled, Scheduler, Sequence
 from llmkern.serve.speculative import Draft, DraftModelProposer, NgramProposer, verify
 
-
 log = logging.getLogger("llmkern.serve")
 
 
@@ -149,9 +148,8 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._arrivals = 0
         self._aborted: list[RequestOutput] = []
-        self.prompt_tokens = self.generation_tokens = 0
-        self.spec_rounds = self.spec_drafted = self.spec_accepted = 0
-        self.spec_accepted_per_position = [0] * config.lookahead
+        # The engine's own monotonic totals; stats() adds the scheduler's and the KV cache's.
+        self.totals = EngineStats(spec_accepted_per_position=[0] * config.lookahead)
 
     def _max_model_len(self, model, draft_model) -> int:
         limit = model.config.max_position_embeddings
@@ -225,7 +223,7 @@ class Engine:
         request = Request(request_id, ids, params, self._arrivals)
         self._arrivals += 1
         self.requests[request_id] = request
-        self.prompt_tokens += len(ids)
+        self.totals.prompt_tokens += len(ids)
         self.scheduler.add(self._new_sequence(request, 0, sample_seeds(params)[0]))
 
     def _new_sequence(self, request: Request, index: int, seed: int | None) -> Sequence:
@@ -255,10 +253,11 @@ class Engine:
         return bool(self.requests or self._aborted)
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage,
-                           self.kv.prefix_queries, self.kv.prefix_hits, self.scheduler.num_preemptions,
-                           self.prompt_tokens, self.generation_tokens, self.spec_rounds, self.spec_drafted,
-                           self.spec_accepted, list(self.spec_accepted_per_position))
+        return dataclasses.replace(
+            self.totals, num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage, prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
+            spec_accepted_per_position=list(self.totals.spec_accepted_per_position))
 
     # ---- the step ----
 
@@ -364,7 +363,8 @@ class Engine:
         token, rank, top, top_ids = lp.token.tolist(), lp.rank.tolist(), lp.top.tolist(), lp.top_ids.tolist()
         for j, i in enumerate(rows):
             k = seqs[i].stream.params.logprobs
-            seqs[i].logprobs.append(TokenLogprob(int(tokens[i]), token[j], rank[j], list(zip(top_ids[j][:k], top[j][:k]))))
+            top_k = list(zip(top_ids[j][:k], top[j][:k]))
+            seqs[i].logprobs.append(TokenLogprob(int(tokens[i]), token[j], rank[j], top_k))
 
     def _verify(self, speculated, logits: torch.Tensor) -> dict[Sequence, list[int]]:
         """Exact speculative sampling over each sequence's 1 + k rows of target logits."""
@@ -378,11 +378,12 @@ class Engine:
             accepted = len(tokens) - 1
             seq.num_computed += accepted  # the accepted draft tokens' keys and values are in the cache
             self.proposer.rollback(seq)
-            self.spec_rounds += 1
-            self.spec_drafted += len(draft.tokens)
-            self.spec_accepted += accepted
+            totals = self.totals
+            totals.spec_rounds += 1
+            totals.spec_drafted += len(draft.tokens)
+            totals.spec_accepted += accepted
             for i in range(accepted):
-                self.spec_accepted_per_position[i] += 1
+                totals.spec_accepted_per_position[i] += 1
             if seq.logprobs is not None:  # token j was picked from row j of the target's raw logits
                 picked = torch.tensor(tokens, device=logits.device)
                 self._record_logprobs([seq] * len(tokens), target[at : at + len(tokens)], picked)
@@ -396,15 +397,13 @@ class Engine:
         for seq, tokens in emitted.items():
             text, used = "", 0
             before = None if seq.logprobs is None else len(seq.logprobs) - len(tokens)
-            for token in tokens:
+            for token in tokens:  # max_tokens ends a sequence before the model's length (check_request)
                 delta, finished = seq.stream.append(token)
                 text += delta
                 used += 1
-                if not finished and seq.length >= self.max_model_len:
-                    text += seq.stream.finish("length")  # the model's context is full
-                if seq.stream.finished:
+                if finished:
                     break
-            self.generation_tokens += used
+            self.totals.generation_tokens += used
             logprobs = None
             if seq.logprobs is not None:
                 del seq.logprobs[before + used :]  # tokens after a stop were never emitted

@@ -91,14 +91,12 @@ class RequestTimer:
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
         self.arrival = time.monotonic()
-        self.first = True
-        self.last: dict = {}
+        self.last: dict = {}  # sample key -> when it last received tokens
 
     def tokens(self, key) -> None:
         now = time.monotonic()
-        if self.first:
+        if not self.last:
             self.metrics.ttft.observe(now - self.arrival)
-            self.first = False
         if key in self.last:
             self.metrics.itl.observe(now - self.last[key])
         self.last[key] = now

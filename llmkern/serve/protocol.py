@@ -62,7 +62,7 @@ class _SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def unsupported(self) -> str | None:
+    def unsupported(self) -> tuple[str, str] | None:
         """The first field set to a value this server cannot honour, as (message, param), else None."""
         if self.logit_bias:
             return "logit_bias is not supported", "logit_bias"

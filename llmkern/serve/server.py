@@ -34,6 +34,8 @@ def parse_bytes(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from llmkern.cli import add_dtype_and_quant_arguments
+
     p.add_argument("--model", metavar="DIR", help="Hugging Face checkpoint directory (default: the built-in "
                    "demo-target)")
     spec = p.add_argument_group("speculative decoding (default: none)")
@@ -57,8 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=256, metavar="N",
                    help="most requests waiting; more get HTTP 429")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt blocks")
-    p.add_argument("--dtype", metavar="D", help="float32, bfloat16 or float16 (default: the checkpoint's)")
-    p.add_argument("--quant", metavar="Q", help="quantize the linears at load time: nf4, int4 or int8")
+    add_dtype_and_quant_arguments(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, how long running requests may take to finish (default 30)")
 
@@ -85,14 +86,11 @@ def _speculation(args, model_is_demo: bool) -> dict:
 
 def engine_config(args):
     """EngineConfig from the flags (its own checks name the field), speculation resolved."""
+    from llmkern.cli import resolve_model
     from llmkern.models import demo_model_path
     from llmkern.serve.config import EngineConfig
 
-    if args.model is None:
-        args.model = str(demo_model_path("demo-target"))
-        log.info("no --model given, serving the built-in demo model %s", args.model)
-    if not Path(args.model).is_dir():
-        raise ValueError(f"--model: {args.model} is not a directory")
+    resolve_model(args, lambda path: log.info("no --model given, serving the built-in demo model %s", path))
     is_demo = Path(args.model).resolve() == demo_model_path("demo-target").resolve()
     try:
         memory = None if args.kv_cache_memory is None else parse_bytes(args.kv_cache_memory)

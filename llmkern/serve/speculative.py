@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkern.generation import probabilities, sample, sample_from_probabilities
+from llmkern.generation import probabilities, sample, sample_with_probabilities
 from llmkern.models import SequenceChunk, allocate_kv_cache, build_step_input
 from llmkern.serve.spec_decode import ngram_propose, rejection_sample
 
@@ -67,13 +67,8 @@ class DraftModelProposer:
             seqs = [items[i][0] for i in active]
             params = [s.stream.params for s in seqs]
             prompts, histories = [s.prompt_ids for s in seqs], [s.output_ids + tokens[i] for s, i in zip(seqs, active)]
-            if all(p.greedy for p in params):  # the argmax of the penalized logits; q is one-hot
-                drawn = sample(logits, params, prompts, histories)
-            else:
-                q = probabilities(logits, params, prompts, histories)
-                greedy = torch.tensor([p.greedy for p in params], device=q.device)
-                sampled = sample_from_probabilities(q, [None if p.greedy else s.generator for p, s in zip(params, seqs)])
-                drawn = torch.where(greedy, q.argmax(dim=-1), sampled)
+            # Greedy rows draft the argmax of the penalized logits (q one-hot), the others keep their q.
+            drawn, q = sample_with_probabilities(logits, params, prompts, histories, [s.generator for s in seqs])
             for j, (i, seq) in enumerate(zip(active, seqs)):
                 tokens[i].append(int(drawn[j]))
                 if not params[j].greedy:
