@@ -7,15 +7,15 @@
 //   end of k.
 // - More rows (batched decoding, verification, prefill): compute-bound, floor = 2 m n k / peak FMA rate. The dot
 //   form's per-output lane reductions and x reloads cost more than the products here, so the product is turned
-//   around: y^T = W x^T, with vectors along the rows of x. Each task converts a tile of kNTile weight rows by kKc
-//   columns to fp32 once (sequentially, no transpose) and broadcasts its elements (an FMA operand straight from
-//   memory) against vectors of x^T, packed once per call; every weight element then feeds one FMA per vector of
-//   16 rows of x, with no reductions at all.
+//   around: the outer-product GEMM of kernels/outer_gemm.h (shared with the quantized linears), with weight rows
+//   converted to fp32 chunk by chunk.
 #include "kernels/linear.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels/attention_tile.h"
+#include "kernels/outer_gemm.h"
 #include "kernels/parallel.h"
 
 namespace llmkern {
@@ -118,131 +118,31 @@ void run_dot(const LinearParams& p) {
   });
 }
 
-
-// ---------------------------------------------------------------------------------------------------------
-// Outer-product form: y^T[n][r] = sum_k W[n][k] x^T[k][r], rows of x in vectors.
-
-// Accumulators per block (registers: 32 on AVX-512, 16 on AVX2, plus one x^T vector and the broadcast).
-constexpr int kAcc = VecF::W >= 16 ? 24 : 12;
-constexpr int kNTile = 24;  // weight rows per task: a multiple of every block height kAcc / nvec below
-constexpr int kKc = 256;    // weight columns converted at a time: a kNTile x kKc fp32 tile stays in L1
-constexpr int kWs = kKc + 16;  // its row stride: rows 1 KB apart would share 4 of L1's 64 sets
-constexpr int kMaxVecs = 4; // vectors of x rows per block (kMaxVecs * W rows of x per x^T panel)
-
-// c[MR][NV * W] (+)= w[MR][kdim] x^T[kdim][NV * W]. The weight tile's row stride is the constant kWs, so the MR
-// broadcast operands are one pointer plus constant offsets (MR pointers would not fit in the integer registers).
-template <typename V, int MR, int NV, bool ACC>
-static inline void outer_block(int kdim, const typename V::value_type* w, const typename V::value_type* xt,
-                               int64_t ldx, typename V::value_type* c, int64_t ldc) {
-  constexpr int W = V::W;
-  V acc[MR][NV];  // registers only if every loop over r and j is unrolled (GCC leaves MR = 24 rolled, in memory)
-#pragma GCC unroll 32
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[r][j] = ACC ? V::load(c + r * ldc + j * W) : V::zero();
-  for (int k = 0; k < kdim; ++k, xt += ldx) {
-    V xv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) xv[j] = V::load(xt + j * W);
-#pragma GCC unroll 32
-    for (int r = 0; r < MR; ++r) {
-      const V wr = V::set1(w[r * kWs + k]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[r][j] = fmadd(wr, xv[j], acc[r][j]);
-    }
-  }
-#pragma GCC unroll 32
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[r][j].store(c + r * ldc + j * W);
-}
-
-// The last rows < MR of a tile as one block of that height.
-template <typename V, int NV, bool ACC, int MR>
-static inline void outer_rest(int rows, int kdim, const typename V::value_type* w, const typename V::value_type* xt,
-                              int64_t ldx, typename V::value_type* c, int64_t ldc) {
-  if constexpr (MR > 0) {
-    if (rows == MR) return outer_block<V, MR, NV, ACC>(kdim, w, xt, ldx, c, ldc);
-    outer_rest<V, NV, ACC, MR - 1>(rows, kdim, w, xt, ldx, c, ldc);
-  }
-}
-
-// c[rows][NV * W] (+)= w[rows][kdim] x^T[kdim][NV * W] (w rows kWs apart), blocks of kAcc / NV weight rows.
-template <typename V, int NV, bool ACC>
-static void outer_tile(int rows, int kdim, const typename V::value_type* w, const typename V::value_type* xt,
-                       int64_t ldx, typename V::value_type* c, int64_t ldc) {
-  constexpr int MR = std::max(1, kAcc / NV);
-  int r = 0;
-  for (; r + MR <= rows; r += MR) outer_block<V, MR, NV, ACC>(kdim, w + r * kWs, xt, ldx, c + r * ldc, ldc);
-  if (r < rows) outer_rest<V, NV, ACC, MR - 1>(rows - r, kdim, w + r * kWs, xt, ldx, c + r * ldc, ldc);
-}
-
-template <typename V, bool ACC>
-static void outer_tile(int nvec, int rows, int kdim, const typename V::value_type* w,
-                       const typename V::value_type* xt, int64_t ldx, typename V::value_type* c, int64_t ldc) {
-  switch (nvec) {
-    case 1: return outer_tile<V, 1, ACC>(rows, kdim, w, xt, ldx, c, ldc);
-    case 2: return outer_tile<V, 2, ACC>(rows, kdim, w, xt, ldx, c, ldc);
-    case 3: return outer_tile<V, 3, ACC>(rows, kdim, w, xt, ldx, c, ldc);
-    default: return outer_tile<V, kMaxVecs, ACC>(rows, kdim, w, xt, ldx, c, ldc);
-  }
-}
-
+// Outer form (kernels/outer_gemm.h): weight rows converted to fp32 chunk by chunk, x^T in natural column order.
 template <typename T>
 void run_outer(const LinearParams& p) {
-  using V = typename VecFor<T>::type;
-  using A = typename V::value_type;
-  constexpr int W = V::W;
-  // x^T in panels of up to kMaxVecs * W rows of x: panel b holds rows [b * pw, b * pw + pw) as xt[b][k][pw],
-  // zero past m (their results are never stored).
-  const int64_t pw = std::min<int64_t>(attn::padded<V>(int(p.m)), kMaxVecs * W);
-  const int64_t panels = (p.m + pw - 1) / pw;
-  attn::Scratch<A> xt(size_t(panels * p.k * pw));
-  parallel_for(0, panels, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      A* panel = xt.ptr + b * p.k * pw;
-      const int64_t r0 = b * pw, nr = std::min(pw, p.m - r0);
-      for (int64_t r = 0; r < nr; ++r) {
-        const T* x = static_cast<const T*>(p.x) + (r0 + r) * p.x_stride;
-        for (int64_t e = 0; e < p.k; ++e) panel[e * pw + r] = ScalarVec<A>::load(x + e).v;
-      }
-      for (int64_t e = 0; e < p.k; ++e)
-        for (int64_t r = nr; r < pw; ++r) panel[e * pw + r] = A(0);
+  const outer::Panels pn(p.m, p.k);
+  attn::Scratch<float> xt(size_t(pn.size()));
+  outer::transpose_x(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr, [](int64_t pos) { return pos; });
+  const auto decode = [&](int64_t r, int64_t c0, int64_t c1, float* dst) {
+    const T* w = static_cast<const T*>(p.w) + r * p.w_stride;
+    attn::load_row<VecF>(w + c0, int(c1 - c0), 1.f, dst, int(c1 - c0));
+    // The next row's chunk (the next tile's first row after the last), then this row's next chunk: short runs of
+    // many rows are missed by the hardware prefetchers.
+    if (r + 1 < p.n)
+      for (int64_t off = 0; off < (c1 - c0) * int64_t(sizeof(T)); off += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(w + p.w_stride + c0) + off);
+    const int64_t bytes = (std::min(p.k, c1 + outer::kChunk) - c1) * int64_t(sizeof(T));
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(w + c1) + off);
+  };
+  const auto store = [&](int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
+    const T* bias = static_cast<const T*>(p.bias);
+    for (int64_t r = 0; r < nr; ++r) {
+      T* y = static_cast<T*>(p.y) + (r0 + r) * p.y_stride + n0;
+      for (int64_t j = 0; j < rows; ++j) ScalarVec<float>{c[j * ldc + r] + (bias ? to_float(bias[n0 + j]) : 0.f)}.store(y + j);
     }
-  });
-  // Tasks: (weight tile, x panel), panels inner, so one thread's consecutive tasks reuse the tile from cache.
-  const int64_t tiles = (p.n + kNTile - 1) / kNTile;
-  parallel_for(0, tiles * panels, 1, [&](int64_t t0, int64_t t1) {
-    attn::Scratch<A> wf(size_t(kNTile) * kWs), ct(size_t(kNTile) * pw);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t / panels * kNTile, b = t % panels, r0 = b * pw;
-      const int rows = int(std::min<int64_t>(kNTile, p.n - n0));
-      const int nvec = int((std::min(pw, p.m - r0) + W - 1) / W);
-      const A* panel = xt.ptr + b * p.k * pw;
-      for (int64_t k0 = 0; k0 < p.k; k0 += kKc) {
-        const int kc = int(std::min<int64_t>(kKc, p.k - k0));
-        for (int r = 0; r < rows; ++r) {
-          const T* wr = static_cast<const T*>(p.w) + (n0 + r) * p.w_stride + k0;
-          attn::load_row<V>(wr, kc, A(1), wf.ptr + r * kWs, kc);
-          // The row's next chunk: kKc-column pieces of many rows are too short for the hardware prefetcher.
-          const char* next = reinterpret_cast<const char*>(wr + kc);
-          const int64_t bytes = std::min<int64_t>(kKc, p.k - k0 - kc) * int64_t(sizeof(T));
-          for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(next + off);
-        }
-        if (k0 == 0) outer_tile<V, false>(nvec, rows, kc, wf.ptr, panel, pw, ct.ptr, pw);
-        else outer_tile<V, true>(nvec, rows, kc, wf.ptr, panel + k0 * pw, pw, ct.ptr, pw);
-      }
-      // ct[n][r] -> y[r0 + r][n0 + n] (+ bias).
-      for (int64_t r = 0; r < std::min(pw, p.m - r0); ++r) {
-        T* y = static_cast<T*>(p.y) + (r0 + r) * p.y_stride + n0;
-        for (int n = 0; n < rows; ++n) {
-          A v = ct.ptr[n * pw + r];
-          if (p.bias) v += ScalarVec<A>::load(static_cast<const T*>(p.bias) + n0 + n).v;
-          ScalarVec<A>{v}.store(y + n);
-        }
-      }
-    }
-  });
+  };
+  outer::gemm(p.n, pn, xt.ptr, decode, store);
 }
 
 // The outer form from 32 rows of x, or from 16 when rows are short: the dot form pays a lane reduction per output,
@@ -251,7 +151,9 @@ void run_outer(const LinearParams& p) {
 // 20 x 1024 x 1024 0.75x, 16 x 4096 x 2048 0.90x).
 template <typename T>
 void run(const LinearParams& p) {
-  if (p.m >= 32 || (p.m >= 16 && p.k <= 512)) return run_outer<T>(p);
+  if constexpr (!std::is_same_v<T, double>) {  // fp64 (gradcheck) keeps the dot form
+    if (p.m >= 32 || (p.m >= 16 && p.k <= 512)) return run_outer<T>(p);
+  }
   run_dot<T>(p);
 }
 

@@ -2,8 +2,9 @@
 
 Made for decoding, where a bf16 weight is read from memory for a handful of rows of x: torch's CPU bf16
 matmul runs that at a fraction of the read bandwidth on CPUs without AVX512_BF16; this kernel reads each
-weight element once per call (see csrc/kernels/linear.cpp). Larger x reuse cached weight tiles through a
-plain register-blocked product. The backward (dx = dy @ W, dW = dy^T x, dbias) is torch's matmul.
+weight element once per call. From 32 rows of x (16 with short rows: batched decoding, verification,
+prefill) the product runs in outer-product form, compute-bound near the fp32 FMA rate (see
+csrc/kernels/linear.cpp). The backward (dx = dy @ W, dW = dy^T x, dbias) is torch's matmul.
 """
 
 from __future__ import annotations

@@ -1,0 +1,165 @@
+// The outer-product GEMM of the CPU linears for many rows of x (dense: linear.cpp; quantized: quant_gemm.cpp),
+// compiled into each ISA's translation units (everything here is in LLMKERN_ISA, see cpu/vec/vec.h).
+//
+// y[m][n] = sum_k W[n][k] x[m][k] as C = A B with A = rows of W in fp32 (k contiguous) and B = x transposed:
+// each weight element is broadcast (an FMA operand straight from memory) against vectors of x rows, so
+// converting or decoding W to fp32 is paid once per row panel and amortized over its rows, W never needs a
+// transpose, and no lane is ever reduced. Compute-bound: floor = 2 m n k / peak FMA rate.
+//
+// x^T is stored in panels of up to kPanel rows of x, panel p = xt[p][k][pw] (pw = the panel width, whole
+// vectors, zero rows beyond m). Work: parallel over (tile of kTileRows rows of W, panel), panels inner so a
+// thread's consecutive tasks find the tile's weights in cache. Per task and chunk of kChunk columns, the
+// caller's decode writes the tile's rows to an fp32 scratch (L2 resident), then a register-blocked product (MR
+// rows of W x NR vectors of x rows) accumulates into an fp32 [kTileRows][pw] block, which the caller's store
+// turns into output elements.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/vec/vec.h"
+#include "kernels/attention_tile.h"
+#include "kernels/parallel.h"
+
+namespace llmkern {
+namespace LLMKERN_ISA {
+namespace outer {
+
+using V = VecF;
+constexpr int L = V::W;
+
+// Columns per decode chunk: the scratch tile of kTileRows rows stays in L1, and each output is a sum of fp32 chains
+// of at most kChunk products (blocked summation, as BLAS does) instead of one chain of k, whose rounding error grows
+// with k (3.5x PyTorch's at k = 1100). The decoders prefetch each row's next chunk: short runs of many rows far
+// apart are missed by the hardware prefetchers.
+constexpr int64_t kChunk = 256;
+// The scratch's row stride: rows 1 KB apart would fall in 4 of L1's 64 sets, and a block's MR broadcast rows would
+// evict each other.
+constexpr int64_t kLda = kChunk + 16;
+constexpr int64_t kTileRows = 24;  // rows of W per task (a multiple of every MR below)
+constexpr int kPanelVecs = 4;      // vectors of x rows per panel: the widest block
+constexpr int kPanel = kPanelVecs * L;
+
+// MR per NR: MR * NR accumulators within the registers (32 on AVX-512, 16 on AVX2, less one B vector).
+#if defined(LLMKERN_ISA_AVX512)
+template <int NR> constexpr int kMRFor = NR == 1 ? 24 : NR == 2 ? 12 : NR == 3 ? 8 : 6;
+#elif defined(LLMKERN_ISA_AVX2)
+template <int NR> constexpr int kMRFor = NR == 1 ? 12 : NR == 2 ? 6 : NR == 3 ? 4 : 3;
+#else
+template <int NR> constexpr int kMRFor = 4;
+#endif
+
+// C[r][j] (+)= sum_k a[r * kLda + k] * b[k * ldb + j] for MR rows and NR vectors (ACC: add to C). A's row stride is
+// the constant kLda, so the MR broadcast addresses are displacements off one register. The loops over r and j must
+// unroll for acc to live in registers (GCC leaves MR = 24 rolled, in memory, without the pragmas).
+template <int MR, int NR, bool ACC>
+static inline void kblock(int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  V acc[MR][NR];
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) acc[r][j] = V::zero();
+  for (int k = 0; k < kdim; ++k, b += ldb) {
+    V bv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) bv[j] = V::load(b + j * L);
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r) {
+      const V ar = V::set1(a[r * kLda + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[r][j] = fmadd(ar, bv[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      float* cp = c + r * ldc + j * L;
+      (ACC ? V::load(cp) + acc[r][j] : acc[r][j]).store(cp);  // a chunk's sum added to C, not C's chain continued
+    }
+}
+
+template <int NR, bool ACC, int MR>
+static inline void krest(int rows, int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return kblock<MR, NR, ACC>(kdim, a, b, ldb, c, ldc);
+    krest<NR, ACC, MR - 1>(rows, kdim, a, b, ldb, c, ldc);
+  }
+}
+
+// C[m][NR * L] (+)= A[m][kdim] B[kdim][NR * L]: blocks of MR rows, the rest as one shorter block.
+template <int NR, bool ACC>
+static void kstrip(int m, int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  constexpr int MR = kMRFor<NR>;
+  int r = 0;
+  for (; r + MR <= m; r += MR) kblock<MR, NR, ACC>(kdim, a + r * kLda, b, ldb, c + r * ldc, ldc);
+  if (r < m) krest<NR, ACC, MR - 1>(m - r, kdim, a + r * kLda, b, ldb, c + r * ldc, ldc);
+}
+
+// One panel: C[m][nvec * L] (+)= A[m][kdim] B[kdim][nvec * L], nvec <= kPanelVecs.
+template <bool ACC>
+static void kgemm(int m, int nvec, int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  switch (nvec) {
+    case 1: return kstrip<1, ACC>(m, kdim, a, b, ldb, c, ldc);
+    case 2: return kstrip<2, ACC>(m, kdim, a, b, ldb, c, ldc);
+    case 3: return kstrip<3, ACC>(m, kdim, a, b, ldb, c, ldc);
+    default: return kstrip<kPanelVecs, ACC>(m, kdim, a, b, ldb, c, ldc);
+  }
+}
+
+// The panels of x^T for m rows and k columns.
+struct Panels {
+  int64_t m, k, width, count;
+  Panels(int64_t m_, int64_t k_)
+      : m(m_), k(k_), width(std::min<int64_t>((m_ + L - 1) / L * L, kPanel)), count((m_ + width - 1) / width) {}
+  int64_t size() const { return count * k * width; }
+  int64_t rows(int64_t p) const { return std::min(width, m - p * width); }
+};
+
+// x^T: panel p = xt + p * k * width holds xt[pos][r] = x[p * width + r][col(pos)] in fp32 for pos < k, zero beyond
+// the panel's rows. col maps a position of the decode order to a column of x; it is called for runs of 2L
+// positions starting at multiples of 2L.
+template <typename T, typename Col>
+static void transpose_x(const T* x, int64_t x_stride, const Panels& pn, float* xt, Col&& col) {
+  const int64_t ce = 2 * L, units = (pn.k + ce - 1) / ce;
+  parallel_for(0, pn.count * units, grain_for(ce * pn.width * 4), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t p = u / units, c0 = u % units * ce, nr = pn.rows(p);
+      const T* xp = x + p * pn.width * x_stride;
+      for (int64_t pos = c0; pos < std::min(pn.k, c0 + ce); ++pos) {
+        float* dst = xt + (p * pn.k + pos) * pn.width;
+        const int64_t e = col(pos);
+        for (int64_t r = 0; r < nr; ++r) dst[r] = to_float(xp[r * x_stride + e]);
+        for (int64_t r = nr; r < pn.width; ++r) dst[r] = 0.f;
+      }
+    }
+  });
+}
+
+// C = A B over all n rows of W: decode(row, c0, c1, dst) writes W[row][c0, c1) (decode order) to dst as fp32;
+// store(n0, rows, r0, nr, c, ldc) takes a task's results: c[j * ldc + i] is output row r0 + i (< nr), column n0 + j
+// (< rows); writing output rows one at a time matters: rows of a wide output are a multiple of 4 KB apart, so a
+// column of them falls in one L1 set.
+template <typename Decode, typename Store>
+static void gemm(int64_t n, const Panels& pn, const float* xt, Decode&& decode, Store&& store) {
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  parallel_for(0, tiles * pn.count, 1, [&](int64_t t0, int64_t t1) {
+    attn::Scratch<float> a(size_t(kTileRows * kLda)), c(size_t(kTileRows * pn.width));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t / pn.count * kTileRows, p = t % pn.count, rows = std::min(kTileRows, n - n0);
+      const int64_t nr = pn.rows(p);
+      const float* panel = xt + p * pn.k * pn.width;
+      for (int64_t c0 = 0; c0 < pn.k; c0 += kChunk) {
+        const int64_t c1 = std::min(pn.k, c0 + kChunk);
+        for (int64_t r = 0; r < rows; ++r) decode(n0 + r, c0, c1, a.ptr + r * kLda);
+        const int nvec = int((nr + L - 1) / L);
+        if (c0 == 0) kgemm<false>(int(rows), nvec, int(c1 - c0), a.ptr, panel, pn.width, c.ptr, pn.width);
+        else kgemm<true>(int(rows), nvec, int(c1 - c0), a.ptr, panel + c0 * pn.width, pn.width, c.ptr, pn.width);
+      }
+      store(n0, rows, p * pn.width, nr, c.ptr, pn.width);
+    }
+  });
+}
+
+}  // namespace outer
+}  // namespace LLMKERN_ISA
+}  // namespace llmkern
