@@ -27,13 +27,14 @@ namespace outer {
 using V = VecF;
 constexpr int L = V::W;
 
-// Columns per decode chunk: the scratch tile of kTileRows rows stays in L1, and each output is a sum of fp32 chains
-// of at most kChunk products (blocked summation, as BLAS does) instead of one chain of k, whose rounding error grows
-// with k (3.5x PyTorch's at k = 1100). The decoders prefetch each row's next chunk: short runs of many rows far
-// apart are missed by the hardware prefetchers.
-constexpr int64_t kChunk = 256;
-// The scratch's row stride: rows 1 KB apart would fall in 4 of L1's 64 sets, and a block's MR broadcast rows would
-// evict each other.
+// Columns per decode chunk. Each output is a sum of fp32 chains of at most kChunk products (blocked summation, as
+// BLAS does) instead of one chain of k, whose rounding error grows with k (3.5x PyTorch's at k = 1100). Measured
+// against 256 and 1024 (bf16 x, 4096 x 4096 and the demo models' shapes): 256 loses on the quantized formats
+// (128-byte runs of packed rows), 1024 on short dense rows (a 100 KB scratch out of L1). The decoders prefetch
+// each row's next chunk: short runs of many rows far apart are missed by the hardware prefetchers.
+constexpr int64_t kChunk = 512;
+// The scratch's row stride: rows a multiple of 1 KB apart would share a few of L1's 64 sets, and a block's MR
+// broadcast rows would evict each other.
 constexpr int64_t kLda = kChunk + 16;
 constexpr int64_t kTileRows = 24;  // rows of W per task (a multiple of every MR below)
 constexpr int kPanelVecs = 4;      // vectors of x rows per panel: the widest block

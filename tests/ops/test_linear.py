@@ -8,7 +8,7 @@ from tests.helpers import DTYPES, assert_close_derived, grads, strided
 # (M, N, K). Dot form (M < 16, or < 32 with K > 512): GEMV rows 1-4, the 4-row blocks plus a remainder, weight-row
 # tails (N % 4), odd K (paired, whole vector and scalar tails for 8- and 16-lane paths), K = 1. Outer form (fp32,
 # bf16, fp16): 1-4 vectors of x rows with a partial last one, strips of 4 vectors and a rest (M > 64), weight tiles
-# of 24 rows with a tail, K chunks of 1024 with a tail.
+# of 24 rows with a tail, K chunks of 512 with a tail.
 SHAPES = [(1, 1, 1), (1, 5, 7), (2, 17, 33), (3, 64, 100), (4, 33, 4097), (5, 18, 256), (7, 64, 129), (8, 50, 600),
           (16, 40, 64), (17, 25, 257), (33, 19, 300), (64, 24, 31), (65, 49, 1100), (130, 7, 70)]
 
