@@ -146,9 +146,9 @@ void run_outer(const LinearParams& p) {
 }
 
 // The outer form from 32 rows of x, or from 16 when rows are short: the dot form pays a lane reduction per output,
-// amortized over k, while the outer form pays for x rows padded to whole vectors (measured with bench_quant's dense
-// rows and the demo models' shapes: e.g. 16 x 8192 x 320 1.37x, 64 x 4096 x 4096 1.18x faster than the dot form;
-// 20 x 1024 x 1024 0.75x, 16 x 4096 x 2048 0.90x).
+// amortized over k, while the outer form pays for x rows padded to whole vectors. Measured (bench/RESULTS.md): 1.30x
+// the dot form at 16 x 8192 x 320, 1.63x at 512 x 864 x 320, 1.18x at 64 x 4096 x 4096; the dot form was faster at
+// 20 x 1024 x 1024 and 16 x 4096 x 2048 (the outer form 0.75x, 0.90x).
 template <typename T>
 void run(const LinearParams& p) {
   if constexpr (!std::is_same_v<T, double>) {  // fp64 (gradcheck) keeps the dot form
