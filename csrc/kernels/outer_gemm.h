@@ -8,7 +8,7 @@
 //
 // x^T is stored in panels of up to kPanel rows of x, panel p = xt[p][k][pw] (pw = the panel width, whole
 // vectors, zero rows beyond m). Work: parallel over (tile of kTileRows rows of W, panel), panels inner so a
-// thread's consecutive tasks find the tile's weights in cache. Per task and chunk of kChunk columns, the
+// thread's consecutive tasks find the tile's weights in cache. Per task and chunk of Chunk columns, the
 // caller's decode writes the tile's rows to an fp32 scratch (L2 resident), then a register-blocked product (MR
 // rows of W x NR vectors of x rows) accumulates into an fp32 [kTileRows][pw] block, which the caller's store
 // turns into output elements.
@@ -27,15 +27,14 @@ namespace outer {
 using V = VecF;
 constexpr int L = V::W;
 
-// Columns per decode chunk. Each output is a sum of fp32 chains of at most kChunk products (blocked summation, as
-// BLAS does) instead of one chain of k, whose rounding error grows with k (3.5x PyTorch's at k = 1100). Measured
-// against 256 and 1024 (bf16 x, 4096 x 4096 and the demo models' shapes): 256 loses on the quantized formats
-// (128-byte runs of packed rows), 1024 on short dense rows (a 100 KB scratch out of L1). The decoders prefetch
-// each row's next chunk: short runs of many rows far apart are missed by the hardware prefetchers.
-constexpr int64_t kChunk = 512;
-// The scratch's row stride: rows a multiple of 1 KB apart would share a few of L1's 64 sets, and a block's MR
-// broadcast rows would evict each other.
-constexpr int64_t kLda = kChunk + 16;
+// Chunk: the columns decoded per pass, a template parameter of everything below (the caller's choice: the decode
+// scratch row stride must be a constant, see kblock). Each output is a sum of fp32 chains of at most Chunk products
+// (blocked summation, as BLAS does) instead of one chain of k, whose rounding error grows with k (3.5x PyTorch's at
+// k = 1100). The scratch's row stride is Chunk + 16 floats: rows a multiple of 1 KB apart would share a few of L1's
+// 64 sets, and a block's MR broadcast rows would evict each other.
+template <int64_t Chunk>
+constexpr int64_t kLda = Chunk + 16;
+
 constexpr int64_t kTileRows = 24;  // rows of W per task (a multiple of every MR below)
 constexpr int kPanelVecs = 4;      // vectors of x rows per panel: the widest block
 constexpr int kPanel = kPanelVecs * L;
@@ -49,10 +48,10 @@ template <int NR> constexpr int kMRFor = NR == 1 ? 12 : NR == 2 ? 6 : NR == 3 ? 
 template <int NR> constexpr int kMRFor = 4;
 #endif
 
-// C[r][j] (+)= sum_k a[r * kLda + k] * b[k * ldb + j] for MR rows and NR vectors (ACC: add to C). A's row stride is
-// the constant kLda, so the MR broadcast addresses are displacements off one register. The loops over r and j must
-// unroll for acc to live in registers (GCC leaves MR = 24 rolled, in memory, without the pragmas).
-template <int MR, int NR, bool ACC>
+// C[r][j] (+)= sum_k a[r * kLda + k] * b[k * ldb + j] for MR rows and NR vectors (ACC: add to C). A's row stride
+// is the constant kLda<Chunk>, so the MR broadcast addresses are displacements off one register. The loops over r
+// and j must unroll for acc to live in registers (GCC leaves MR = 24 rolled, in memory, without the pragmas).
+template <int64_t Chunk, int MR, int NR, bool ACC>
 static inline void kblock(int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc) {
   V acc[MR][NR];
 #pragma GCC unroll 32
@@ -65,7 +64,7 @@ static inline void kblock(int kdim, const float* a, const float* b, int64_t ldb,
     for (int j = 0; j < NR; ++j) bv[j] = V::load(b + j * L);
 #pragma GCC unroll 32
     for (int r = 0; r < MR; ++r) {
-      const V ar = V::set1(a[r * kLda + k]);
+      const V ar = V::set1(a[r * kLda<Chunk> + k]);
 #pragma GCC unroll 4
       for (int j = 0; j < NR; ++j) acc[r][j] = fmadd(ar, bv[j], acc[r][j]);
     }
@@ -79,31 +78,31 @@ static inline void kblock(int kdim, const float* a, const float* b, int64_t ldb,
     }
 }
 
-template <int NR, bool ACC, int MR>
+template <int64_t Chunk, int NR, bool ACC, int MR>
 static inline void krest(int rows, int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc) {
   if constexpr (MR > 0) {
-    if (rows == MR) return kblock<MR, NR, ACC>(kdim, a, b, ldb, c, ldc);
-    krest<NR, ACC, MR - 1>(rows, kdim, a, b, ldb, c, ldc);
+    if (rows == MR) return kblock<Chunk, MR, NR, ACC>(kdim, a, b, ldb, c, ldc);
+    krest<Chunk, NR, ACC, MR - 1>(rows, kdim, a, b, ldb, c, ldc);
   }
 }
 
 // C[m][NR * L] (+)= A[m][kdim] B[kdim][NR * L]: blocks of MR rows, the rest as one shorter block.
-template <int NR, bool ACC>
+template <int64_t Chunk, int NR, bool ACC>
 static void kstrip(int m, int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc) {
   constexpr int MR = kMRFor<NR>;
   int r = 0;
-  for (; r + MR <= m; r += MR) kblock<MR, NR, ACC>(kdim, a + r * kLda, b, ldb, c + r * ldc, ldc);
-  if (r < m) krest<NR, ACC, MR - 1>(m - r, kdim, a + r * kLda, b, ldb, c + r * ldc, ldc);
+  for (; r + MR <= m; r += MR) kblock<Chunk, MR, NR, ACC>(kdim, a + r * kLda<Chunk>, b, ldb, c + r * ldc, ldc);
+  if (r < m) krest<Chunk, NR, ACC, MR - 1>(m - r, kdim, a + r * kLda<Chunk>, b, ldb, c + r * ldc, ldc);
 }
 
 // One panel: C[m][nvec * L] (+)= A[m][kdim] B[kdim][nvec * L], nvec <= kPanelVecs.
-template <bool ACC>
+template <int64_t Chunk, bool ACC>
 static void kgemm(int m, int nvec, int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc) {
   switch (nvec) {
-    case 1: return kstrip<1, ACC>(m, kdim, a, b, ldb, c, ldc);
-    case 2: return kstrip<2, ACC>(m, kdim, a, b, ldb, c, ldc);
-    case 3: return kstrip<3, ACC>(m, kdim, a, b, ldb, c, ldc);
-    default: return kstrip<kPanelVecs, ACC>(m, kdim, a, b, ldb, c, ldc);
+    case 1: return kstrip<Chunk, 1, ACC>(m, kdim, a, b, ldb, c, ldc);
+    case 2: return kstrip<Chunk, 2, ACC>(m, kdim, a, b, ldb, c, ldc);
+    case 3: return kstrip<Chunk, 3, ACC>(m, kdim, a, b, ldb, c, ldc);
+    default: return kstrip<Chunk, kPanelVecs, ACC>(m, kdim, a, b, ldb, c, ldc);
   }
 }
 
@@ -136,25 +135,25 @@ static void transpose_x(const T* x, int64_t x_stride, const Panels& pn, float* x
   });
 }
 
-// C = A B over all n rows of W: decode(row, c0, c1, dst) writes W[row][c0, c1) (decode order) to dst as fp32;
-// store(n0, rows, r0, nr, c, ldc) takes a task's results: c[j * ldc + i] is output row r0 + i (< nr), column n0 + j
-// (< rows); writing output rows one at a time matters: rows of a wide output are a multiple of 4 KB apart, so a
-// column of them falls in one L1 set.
-template <typename Decode, typename Store>
+// C = A B over all n rows of W, Chunk columns at a time (a multiple of 2L): decode(row, c0, c1, dst) writes
+// W[row][c0, c1) (decode order) to dst as fp32; store(n0, rows, r0, nr, c, ldc) takes a task's results:
+// c[j * ldc + i] is output row r0 + i (i < nr), column n0 + j (j < rows). Stores should go output row by output
+// row: rows of a wide output are a multiple of 4 KB apart, so a column of them falls in one L1 set.
+template <int64_t Chunk, typename Decode, typename Store>
 static void gemm(int64_t n, const Panels& pn, const float* xt, Decode&& decode, Store&& store) {
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   parallel_for(0, tiles * pn.count, 1, [&](int64_t t0, int64_t t1) {
-    attn::Scratch<float> a(size_t(kTileRows * kLda)), c(size_t(kTileRows * pn.width));
+    attn::Scratch<float> a(size_t(kTileRows * kLda<Chunk>)), c(size_t(kTileRows * pn.width));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t / pn.count * kTileRows, p = t % pn.count, rows = std::min(kTileRows, n - n0);
       const int64_t nr = pn.rows(p);
       const float* panel = xt + p * pn.k * pn.width;
-      for (int64_t c0 = 0; c0 < pn.k; c0 += kChunk) {
-        const int64_t c1 = std::min(pn.k, c0 + kChunk);
-        for (int64_t r = 0; r < rows; ++r) decode(n0 + r, c0, c1, a.ptr + r * kLda);
+      for (int64_t c0 = 0; c0 < pn.k; c0 += Chunk) {
+        const int64_t c1 = std::min(pn.k, c0 + Chunk);
+        for (int64_t r = 0; r < rows; ++r) decode(n0 + r, c0, c1, a.ptr + r * kLda<Chunk>);
         const int nvec = int((nr + L - 1) / L);
-        if (c0 == 0) kgemm<false>(int(rows), nvec, int(c1 - c0), a.ptr, panel, pn.width, c.ptr, pn.width);
-        else kgemm<true>(int(rows), nvec, int(c1 - c0), a.ptr, panel + c0 * pn.width, pn.width, c.ptr, pn.width);
+        if (c0 == 0) kgemm<Chunk, false>(int(rows), nvec, int(c1 - c0), a.ptr, panel, pn.width, c.ptr, pn.width);
+        else kgemm<Chunk, true>(int(rows), nvec, int(c1 - c0), a.ptr, panel + c0 * pn.width, pn.width, c.ptr, pn.width);
       }
       store(n0, rows, p * pn.width, nr, c.ptr, pn.width);
     }
