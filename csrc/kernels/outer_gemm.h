@@ -3,8 +3,8 @@
 //
 // y[m][n] = sum_k W[n][k] x[m][k] as C = A B with A = rows of W in fp32 (k contiguous) and B = x transposed:
 // each weight element is broadcast (an FMA operand straight from memory) against vectors of x rows, so
-// converting or decoding W to fp32 is paid once per row panel and amortized over its rows, W never needs a
-// transpose, and no lane is ever reduced. Compute-bound: floor = 2 m n k / peak FMA rate.
+// converting or decoding W to fp32 is paid once per panel of up to 64 rows of x and amortized over them, W never
+// needs a transpose, and no lane is ever reduced. Compute-bound: floor = 2 m n k / peak FMA rate.
 //
 // x^T is stored in panels of up to kPanel rows of x, panel p = xt[p][k][pw] (pw = the panel width, whole
 // vectors, zero rows beyond m). Work: parallel over (tile of kTileRows rows of W, panel), panels inner so a
@@ -39,7 +39,8 @@ constexpr int64_t kTileRows = 24;  // rows of W per task (a multiple of every MR
 constexpr int kPanelVecs = 4;      // vectors of x rows per panel: the widest block
 constexpr int kPanel = kPanelVecs * L;
 
-// MR per NR: MR * NR accumulators within the registers (32 on AVX-512, 16 on AVX2, less one B vector).
+// MR per NR: MR * NR accumulators, leaving registers (32 on AVX-512, 16 on AVX2) for the B vectors and a broadcast
+// (AVX2's 4-vector block leaves one short: its B loads become FMA memory operands).
 #if defined(LLMKERN_ISA_AVX512)
 template <int NR> constexpr int kMRFor = NR == 1 ? 24 : NR == 2 ? 12 : NR == 3 ? 8 : 6;
 #elif defined(LLMKERN_ISA_AVX2)
@@ -141,6 +142,7 @@ static void transpose_x(const T* x, int64_t x_stride, const Panels& pn, float* x
 // row: rows of a wide output are a multiple of 4 KB apart, so a column of them falls in one L1 set.
 template <int64_t Chunk, typename Decode, typename Store>
 static void gemm(int64_t n, const Panels& pn, const float* xt, Decode&& decode, Store&& store) {
+  static_assert(Chunk % (2 * L) == 0, "chunks start on the 4-bit decode's 2L-column runs");
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   parallel_for(0, tiles * pn.count, 1, [&](int64_t t0, int64_t t1) {
     attn::Scratch<float> a(size_t(kTileRows * kLda<Chunk>)), c(size_t(kTileRows * pn.width));

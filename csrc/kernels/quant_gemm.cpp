@@ -97,8 +97,7 @@ constexpr int64_t kChunk = 1024;
 constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
 // Row r of W, columns [c0, c1) dequantized into dst (4-bit: permuted per chunk of 2L; int8: natural order,
-// unscaled). 4-bit: c0, c1 multiples of 2L (k is a multiple of 32 >= 2L); gfirst = c0 / group (no
-// division here: this runs once per row and chunk).
+// unscaled). 4-bit: c0, c1 multiples of 2L (k is a multiple of 32 >= 2L); gfirst = c0 / group.
 static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, int64_t gfirst, float* dst) {
   if (w.format == QFormat::int8) {
     const int8_t* q = static_cast<const int8_t*>(w.data) + r * w.k;
@@ -146,13 +145,14 @@ static void gemm_typed(const QLinearParams& p) {
     decode_row(w, r, c0, c1, w.format == QFormat::int8 ? 0 : c0 / w.group, dst);
   };
   const auto store = [&](int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
-    const T* bias = static_cast<const T*>(p.bias);
+    float s[outer::kTileRows], b[outer::kTileRows];
+    for (int64_t j = 0; j < rows; ++j) {
+      s[j] = w.format == QFormat::int8 ? scale_at(w, n0 + j) : 1.f;
+      b[j] = p.bias ? to_float(static_cast<const T*>(p.bias)[n0 + j]) : 0.f;
+    }
     for (int64_t r = 0; r < nr; ++r) {
       T* out = static_cast<T*>(p.out) + (r0 + r) * p.out_stride + n0;
-      for (int64_t j = 0; j < rows; ++j) {
-        const float s = w.format == QFormat::int8 ? scale_at(w, n0 + j) : 1.f;
-        ScalarVec<float>{c[j * ldc + r] * s + (bias ? to_float(bias[n0 + j]) : 0.f)}.store(out + j);
-      }
+      for (int64_t j = 0; j < rows; ++j) ScalarVec<float>{c[j * ldc + r] * s[j] + b[j]}.store(out + j);
     }
   };
   outer::gemm<kChunk>(w.n, pn, xt.ptr, decode, store);

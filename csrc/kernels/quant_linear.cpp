@@ -789,7 +789,8 @@ void qlinear_kernel(const QLinearParams& p) {
       generic<T>(p);
     } else {
       // M >= 16: the tile-dequantizing GEMM path (qlinear_gemm, quant_gemm.cpp); measured on 4096 x 4096
-      // int4 bf16 it is on par with fast() at M = 12..16 and 1.7x faster at M = 64, slower at M = 8.
+      // int4 bf16 it is on par with fast() at M = 12..16 and 1.7x faster at M = 64, slower at M = 8 (before
+      // the GEMM moved to kernels/outer_gemm.h, which made M = 16 another 1.2-1.3x faster).
       if (fast_ok(p) && p.m >= 16) qlinear_gemm(p);
       else if (fast_ok(p)) fast<T>(p); else generic<T>(p);
     }

@@ -36,9 +36,9 @@ static inline float nf4_absmax(const QWeight& w, int64_t b) {
   return rounded(w.nested_code[w.nested_q[b]] * w.nested_absmax[b / 256]) + w.nested_offset;
 }
 
-// The many-row (GEMM) path of qlinear_kernel: W is dequantized tile by tile into an fp32 scratch once
-// per call and reused for every row of x. Requires dtype f32/bf16/f16, k > 0, and for the 4-bit formats
-// group % 32 == 0 and k % group == 0 (nf4: blocks start on row boundaries).
+// The many-row (GEMM) path of qlinear_kernel (kernels/outer_gemm.h): W is dequantized tile by tile into an fp32
+// scratch once per panel of up to 64 rows of x and reused for every row of the panel. Requires dtype f32/bf16/f16,
+// k > 0, and for the 4-bit formats group % 32 == 0 and k % group == 0 (nf4: blocks start on row boundaries).
 void qlinear_gemm(const QLinearParams& p);
 
 }  // namespace LLMKERN_ISA

@@ -7,10 +7,10 @@ from tests.helpers import DTYPES, assert_close_derived, grads, strided
 
 # (M, N, K). Dot form (M < 16, or < 32 with K > 512): GEMV rows 1-4, the 4-row blocks plus a remainder, weight-row
 # tails (N % 4), odd K (paired, whole vector and scalar tails for 8- and 16-lane paths), K = 1. Outer form (fp32,
-# bf16, fp16): 1-4 vectors of x rows with a partial last one, strips of 4 vectors and a rest (M > 64), weight tiles
-# of 24 rows with a tail, K chunks of 512 with a tail.
+# bf16, fp16): 1-4 vectors of x rows with a partial last one, several x panels (64 rows on AVX-512, 32 on AVX2 and
+# scalar) with a partial last one, weight tiles of 24 rows with a tail, K chunks of 512 with a tail (and K = 512).
 SHAPES = [(1, 1, 1), (1, 5, 7), (2, 17, 33), (3, 64, 100), (4, 33, 4097), (5, 18, 256), (7, 64, 129), (8, 50, 600),
-          (16, 40, 64), (17, 25, 257), (33, 19, 300), (64, 24, 31), (65, 49, 1100), (130, 7, 70)]
+          (16, 40, 64), (16, 30, 512), (17, 25, 257), (33, 19, 300), (64, 24, 31), (65, 49, 1100), (130, 7, 70)]
 
 
 def check(x, w, b):
@@ -30,6 +30,7 @@ def test_strided_and_batched(cpu_isa, dtype):
     x = strided(torch.randn(6, 70).to(dtype))            # rows 3 elements apart
     w = torch.randn(9, 80).to(dtype)[:, 5:75]            # a column slice: row stride 80
     check(x, w, torch.randn(9).to(dtype))
+    check(strided(torch.randn(40, 70).to(dtype)), w, torch.randn(9).to(dtype))  # the outer form (M >= 32)
     check(torch.randn(2, 3, 70).to(dtype), w, None)      # leading dims flatten into rows
     assert linear(torch.randn(2, 0, 70).to(dtype), w).shape == (2, 0, 9)
 
