@@ -89,11 +89,11 @@ def transformers_twin(model):
 def step_bytes(model, batch: int, context: float) -> float:
     """Bytes a decode step reads: every weight tensor once (the embedding only through the tied head), and
     each sequence's K and V at `context` tokens."""
-    c = model.config
+    from llmkern.models.serving import kv_block_bytes
+
     weights = sum(t.nbytes for n, t in [*model.named_parameters(), *model.named_buffers()]
                   if n not in ("rope_cache", "alibi_slopes"))
-    kv_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * model.model.embed_tokens.weight.element_size()
-    return weights + batch * context * kv_per_token
+    return weights + batch * context * kv_block_bytes(model, 1)
 
 
 def llmkern_decode(llm, prompts, new: int) -> float:

@@ -429,8 +429,10 @@ def batching_rows(base_url: str, name: str, prompts: list[list[int]], output_len
 
 def checkpoint_dtype(model: str) -> str:
     """The weights' dtype config.json names (what both sides load without --dtype)."""
-    config = json.loads((Path(model) / "config.json").read_text())
-    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    from llmkern.models.config import ModelConfig
+
+    dtype = ModelConfig.from_json(Path(model) / "config.json").weight_dtype()
+    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
 
 
 def speculative_metrics(base_url: str) -> str:

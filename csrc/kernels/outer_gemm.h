@@ -136,10 +136,20 @@ static void transpose_x(const T* x, int64_t x_stride, const Panels& pn, float* x
   });
 }
 
+// The usual store: out[r0 + i][n0 + j] = c[j * ldc + i] * scale[j] + bias[j] rounded to T (out rows ld apart), output
+// row by output row: rows of a wide output are a multiple of 4 KB apart, so a column of them falls in one L1 set.
+template <typename T>
+static void store_rows(T* out, int64_t ld, int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c,
+                       int64_t ldc, const float* scale, const float* bias) {
+  for (int64_t i = 0; i < nr; ++i) {
+    T* y = out + (r0 + i) * ld + n0;
+    for (int64_t j = 0; j < rows; ++j) ScalarVec<float>{c[j * ldc + i] * scale[j] + bias[j]}.store(y + j);
+  }
+}
+
 // C = A B over all n rows of W, Chunk columns at a time (a multiple of 2L): decode(row, c0, c1, dst) writes
 // W[row][c0, c1) (decode order) to dst as fp32; store(n0, rows, r0, nr, c, ldc) takes a task's results:
-// c[j * ldc + i] is output row r0 + i (i < nr), column n0 + j (j < rows). Stores should go output row by output
-// row: rows of a wide output are a multiple of 4 KB apart, so a column of them falls in one L1 set.
+// c[j * ldc + i] is output row r0 + i (i < nr), column n0 + j (j < rows), e.g. through store_rows.
 template <int64_t Chunk, typename Decode, typename Store>
 static void gemm(int64_t n, const Panels& pn, const float* xt, Decode&& decode, Store&& store) {
   static_assert(Chunk % (2 * L) == 0, "chunks start on the 4-bit decode's 2L-column runs");

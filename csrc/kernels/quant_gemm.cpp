@@ -150,10 +150,7 @@ static void gemm_typed(const QLinearParams& p) {
       s[j] = w.format == QFormat::int8 ? scale_at(w, n0 + j) : 1.f;
       b[j] = p.bias ? to_float(static_cast<const T*>(p.bias)[n0 + j]) : 0.f;
     }
-    for (int64_t r = 0; r < nr; ++r) {
-      T* out = static_cast<T*>(p.out) + (r0 + r) * p.out_stride + n0;
-      for (int64_t j = 0; j < rows; ++j) ScalarVec<float>{c[j * ldc + r] * s[j] + b[j]}.store(out + j);
-    }
+    outer::store_rows(static_cast<T*>(p.out), p.out_stride, n0, rows, r0, nr, c, ldc, s, b);
   };
   outer::gemm<kChunk>(w.n, pn, xt.ptr, decode, store);
 }

@@ -97,6 +97,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling reads the token history (a repetition, frequency or presence penalty)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
 
 def sample_seeds(params: SamplingParams) -> list[int | None]:
     """The seed of each of a request's `n` samples: the request's own for the first (so n=1 and the first of

@@ -62,6 +62,13 @@ class SequenceChunk:
                              f"got {self.num_logits}")
 
 
+def kv_block_bytes(model, block_size: int) -> int:
+    """Bytes of one KV-cache block over all layers (keys and values) in the model's dtype."""
+    c = model.config
+    itemsize = model.model.embed_tokens.weight.element_size()
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * itemsize
+
+
 def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: str | torch.device = "cpu") -> list[tuple[Tensor, Tensor]]:
     """One (k_cache, v_cache) per layer, each [num_blocks, block_size, num_kv_heads, head_dim], uninitialized:

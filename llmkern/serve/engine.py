@@ -26,6 +26,7 @@ import torch
 from llmkern.generation import (GenerationConfig, OutputStream, SamplingParams, TokenLogprob, Tokenizer,
                                 compute_logprobs, make_generator, sample, sample_seeds)
 from llmkern.models import SequenceChunk, allocate_kv_cache, build_step_input, load_model
+from llmkern.models.serving import kv_block_bytes
 from llmkern.serve.config import DEFAULT_KV_CACHE_FRACTION, EngineConfig
 from llmkern.serve.kv_cache import KVCacheManager
 from llmkern.serve.scheduler import Request, Scheduled, Scheduler, Sequence
@@ -84,13 +85,6 @@ class _NoText:
         return ""
 
 
-def kv_block_bytes(model, block_size: int) -> int:
-    """Bytes of one KV-cache block over all layers (keys and values) in the model's dtype."""
-    c = model.config
-    itemsize = model.model.embed_tokens.weight.element_size()
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * itemsize
-
-
 def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -103,9 +97,9 @@ def available_memory(device: torch.device) -> int:
 
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer | None = None, generation_config: GenerationConfig | None = None,
-                 config: EngineConfig | None = None, draft_model=None, model_name: str = "model"):
+                 config: EngineConfig | None = None, draft_model=None):
         config = config or EngineConfig()
-        self.model, self.tokenizer, self.config, self.model_name = model, tokenizer, config, model_name
+        self.model, self.tokenizer, self.config = model, tokenizer, config
         self.generation_config = generation_config or GenerationConfig()
         self.device = model.model.embed_tokens.weight.device
         self.max_model_len = self._max_model_len(model, draft_model)
@@ -133,7 +127,6 @@ class Engine:
             self.max_model_len = num_blocks * bs
             log.warning("%s: serving sequences of up to %d tokens (set kv_cache_memory for more)", message,
                         self.max_model_len)
-        self.num_blocks = num_blocks
         dtype = model.model.embed_tokens.weight.dtype
         self.kv_caches = allocate_kv_cache(model.config, num_blocks, bs, dtype, self.device)
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
@@ -146,7 +139,6 @@ class Engine:
         elif config.speculative == "ngram":
             self.proposer = NgramProposer(config.ngram_min, config.ngram_max)
         self.requests: dict[str, Request] = {}
-        self._arrivals = 0
         self._aborted: list[RequestOutput] = []
         # The engine's own monotonic totals; stats() adds the scheduler's and the KV cache's.
         self.totals = EngineStats(spec_accepted_per_position=[0] * config.lookahead)
@@ -168,14 +160,11 @@ class Engine:
                         quant: str | None = None, device: str | torch.device = "cpu") -> "Engine":
         config = config or EngineConfig()
         path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: not a model directory")
         model = load_model(path, dtype=dtype, device=device, quant=quant)
         draft = None
         if config.draft_model is not None:
             draft = load_model(config.draft_model, dtype=model.model.embed_tokens.weight.dtype, device=device)
-        return cls(model, Tokenizer.from_pretrained(path), GenerationConfig.from_pretrained(path), config, draft,
-                   model_name=path.name)
+        return cls(model, Tokenizer.from_pretrained(path), GenerationConfig.from_pretrained(path), config, draft)
 
     # ---- requests ----
 
@@ -220,8 +209,7 @@ class Engine:
         params = self.check_request(ids, params)
         if self.scheduler.num_waiting_requests >= self.config.max_waiting:
             raise QueueFullError(f"the server is busy: {self.config.max_waiting} requests are waiting already")
-        request = Request(request_id, ids, params, self._arrivals)
-        self._arrivals += 1
+        request = Request(request_id, ids, params)
         self.requests[request_id] = request
         self.totals.prompt_tokens += len(ids)
         self.scheduler.add(self._new_sequence(request, 0, sample_seeds(params)[0]))
@@ -314,8 +302,7 @@ class Engine:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        caches = self.kv_caches + (self.proposer.kv_caches if isinstance(self.proposer, DraftModelProposer) else [])
-        for k_cache, v_cache in caches:
+        for k_cache, v_cache in self.kv_caches + (self.proposer.kv_caches if self.proposer else []):
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 

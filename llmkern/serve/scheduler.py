@@ -15,7 +15,6 @@ sequence always fits (the engine refuses a max_model_len the cache cannot hold),
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -34,7 +33,6 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    arrival: int  # admission order
     seqs: list["Sequence"] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     admitted: bool = False  # scheduled at least once
@@ -57,7 +55,6 @@ class Sequence:
     logprobs: list | None = None
     prefill_s: float = 0.0  # time of the steps before its first token (they pick it)
     decode_s: float = 0.0  # time of the steps that decoded it afterwards (shared with the batch)
-    seq_id: int = field(default_factory=itertools.count().__next__)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -103,7 +100,6 @@ class Scheduled:
 class SchedulerOutput:
     scheduled: list[Scheduled]
     copies: list[tuple[int, int]]  # (source block, destination block): copy-on-write, applied before the step
-    preempted: list[Sequence]
 
 
 class Scheduler:
@@ -180,7 +176,7 @@ class Scheduler:
             break
         if not preempted:
             self._admit(scheduled, budget)
-        return SchedulerOutput(scheduled, copies, preempted)
+        return SchedulerOutput(scheduled, copies)
 
     def _admit(self, scheduled: list[Scheduled], budget: int) -> None:
         while self.waiting and budget > 0:

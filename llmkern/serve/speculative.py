@@ -34,6 +34,7 @@ class Draft:
 class NgramProposer:
     def __init__(self, min_n: int, max_n: int):
         self.min_n, self.max_n = min_n, max_n
+        self.kv_caches = []  # none (the engine copies shared blocks in every proposer's caches)
 
     def propose(self, items) -> list[Draft]:
         """items: (sequence, k) pairs."""
@@ -66,7 +67,9 @@ class DraftModelProposer:
             logits = self.model.step(build_step_input(chunks, self.block_size, self.device), self.kv_caches)
             seqs = [items[i][0] for i in active]
             params = [s.stream.params for s in seqs]
-            prompts, histories = [s.prompt_ids for s in seqs], [s.output_ids + tokens[i] for s, i in zip(seqs, active)]
+            # The history only where a penalty reads it (the copy grows with the output, every draft step).
+            prompts = [s.prompt_ids for s in seqs]
+            histories = [s.output_ids + tokens[i] if p.penalized else [] for s, i, p in zip(seqs, active, params)]
             # Greedy rows draft the argmax of the penalized logits (q one-hot), the others keep their q.
             drawn, q = sample_with_probabilities(logits, params, prompts, histories, [s.generator for s in seqs])
             for j, (i, seq) in enumerate(zip(active, seqs)):
@@ -92,7 +95,7 @@ def verify(target_logits: torch.Tensor, drafts: list[Draft], seqs) -> list[list[
         for j in range(len(d.tokens) + 1):  # the target's distribution after the first j draft tokens
             params.append(seq.stream.params)
             prompts.append(seq.prompt_ids)
-            histories.append(seq.output_ids + d.tokens[:j])
+            histories.append(seq.output_ids + d.tokens[:j] if seq.stream.params.penalized else [])
     if all(p.greedy for p in params):
         # p is one-hot at the argmax of the penalized logits, so rejection sampling accepts while the draft
         # equals that argmax and then emits it: no distributions needed.
