@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include "cpu/vec/vec_scalar.h"
 
 #if defined(LLMKERN_ISA_AVX512)
@@ -47,6 +48,15 @@ inline void load_pair(const T* p, V& a, V& b) {
 template <typename V, typename T>
 inline void store_pair(T* p, V a, V b) {
   a.store(p), b.store(p + V::W);
+}
+
+// r[i] becomes column i of the W x W matrix whose rows were r[0..W) (AVX2 / AVX-512: overloads in their
+// headers; call unqualified). Generic: lane by lane.
+template <typename V>
+inline void transpose(V (&r)[V::W]) {
+  if constexpr (V::W > 1)
+    for (int i = 0; i < V::W; ++i)
+      for (int j = i + 1; j < V::W; ++j) std::swap(r[i].v[j], r[j].v[i]);
 }
 
 // out[i] = the sum of the lanes of acc[i] for i < N (AVX-512 with N = 16: one transpose-and-add).

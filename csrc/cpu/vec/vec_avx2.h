@@ -70,6 +70,21 @@ struct VecAvx2 {
   }
 };
 
+// r[i] becomes column i of the 8 x 8 matrix whose rows were r[0..8): pairs interleaved, quadruples within
+// 128-bit lanes, then the lanes exchanged; 24 shuffles.
+inline void transpose(VecAvx2 (&r)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2)
+    t[i] = _mm256_unpacklo_ps(r[i].v, r[i + 1].v), t[i + 1] = _mm256_unpackhi_ps(r[i].v, r[i + 1].v);
+  for (int q = 0; q < 2; ++q) {
+    const __m256 *lo = t + 4 * q, *hi = t + 4 * q + 2;
+    u[4 * q] = _mm256_shuffle_ps(lo[0], hi[0], 0x44), u[4 * q + 1] = _mm256_shuffle_ps(lo[0], hi[0], 0xEE);
+    u[4 * q + 2] = _mm256_shuffle_ps(lo[1], hi[1], 0x44), u[4 * q + 3] = _mm256_shuffle_ps(lo[1], hi[1], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j)
+    r[j].v = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20), r[j + 4].v = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+}
+
 // Paired bf16 (see load_pair in vec.h): even elements from the low halves of the 32-bit words, odd ones from
 // the high halves.
 inline void load_pair(const bf16* p, VecAvx2& a, VecAvx2& b) {

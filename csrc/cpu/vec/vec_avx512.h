@@ -64,6 +64,27 @@ struct VecAvx512 {
   }
 };
 
+// r[i] becomes column i of the 16 x 16 matrix whose rows were r[0..16): pairs of rows interleaved, then
+// quadruples (within 128-bit lanes), then 128-bit lanes exchanged twice; 64 shuffles.
+inline void transpose(VecAvx512 (&r)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2)
+    t[i] = _mm512_unpacklo_ps(r[i].v, r[i + 1].v), t[i + 1] = _mm512_unpackhi_ps(r[i].v, r[i + 1].v);
+  // u[4q + j] holds element j (of each 128-bit lane) of rows 4q..4q+3.
+  for (int q = 0; q < 4; ++q) {
+    const __m512 *lo = t + 4 * q, *hi = t + 4 * q + 2;
+    u[4 * q] = _mm512_shuffle_ps(lo[0], hi[0], 0x44), u[4 * q + 1] = _mm512_shuffle_ps(lo[0], hi[0], 0xEE);
+    u[4 * q + 2] = _mm512_shuffle_ps(lo[1], hi[1], 0x44), u[4 * q + 3] = _mm512_shuffle_ps(lo[1], hi[1], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {  // rows 0-7 and 8-15: lanes {0, 2} and {1, 3} of each pair
+    t[j] = _mm512_shuffle_f32x4(u[j], u[j + 4], 0x88), t[j + 4] = _mm512_shuffle_f32x4(u[j], u[j + 4], 0xDD);
+    t[j + 8] = _mm512_shuffle_f32x4(u[j + 8], u[j + 12], 0x88);
+    t[j + 12] = _mm512_shuffle_f32x4(u[j + 8], u[j + 12], 0xDD);
+  }
+  for (int j = 0; j < 8; ++j)
+    r[j].v = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88), r[j + 8].v = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+}
+
 // out[i] = the sum of the lanes of acc[i], i < 16: a 16 x 16 transpose-and-add in four halving steps (256-bit
 // halves, 128-bit quarters, pairs, singles); the input order below makes lane i of the result the sum of acc[i].
 inline void reduce_add_16(const VecAvx512* acc, float* out) {
