@@ -8,12 +8,10 @@
 namespace llmkern {
 namespace LLMKERN_ISA {
 
+// exp(xc) = p * 2^n for xc in the clamped range below: returns p, sets n (integral-valued).
 template <typename V>
-inline V exp_cephes(V x) {
-  const float hi = 88.3762626647949f, lo = -87.3365447505531f;  // 2^n stays a normal float
-  // x86 min/max return the second operand when one is NaN: x goes second so NaN propagates.
-  V xc = max(V::set1(lo), min(V::set1(hi), x));
-  V n = V::round_nearest(xc * V::set1(1.44269504088896341f));
+inline V exp_reduced(V xc, V& n) {
+  n = V::round_nearest(xc * V::set1(1.44269504088896341f));
   // r = x - n ln2, with ln2 split in two so n * ln2_hi is exact.
   V r = fmadd(n, V::set1(-0.693359375f), xc);
   r = fmadd(n, V::set1(2.12194440e-4f), r);
@@ -23,7 +21,15 @@ inline V exp_cephes(V x) {
   p = fmadd(p, r, V::set1(4.1665795894e-2f));
   p = fmadd(p, r, V::set1(1.6666665459e-1f));
   p = fmadd(p, r, V::set1(5.0000001201e-1f));
-  p = fmadd(p, r * r, r + V::set1(1.0f));
+  return fmadd(p, r * r, r + V::set1(1.0f));
+}
+
+template <typename V>
+inline V exp_cephes(V x) {
+  const float hi = 88.3762626647949f, lo = -87.3365447505531f;  // 2^n stays a normal float
+  // x86 min/max return the second operand when one is NaN: x goes second so NaN propagates.
+  V n;
+  const V p = exp_reduced(max(V::set1(lo), min(V::set1(hi), x)), n);
   V y = p * V::pow2i(n);
   // Beyond the clamp the true result over/underflows: give inf / 0 as std::exp does.
   y = V::select_gt(x, V::set1(hi), V::set1(std::numeric_limits<float>::infinity()), y);
