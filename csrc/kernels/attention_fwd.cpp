@@ -194,7 +194,6 @@ struct TiledTask {
     }
     pack_q(sq, h, i0, mq, mp);
     for (int c = 0; c < mp; ++c) m[c] = -kInf<A>, l[c] = A(0), pos[c] = A(i0 + c + sq.dq);
-    std::memset(o, 0, sizeof(A) * mq * dp);
     const A slope = p.alibi_slopes ? A(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : A(0);
     const KvRows<T> kv(p, sq, hk, 1);
     const bool packed = jlo >= pj0 && jhi < pj0 + pn;
@@ -207,8 +206,10 @@ struct TiledTask {
       if (p.softcap > 0.f) softcap_scores<V>(s, int64_t(nk) * mp, A(p.softcap));
       if (p.alibi_slopes) alibi(j0, nk, mp, slope);
       mask(sq, i0, mq, mp, j0, nk);
-      softmax_update(nk, mq, mp, j0 == jlo);
-      attn::gemm<V, true>(mq, dp, nk, s, 1, mp, vt_, dp, o, dp);  // O += P V (P^T read transposed)
+      softmax_update(nk, mp);
+      // O = alpha O + P V (P^T read transposed); the first key tile writes O.
+      if (j0 == jlo) attn::gemm<V, false>(mq, dp, nk, s, 1, mp, vt_, dp, o, dp);
+      else attn::gemm<V, true>(mq, dp, nk, s, 1, mp, vt_, dp, o, dp, alpha);
     }
     for (int c = 0; c < mq; ++c) {
       T* out = row_at<T>(p.out, sq.b, sq.q_start + i0 + c, h);
@@ -298,21 +299,15 @@ struct TiledTask {
     }
   }
 
-  // Online softmax along query vectors: s becomes P^T = exp(s - m_new); O rows rescaled by exp(m - m_new).
-  void softmax_update(int nk, int mq, int mp, bool first) {
+  // Online softmax along query vectors: s becomes P^T = exp(s - m_new), alpha = exp(m - m_new) (O's rescaling,
+  // done by the P V product).
+  void softmax_update(int nk, int mp) {
     int c = 0;
     for (; c + 4 * W <= mp; c += 4 * W) softmax_cols<4>(c, nk, mp);
     switch ((mp - c) / W) {
       case 3: softmax_cols<3>(c, nk, mp); break;
       case 2: softmax_cols<2>(c, nk, mp); break;
       case 1: softmax_cols<1>(c, nk, mp); break;
-    }
-    if (first) return;  // O is still 0
-    for (int c = 0; c < mq; ++c) {
-      if (alpha[c] == A(1)) continue;
-      const V a = V::set1(alpha[c]);
-      A* orow = o + int64_t(c) * dp;
-      for (int e = 0; e < dp; e += W) (V::load(orow + e) * a).store(orow + e);
     }
   }
 };

@@ -35,10 +35,11 @@ constexpr int kMR = 4, kNR = 2;
 // ~20% slower).
 enum ALayout { kRows, kCols };
 
-// One MR x NR-vector block: C[r][j] (+)= sum_k A(r, k) * b[k * ldb + j].
+// One MR x NR-vector block: C[r][j] (+)= sum_k A(r, k) * b[k * ldb + j], C's rows first scaled by cs[r] when cs
+// is given (with ACC).
 template <typename V, int MR, int NR, bool ACC, ALayout L, typename TB>
 static inline void gemm_block(int kdim, const typename V::value_type* a, int64_t as, const TB* b, int64_t ldb,
-                              typename V::value_type* c, int64_t ldc) {
+                              typename V::value_type* c, int64_t ldc, const typename V::value_type* cs) {
   using A = typename V::value_type;
   constexpr int W = V::W;
   V acc[MR][NR];
@@ -46,6 +47,11 @@ static inline void gemm_block(int kdim, const typename V::value_type* a, int64_t
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) acc[r][j] = ACC ? V::load(c + r * ldc + j * W) : V::zero();
+  if (ACC && cs)
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) acc[r][j] = acc[r][j] * V::set1(cs[r]);
   const A* ar[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) ar[r] = a + r * as;
@@ -73,55 +79,62 @@ static inline void gemm_block(int kdim, const typename V::value_type* a, int64_t
 // them: a decode task's 4 query rows, or the 64 % 6 = 4 rows of a 64-row tile, run as one 4-row block).
 template <typename V, int NR, bool ACC, ALayout L, int MR = kMR - 1, typename TB>
 static inline void gemm_rest(int rows, int kdim, const typename V::value_type* a, int64_t as, const TB* b,
-                             int64_t ldb, typename V::value_type* c, int64_t ldc) {
+                             int64_t ldb, typename V::value_type* c, int64_t ldc, const typename V::value_type* cs) {
   if constexpr (MR > 0) {
-    if (rows == MR) return gemm_block<V, MR, NR, ACC, L>(kdim, a, as, b, ldb, c, ldc);
-    gemm_rest<V, NR, ACC, L, MR - 1>(rows, kdim, a, as, b, ldb, c, ldc);
+    if (rows == MR) return gemm_block<V, MR, NR, ACC, L>(kdim, a, as, b, ldb, c, ldc, cs);
+    gemm_rest<V, NR, ACC, L, MR - 1>(rows, kdim, a, as, b, ldb, c, ldc, cs);
   }
 }
 
 // Rows of one column strip: full MR blocks, then the remaining rows as one shorter block.
 template <typename V, int NR, bool ACC, ALayout L, typename TB>
 static inline void gemm_strip(int m, int kdim, const typename V::value_type* a, int64_t as, const TB* b,
-                              int64_t ldb, typename V::value_type* c, int64_t ldc) {
+                              int64_t ldb, typename V::value_type* c, int64_t ldc, const typename V::value_type* cs) {
   const int64_t rstep = L == kCols ? 1 : as;
   int r = 0;
-  for (; r + kMR <= m; r += kMR) gemm_block<V, kMR, NR, ACC, L>(kdim, a + r * rstep, as, b, ldb, c + r * ldc, ldc);
-  if (r < m) gemm_rest<V, NR, ACC, L>(m - r, kdim, a + r * rstep, as, b, ldb, c + r * ldc, ldc);
+  for (; r + kMR <= m; r += kMR)
+    gemm_block<V, kMR, NR, ACC, L>(kdim, a + r * rstep, as, b, ldb, c + r * ldc, ldc, cs ? cs + r : cs);
+  if (r < m) gemm_rest<V, NR, ACC, L>(m - r, kdim, a + r * rstep, as, b, ldb, c + r * ldc, ldc, cs ? cs + r : cs);
 }
 
 template <typename V, bool ACC, ALayout L, int NR = kNR, typename TB>
 static inline void gemm_cols(int m, int nvec, int kdim, const typename V::value_type* a, int64_t as,
-                             const TB* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
+                             const TB* b, int64_t ldb, typename V::value_type* c, int64_t ldc,
+                             const typename V::value_type* cs) {
   if constexpr (NR > 0) {
     int j = 0;
-    for (; j + NR <= nvec; j += NR) gemm_strip<V, NR, ACC, L>(m, kdim, a, as, b + j * V::W, ldb, c + j * V::W, ldc);
-    if (j < nvec) gemm_cols<V, ACC, L, NR - 1>(m, nvec - j, kdim, a, as, b + j * V::W, ldb, c + j * V::W, ldc);
+    for (; j + NR <= nvec; j += NR)
+      gemm_strip<V, NR, ACC, L>(m, kdim, a, as, b + j * V::W, ldb, c + j * V::W, ldc, cs);
+    if (j < nvec) gemm_cols<V, ACC, L, NR - 1>(m, nvec - j, kdim, a, as, b + j * V::W, ldb, c + j * V::W, ldc, cs);
   }
 }
 
 // C[m][n] (+)= sum_k A(r, k) B[k][n] with A(r, k) = a[r * a_rs + k * a_ks], one of the strides 1, for n a
 // multiple of V::W. B may also be a storage type (bf16, f16: V::load converts). ACC: add to C (else
-// overwrite). Leading dimensions ldb, ldc are in elements.
-// k runs in chunks whose B panel (chunk x NR vectors) stays in L1 next to A and C: 64 for row-major A, 32 for
-// column-major A, whose C is a full tile too (measured on AVX-512 at head dim 128: 1.2x over one pass).
+// overwrite); c_scale: with ACC, C's row r is first multiplied by c_scale[r] (the online softmax's rescaling
+// of O, for free). Leading dimensions ldb, ldc are in elements.
+// k runs in chunks whose B panel (chunk x NR vectors) stays in L1 next to A and C: 64 rows when B's rows are
+// at most 256 bytes, else 32 (rows 512 bytes apart cover only half the L1 sets: 64 of them would fill every way
+// of those sets; measured on AVX-512 at head dim 128: 1.2x over one pass of 64).
 template <typename V, bool ACC, typename TB>
 static inline void gemm(int m, int n, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
-                        const TB* b, int64_t ldb, typename V::value_type* c, int64_t ldc) {
+                        const TB* b, int64_t ldb, typename V::value_type* c, int64_t ldc,
+                        const typename V::value_type* c_scale = nullptr) {
   const bool cols = a_rs == 1;  // else a_ks == 1
-  const int kc = cols ? 32 : 64;
+  const int kc = ldb * int64_t(sizeof(TB)) <= 256 ? 64 : 32;
   for (int k0 = 0; k0 < kdim; k0 += kc) {
     const int kn = std::min(kc, kdim - k0);
     const bool acc = ACC || k0 > 0;
     const TB* bk = b + k0 * ldb;
+    const auto* cs = k0 == 0 ? c_scale : nullptr;
     if (cols) {
       const auto* ak = a + k0 * a_ks;
-      if (acc) gemm_cols<V, true, kCols>(m, n / V::W, kn, ak, a_ks, bk, ldb, c, ldc);
-      else gemm_cols<V, false, kCols>(m, n / V::W, kn, ak, a_ks, bk, ldb, c, ldc);
+      if (acc) gemm_cols<V, true, kCols>(m, n / V::W, kn, ak, a_ks, bk, ldb, c, ldc, cs);
+      else gemm_cols<V, false, kCols>(m, n / V::W, kn, ak, a_ks, bk, ldb, c, ldc, cs);
     } else {
       const auto* ak = a + k0;
-      if (acc) gemm_cols<V, true, kRows>(m, n / V::W, kn, ak, a_rs, bk, ldb, c, ldc);
-      else gemm_cols<V, false, kRows>(m, n / V::W, kn, ak, a_rs, bk, ldb, c, ldc);
+      if (acc) gemm_cols<V, true, kRows>(m, n / V::W, kn, ak, a_rs, bk, ldb, c, ldc, cs);
+      else gemm_cols<V, false, kRows>(m, n / V::W, kn, ak, a_rs, bk, ldb, c, ldc, cs);
     }
   }
 }
