@@ -212,31 +212,35 @@ struct Bwd {
     }
   }
 
-  // K, V of keys [kb0, kb0 + nkb) as fp32 K rows and, per key tile, K^T (times the score scale) and V^T.
+  // K, V of keys [kb0, kb0 + nkb) as fp32 K rows and, per key tile, K^T (times the score scale) and V^T; the
+  // padding keys of a last partial tile are zero columns (zero scores, never read past the mask).
   void pack_keys(Work<A>& w, int b, int kvh, const Seq& s, int kb0, int nkb) const {
+    constexpr int W = V::W;
+    static_assert(kNk % W == 0, "key tiles are whole vectors");
     const A kscale = A(f.softcap > 0 ? f.scale / f.softcap : f.scale);
     for (int jt = 0; jt * kNk < nkb; ++jt) {
       const int nk = std::min(kNk, nkb - jt * kNk);
       A* KT = w.kt.ptr + int64_t(jt) * D * kNk;
       A* VT = w.vt.ptr + int64_t(jt) * D * kNk;
-      A* vrow = w.dvb.ptr;  // dV is zeroed below: its first row is free scratch for one V row
-      for (int jj = 0; jj < nk; ++jj) {
-        const int64_t row = s.k0 + kb0 + jt * kNk + jj;
-        if (jj + kPrefetchRows < nk) {
-          prefetch_row(at_row<const T>(f.k, b, row + kPrefetchRows, kvh), D);
-          prefetch_row(at_row<const T>(f.v, b, row + kPrefetchRows, kvh), D);
+      for (int j0 = 0; j0 < kNk; j0 += W) {
+        const A *krows[W], *vrows[W];
+        for (int t = 0; t < W; ++t) {
+          const int jj = j0 + t;
+          krows[t] = vrows[t] = nullptr;
+          if (jj >= nk) continue;
+          const int64_t row = s.k0 + kb0 + jt * kNk + jj;
+          if (jj + kPrefetchRows < nk) {
+            prefetch_row(at_row<const T>(f.k, b, row + kPrefetchRows, kvh), D);
+            prefetch_row(at_row<const T>(f.v, b, row + kPrefetchRows, kvh), D);
+          }
+          A* krow = w.kb.ptr + (int64_t(jt) * kNk + jj) * Dp;
+          A* vrow = w.dvb.ptr + int64_t(t) * Dp;  // dV is zeroed below: its first W rows are free scratch
+          attn::load_row<V>(at_row<const T>(f.k, b, row, kvh), D, A(1), krow, Dp);
+          attn::load_row<V>(at_row<const T>(f.v, b, row, kvh), D, A(1), vrow, Dp);
+          krows[t] = krow, vrows[t] = vrow;
         }
-        A* krow = w.kb.ptr + (int64_t(jt) * kNk + jj) * Dp;
-        attn::load_row<V>(at_row<const T>(f.k, b, row, kvh), D, A(1), krow, Dp);
-        attn::load_row<V>(at_row<const T>(f.v, b, row, kvh), D, A(1), vrow, Dp);
-        for (int d = 0; d < D; ++d) {
-          KT[int64_t(d) * kNk + jj] = krow[d] * kscale;
-          VT[int64_t(d) * kNk + jj] = vrow[d];
-        }
-      }
-      for (int d = 0; nk < kNk && d < D; ++d) {  // padded keys: zero scores, never read past the mask
-        std::fill(KT + int64_t(d) * kNk + nk, KT + int64_t(d + 1) * kNk, A(0));
-        std::fill(VT + int64_t(d) * kNk + nk, VT + int64_t(d + 1) * kNk, A(0));
+        attn::transpose_rows<V>(krows, D, kscale, KT + j0, kNk);
+        attn::transpose_rows<V>(vrows, D, A(1), VT + j0, kNk);
       }
     }
     std::fill_n(w.dkb.ptr, size_t(nkb) * Dp, A(0));

@@ -223,23 +223,13 @@ struct TiledTask {
     }
   }
 
-  // qt[e][c] = scale * q[i0 + c][e], zero in the padding columns: W x W blocks transposed in registers.
+  // qt[e][c] = scale * q[i0 + c][e], zero in the padding columns.
   void pack_q(const Seq& sq, int h, int i0, int mq, int mp) {
-    const A scale = A(p.scale);
-    const int dw = d / W * W;
     for (int c0 = 0; c0 < mp; c0 += W) {
       const T* rows[W];
       for (int t = 0; t < W; ++t)
         rows[t] = c0 + t < mq ? row_at<const T>(p.q, sq.b, sq.q_start + i0 + c0 + t, h) : nullptr;
-      for (int e0 = 0; e0 < dw; e0 += W) {
-        V x[W];
-        for (int t = 0; t < W; ++t) x[t] = rows[t] ? V::load(rows[t] + e0) * V::set1(scale) : V::zero();
-        transpose(x);
-        for (int t = 0; t < W; ++t) x[t].store(qt + int64_t(e0 + t) * mp + c0);
-      }
-      for (int e = dw; e < d; ++e)
-        for (int t = 0; t < W; ++t)
-          qt[int64_t(e) * mp + c0 + t] = rows[t] ? ScalarVec<A>::load(rows[t] + e).v * scale : A(0);
+      attn::transpose_rows<V>(rows, d, A(p.scale), qt + c0, mp);
     }
   }
 

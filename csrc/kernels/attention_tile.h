@@ -190,6 +190,24 @@ static inline void store_row_paired(const typename V::value_type* src, int n, T*
   store_row<V>(src + n2, n - n2, dst + n2);
 }
 
+// dst[e * ld + t] = mul * src[t][e] for e < n, t < W (a null src[t] is a zero row): W rows, e.g. of a storage
+// type, transposed into fp32 columns in W x W register blocks (the last n % W elements one by one).
+template <typename V, typename T>
+static inline void transpose_rows(const T* const* src, int n, typename V::value_type mul, typename V::value_type* dst,
+                                  int64_t ld) {
+  using A = typename V::value_type;
+  constexpr int W = V::W;
+  const int nw = n / W * W;
+  for (int e0 = 0; e0 < nw; e0 += W) {
+    V x[W];
+    for (int t = 0; t < W; ++t) x[t] = src[t] ? V::load(src[t] + e0) * V::set1(mul) : V::zero();
+    transpose(x);
+    for (int t = 0; t < W; ++t) x[t].store(dst + int64_t(e0 + t) * ld);
+  }
+  for (int e = nw; e < n; ++e)
+    for (int t = 0; t < W; ++t) dst[int64_t(e) * ld + t] = src[t] ? ScalarVec<A>::load(src[t] + e).v * mul : A(0);
+}
+
 // An aligned scratch buffer owned by one task (plain malloc/free: no std containers in ISA TUs).
 template <typename A>
 struct Scratch {
