@@ -5,8 +5,9 @@
 // [Lq x Lk] matrix ever exists and every key row is converted to fp32 once per task:
 // - Tiled (prefill): a task is (batch, kv head, chunk of Mq-query tiles) for every query head of the
 //   group, with the visible keys packed once as fp32 rows (run_tiled). Scores are kept transposed,
-//   S^T[key][query] = K Q^T, so the softmax runs along vectors of queries; both products go through
-//   attn::gemm. Compute-bound: floor = 4 * Lq * Lk * D (halved if causal) / peak FMA rate.
+//   S^T[key][query] = K Q^T, so the softmax runs along vectors of queries, and so is the output,
+//   O^T += V^T P^T (whose B operand, P^T, then has 256-byte rows: 1.2x faster than O += P V standalone);
+//   both products go through attn::gemm. Compute-bound: floor = 4 * Lq * Lk * D (halved if causal) / peak FMA rate.
 // - Grouped (decode, few query rows per kv head): a task is (batch, kv head, key split) holding every
 //   query row of the GQA group, so each K/V row is read from memory once for all of them. Bandwidth-bound:
 //   floor = bytes of K and V read / read bandwidth. Splits (flash-decoding) keep both threads busy when
@@ -207,18 +208,24 @@ struct TiledTask {
       if (p.alibi_slopes) alibi(j0, nk, mp, slope);
       mask(sq, i0, mq, mp, j0, nk);
       softmax_update(nk, mp);
-      // O = alpha O + P V (P^T read transposed); the first key tile writes O.
-      if (j0 == jlo) attn::gemm<V, false>(mq, dp, nk, s, 1, mp, vt_, dp, o, dp);
-      else attn::gemm<V, true>(mq, dp, nk, s, 1, mp, vt_, dp, o, dp, alpha);
+      // O^T = O^T diag(alpha) + V^T P^T (V read transposed); the first key tile writes O^T.
+      if (j0 == jlo) attn::gemm<V, false>(d, mp, nk, vt_, 1, dp, s, mp, o, mp);
+      else attn::gemm<V, true>(d, mp, nk, vt_, 1, dp, s, mp, o, mp, alpha);
+    }
+    // O^T's columns divided by l, then transposed back into rows (in kt, free now).
+    for (int c = 0; c < mp; ++c) alpha[c] = l[c] == A(0) ? A(0) : A(1) / l[c];
+    for (int e = 0; e < d; ++e)
+      for (int c = 0; c < mp; c += W) (V::load(o + int64_t(e) * mp + c) * V::load(alpha + c)).store(o + int64_t(e) * mp + c);
+    for (int e0 = 0; e0 < d; e0 += W) {
+      const A* rows[W];
+      for (int t = 0; t < W; ++t) rows[t] = e0 + t < d ? o + int64_t(e0 + t) * mp : nullptr;
+      attn::transpose_rows<V>(rows, mq, A(1), kt + e0, dp);
     }
     for (int c = 0; c < mq; ++c) {
       T* out = row_at<T>(p.out, sq.b, sq.q_start + i0 + c, h);
       float* lse = lse0 ? lse0 + c * p.lse.row_stride : nullptr;
       if (l[c] == A(0)) { write_empty_row(out, d, p.dtype, lse); continue; }
-      const V inv = V::set1(A(1) / l[c]);
-      A* orow = o + int64_t(c) * dp;
-      for (int e = 0; e < dp; e += W) (V::load(orow + e) * inv).store(orow + e);
-      attn::store_row<V>(orow, d, out);
+      attn::store_row<V>(kt + int64_t(c) * dp, d, out);
       if (lse) *lse = float(m[c] + std::log(l[c]));
     }
   }
@@ -289,8 +296,8 @@ struct TiledTask {
     }
   }
 
-  // Online softmax along query vectors: s becomes P^T = exp(s - m_new), alpha = exp(m - m_new) (O's rescaling,
-  // done by the P V product).
+  // Online softmax along query vectors: s becomes P^T = exp(s - m_new), alpha = exp(m - m_new) (O^T's column
+  // rescaling, done by the V^T P^T product).
   void softmax_update(int nk, int mp) {
     int c = 0;
     for (; c + 4 * W <= mp; c += 4 * W) softmax_cols<4>(c, nk, mp);

@@ -35,8 +35,8 @@ constexpr int kMR = 4, kNR = 2;
 // ~20% slower).
 enum ALayout { kRows, kCols };
 
-// One MR x NR-vector block: C[r][j] (+)= sum_k A(r, k) * b[k * ldb + j], C's rows first scaled by cs[r] when cs
-// is given (with ACC).
+// One MR x NR-vector block: C[r][j] (+)= sum_k A(r, k) * b[k * ldb + j], C's columns first scaled by cs[j] when
+// cs is given (with ACC).
 template <typename V, int MR, int NR, bool ACC, ALayout L, typename TB>
 static inline void gemm_block(int kdim, const typename V::value_type* a, int64_t as, const TB* b, int64_t ldb,
                               typename V::value_type* c, int64_t ldc, const typename V::value_type* cs) {
@@ -51,7 +51,7 @@ static inline void gemm_block(int kdim, const typename V::value_type* a, int64_t
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) acc[r][j] = acc[r][j] * V::set1(cs[r]);
+      for (int j = 0; j < NR; ++j) acc[r][j] = acc[r][j] * V::load(cs + j * W);
   const A* ar[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) ar[r] = a + r * as;
@@ -93,8 +93,8 @@ static inline void gemm_strip(int m, int kdim, const typename V::value_type* a, 
   const int64_t rstep = L == kCols ? 1 : as;
   int r = 0;
   for (; r + kMR <= m; r += kMR)
-    gemm_block<V, kMR, NR, ACC, L>(kdim, a + r * rstep, as, b, ldb, c + r * ldc, ldc, cs ? cs + r : cs);
-  if (r < m) gemm_rest<V, NR, ACC, L>(m - r, kdim, a + r * rstep, as, b, ldb, c + r * ldc, ldc, cs ? cs + r : cs);
+    gemm_block<V, kMR, NR, ACC, L>(kdim, a + r * rstep, as, b, ldb, c + r * ldc, ldc, cs);
+  if (r < m) gemm_rest<V, NR, ACC, L>(m - r, kdim, a + r * rstep, as, b, ldb, c + r * ldc, ldc, cs);
 }
 
 template <typename V, bool ACC, ALayout L, int NR = kNR, typename TB>
@@ -104,15 +104,16 @@ static inline void gemm_cols(int m, int nvec, int kdim, const typename V::value_
   if constexpr (NR > 0) {
     int j = 0;
     for (; j + NR <= nvec; j += NR)
-      gemm_strip<V, NR, ACC, L>(m, kdim, a, as, b + j * V::W, ldb, c + j * V::W, ldc, cs);
-    if (j < nvec) gemm_cols<V, ACC, L, NR - 1>(m, nvec - j, kdim, a, as, b + j * V::W, ldb, c + j * V::W, ldc, cs);
+      gemm_strip<V, NR, ACC, L>(m, kdim, a, as, b + j * V::W, ldb, c + j * V::W, ldc, cs ? cs + j * V::W : cs);
+    if (j < nvec)
+      gemm_cols<V, ACC, L, NR - 1>(m, nvec - j, kdim, a, as, b + j * V::W, ldb, c + j * V::W, ldc, cs ? cs + j * V::W : cs);
   }
 }
 
 // C[m][n] (+)= sum_k A(r, k) B[k][n] with A(r, k) = a[r * a_rs + k * a_ks], one of the strides 1, for n a
 // multiple of V::W. B may also be a storage type (bf16, f16: V::load converts). ACC: add to C (else
-// overwrite); c_scale: with ACC, C's row r is first multiplied by c_scale[r] (the online softmax's rescaling
-// of O, for free). Leading dimensions ldb, ldc are in elements.
+// overwrite); c_scale: with ACC, C's column j is first multiplied by c_scale[j] (the online softmax's
+// rescaling of O^T, for free). Leading dimensions ldb, ldc are in elements.
 // k runs in chunks whose B panel (chunk x NR vectors) stays in L1 next to A and C: 64 rows when B's rows are
 // at most 256 bytes, else 32 (rows 512 bytes apart cover only half the L1 sets: 64 of them would fill every way
 // of those sets; measured on AVX-512 at head dim 128: 1.2x over one pass of 64).
