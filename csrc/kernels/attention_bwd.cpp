@@ -7,7 +7,9 @@
 // and runs over the block's key tiles. Score tiles are row-major [query][key] (the backward has no
 // reduction over keys: lse and delta come in per row), so no tile is transposed per (key, query) pair:
 //   S = Q K^T, dP = dO V^T, P = exp(S - lse), dS = P (dP - delta),
-//   dV += P^T dO, dK += dS^T Q, dQ_tile += dS K      (five register-blocked products, attention_tile.h).
+//   dV^T += dO^T P, dK^T += Q^T dS, dQ_tile += dS K   (five register-blocked products, attention_tile.h;
+// dV and dK are kept transposed per key tile, so P and dS are B operands with 256-byte rows: 1.2x faster than
+// dV += P^T dO standalone, and written back as rows once per block).
 // dQ of a query tile sums over the block's key tiles locally, then over blocks into the task's dq
 // buffer (dq_accum, or a per-chunk buffer); a last pass sums the chunks' buffers in chunk order into dq.
 // Tile pairs outside the causal / local window are skipped. Every sum has a fixed order, so results do not
@@ -97,7 +99,7 @@ static inline typename V::value_type row_dot(const T* a, const T* b, int n) {
 // Per-thread scratch: a key block's fp32 K, K^T, V^T, dK, dV, and one query tile's operands and products.
 template <typename A>
 struct Work {
-  attn::Scratch<A> kb, kt, vt, dkb, dvb;  // K, dK, dV [block][Dp]; K^T, V^T per key tile [tiles][D][kNk]
+  attn::Scratch<A> kb, kt, vt, dkb, dvb;  // K [block][Dp]; K^T, V^T, dK^T, dV^T per key tile [tiles][D][kNk]
   attn::Scratch<A> qp, dop, dqt;          // [kMq][Dp]
   attn::Scratch<A> ps, ds;                // [kMq][kNk]: P, dP then dS
   attn::Scratch<A> lse, delta;            // [kMq]
@@ -188,10 +190,10 @@ struct Bwd {
     attn::gemm<V, false>(mq, kNk, D, w.qp.ptr, Dp, 1, KT, kNk, w.ps.ptr, kNk);    // S = Q K^T (K^T scaled)
     attn::gemm<V, false>(mq, kNk, D, w.dop.ptr, Dp, 1, VT, kNk, w.ds.ptr, kNk);   // dP = dO V^T
     softmax_grad(w, s, bd, slope, j0, nk, i0, mq);
-    A* dV = w.dvb.ptr + int64_t(jt) * kNk * Dp;
-    A* dK = w.dkb.ptr + int64_t(jt) * kNk * Dp;
-    attn::gemm<V, true>(nk, Dp, mq, w.ps.ptr, 1, kNk, w.dop.ptr, Dp, dV, Dp);    // dV += P^T dO
-    attn::gemm<V, true>(nk, Dp, mq, w.ds.ptr, 1, kNk, w.qp.ptr, Dp, dK, Dp);     // dK += dS^T Q
+    A* dVT = w.dvb.ptr + int64_t(jt) * D * kNk;
+    A* dKT = w.dkb.ptr + int64_t(jt) * D * kNk;
+    attn::gemm<V, true>(D, kNk, mq, w.dop.ptr, 1, Dp, w.ps.ptr, kNk, dVT, kNk);  // dV^T += dO^T P
+    attn::gemm<V, true>(D, kNk, mq, w.qp.ptr, 1, Dp, w.ds.ptr, kNk, dKT, kNk);   // dK^T += Q^T dS
     attn::gemm<V, true>(mq, Dp, nk, w.ds.ptr, kNk, 1, K, Dp, w.dqt.ptr, Dp);     // dQ += dS K
   }
 
@@ -243,8 +245,9 @@ struct Bwd {
         attn::transpose_rows<V>(vrows, D, A(1), VT + j0, kNk);
       }
     }
-    std::fill_n(w.dkb.ptr, size_t(nkb) * Dp, A(0));
-    std::fill_n(w.dvb.ptr, size_t(nkb) * Dp, A(0));
+    const size_t tiles = size_t(nkb + kNk - 1) / kNk;
+    std::fill_n(w.dkb.ptr, tiles * D * kNk, A(0));
+    std::fill_n(w.dvb.ptr, tiles * D * kNk, A(0));
   }
 
   void block(Work<A>& w, int b, int kvh, const Seq& s, const Band& bd, int kb0, int nkb, A* dqbuf) const {
@@ -277,17 +280,24 @@ struct Bwd {
         }
       }
     }
-    const A scale = A(f.scale);
-    for (int jj = 0; jj < nkb; ++jj) {
-      const int64_t row = s.k0 + kb0 + jj;
-      attn::store_row<V>(w.dvb.ptr + int64_t(jj) * Dp, D, at_row<T>(p.dv, b, row, kvh));
-      const A* dk = w.dkb.ptr + int64_t(jj) * Dp;
-      T* dst = at_row<T>(p.dk, b, row, kvh);
-      for_each_chunk<V>(D, [&](auto v, int64_t c) {
-        using Vv = decltype(v);
-        (Vv::load(dk + c) * Vv::set1(scale)).store(dst + c);
-      });
+    for (int jt = 0; jt * kNk < nkb; ++jt) {
+      const int nk = std::min(kNk, nkb - jt * kNk);
+      const int64_t row0 = s.k0 + kb0 + jt * kNk;
+      store_tile(w, w.dvb.ptr + int64_t(jt) * D * kNk, A(1), nk, p.dv, b, row0, kvh);
+      store_tile(w, w.dkb.ptr + int64_t(jt) * D * kNk, A(f.scale), nk, p.dk, b, row0, kvh);
     }
+  }
+
+  // Rows [row0, row0 + nk) of the gradient g (laid out as k) from a transposed tile [D][kNk] times mul, through
+  // kb (free once the block's pairs are done).
+  void store_tile(Work<A>& w, const A* tile, A mul, int nk, const AttnTensor& g, int b, int64_t row0, int kvh) const {
+    constexpr int W = V::W;
+    for (int e0 = 0; e0 < D; e0 += W) {
+      const A* rows[W];
+      for (int t = 0; t < W; ++t) rows[t] = e0 + t < D ? tile + int64_t(e0 + t) * kNk : nullptr;
+      attn::transpose_rows<V>(rows, nk, mul, w.kb.ptr + e0, Dp);
+    }
+    for (int jj = 0; jj < nk; ++jj) attn::store_row<V>(w.kb.ptr + int64_t(jj) * Dp, D, at_row<T>(g, b, row0 + jj, kvh));
   }
 };
 
