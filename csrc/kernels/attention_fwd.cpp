@@ -7,7 +7,8 @@
 //   group, with the visible keys packed once as fp32 rows (run_tiled). Scores are kept transposed,
 //   S^T[key][query] = K Q^T, so the softmax runs along vectors of queries, and so is the output,
 //   O^T += V^T P^T (whose B operand, P^T, then has 256-byte rows: 1.2x faster than O += P V standalone);
-//   both products go through attn::gemm. Compute-bound: floor = 4 * Lq * Lk * D (halved if causal) / peak FMA rate.
+//   both products go through attn::gemm. Compute-bound: floor = 4 * Lq * Lk * D (halved if causal) / peak
+//   FMA rate.
 // - Grouped (decode, few query rows per kv head): a task is (batch, kv head, key split) holding every
 //   query row of the GQA group, so each K/V row is read from memory once for all of them. Bandwidth-bound:
 //   floor = bytes of K and V read / read bandwidth. Splits (flash-decoding) keep both threads busy when
@@ -34,6 +35,7 @@ using attn::Scratch;
 
 constexpr int kMq = 64;        // queries per tile (tiled path)
 constexpr int kNk = 64;        // keys per tile (both paths)
+static_assert(kMq <= kNk, "the tiled path stages a tile's output rows in its key scratch");
 constexpr int kGroupRows = 16;  // the grouped path takes kv heads with at most this many query rows
 constexpr int kNkG = 32;        // keys per chunk (grouped path; measured 32 > 64 > 128 on decode)
 
@@ -174,12 +176,12 @@ struct TiledTask {
 
   static int64_t size(int d) {
     const int64_t dp = padded<V>(d), mp = padded<V>(kMq);
-    return dp * mp + 2 * kNk * dp + kNk * mp + kMq * dp + 4 * mp;
+    return dp * mp + 2 * kNk * dp + kNk * mp + dp * mp + 4 * mp;
   }
   TiledTask(const AttnParams& p_, A* buf) : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)) {
     const int64_t mp = padded<V>(kMq);
     qt = buf, kt = qt + dp * mp, vt = kt + kNk * dp, s = vt + kNk * dp, o = s + kNk * mp;
-    m = o + kMq * dp, l = m + mp, alpha = l + mp, pos = alpha + mp;
+    m = o + dp * mp, l = m + mp, alpha = l + mp, pos = alpha + mp;
   }
 
   void run(const Seq& sq, int h, int i0, int mq) {
@@ -214,13 +216,11 @@ struct TiledTask {
     }
     // O^T's columns divided by l, then transposed back into rows (in kt, free now).
     for (int c = 0; c < mp; ++c) alpha[c] = l[c] == A(0) ? A(0) : A(1) / l[c];
-    for (int e = 0; e < d; ++e)
-      for (int c = 0; c < mp; c += W) (V::load(o + int64_t(e) * mp + c) * V::load(alpha + c)).store(o + int64_t(e) * mp + c);
-    for (int e0 = 0; e0 < d; e0 += W) {
-      const A* rows[W];
-      for (int t = 0; t < W; ++t) rows[t] = e0 + t < d ? o + int64_t(e0 + t) * mp : nullptr;
-      attn::transpose_rows<V>(rows, mq, A(1), kt + e0, dp);
+    for (int e = 0; e < d; ++e) {
+      A* row = o + int64_t(e) * mp;
+      for (int c = 0; c < mp; c += W) (V::load(row + c) * V::load(alpha + c)).store(row + c);
     }
+    attn::transpose_tile<V>(o, mp, d, mq, A(1), kt, dp);
     for (int c = 0; c < mq; ++c) {
       T* out = row_at<T>(p.out, sq.b, sq.q_start + i0 + c, h);
       float* lse = lse0 ? lse0 + c * p.lse.row_stride : nullptr;
@@ -270,7 +270,7 @@ struct TiledTask {
   }
 
   // The softmax update of G query vectors [c, c + G * W) at once: G independent max and exp chains per key
-  // row (one chain was latency-bound: measured 1.1x on the fp32 prefill forward).
+  // row (one chain per vector was latency-bound).
   template <int G>
   void softmax_cols(int c, int nk, int mp) {
     const V lowest = V::set1(std::numeric_limits<A>::lowest());

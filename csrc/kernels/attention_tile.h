@@ -3,13 +3,15 @@
 //
 // All tile math is one register-blocked product, C (+)= A B, in the accumulation type A_t (float; double
 // for the float64 gradcheck path). B is row-major with its columns contiguous and n a multiple of the
-// vector width (callers pad their fp32 tiles); A is read one element at a time through two strides, so
-// the same kernel takes A or A transposed, which is what lets the attention kernels keep S transposed
-// (keys x queries: the softmax then runs along vectors of queries) without ever transposing a tile.
+// vector width (callers pad their fp32 tiles); A is read one element at a time, row-major or column-major,
+// so the same kernel takes A or A transposed. That lets the attention kernels keep S (keys x queries: the
+// softmax then runs along vectors of queries) and the outputs transposed without transposing a tile per
+// product; operands are transposed once, when packed (transpose_rows), and outputs once, when written
+// (transpose_tile).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <algorithm>
 #include <cstring>
 #include <new>
 
@@ -105,8 +107,10 @@ static inline void gemm_cols(int m, int nvec, int kdim, const typename V::value_
     int j = 0;
     for (; j + NR <= nvec; j += NR)
       gemm_strip<V, NR, ACC, L>(m, kdim, a, as, b + j * V::W, ldb, c + j * V::W, ldc, cs ? cs + j * V::W : cs);
-    if (j < nvec)
-      gemm_cols<V, ACC, L, NR - 1>(m, nvec - j, kdim, a, as, b + j * V::W, ldb, c + j * V::W, ldc, cs ? cs + j * V::W : cs);
+    if (j < nvec) {
+      const auto* csj = cs ? cs + j * V::W : cs;
+      gemm_cols<V, ACC, L, NR - 1>(m, nvec - j, kdim, a, as, b + j * V::W, ldb, c + j * V::W, ldc, csj);
+    }
   }
 }
 
@@ -123,7 +127,7 @@ static inline void gemm(int m, int n, int kdim, const typename V::value_type* a,
                         const typename V::value_type* c_scale = nullptr) {
   const bool cols = a_rs == 1;  // else a_ks == 1
   const int kc = ldb * int64_t(sizeof(TB)) <= 256 ? 64 : 32;
-  for (int k0 = 0; k0 < kdim; k0 += kc) {
+  for (int k0 = 0; k0 == 0 || k0 < kdim; k0 += kc) {  // once at least: an overwrite with kdim = 0 zeroes C
     const int kn = std::min(kc, kdim - k0);
     const bool acc = ACC || k0 > 0;
     const TB* bk = b + k0 * ldb;
@@ -207,6 +211,18 @@ static inline void transpose_rows(const T* const* src, int n, typename V::value_
   }
   for (int e = nw; e < n; ++e)
     for (int t = 0; t < W; ++t) dst[int64_t(e) * ld + t] = src[t] ? ScalarVec<A>::load(src[t] + e).v * mul : A(0);
+}
+
+// dst[c * ldd + r] = mul * src[r * lds + c] for r < rows, c < cols (dst's columns rows..round_up(rows, W) are
+// zeroed): a row-major tile written back transposed.
+template <typename V>
+static inline void transpose_tile(const typename V::value_type* src, int64_t lds, int rows, int cols,
+                                  typename V::value_type mul, typename V::value_type* dst, int64_t ldd) {
+  for (int r0 = 0; r0 < rows; r0 += V::W) {
+    const typename V::value_type* src_rows[V::W];
+    for (int t = 0; t < V::W; ++t) src_rows[t] = r0 + t < rows ? src + int64_t(r0 + t) * lds : nullptr;
+    transpose_rows<V>(src_rows, cols, mul, dst + r0, ldd);
+  }
 }
 
 // An aligned scratch buffer owned by one task (plain malloc/free: no std containers in ISA TUs).

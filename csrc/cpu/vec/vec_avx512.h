@@ -47,9 +47,10 @@ struct VecAvx512 {
   friend VecAvx512 fmadd(VecAvx512 a, VecAvx512 b, VecAvx512 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   friend VecAvx512 min(VecAvx512 a, VecAvx512 b) { return {_mm512_min_ps(a.v, b.v)}; }
   friend VecAvx512 max(VecAvx512 a, VecAvx512 b) { return {_mm512_max_ps(a.v, b.v)}; }
-  // exp_cephes' polynomial, with p * 2^n and the over/underflow done by one vscalefps: the clamp only keeps n
-  // finite (inf above ~88.72, denormals below -87.34, 0 below -103.98, as std::exp gives). 1.2x the
-  // throughput of the generic path (pow2i and two selects), measured side by side.
+  // exp_cephes' polynomial, with p * 2^n and the over/underflow done by one vscalefps (inf above ~88.72,
+  // denormals below -87.34, 0 below -103.98, as std::exp gives): the clamp to [-110, 89] only keeps
+  // r = x - n ln2 from becoming inf - inf. 1.2x the throughput of the generic path (pow2i and two selects),
+  // measured side by side.
   friend VecAvx512 exp(VecAvx512 a) {
     VecAvx512 n;
     const VecAvx512 p = exp_reduced(max(set1(-110.f), min(set1(89.f), a)), n);

@@ -8,7 +8,7 @@
 namespace llmkern {
 namespace LLMKERN_ISA {
 
-// exp(xc) = p * 2^n for xc in the clamped range below: returns p, sets n (integral-valued).
+// exp(xc) = p * 2^n for a finite xc of magnitude below ~110 (the callers clamp): returns p, sets n (integral-valued).
 template <typename V>
 inline V exp_reduced(V xc, V& n) {
   n = V::round_nearest(xc * V::set1(1.44269504088896341f));
