@@ -78,7 +78,7 @@ static inline void gemm_block(int kdim, const typename V::value_type* a, int64_t
 }
 
 // The last rows < kMR of a strip as one block of that height (each B vector loaded once for all of
-// them: a decode task's 4 query rows, or the 64 % 6 = 4 rows of a 64-row tile, run as one 4-row block).
+// them: the 64 % 6 = 4 rows of a 64-row tile run as one 4-row block).
 template <typename V, int NR, bool ACC, ALayout L, int MR = kMR - 1, typename TB>
 static inline void gemm_rest(int rows, int kdim, const typename V::value_type* a, int64_t as, const TB* b,
                              int64_t ldb, typename V::value_type* c, int64_t ldc, const typename V::value_type* cs) {

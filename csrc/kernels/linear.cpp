@@ -139,10 +139,8 @@ void run_outer(const LinearParams& p) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(w + c1) + off);
   };
   const auto store = [&](int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
-    float s[outer::kTileRows], b[outer::kTileRows];
-    for (int64_t j = 0; j < rows; ++j)
-      s[j] = 1.f, b[j] = p.bias ? to_float(static_cast<const T*>(p.bias)[n0 + j]) : 0.f;
-    outer::store_rows(static_cast<T*>(p.y), p.y_stride, n0, rows, r0, nr, c, ldc, s, b);
+    outer::store_rows(static_cast<T*>(p.y), p.y_stride, n0, rows, r0, nr, c, ldc, nullptr,
+                      static_cast<const T*>(p.bias));
   };
   outer::gemm<kOuterChunk>(p.n, pn, xt.ptr, decode, store);
 }

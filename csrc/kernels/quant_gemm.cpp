@@ -145,12 +145,11 @@ static void gemm_typed(const QLinearParams& p) {
     decode_row(w, r, c0, c1, w.format == QFormat::int8 ? 0 : c0 / w.group, dst);
   };
   const auto store = [&](int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
-    float s[outer::kTileRows], b[outer::kTileRows];
-    for (int64_t j = 0; j < rows; ++j) {
-      s[j] = w.format == QFormat::int8 ? scale_at(w, n0 + j) : 1.f;
-      b[j] = p.bias ? to_float(static_cast<const T*>(p.bias)[n0 + j]) : 0.f;
-    }
-    outer::store_rows(static_cast<T*>(p.out), p.out_stride, n0, rows, r0, nr, c, ldc, s, b);
+    float s[outer::kTileRows];  // the int8 row scales (the 4-bit formats' scales are decoded into the weights)
+    const bool int8 = w.format == QFormat::int8;
+    for (int64_t j = 0; int8 && j < rows; ++j) s[j] = scale_at(w, n0 + j);
+    outer::store_rows(static_cast<T*>(p.out), p.out_stride, n0, rows, r0, nr, c, ldc, int8 ? s : nullptr,
+                      static_cast<const T*>(p.bias));
   };
   outer::gemm<kChunk>(w.n, pn, xt.ptr, decode, store);
 }
