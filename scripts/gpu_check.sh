@@ -85,11 +85,12 @@ note build ok "$((SECONDS - t0)) s, CUDA archs $ARCH"
 # 4. CUDA tests.
 status=0
 t0=$SECONDS
-# test_cuda.py is CUDA-only; test_attention.py and test_quant.py run each test per backend (a `device`
-# fixture with a cuda case), so take their cuda cases.
+# test_cuda.py is CUDA-only (its name matches -k cuda); the others run tests per device (the `device` and
+# `torch_device` fixtures have a cuda case): the kernels' (attention, quant), then the layers above them (the
+# fused loss, the norms under autocast, the serving engine; its tests need no HTTP stack).
 timeout 420 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_cuda.py tests/ops/test_attention.py \
-  tests/ops/test_quant.py -k "(not test_attention.py and not test_quant.py) or cuda" 2>&1 | tee "$LOG/tests.log" \
-  | tail -n 25
+  tests/ops/test_quant.py tests/ops/test_loss.py tests/ops/test_norm.py tests/serve/test_engine.py -k cuda 2>&1 \
+  | tee "$LOG/tests.log" | tail -n 25
 rc=${PIPESTATUS[0]}
 result=$(grep -E '[0-9]+ (passed|failed|error)' "$LOG/tests.log" | tail -n 1)
 if [ "$rc" = 0 ]; then note tests ok "$result ($((SECONDS - t0)) s)"; else note tests FAIL "${result:-rc $rc} ($((SECONDS - t0)) s)"; status=1; fi

@@ -25,6 +25,14 @@ def device(request):
         yield "cpu"
 
 
+@pytest.fixture(params=["cpu", "cuda"])
+def torch_device(request):
+    """'cpu' (its default ISA) or 'cuda' (skipped without a GPU): for the layers above the kernels."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

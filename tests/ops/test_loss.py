@@ -11,19 +11,20 @@ from tests.helpers import assert_close_derived, grads
 CASES = [(37, 24, 131, 8), (64, 16, 50, 64), (5, 59, 1000, None)]
 
 
-def _inputs(n, h, v, dtype, bias):
+def _inputs(n, h, v, dtype, bias, device="cpu"):
     hidden = torch.randn(n, h, dtype=dtype)
     weight = (torch.randn(v, h) / h**0.5).to(dtype)
     targets = torch.randint(0, v, (n,))
     targets[::3] = -100  # ignored positions
-    return hidden, weight, targets, (torch.randn(v) * 0.1).to(dtype) if bias else None
+    b = (torch.randn(v) * 0.1).to(dtype) if bias else None
+    return [t.to(device) if t is not None else None for t in (hidden, weight, targets, b)]
 
 
 @pytest.mark.parametrize("n, h, v, chunk", CASES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("num_items", [None, 50.0])
-def test_matches_reference_fp32(n, h, v, chunk, bias, num_items):
-    hidden, weight, targets, b = _inputs(n, h, v, torch.float32, bias)
+def test_matches_reference_fp32(n, h, v, chunk, bias, num_items, torch_device):
+    hidden, weight, targets, b = _inputs(n, h, v, torch.float32, bias, torch_device)
     inputs = [hidden, weight] + ([b] if bias else [])
 
     def fused(x, w, *b):
@@ -40,8 +41,8 @@ def test_matches_reference_fp32(n, h, v, chunk, bias, num_items):
         assert_close_derived(g, r, gt, name=name)
 
 
-def test_bf16_gradients_within_twice_torch_error():
-    hidden, weight, targets, _ = _inputs(67, 32, 300, torch.bfloat16, False)
+def test_bf16_gradients_within_twice_torch_error(torch_device):
+    hidden, weight, targets, _ = _inputs(67, 32, 300, torch.bfloat16, False, torch_device)
     d = [torch.tensor(1.0)]
     g64 = grads(lambda x, w: lk.linear_cross_entropy_ref(x, w, targets), [hidden.double(), weight.double()], d)
     gt = grads(lambda x, w: lk.linear_cross_entropy_ref(x, w, targets), [hidden, weight], d)

@@ -159,6 +159,22 @@ def test_opcheck():
     torch.library.opcheck(ops.rms_norm_bwd_out, (torch.empty_like(x), torch.empty_like(w), res, x, w, rstd, False, None))
 
 
+def test_autocast_runs_the_norms_in_float32(torch_device):
+    """Under autocast the norms run in float32, as torch's layer_norm does: a bf16 x (a linear's output) with
+    the float32 gain and residual gives the float32 call's result, and x's gradient comes back in bf16."""
+    x = torch.randn(5, 64, device=torch_device).bfloat16().requires_grad_()
+    w = torch.rand(64, device=torch_device) + 0.5
+    r = torch.randn(5, 64, device=torch_device)
+    with torch.autocast(torch_device, torch.bfloat16):
+        y = lk.rms_norm(x, w)
+        out, s = lk.fused_add_rms_norm(x, r, w)
+    assert y.dtype == out.dtype == s.dtype == torch.float32
+    assert torch.equal(y, lk.rms_norm(x.float(), w))
+    expected_out, expected_s = lk.fused_add_rms_norm(x.float(), r, w)
+    assert torch.equal(out, expected_out) and torch.equal(s, expected_s)
+    (y.sum() + out.sum()).backward()
+    assert x.grad.dtype == torch.bfloat16 and x.grad.isfinite().all()
+
 def test_zero_rows():
     x = torch.randn(0, 16)
     assert lk.rms_norm(x, torch.randn(16)).shape == (0, 16)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from llm_refs import write_llama_checkpoint
-from serve_refs import ThreadServer
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +14,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_checkpoint):
+    from serve_refs import ThreadServer  # imported here: the engine's tests run without the HTTP stack
+
     server = ThreadServer(tiny_checkpoint[1])
     yield server
     server.close()

@@ -3,6 +3,8 @@ and aborts all give the outputs of transformers' greedy generate and of each req
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from llm_refs import write_llama_checkpoint
@@ -179,3 +181,30 @@ def test_bad_requests_raise_and_the_queue_is_bounded(checkpoint, prompts):
         engine.add_request("c", prompts[0], GREEDY)
     engine.step()  # both admitted: room again
     engine.add_request("c", prompts[0], GREEDY)
+
+
+@pytest.fixture(scope="module")
+def hf64(checkpoint):
+    """The transformers model in float64 on the CPU: the judge of every device's greedy tokens."""
+    return copy.deepcopy(checkpoint[0]).to(torch.float64)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"max_num_batched_tokens": 7, "max_num_seqs": 3},
+                                       {"speculative": "ngram"}], ids=["batched", "chunked", "ngram"])
+def test_greedy_tokens_on_each_device_are_the_models_argmax(checkpoint, hf64, prompts, torch_device, overrides):
+    """The engine on the device (its KV cache sized from the device's free memory, the paged kernels, prefix
+    hits): each greedy token is the float64 model's argmax on the engine's own sequence, up to near-ties
+    (fp32 on another device may break a tie the other way, after which the sequences rightly differ)."""
+    engine = Engine.from_pretrained(checkpoint[1], EngineConfig(block_size=BS, **overrides),
+                                    device=torch_device)
+    assert all(t.device.type == torch_device for t in engine.kv_caches[0])
+    out = run(engine, prompts)
+    for i, prompt in enumerate(prompts):
+        tokens = out[str(i)][0]
+        with torch.no_grad():
+            logits = hf64(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+        chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        assert (logits.max(1).values - chosen).max() < 1e-3, f"prompt {i}: a greedy token is not the argmax"
+    seeded = SamplingParams(n=2, temperature=1.0, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True)
+    a, b = run(engine, prompts[3:4], seeded)["0"], run(engine, prompts[3:4], seeded)["0"]
+    assert a == b and a[0] != a[1]  # seeded sampling with the device's generator: reproducible, samples differ
