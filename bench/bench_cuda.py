@@ -133,7 +133,7 @@ def quant() -> None:
     dev, dt, n, k = "cuda", torch.bfloat16, 4096, 4096
     w = torch.randn(n, k, dtype=dt) * 0.02  # quantized on the CPU (there is no CUDA quantize), then moved
     wd = w.to(dev)
-    packed4, scales, _ = (t.to(dev) for t in lk.quantize_int4(w, group_size=128))
+    packed4, scales = (t.to(dev) for t in lk.quantize_int4(w, group_size=128)[:2])  # symmetric: zeros is None
     packednf, absmax = (t.to(dev) for t in lk.quantize_nf4(w, 64))
     weights = {
         "int4 g128": (packed4.numel() + scales.numel() * 2,
