@@ -1,8 +1,8 @@
 """CUDA benchmark of llmkern's kernels vs torch eager of the <op>_ref (python -m bench.bench_cuda).
 
-Times with torch.cuda.Event (median of reps after warm-up) at the issue's shapes, fp32 and bf16, and
-reports GB/s of the bytes that must move and their fraction of a device copy bandwidth measured in the
-same run (torch copy_ of a 1 GiB tensor); then attention (vs SDPA) and the weight-only quantized linear (vs a
+Times with torch.cuda.Event (back-to-back calls, the median of batches after warm-up; see time_ms) at the
+issue's shapes, fp32 and bf16, and reports GB/s of the bytes that must move and their fraction of a device
+copy bandwidth measured in the same run (torch copy_ of a 1 GiB tensor); then attention (vs SDPA) and the weight-only quantized linear (vs a
 dense bf16 matmul). Self-contained; skips without CUDA."""
 
 from __future__ import annotations
@@ -11,27 +11,47 @@ import statistics
 
 import torch
 
-REPS, WARMUP = 50, 10
+REPS, WARMUP, BATCHES = 20, 5, 5
 
 
-def time_ms(fn, reps: int = REPS) -> float:
+def time_ms(fn, reps: int = REPS, graph: bool = False) -> float:
+    """Milliseconds per call: the median over BATCHES of the mean of `reps` back-to-back calls, so the GPU's
+    queue stays full wherever the host launches faster than the kernels run (a timed single call would count
+    the host's launch latency too). graph: fn captured once as a CUDA graph and replayed, for calls short
+    enough that the host's per-op launch cost (Python, dispatcher) would otherwise be what is timed."""
+    if graph:
+        fn = graphed(fn)
     for _ in range(WARMUP):
         fn()
     times = []
-    for _ in range(reps):
+    for _ in range(BATCHES):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / reps)
     return statistics.median(times)
+
+
+def graphed(fn):
+    """fn as one CUDA graph replay (warmed up on a side stream first, as torch.cuda.graph requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
 
 
 def copy_bandwidth_gbs() -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), reps=20)
+    ms = time_ms(lambda: dst.copy_(src))
     return 2 * src.numel() / ms / 1e6  # read + write
 
 
@@ -111,7 +131,7 @@ def attention() -> None:
     ]
     print(f"{'attention':<26}{'llmkern ms':>11}{'TFLOP/s':>9}{'sdpa ms':>9}{'x sdpa':>8}")
     for name, fl, kern, base in cases:
-        ms, bms = time_ms(kern, reps=20), time_ms(base, reps=20)
+        ms, bms = time_ms(kern, reps=5), time_ms(base, reps=5)
         print(f"{name:<26}{ms:>11.3f}{fl / ms / 1e9:>9.1f}{bms:>9.3f}{bms / ms:>8.2f}")
     b, hk, ctx, bs = 8, 8, 4096, 16
     k_cache, v_cache = (torch.randn(b * ctx // bs, bs, hk, 128, dtype=dt, device=dev) for _ in range(2))
@@ -126,28 +146,33 @@ def attention() -> None:
 
 
 def quant() -> None:
-    """Weight-only quantized linear, 4096 x 4096 weight, bf16 x: GEMV (M = 1, GB/s over the packed weight bytes
-    plus scales) and GEMM (M = 64, TFLOP/s), int4 (group 128) and nf4 (block 64), vs a dense bf16 x @ W.T."""
+    """Weight-only quantized linear, 4096 x 4096 weight, bf16 x, int4 (group 128) and nf4 (block 64) vs a dense
+    bf16 x @ W.T: GB/s over the weight bytes (packed weight plus scales) and TFLOP/s. Each call reads another
+    copy of the weight, the copies spanning 4x the L2 (so the weight comes from HBM, as in decoding), and the
+    calls are one CUDA graph (M = 1 takes microseconds: the host's launch cost would be timed otherwise)."""
     import llmkern.ops as lk
 
     dev, dt, n, k = "cuda", torch.bfloat16, 4096, 4096
+    span = 4 * getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 64 << 20)
     w = torch.randn(n, k, dtype=dt) * 0.02  # quantized on the CPU (there is no CUDA quantize), then moved
-    wd = w.to(dev)
-    packed4, scales = (t.to(dev) for t in lk.quantize_int4(w, group_size=128)[:2])  # symmetric: zeros is None
-    packednf, absmax = (t.to(dev) for t in lk.quantize_nf4(w, 64))
-    weights = {
-        "int4 g128": (packed4.numel() + scales.numel() * 2,
-                      lambda x: lk.int4_linear(x, packed4, scales, None, 128)),
-        "nf4 b64": (packednf.numel() + absmax.numel() * 4, lambda x: lk.nf4_linear(x, packednf, absmax, n, 64)),
+    packed4, scales = lk.quantize_int4(w, group_size=128)[:2]  # symmetric: no zeros
+    packednf, absmax = lk.quantize_nf4(w, 64)
+    formats = {  # name: (weight tensors, the product)
+        "dense bf16": ((w,), lambda x, wd: x @ wd.T),
+        "int4 g128": ((packed4, scales), lambda x, p, s: lk.int4_linear(x, p, s, None, 128)),
+        "nf4 b64": ((packednf, absmax), lambda x, p, a: lk.nf4_linear(x, p, a, n, 64)),
     }
     print(f"{'quant linear 4096x4096':<26}{'M':>4}{'llmkern ms':>11}{'GB/s':>8}{'TFLOP/s':>9}{'dense ms':>10}{'x dense':>9}")
-    for m in (1, 64):
-        x = torch.randn(m, k, dtype=dt, device=dev)
-        dms = time_ms(lambda: x @ wd.T)
-        for name, (nbytes, fn) in weights.items():
-            ms = time_ms(lambda: fn(x))
-            print(f"{name:<26}{m:>4}{ms:>11.4f}{nbytes / ms / 1e6:>8.0f}{2 * m * n * k / ms / 1e9:>9.2f}{dms:>10.4f}"
-                  f"{dms / ms:>9.2f}")
+    dense_ms = {}
+    for name, (tensors, product) in formats.items():
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        copies = [[t.to(dev) for t in tensors] for _ in range(-(-span // nbytes))]
+        for m in (1, 16, 64):
+            x = torch.randn(m, k, dtype=dt, device=dev)
+            ms = time_ms(lambda: [product(x, *c) for c in copies], reps=5, graph=True) / len(copies)
+            dense_ms.setdefault(m, ms)
+            print(f"{name:<26}{m:>4}{ms:>11.4f}{nbytes / ms / 1e6:>8.0f}{2 * m * n * k / ms / 1e9:>9.2f}"
+                  f"{dense_ms[m]:>10.4f}{dense_ms[m] / ms:>9.2f}")
 
 
 if __name__ == "__main__":

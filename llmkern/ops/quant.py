@@ -50,8 +50,21 @@ DYNAMIC_CODE = _dynamic_map_signed()
 NESTED_BLOCK_SIZE = 256  # bitsandbytes' double-quant block size (absmax values per nested scale)
 
 
+_DEFAULT_CODES: dict[tuple[int, torch.device], Tensor] = {}
+
+
 def _code(code: Tensor | None, default: Tensor, device: torch.device) -> Tensor:
-    return default.to(device) if code is None else code
+    """code, or the default table on `device`, copied there once: a host-to-device copy in every call would
+    stall each CUDA call (and break CUDA graph capture)."""
+    if code is not None:
+        return code
+    device = torch.device(device)
+    if device == default.device or torch.compiler.is_compiling():  # traced: a copy in the graph, never cached
+        return default.to(device)
+    key = (id(default), device)
+    if key not in _DEFAULT_CODES:
+        _DEFAULT_CODES[key] = default.to(device)
+    return _DEFAULT_CODES[key]
 
 
 def _cdiv(a: int, b: int) -> int:
