@@ -2,8 +2,8 @@
 
 Times with torch.cuda.Event (back-to-back calls, the median of batches after warm-up; see time_ms) at the
 issue's shapes, fp32 and bf16, and reports GB/s of the bytes that must move and their fraction of a device
-copy bandwidth measured in the same run (torch copy_ of a 1 GiB tensor); then attention (vs SDPA) and the weight-only quantized linear (vs a
-dense bf16 matmul). Self-contained; skips without CUDA."""
+copy bandwidth measured in the same run (torch copy_ of a 1 GiB tensor); then attention (vs SDPA) and the
+weight-only quantized linear (vs a dense bf16 matmul). Self-contained; skips without CUDA."""
 
 from __future__ import annotations
 

@@ -175,6 +175,7 @@ def test_autocast_runs_the_norms_in_float32(torch_device):
     (y.sum() + out.sum()).backward()
     assert x.grad.dtype == torch.bfloat16 and x.grad.isfinite().all()
 
+
 def test_zero_rows():
     x = torch.randn(0, 16)
     assert lk.rms_norm(x, torch.randn(16)).shape == (0, 16)
