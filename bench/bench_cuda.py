@@ -157,7 +157,7 @@ def quant() -> None:
     w = torch.randn(n, k, dtype=dt) * 0.02  # quantized on the CPU (there is no CUDA quantize), then moved
     packed4, scales = lk.quantize_int4(w, group_size=128)[:2]  # symmetric: no zeros
     packednf, absmax = lk.quantize_nf4(w, 64)
-    formats = {  # name: (weight tensors, the product)
+    formats = {  # name: (weight tensors, the product); dense first: the others' "x dense" divides by its time
         "dense bf16": ((w,), lambda x, wd: x @ wd.T),
         "int4 g128": ((packed4, scales), lambda x, p, s: lk.int4_linear(x, p, s, None, 128)),
         "nf4 b64": ((packednf, absmax), lambda x, p, a: lk.nf4_linear(x, p, a, n, 64)),
