@@ -395,6 +395,14 @@ struct GroupTask {
   static constexpr int kDots = W >= 16 ? 16 : 8;  // accumulators per dot block (registers)
   static constexpr int kPairs = W >= 16 ? 2 : 1;  // vector pairs per P V strip: 4 rows x 2 x kPairs accumulators
   static constexpr int kPfLines = 4;  // lines of the next chunk prefetched per key of a P V strip
+#if defined(LLMKERN_ISA_AVX512BF16)
+  // bf16 on AVX512_BF16: q . k and P V are bf16 pair dot products (no widening, half the instructions). P is
+  // rounded to bf16 for P V, as PyTorch's bf16 attention rounds it; O rows are then in interleave order.
+  static constexpr bool kBf16Dot = std::is_same_v<T, bf16>;
+  static_assert(kNkp == 32, "P rows are converted to bf16 32 at a time");
+#else
+  static constexpr bool kBf16Dot = false;
+#endif
 
   const AttnParams& p;
   // Rows of q and O are in paired order (attn::load_row_paired): pairs of vectors over [0, d2), natural after.
@@ -407,12 +415,14 @@ struct GroupTask {
   const T* vn[kNkG];
   const char* pf_span[2 * kNkG];  // this head's share of the next chunk's k / v spans (Lines)
 
+  // Width of q and O rows: whole vectors, or whole 32-element pair blocks on the bf16 dot path.
+  static int row_width(int d) { return kBf16Dot ? (d + 31) / 32 * 32 : int(padded<V>(d)); }
   static int64_t size(int d, int rows, int nh) {
-    const int64_t dp = padded<V>(d), hr = int64_t(nh) * rows;
+    const int64_t dp = row_width(d), hr = int64_t(nh) * rows;
     return 2 * hr * dp + hr * kNkp + 3 * hr + dp;
   }
   GroupTask(const AttnParams& p_, int rows_, int nh_, A* buf)
-      : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)), d2(attn::paired<V>(p_.head_dim)),
+      : p(p_), d(p_.head_dim), dp(row_width(p_.head_dim)), d2(attn::paired<V>(p_.head_dim)),
         dfull(p_.head_dim / W * W), g(p_.nheads / p_.nheads_k), rows(rows_), nh(nh_) {
     const int64_t hr = int64_t(nh) * rows;
     q = buf, s = q + hr * dp, o = s + hr * kNkp;
@@ -431,7 +441,13 @@ struct GroupTask {
         const int h = (hk0 + hh) * g + r % g;
         const int64_t rr = int64_t(hh) * rows + r;
         const T* qr = row_at<const T>(p.q, sq.b, sq.q_start + r / g, h);
-        attn::load_row_paired<V>(qr, d, scale, q + rr * dp, dp);
+        if constexpr (kBf16Dot) {  // as is (scores are scaled instead), zero padded
+          T* qb = reinterpret_cast<T*>(q + rr * dp);
+          std::memcpy(qb, qr, sizeof(T) * d);
+          std::memset(qb + d, 0, sizeof(T) * (2 * dp - d));
+        } else {
+          attn::load_row_paired<V>(qr, d, scale, q + rr * dp, dp);
+        }
         m[rr] = -kInf<A>, l[rr] = A(0);
         slope[rr] = p.alibi_slopes ? A(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : A(0);
       }
@@ -443,6 +459,8 @@ struct GroupTask {
     kv.row_ptrs(ja, nk, kp, vp);
     for (int64_t j0 = ja; j0 <= jb; j0 += kNkG) {
       for (int jj = nk; jj < kNkp; ++jj) kp[jj] = zero_row;
+      if constexpr (kBf16Dot)  // P V takes keys in pairs
+        for (int jj = nk; jj < kNkG; ++jj) vp[jj] = zero_row;
       const int64_t next = j0 + kNkG;
       const int next_n = int(std::clamp<int64_t>(jb + 1 - next, 0, kNkG));
       kv.row_ptrs(next, next_n, kn, vn);
@@ -455,7 +473,12 @@ struct GroupTask {
         }
         const int64_t r0 = int64_t(hh) * rows;
         scores(R, nk, q + r0 * dp, hh * kv.k_hs, s + r0 * kNkp);
-        for (int r = 0; r < R; ++r) row_update(sq, r, r0 + r, j0, nk);
+        for (int r = 0; r < R; ++r) {
+          row_update(sq, r, r0 + r, j0, nk);
+#if defined(LLMKERN_ISA_AVX512BF16)
+          if constexpr (kBf16Dot) to_bf16_in_place(s + (r0 + r) * kNkp);
+#endif
+        }
         values(R, nk, hh * kv.v_hs, s + r0 * kNkp, o + r0 * dp, pf);
         pf.rest();
       }
@@ -475,6 +498,9 @@ struct GroupTask {
 
   template <int RB>
   void dot_rows(int nk, const A* q0, int64_t hoff, A* sc) const {
+#if defined(LLMKERN_ISA_AVX512BF16)
+    if constexpr (kBf16Dot) return dot_rows_bf16<RB>(nk, reinterpret_cast<const T*>(q0), hoff, sc);
+#endif
     constexpr int KB = kDots / RB;
     for (int jj = 0; jj < nk; jj += KB) {
       V acc[RB * KB];
@@ -523,6 +549,9 @@ struct GroupTask {
 
   template <int RB>
   void pv_rows(int nk, int64_t hoff, const A* pr, A* oh, Lines& pf) const {
+#if defined(LLMKERN_ISA_AVX512BF16)
+    if constexpr (kBf16Dot) return pv_rows_bf16<RB>(nk, hoff, pr, oh, pf);
+#endif
     int e = 0;
     for (; e + 2 * kPairs * W <= d2; e += 2 * kPairs * W) pv_strip<RB, kPairs, true>(nk, hoff, e, pr, oh, pf);
     for (; e < d2; e += 2 * W) pv_strip<RB, 1, true>(nk, hoff, e, pr, oh, pf);
@@ -561,6 +590,79 @@ struct GroupTask {
       for (int i = 0; i < NV; ++i) acc[r][i].store(oh + int64_t(r) * dp + e + i * W);
     pf_out = pf;
   }
+
+#if defined(LLMKERN_ISA_AVX512BF16)
+  // dot_rows on bf16 pairs: q rows are bf16 (row stride 2 dp), unscaled and zero padded.
+  template <int RB>
+  void dot_rows_bf16(int nk, const T* q0, int64_t hoff, A* sc) const {
+    constexpr int KB = kDots / RB;
+    const A scale = A(p.scale);
+    for (int jj = 0; jj < nk; jj += KB) {
+      V acc[RB * KB];
+      for (int i = 0; i < RB * KB; ++i) acc[i] = V::zero();
+      const T* kr[KB];
+      for (int k = 0; k < KB; ++k) kr[k] = kp[jj + k] == zero_row ? zero_row : kp[jj + k] + hoff;
+      for (int e = 0; e < d; e += 32) {
+        const __mmask32 in = Bf16x32::first(d - e);
+        Bf16x32 qv[RB];
+        for (int r = 0; r < RB; ++r) qv[r] = Bf16x32::load(q0 + int64_t(r) * 2 * dp + e);
+        for (int k = 0; k < KB; ++k) {
+          const Bf16x32 kv = Bf16x32::load(kr[k] + e, in);
+          for (int r = 0; r < RB; ++r) acc[r * KB + k] = dot_pairs(acc[r * KB + k], qv[r], kv);
+        }
+      }
+      alignas(64) A out[RB * KB];
+      reduce_add_each<RB * KB>(acc, out);
+      for (int r = 0; r < RB; ++r)
+        for (int k = 0; k < KB; ++k) sc[int64_t(r) * kNkp + jj + k] = scale * out[r * KB + k];
+    }
+  }
+
+  // pv_rows on bf16 pairs: key pairs (k, k + 1) interleaved against P[r] rows of bf16 pairs (to_bf16_in_place);
+  // O rows in interleave order.
+  template <int RB>
+  void pv_rows_bf16(int nk, int64_t hoff, const A* pr, A* oh, Lines& pf) const {
+    int e = 0;
+    for (; e + 64 <= dp; e += 64) pv_strip_bf16<RB, 2>(nk, hoff, e, pr, oh, pf);
+    for (; e < dp; e += 32) pv_strip_bf16<RB, 1>(nk, hoff, e, pr, oh, pf);
+  }
+
+  // Columns [e, e + 32 NB) of RB rows of O.
+  template <int RB, int NB>
+  void pv_strip_bf16(int nk, int64_t hoff, int e, const A* pr, A* oh, Lines& pf_out) const {
+    Lines pf = pf_out;  // see pv_strip
+    V lo[RB][NB], hi[RB][NB];
+    __mmask32 in[NB];
+    for (int b = 0; b < NB; ++b) {
+      in[b] = Bf16x32::first(d - e - 32 * b);
+      for (int r = 0; r < RB; ++r) {
+        lo[r][b] = V::load(oh + int64_t(r) * dp + e + 32 * b);
+        hi[r][b] = V::load(oh + int64_t(r) * dp + e + 32 * b + 16);
+      }
+    }
+    for (int k = 0; k < nk; k += 2) {
+      pf.template issue<2 * kPfLines>();
+      const T* v0 = vp[k] + hoff + e;
+      const T* v1 = k + 1 < nk ? vp[k + 1] + hoff + e : zero_row;
+      Bf16x32 pw[RB];
+      for (int r = 0; r < RB; ++r) pw[r] = Bf16x32::set1_pair(reinterpret_cast<const uint32_t*>(pr + int64_t(r) * kNkp)[k / 2]);
+      for (int b = 0; b < NB; ++b) {
+        Bf16x32 il, ih;
+        interleave(Bf16x32::load(v0 + 32 * b, in[b]), Bf16x32::load(v1 + 32 * b, in[b]), il, ih);
+        for (int r = 0; r < RB; ++r) {
+          lo[r][b] = dot_pairs(lo[r][b], pw[r], il);
+          hi[r][b] = dot_pairs(hi[r][b], pw[r], ih);
+        }
+      }
+    }
+    for (int b = 0; b < NB; ++b)
+      for (int r = 0; r < RB; ++r) {
+        lo[r][b].store(oh + int64_t(r) * dp + e + 32 * b);
+        hi[r][b].store(oh + int64_t(r) * dp + e + 32 * b + 16);
+      }
+    pf_out = pf;
+  }
+#endif
 
   // Softcap, alibi, mask and the online softmax of row r (buffer row rr) over keys [j0, j0 + nk).
   void row_update(const Seq& sq, int r, int64_t rr, int64_t j0, int nk) {
@@ -602,6 +704,17 @@ struct GroupTask {
     }
   }
 
+  // An O row (paired order, or interleave order on the bf16 dot path; scrambled here) to out in natural order.
+  void store_o(A* orow, T* out) const {
+#if defined(LLMKERN_ISA_AVX512BF16)
+    if constexpr (kBf16Dot) {
+      for (int e = 0; e < dp; e += 32) unpermute_pairs(orow + e);
+      return attn::store_row<V>(orow, d, out);
+    }
+#endif
+    attn::store_row_paired<V>(orow, d, out);
+  }
+
   // out / lse of row r of kv head hk from its (O, m, l); orow is scaled in place.
   void finish_row(const Seq& sq, int hk, int r, A* orow, A mr, A lr) const {
     const int h = hk * g + r % g;
@@ -610,7 +723,7 @@ struct GroupTask {
     if (lr == A(0)) { write_empty_row(out, d, p.dtype, lse); return; }
     const V inv = V::set1(A(1) / lr);
     for (int e = 0; e < dp; e += W) (V::load(orow + e) * inv).store(orow + e);
-    attn::store_row_paired<V>(orow, d, out);
+    store_o(orow, out);
     if (lse) *lse = float(mr + std::log(lr));
   }
 };
@@ -639,7 +752,7 @@ void run_grouped(const AttnParams& p) {
   using GT = GroupTask<T>;
   using A = typename GT::A;
   const int g = p.nheads / p.nheads_k, rows = p.seqlen_q * g;
-  const int64_t dp = padded<typename GT::V>(p.head_dim);
+  const int64_t dp = GT::row_width(p.head_dim);
   // kv heads per task: all of them when they are interleaved within k/v rows (one sequential read).
   const bool interleaved = p.k.head_stride < p.k.row_stride && p.v.head_stride < p.v.row_stride;
   const int nh = interleaved ? p.nheads_k : 1, hgroups = p.nheads_k / nh;

@@ -17,6 +17,8 @@ bool cpu_supports(CpuIsa isa) {
     case CpuIsa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case CpuIsa::avx512bf16:
+      return cpu_supports(CpuIsa::avx512) && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 #else
@@ -28,12 +30,13 @@ CpuIsa parse_isa(const std::string& name) {
   if (name == "scalar") return CpuIsa::scalar;
   if (name == "avx2") return CpuIsa::avx2;
   if (name == "avx512") return CpuIsa::avx512;
-  throw std::invalid_argument("LLMKERN_CPU_ISA / set_cpu_isa: expected one of scalar, avx2, avx512, got '" +
+  if (name == "avx512bf16") return CpuIsa::avx512bf16;
+  throw std::invalid_argument("LLMKERN_CPU_ISA / set_cpu_isa: expected one of scalar, avx2, avx512, avx512bf16, got '" +
                               name + "'");
 }
 
 CpuIsa widest_supported() {
-  for (CpuIsa isa : {CpuIsa::avx512, CpuIsa::avx2})
+  for (CpuIsa isa : {CpuIsa::avx512bf16, CpuIsa::avx512, CpuIsa::avx2})
     if (cpu_supports(isa)) return isa;
   return CpuIsa::scalar;
 }
@@ -64,6 +67,7 @@ void set_cpu_isa(const std::string& name) { active().store(int(checked(parse_isa
 
 const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::avx512bf16: return "avx512bf16";
     case CpuIsa::avx512: return "avx512";
     case CpuIsa::avx2: return "avx2";
     default: return "scalar";
@@ -72,7 +76,7 @@ const char* cpu_isa_name(CpuIsa isa) {
 
 std::vector<std::string> supported_cpu_isas() {
   std::vector<std::string> names;
-  for (CpuIsa isa : {CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512})
+  for (CpuIsa isa : {CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512, CpuIsa::avx512bf16})
     if (cpu_supports(isa)) names.push_back(cpu_isa_name(isa));
   return names;
 }

@@ -6,7 +6,8 @@
 
 namespace llmkern {
 
-enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+// avx512bf16 = avx512 plus AVX512_BF16 (bf16 pair dot products: Cooper Lake, Sapphire Rapids, Zen 4 and later).
+enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
 
 // The path in use: the widest the CPU supports, or LLMKERN_CPU_ISA, or the last set_cpu_isa.
 CpuIsa active_cpu_isa();
@@ -23,8 +24,10 @@ std::vector<std::string> supported_cpu_isas();
   namespace scalar { void name(const Params& p); }                  \
   namespace avx2 { void name(const Params& p); }                    \
   namespace avx512 { void name(const Params& p); }                  \
-  static inline void name(const Params& p) {                               \
+  namespace avx512bf16 { void name(const Params& p); }              \
+  static inline void name(const Params& p) {                        \
     switch (::llmkern::active_cpu_isa()) {                          \
+      case ::llmkern::CpuIsa::avx512bf16: return avx512bf16::name(p); \
       case ::llmkern::CpuIsa::avx512: return avx512::name(p);       \
       case ::llmkern::CpuIsa::avx2: return avx2::name(p);           \
       default: return scalar::name(p);                              \
