@@ -120,6 +120,31 @@ struct KvRows {
     const int64_t span = span_bytes(hs);
     for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(c + off);
   }
+#if defined(LLMKERN_ISA_AVX512BF16)
+  // Keys [j0, j0 + n) of head hk0 (nh = 1, bf16) as bf16 pairs for products over pairs: kt gets the key rows,
+  // dp / 2 pairs each (zero padded), vt the value rows interleaved two keys at a time, row i = (v[2i], v[2i + 1])
+  // pairs, dp each (a missing last key reads as zeros). `ahead` as in load.
+  void load_pairs(int64_t j0, int n, int dp, int64_t jend, int ahead, attn::Bf16Pair* kt, attn::Bf16Pair* vt) const {
+    for (int jj = 0; jj < n; ++jj) {
+      const int64_t j = j0 + jj;
+      if (ahead > 0 && j + ahead <= jend) {
+        const T *kp, *vp;
+        rows(j + ahead, kp, vp);
+        prefetch(kp, k_hs);
+        prefetch(vp, v_hs);
+      }
+      const T *kr, *vr;
+      rows(j, kr, vr);
+      T* krow = reinterpret_cast<T*>(kt + int64_t(jj) * (dp / 2));
+      std::memcpy(krow, kr, sizeof(T) * d);
+      std::memset(krow + d, 0, sizeof(T) * (dp - d));
+      if (jj % 2) continue;
+      const T *k1, *v1 = nullptr;
+      if (jj + 1 < n) rows(j + 1, k1, v1);
+      interleave_rows(vr, v1, d, dp, &vt[int64_t(jj / 2) * dp].bits);
+    }
+  }
+#endif
   // Converts keys [j0, j0 + n) to fp32 rows of width dp (zero padded): head hh's key jj goes to
   // kt[(hh * n_stride + jj) * dp]. Rows are visited in memory order (all heads of a key, then the next
   // key); `ahead` keys further on are prefetched (random paged blocks defeat the hardware prefetcher).
@@ -168,6 +193,17 @@ struct TiledTask {
   using A = typename V::value_type;
   static constexpr int W = V::W;
 
+#if defined(LLMKERN_ISA_AVX512BF16)
+  // bf16 on AVX512_BF16: both products run over bf16 pairs (attn::Operands), two multiply-adds per lane and
+  // instruction, K Q^T over pairs of the head dimension and V^T P^T over pairs of keys. Scores are scaled after
+  // the product (q stays exact) and P is rounded to bf16 for the second, as PyTorch's bf16 attention rounds it.
+  // Buffers then hold pairs: qt [dp / 2][mp], kt [kNk][dp / 2], vt [kNk / 2][dp], P in s [kNk / 2][mp].
+  static constexpr bool kPairs = std::is_same_v<T, bf16>;
+#else
+  static constexpr bool kPairs = false;
+#endif
+  using Pair = attn::Bf16Pair;
+
   const AttnParams& p;
   int d, dp;
   A *qt, *kt, *vt, *s, *o, *m, *l, *alpha, *pos;  // scratch, see size()
@@ -196,24 +232,42 @@ struct TiledTask {
                         lse0 ? lse0 + c * p.lse.row_stride : nullptr);
       return;
     }
-    pack_q(sq, h, i0, mq, mp);
+    if constexpr (kPairs) pack_q_pairs(sq, h, i0, mq, mp);
+    else pack_q(sq, h, i0, mq, mp);
     for (int c = 0; c < mp; ++c) m[c] = -kInf<A>, l[c] = A(0), pos[c] = A(i0 + c + sq.dq);
     const A slope = p.alibi_slopes ? A(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : A(0);
     const KvRows<T> kv(p, sq, hk, 1);
     const bool packed = jlo >= pj0 && jhi < pj0 + pn;
-    for (int64_t j0 = jlo; j0 <= jhi; j0 += kNk) {
+    // Packed value pairs start at pj0: a tile starts at an even offset from it (an extra key before jlo is
+    // outside every query's window, so mask gives it probability 0).
+    const int64_t jstart = kPairs && packed ? jlo - (jlo - pj0) % 2 : jlo;
+    for (int64_t j0 = jstart; j0 <= jhi; j0 += kNk) {
       const int nk = int(std::min<int64_t>(kNk, jhi + 1 - j0));
-      const A *kt_ = kt, *vt_ = vt;
-      if (packed) kt_ = pk + (j0 - pj0) * dp, vt_ = pv + (j0 - pj0) * dp;
-      else kv.template load<V>(j0, nk, dp, kNk, kt, vt, jhi, 0);
-      attn::gemm<V, false>(nk, mp, d, kt_, dp, 1, qt, mp, s, mp);  // S^T = K Q^T
-      if (p.softcap > 0.f) softcap_scores<V>(s, int64_t(nk) * mp, A(p.softcap));
-      if (p.alibi_slopes) alibi(j0, nk, mp, slope);
-      mask(sq, i0, mq, mp, j0, nk);
-      softmax_update(nk, mp);
-      // O^T = O^T diag(alpha) + V^T P^T (V read transposed); the first key tile writes O^T.
-      if (j0 == jlo) attn::gemm<V, false>(d, mp, nk, vt_, 1, dp, s, mp, o, mp);
-      else attn::gemm<V, true>(d, mp, nk, vt_, 1, dp, s, mp, o, mp, alpha);
+      if constexpr (kPairs) {
+        const Pair *kq = reinterpret_cast<Pair*>(kt), *vq = reinterpret_cast<Pair*>(vt);
+        if (packed) kq = reinterpret_cast<const Pair*>(pk) + (j0 - pj0) * (dp / 2),
+                    vq = reinterpret_cast<const Pair*>(pv) + (j0 - pj0) / 2 * dp;
+        else kv.load_pairs(j0, nk, dp, jhi, 0, reinterpret_cast<Pair*>(kt), reinterpret_cast<Pair*>(vt));
+        attn::gemm<V, false>(nk, mp, (d + 1) / 2, kq, dp / 2, 1, reinterpret_cast<const Pair*>(qt), mp, s, mp);
+        scale_scores(nk, mp);
+        scores_to_probs(sq, i0, mq, mp, j0, nk, slope);
+        const int np = (nk + 1) / 2;
+        for (int j = 0; j < np; ++j)  // P^T rows (2j, 2j + 1) to pair row j, in place
+          pair_rows(s + 2 * j * mp, 2 * j + 1 < nk ? s + (2 * j + 1) * mp : nullptr, mp,
+                    reinterpret_cast<uint32_t*>(s + j * mp));
+        const Pair* pt = reinterpret_cast<const Pair*>(s);
+        if (j0 == jstart) attn::gemm<V, false>(d, mp, np, vq, 1, dp, pt, mp, o, mp);
+        else attn::gemm<V, true>(d, mp, np, vq, 1, dp, pt, mp, o, mp, alpha);
+      } else {
+        const A *kt_ = kt, *vt_ = vt;
+        if (packed) kt_ = pk + (j0 - pj0) * dp, vt_ = pv + (j0 - pj0) * dp;
+        else kv.template load<V>(j0, nk, dp, kNk, kt, vt, jhi, 0);
+        attn::gemm<V, false>(nk, mp, d, kt_, dp, 1, qt, mp, s, mp);  // S^T = K Q^T
+        scores_to_probs(sq, i0, mq, mp, j0, nk, slope);
+        // O^T = O^T diag(alpha) + V^T P^T (V read transposed); the first key tile writes O^T.
+        if (j0 == jstart) attn::gemm<V, false>(d, mp, nk, vt_, 1, dp, s, mp, o, mp);
+        else attn::gemm<V, true>(d, mp, nk, vt_, 1, dp, s, mp, o, mp, alpha);
+      }
     }
     // O^T's columns divided by l, then transposed back into rows (in kt, free now).
     for (int c = 0; c < mp; ++c) alpha[c] = l[c] == A(0) ? A(0) : A(1) / l[c];
@@ -228,6 +282,31 @@ struct TiledTask {
       if (l[c] == A(0)) { write_empty_row(out, d, p.dtype, lse); continue; }
       attn::store_row<V>(kt + int64_t(c) * dp, d, out);
       if (lse) *lse = float(m[c] + std::log(l[c]));
+    }
+  }
+
+  // Softcap, alibi, mask and the online softmax: S^T becomes P^T (alpha, m, l updated).
+  void scores_to_probs(const Seq& sq, int i0, int mq, int mp, int64_t j0, int nk, A slope) {
+    if (p.softcap > 0.f) softcap_scores<V>(s, int64_t(nk) * mp, A(p.softcap));
+    if (p.alibi_slopes) alibi(j0, nk, mp, slope);
+    mask(sq, i0, mq, mp, j0, nk);
+    softmax_update(nk, mp);
+  }
+
+  void scale_scores(int nk, int mp) {
+    const V sc = V::set1(A(p.scale));
+    for (int64_t i = 0; i < int64_t(nk) * mp; i += W) (V::load(s + i) * sc).store(s + i);
+  }
+
+  // qt as pairs: qt[e / 2][c] = (q[i0 + c][e], q[i0 + c][e + 1]) unscaled, zero beyond d and in the padding columns.
+  void pack_q_pairs(const Seq& sq, int h, int i0, int mq, int mp) {
+    uint32_t* qp = reinterpret_cast<uint32_t*>(qt);
+    for (int c = 0; c < mp; ++c) {
+      const T* row = c < mq ? row_at<const T>(p.q, sq.b, sq.q_start + i0 + c, h) : nullptr;
+      for (int e = 0; e < dp; e += 2) {
+        const uint32_t lo = row && e < d ? row[e].bits : 0, hi = row && e + 1 < d ? row[e + 1].bits : 0;
+        qp[int64_t(e / 2) * mp + c] = lo | hi << 16;
+      }
     }
   }
 
@@ -343,8 +422,16 @@ void run_tiled(const AttnParams& p) {
       task.pn = 0;
       if (jlo <= jhi && jhi - jlo + 1 <= pack_keys) {
         const int n = int(jhi - jlo + 1);
-        KvRows<T>(p, sq, hk, 1).template load<typename TT::V>(jlo, n, int(dp), n, pack.ptr, pack.ptr + n * dp, jhi, 4);
-        task.pk = pack.ptr, task.pv = pack.ptr + n * dp, task.pj0 = jlo, task.pn = n;
+        const KvRows<T> kv(p, sq, hk, 1);
+        task.pk = pack.ptr, task.pj0 = jlo, task.pn = n;
+        if constexpr (TT::kPairs) {  // n rows of dp / 2 key pairs, then the value pairs (see TiledTask)
+          task.pv = pack.ptr + n * dp / 2;
+          auto* pairs = reinterpret_cast<typename TT::Pair*>(pack.ptr);
+          kv.load_pairs(jlo, n, int(dp), jhi, 4, pairs, pairs + n * dp / 2);
+        } else {
+          task.pv = pack.ptr + n * dp;
+          kv.template load<typename TT::V>(jlo, n, int(dp), n, pack.ptr, pack.ptr + n * dp, jhi, 4);
+        }
       }
       for (int gg = 0; gg < g; ++gg)
         for (int i0 = qa; i0 < qb; i0 += kMq) task.run(sq, hk * g + gg, i0, std::min(kMq, qb - i0));

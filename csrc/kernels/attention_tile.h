@@ -31,6 +31,31 @@ constexpr int kMR = 4, kNR = 3;
 constexpr int kMR = 4, kNR = 2;
 #endif
 
+// Two bf16 as one 32-bit element (low half first): the operand type of products over bf16 pairs.
+struct Bf16Pair {
+  uint32_t bits;
+};
+
+// What a product multiplies: A elements (broadcast), B vectors, and the multiply-add. fp32 math by default, B
+// of any storage type (V::load converts). With bf16 pairs (avx512bf16) both operands are Bf16Pair, B's W pairs
+// load as one Bf16x32, and dot_pairs does two fp32 FMAs' work: the inner dimension k then counts pairs.
+template <typename V, typename TB>
+struct Operands {
+  using AE = typename V::value_type;
+  static V load_b(const TB* p) { return V::load(p); }
+  static V splat(AE x) { return V::set1(x); }
+  static V madd(V x, V b, V acc) { return fmadd(x, b, acc); }
+};
+#if defined(LLMKERN_ISA_AVX512BF16)
+template <>
+struct Operands<VecAvx512, Bf16Pair> {
+  using AE = Bf16Pair;
+  static Bf16x32 load_b(const Bf16Pair* p) { return Bf16x32::load(reinterpret_cast<const bf16*>(p)); }
+  static Bf16x32 splat(Bf16Pair x) { return Bf16x32::set1_pair(x.bits); }
+  static VecAvx512 madd(Bf16x32 x, Bf16x32 b, VecAvx512 acc) { return dot_pairs(acc, x, b); }
+};
+#endif
+
 // A's two layouts: A(r, k) = a[r * as + k] (kRows: each row contiguous along k, read through MR row
 // pointers) or a[k * as + r] (kCols: the MR rows of one k adjacent, one pointer). Either way every address
 // in the k loop is a pointer plus a constant, so nothing spills (generic runtime strides did: measured
@@ -39,10 +64,11 @@ enum ALayout { kRows, kCols };
 
 // One MR x NR-vector block: C[r][j] (+)= sum_k A(r, k) * b[k * ldb + j], C's columns first scaled by cs[j] when
 // cs is given (with ACC).
-template <typename V, int MR, int NR, bool ACC, ALayout L, typename TB>
-static inline void gemm_block(int kdim, const typename V::value_type* a, int64_t as, const TB* b, int64_t ldb,
+template <typename V, int MR, int NR, bool ACC, ALayout L, typename TA, typename TB>
+static inline void gemm_block(int kdim, const TA* a, int64_t as, const TB* b, int64_t ldb,
                               typename V::value_type* c, int64_t ldc, const typename V::value_type* cs) {
-  using A = typename V::value_type;
+  using Op = Operands<V, TB>;
+  static_assert(std::is_same_v<TA, typename Op::AE>, "A's element type is the product's");
   constexpr int W = V::W;
   V acc[MR][NR];
 #pragma GCC unroll 16
@@ -54,20 +80,20 @@ static inline void gemm_block(int kdim, const typename V::value_type* a, int64_t
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
       for (int j = 0; j < NR; ++j) acc[r][j] = acc[r][j] * V::load(cs + j * W);
-  const A* ar[MR];
+  const TA* ar[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) ar[r] = a + r * as;
 #pragma GCC unroll 2
   for (int k = 0; k < kdim; ++k) {
-    V bv[NR];
+    decltype(Op::load_b(b)) bv[NR];
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) bv[j] = V::load(b + j * W);
+    for (int j = 0; j < NR; ++j) bv[j] = Op::load_b(b + j * W);
     b += ldb;
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const V x = V::set1(L == kCols ? a[r] : ar[r][k]);
+      const auto x = Op::splat(L == kCols ? a[r] : ar[r][k]);
 #pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) acc[r][j] = fmadd(x, bv[j], acc[r][j]);
+      for (int j = 0; j < NR; ++j) acc[r][j] = Op::madd(x, bv[j], acc[r][j]);
     }
     if constexpr (L == kCols) a += as;
   }
@@ -79,8 +105,8 @@ static inline void gemm_block(int kdim, const typename V::value_type* a, int64_t
 
 // The last rows < kMR of a strip as one block of that height (each B vector loaded once for all of
 // them: the 64 % 6 = 4 rows of a 64-row tile run as one 4-row block).
-template <typename V, int NR, bool ACC, ALayout L, int MR = kMR - 1, typename TB>
-static inline void gemm_rest(int rows, int kdim, const typename V::value_type* a, int64_t as, const TB* b,
+template <typename V, int NR, bool ACC, ALayout L, int MR = kMR - 1, typename TA, typename TB>
+static inline void gemm_rest(int rows, int kdim, const TA* a, int64_t as, const TB* b,
                              int64_t ldb, typename V::value_type* c, int64_t ldc, const typename V::value_type* cs) {
   if constexpr (MR > 0) {
     if (rows == MR) return gemm_block<V, MR, NR, ACC, L>(kdim, a, as, b, ldb, c, ldc, cs);
@@ -89,8 +115,8 @@ static inline void gemm_rest(int rows, int kdim, const typename V::value_type* a
 }
 
 // Rows of one column strip: full MR blocks, then the remaining rows as one shorter block.
-template <typename V, int NR, bool ACC, ALayout L, typename TB>
-static inline void gemm_strip(int m, int kdim, const typename V::value_type* a, int64_t as, const TB* b,
+template <typename V, int NR, bool ACC, ALayout L, typename TA, typename TB>
+static inline void gemm_strip(int m, int kdim, const TA* a, int64_t as, const TB* b,
                               int64_t ldb, typename V::value_type* c, int64_t ldc, const typename V::value_type* cs) {
   const int64_t rstep = L == kCols ? 1 : as;
   int r = 0;
@@ -99,8 +125,8 @@ static inline void gemm_strip(int m, int kdim, const typename V::value_type* a, 
   if (r < m) gemm_rest<V, NR, ACC, L>(m - r, kdim, a + r * rstep, as, b, ldb, c + r * ldc, ldc, cs);
 }
 
-template <typename V, bool ACC, ALayout L, int NR = kNR, typename TB>
-static inline void gemm_cols(int m, int nvec, int kdim, const typename V::value_type* a, int64_t as,
+template <typename V, bool ACC, ALayout L, int NR = kNR, typename TA, typename TB>
+static inline void gemm_cols(int m, int nvec, int kdim, const TA* a, int64_t as,
                              const TB* b, int64_t ldb, typename V::value_type* c, int64_t ldc,
                              const typename V::value_type* cs) {
   if constexpr (NR > 0) {
@@ -115,14 +141,15 @@ static inline void gemm_cols(int m, int nvec, int kdim, const typename V::value_
 }
 
 // C[m][n] (+)= sum_k A(r, k) B[k][n] with A(r, k) = a[r * a_rs + k * a_ks], one of the strides 1, for n a
-// multiple of V::W. B may also be a storage type (bf16, f16: V::load converts). ACC: add to C (else
+// multiple of V::W. B may also be a storage type (bf16, f16: V::load converts), or A and B bf16 pairs
+// (Operands). ACC: add to C (else
 // overwrite); c_scale: with ACC, C's column j is first multiplied by c_scale[j] (the online softmax's
 // rescaling of O^T, for free). Leading dimensions ldb, ldc are in elements.
 // k runs in chunks whose B panel (chunk x NR vectors) stays in L1 next to A and C: 64 rows when B's rows are
 // at most 256 bytes, else 32 (rows 512 bytes apart cover only half the L1 sets: 64 of them would fill every way
 // of those sets; measured on AVX-512 at head dim 128: 1.2x over one pass of 64).
-template <typename V, bool ACC, typename TB>
-static inline void gemm(int m, int n, int kdim, const typename V::value_type* a, int64_t a_rs, int64_t a_ks,
+template <typename V, bool ACC, typename TA, typename TB>
+static inline void gemm(int m, int n, int kdim, const TA* a, int64_t a_rs, int64_t a_ks,
                         const TB* b, int64_t ldb, typename V::value_type* c, int64_t ldc,
                         const typename V::value_type* c_scale = nullptr) {
   const bool cols = a_rs == 1;  // else a_ks == 1

@@ -108,6 +108,24 @@ def test_forward_features(device, feature, dtype):
     check_fwd(*run_fwd(q, k, v, **kw), q, k, v, **kw)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_window_tiles_over_packed_keys(device, dtype):
+    # 8 (batch, kv head) tasks fill the threads, so each packs its keys once for all 4 query tiles; the
+    # window starts tile i0 at key i0 + 11 - 36: odd offsets from the pack's first key.
+    kw = dict(causal=True, window_size=(36, 5))
+    q, k, v = qkv(2, 200, 211, 8, 4, 64, dtype, device)
+    check_fwd(*run_fwd(q, k, v, **kw), q, k, v, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_keys_beyond_the_pack(device, dtype):
+    # More keys than a task packs (16 MiB of fp32 k and v rows: 8192 at head dim 256): tiles load their own.
+    # (Not float32: over 8K keys its O accumulation, one fp32 chain per element, errs ~eps |v|, 2-5x PyTorch's
+    # blocked GEMM; the output itself is ~|v| / sqrt(keys).)
+    q, k, v = qkv(1, 17, 8301, 1, 1, 256, dtype, device)
+    check_fwd(*run_fwd(q, k, v), q, k, v)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 @pytest.mark.parametrize("sq,sk,d,causal", [(1023, 1024, 128, True), (1023, 1024, 64, False)])
 def test_forward_long(sq, sk, d, causal, dtype):

@@ -14,8 +14,8 @@ struct Bf16x32 {
   static Bf16x32 load(const bf16* p) { return {_mm512_loadu_si512(p)}; }
   // The elements of p selected by mask (first), zeros elsewhere; unselected ones are never read.
   static Bf16x32 load(const bf16* p, __mmask32 mask) { return {_mm512_maskz_loadu_epi16(mask, p)}; }
-  // The mask of the first n elements (all 32 for n >= 32).
-  static __mmask32 first(int n) { return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1; }
+  // The mask of the first n elements (none for n <= 0, all 32 for n >= 32).
+  static __mmask32 first(int n) { return n <= 0 ? 0 : n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1; }
   // The 32-bit word w (a bf16 pair) in every lane.
   static Bf16x32 set1_pair(uint32_t w) { return {_mm512_set1_epi32(int(w))}; }
 };
@@ -47,6 +47,34 @@ inline void unpermute_pairs(float* p) {
 inline void to_bf16_in_place(float* p) {
   const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p));
   _mm512_storeu_si512(p, (__m512i)x);
+}
+
+// dst[e] = the pair (a[e], b[e]) for e < n, (0, 0) for e in [n, n_pad) (n_pad a multiple of 16); a null b
+// reads as zeros. Two rows of keys interleaved into one row of pairs over the key dimension.
+inline void interleave_rows(const bf16* a, const bf16* b, int n, int n_pad, uint32_t* dst) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo_idx = _mm512_load_si512(kLo), hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  for (int e = 0; e < n_pad; e += 32) {
+    const __mmask32 in = Bf16x32::first(n - e);
+    const __m512i x = Bf16x32::load(a + e, in).v;
+    const __m512i y = b ? Bf16x32::load(b + e, in).v : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + e, _mm512_permutex2var_epi16(x, lo_idx, y));
+    if (e + 16 < n_pad) _mm512_storeu_si512(dst + e + 16, _mm512_permutex2var_epi16(x, hi_idx, y));
+  }
+}
+
+// dst[c] = the pair (bf16(a[c]), bf16(b[c])) for c < n (a multiple of 16); a null b reads as zeros. dst may be a:
+// each 16 floats are read before their 16 pairs are written.
+inline void pair_rows(const float* a, const float* b, int n, uint32_t* dst) {
+  alignas(64) static constexpr uint16_t kMix[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i mix = _mm512_load_si512(kMix);
+  for (int c = 0; c < n; c += 16) {
+    const __m512 y = b ? _mm512_loadu_ps(b + c) : _mm512_setzero_ps();
+    const __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(y, _mm512_loadu_ps(a + c));  // a's 16 bf16, then b's
+    _mm512_storeu_si512(dst + c, _mm512_permutexvar_epi16(mix, ab));
+  }
 }
 
 }  // namespace LLMKERN_ISA
