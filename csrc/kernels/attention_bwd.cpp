@@ -102,18 +102,33 @@ struct Work {
   attn::Scratch<A> kb, kt, vt, dkb, dvb;  // K [block][Dp]; K^T, V^T, dK^T, dV^T per key tile [tiles][D][kNk]
   attn::Scratch<A> qp, dop, dqt;          // [kMq][Dp]
   attn::Scratch<A> ps, ds;                // [kMq][kNk]: P, dP then dS
+  attn::Scratch<A> dsb;                   // dS as bf16 rows (the bf16 pair path)
   attn::Scratch<A> lse, delta;            // [kMq]
   Work(int D, int Dp)
-      : kb(size_t(kBlockKeys) * Dp), kt(size_t(kBlockKeys) * D), vt(size_t(kBlockKeys) * D),
+      : kb(size_t(kBlockKeys) * Dp), kt(size_t(kBlockKeys) * Dp), vt(size_t(kBlockKeys) * Dp),
         dkb(size_t(kBlockKeys) * Dp), dvb(size_t(kBlockKeys) * Dp), qp(size_t(kMq) * Dp), dop(size_t(kMq) * Dp),
-        dqt(size_t(kMq) * Dp), ps(size_t(kMq) * kNk), ds(size_t(kMq) * kNk), lse(kMq),
-        delta(kMq) {}
+        dqt(size_t(kMq) * Dp), ps(size_t(kMq) * kNk), ds(size_t(kMq) * kNk), dsb(size_t(kMq) * kNk / 2), lse(kMq),
+        delta(kMq) {
+    (void)D;
+  }
 };
 
 template <typename T>
 struct Bwd {
   using V = typename VecFor<T>::type;
   using A = typename V::value_type;
+#if defined(LLMKERN_ISA_AVX512BF16)
+  // bf16 on AVX512_BF16: the five products run over bf16 pairs (attn::Operands), S and dP over pairs of the
+  // head dimension, dV^T and dK^T over pairs of queries, dQ over pairs of keys. S is scaled after its product
+  // (q, k stay exact); P and dS are rounded to bf16 for the last three, as PyTorch's bf16 backward rounds them.
+  // The buffers then hold: qp, dop: bf16 rows [kMq][Dp], then the rows interleaved by query pairs
+  // [kMq / 2][Dp]; kb: K rows interleaved by key pairs [block / 2][Dp]; kt, vt: K^T, V^T as pairs
+  // [tiles][Dp / 2][kNk]; ps, ds: P, dS as pairs of query rows [kMq / 2][kNk]; dsb: dS as bf16 rows [kMq][kNk].
+  static constexpr bool kPairs = std::is_same_v<T, bf16>;
+#else
+  static constexpr bool kPairs = false;
+#endif
+  using Pair = attn::Bf16Pair;
 
   const AttnBwdParams& p;
   const AttnParams& f;
@@ -128,14 +143,34 @@ struct Bwd {
         prefetch_row(at_row<const T>(f.q, b, row + kPrefetchRows, h), D);
         prefetch_row(at_row<const T>(p.dout, b, row + kPrefetchRows, h), D);
       }
-      attn::load_row<V>(at_row<const T>(f.q, b, row, h), D, A(1), w.qp.ptr + ii * Dp, Dp);
       const T* dor = at_row<const T>(p.dout, b, row, h);
-      attn::load_row<V>(dor, D, A(1), w.dop.ptr + ii * Dp, Dp);
+      if constexpr (kPairs) {
+        copy_row(at_row<const T>(f.q, b, row, h), bf16_row(w.qp, ii));
+        copy_row(dor, bf16_row(w.dop, ii));
+      } else {
+        attn::load_row<V>(at_row<const T>(f.q, b, row, h), D, A(1), w.qp.ptr + ii * Dp, Dp);
+        attn::load_row<V>(dor, D, A(1), w.dop.ptr + ii * Dp, Dp);
+      }
       // float32 delta is the pre-pass's; fp64 (gradcheck) recomputes it at full precision.
       w.delta.ptr[ii] = std::is_same_v<A, float> ? A(*at_row<const float>(p.delta, b, row, h))
                                                  : row_dot<V>(dor, at_row<const T>(f.out, b, row, h), D);
       w.lse.ptr[ii] = A(*at_row<const float>(f.lse, b, row, h));
     }
+#if defined(LLMKERN_ISA_AVX512BF16)
+    if constexpr (kPairs)
+      for (int i = 0; 2 * i < mq; ++i)
+        for (auto* buf : {&w.qp, &w.dop})
+          interleave_rows(bf16_row(*buf, 2 * i), 2 * i + 1 < mq ? bf16_row(*buf, 2 * i + 1) : nullptr, D, Dp,
+                          &query_pairs(*buf)[int64_t(i) * Dp].bits);
+#endif
+  }
+
+  // The bf16 pair path's views of qp and dop: bf16 row ii, and the rows interleaved by query pairs after them.
+  T* bf16_row(attn::Scratch<A>& buf, int ii) const { return reinterpret_cast<T*>(buf.ptr) + int64_t(ii) * Dp; }
+  Pair* query_pairs(attn::Scratch<A>& buf) const { return reinterpret_cast<Pair*>(buf.ptr) + int64_t(kMq) * Dp / 2; }
+  void copy_row(const T* src, T* dst) const {
+    std::memcpy(dst, src, sizeof(T) * D);
+    std::memset(dst + D, 0, sizeof(T) * (Dp - D));
   }
 
   // P and dS of one pair from S and dP (row-major [query][key], in place).
@@ -143,7 +178,7 @@ struct Bwd {
                                  int mq) const {
     const int64_t diag = s.lk - s.lq;
     const bool softcap = f.softcap > 0;
-    const A cap = A(f.softcap);
+    const A cap = A(f.softcap), kscale = A(softcap ? f.scale / f.softcap : f.scale);
     // The tile is fully inside the band when its corner offsets are; else each query row sees a key range.
     const bool full = (j0 + nk - 1) - i0 - diag <= bd.hi && j0 - (i0 + mq - 1) - diag >= bd.lo;
     for (int ii = 0; ii < mq; ++ii) {
@@ -161,6 +196,7 @@ struct Bwd {
       for (int c = 0; c < kNk; c += V::W) {  // whole tile (padding included; zeroed below)
         using Vv = V;
         Vv sc = Vv::load(prow + c);
+        if constexpr (kPairs) sc = sc * Vv::set1(kscale);  // the fp32 path folds it into K^T
         Vv tv = Vv::zero();
         if (softcap) {
           tv = tanh(sc);
@@ -184,6 +220,9 @@ struct Bwd {
 
   // ---- one (key tile, query tile) pair: keys [j0, j0 + nk) (tile jt of the block), queries [i0, i0 + mq) ----
   void pair(Work<A>& w, const Seq& s, const Band& bd, A slope, int jt, int j0, int nk, int i0, int mq) const {
+#if defined(LLMKERN_ISA_AVX512BF16)
+    if constexpr (kPairs) return pair_of_pairs(w, s, bd, slope, jt, j0, nk, i0, mq);
+#endif
     const A* K = w.kb.ptr + int64_t(jt) * kNk * Dp;
     const A* KT = w.kt.ptr + int64_t(jt) * D * kNk;
     const A* VT = w.vt.ptr + int64_t(jt) * D * kNk;
@@ -196,6 +235,62 @@ struct Bwd {
     attn::gemm<V, true>(D, kNk, mq, w.qp.ptr, 1, Dp, w.ds.ptr, kNk, dKT, kNk);   // dK^T += Q^T dS
     attn::gemm<V, true>(mq, Dp, nk, w.ds.ptr, kNk, 1, K, Dp, w.dqt.ptr, Dp);     // dQ += dS K
   }
+
+#if defined(LLMKERN_ISA_AVX512BF16)
+  // pair on the bf16 pair path (kPairs).
+  void pair_of_pairs(Work<A>& w, const Seq& s, const Band& bd, A slope, int jt, int j0, int nk, int i0, int mq) const {
+    const Pair *Q = reinterpret_cast<const Pair*>(w.qp.ptr), *dO = reinterpret_cast<const Pair*>(w.dop.ptr);
+    const Pair* KT = reinterpret_cast<const Pair*>(w.kt.ptr) + int64_t(jt) * Dp / 2 * kNk;
+    const Pair* VT = reinterpret_cast<const Pair*>(w.vt.ptr) + int64_t(jt) * Dp / 2 * kNk;
+    const Pair* K = reinterpret_cast<const Pair*>(w.kb.ptr) + int64_t(jt) * kNk / 2 * Dp;
+    const int dh = (D + 1) / 2, mh = (mq + 1) / 2, nh = (nk + 1) / 2;
+    attn::gemm<V, false>(mq, kNk, dh, Q, Dp / 2, 1, KT, kNk, w.ps.ptr, kNk);   // S = Q K^T (unscaled)
+    attn::gemm<V, false>(mq, kNk, dh, dO, Dp / 2, 1, VT, kNk, w.ds.ptr, kNk);  // dP = dO V^T
+    softmax_grad(w, s, bd, slope, j0, nk, i0, mq);
+    T* dsb = reinterpret_cast<T*>(w.dsb.ptr);
+    for (int ii = 0; ii < mq; ++ii)
+      for (int c = 0; c < kNk; c += V::W) V::load(w.ds.ptr + ii * kNk + c).store(dsb + ii * kNk + c);
+    for (int i = 0; i < mh; ++i)  // P and dS rows (2i, 2i + 1) to pair row i, in place
+      for (A* x : {w.ps.ptr, w.ds.ptr})
+        pair_rows(x + 2 * i * kNk, 2 * i + 1 < mq ? x + (2 * i + 1) * kNk : nullptr, kNk,
+                  reinterpret_cast<uint32_t*>(x + i * kNk));
+    A* dVT = w.dvb.ptr + int64_t(jt) * D * kNk;
+    A* dKT = w.dkb.ptr + int64_t(jt) * D * kNk;
+    const Pair *Pp = reinterpret_cast<const Pair*>(w.ps.ptr), *dSp = reinterpret_cast<const Pair*>(w.ds.ptr);
+    attn::gemm<V, true>(D, kNk, mh, query_pairs(w.dop), 1, Dp, Pp, kNk, dVT, kNk);  // dV^T += dO^T P
+    attn::gemm<V, true>(D, kNk, mh, query_pairs(w.qp), 1, Dp, dSp, kNk, dKT, kNk);  // dK^T += Q^T dS
+    attn::gemm<V, true>(mq, Dp, nh, reinterpret_cast<const Pair*>(dsb), kNk / 2, 1, K, Dp, w.dqt.ptr, Dp);  // dQ += dS K
+  }
+
+  // pack_keys on the bf16 pair path: K^T and V^T as pairs of the head dimension, K rows interleaved by key pairs.
+  void pack_key_pairs(Work<A>& w, int b, int kvh, const Seq& s, int kb0, int nkb) const {
+    constexpr int W = 16;
+    for (int jt = 0; jt * kNk < nkb; ++jt) {
+      const int nk = std::min(kNk, nkb - jt * kNk);
+      Pair* KT = reinterpret_cast<Pair*>(w.kt.ptr) + int64_t(jt) * Dp / 2 * kNk;
+      Pair* VT = reinterpret_cast<Pair*>(w.vt.ptr) + int64_t(jt) * Dp / 2 * kNk;
+      Pair* K = reinterpret_cast<Pair*>(w.kb.ptr) + int64_t(jt) * kNk / 2 * Dp;
+      for (int j0 = 0; j0 < kNk; j0 += W) {
+        const T *krows[W], *vrows[W];
+        for (int t = 0; t < W; ++t) {
+          const int jj = j0 + t;
+          krows[t] = vrows[t] = nullptr;
+          if (jj >= nk) continue;
+          const int64_t row = s.k0 + kb0 + jt * kNk + jj;
+          if (jj + kPrefetchRows < nk) {
+            prefetch_row(at_row<const T>(f.k, b, row + kPrefetchRows, kvh), D);
+            prefetch_row(at_row<const T>(f.v, b, row + kPrefetchRows, kvh), D);
+          }
+          krows[t] = at_row<const T>(f.k, b, row, kvh), vrows[t] = at_row<const T>(f.v, b, row, kvh);
+        }
+        transpose_pairs(krows, D, &KT[j0].bits, kNk);
+        transpose_pairs(vrows, D, &VT[j0].bits, kNk);
+        for (int t = 0; t < W && j0 + t < nk; t += 2)
+          interleave_rows(krows[t], krows[t + 1], D, Dp, &K[int64_t(j0 + t) / 2 * Dp].bits);
+      }
+    }
+  }
+#endif
 
   // ---- one task: sequence b, kv head kvh, key chunk c ----
   void task(Work<A>& w, int b, int kvh, int c) const {
@@ -220,7 +315,10 @@ struct Bwd {
     constexpr int W = V::W;
     static_assert(kNk % W == 0, "key tiles are whole vectors");
     const A kscale = A(f.softcap > 0 ? f.scale / f.softcap : f.scale);
-    for (int jt = 0; jt * kNk < nkb; ++jt) {
+#if defined(LLMKERN_ISA_AVX512BF16)
+    if constexpr (kPairs) pack_key_pairs(w, b, kvh, s, kb0, nkb);
+#endif
+    for (int jt = 0; !kPairs && jt * kNk < nkb; ++jt) {  // fp32 rows (the pair path is packed above)
       const int nk = std::min(kNk, nkb - jt * kNk);
       A* KT = w.kt.ptr + int64_t(jt) * D * kNk;
       A* VT = w.vt.ptr + int64_t(jt) * D * kNk;

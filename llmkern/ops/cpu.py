@@ -1,4 +1,4 @@
-"""Which CPU ISA path the kernels use (scalar, avx2, avx512); LLMKERN_CPU_ISA sets it at start-up."""
+"""Which CPU ISA path the kernels use (scalar, avx2, avx512, avx512bf16); LLMKERN_CPU_ISA sets it at start-up."""
 
 from __future__ import annotations
 

@@ -77,5 +77,18 @@ inline void pair_rows(const float* a, const float* b, int n, uint32_t* dst) {
   }
 }
 
+// dst[i * ld + t] = the pair (src[t][2i], src[t][2i + 1]) for 2i < n, t < 16 (a null src[t], and elements past
+// n, read as zeros): 16 bf16 rows transposed into columns of pairs, in 16 x 16 blocks of 32-bit words.
+inline void transpose_pairs(const bf16* const* src, int n, uint32_t* dst, int64_t ld) {
+  for (int e = 0; e < n; e += 32) {
+    const __mmask32 in = Bf16x32::first(n - e);
+    VecAvx512 x[16];
+    for (int t = 0; t < 16; ++t)
+      x[t].v = src[t] ? _mm512_castsi512_ps(Bf16x32::load(src[t] + e, in).v) : _mm512_setzero_ps();
+    transpose(x);  // moves 32-bit words only: the bf16 bits are kept
+    for (int i = 0; i < 16 && e + 2 * i < n; ++i) x[i].store(reinterpret_cast<float*>(dst + int64_t(e / 2 + i) * ld));
+  }
+}
+
 }  // namespace LLMKERN_ISA
 }  // namespace llmkern
