@@ -298,15 +298,14 @@ struct TiledTask {
     for (int64_t i = 0; i < int64_t(nk) * mp; i += W) (V::load(s + i) * sc).store(s + i);
   }
 
-  // qt as pairs: qt[e / 2][c] = (q[i0 + c][e], q[i0 + c][e + 1]) unscaled, zero beyond d and in the padding columns.
+  // qt as pairs: qt[e / 2][c] = (q[i0 + c][e], q[i0 + c][e + 1]) unscaled, zero beyond d and in the padding columns
+  // (rows past (d + 1) / 2 are left as they are: the product does not read them).
   void pack_q_pairs(const Seq& sq, int h, int i0, int mq, int mp) {
-    uint32_t* qp = reinterpret_cast<uint32_t*>(qt);
-    for (int c = 0; c < mp; ++c) {
-      const T* row = c < mq ? row_at<const T>(p.q, sq.b, sq.q_start + i0 + c, h) : nullptr;
-      for (int e = 0; e < dp; e += 2) {
-        const uint32_t lo = row && e < d ? row[e].bits : 0, hi = row && e + 1 < d ? row[e + 1].bits : 0;
-        qp[int64_t(e / 2) * mp + c] = lo | hi << 16;
-      }
+    for (int c0 = 0; c0 < mp; c0 += 16) {
+      const T* rows[16];
+      for (int t = 0; t < 16; ++t)
+        rows[t] = c0 + t < mq ? row_at<const T>(p.q, sq.b, sq.q_start + i0 + c0 + t, h) : nullptr;
+      transpose_pairs(rows, d, reinterpret_cast<uint32_t*>(qt) + c0, mp);
     }
   }
 
