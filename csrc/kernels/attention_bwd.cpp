@@ -117,17 +117,13 @@ template <typename T>
 struct Bwd {
   using V = typename VecFor<T>::type;
   using A = typename V::value_type;
-#if defined(LLMKERN_ISA_AVX512BF16)
-  // bf16 on AVX512_BF16: the five products run over bf16 pairs (attn::Operands), S and dP over pairs of the
-  // head dimension, dV^T and dK^T over pairs of queries, dQ over pairs of keys. S is scaled after its product
-  // (q, k stay exact); P and dS are rounded to bf16 for the last three, as PyTorch's bf16 backward rounds them.
-  // The buffers then hold: qp, dop: bf16 rows [kMq][Dp], then the rows interleaved by query pairs
-  // [kMq / 2][Dp]; kb: K rows interleaved by key pairs [block / 2][Dp]; kt, vt: K^T, V^T as pairs
-  // [tiles][Dp / 2][kNk]; ps, ds: P, dS as pairs of query rows [kMq / 2][kNk]; dsb: dS as bf16 rows [kMq][kNk].
-  static constexpr bool kPairs = std::is_same_v<T, bf16>;
-#else
-  static constexpr bool kPairs = false;
-#endif
+  // With pair products (attn::kPairProducts) S and dP run over pairs of the head dimension, dV^T and dK^T over
+  // pairs of queries, dQ over pairs of keys. S is scaled after its product (q, k stay exact); P and dS are
+  // rounded to bf16 for the last three, as PyTorch's bf16 backward rounds them. The buffers then hold:
+  // qp, dop: bf16 rows [kMq][Dp], then the rows interleaved by query pairs [kMq / 2][Dp]; kb: K rows
+  // interleaved by key pairs [block / 2][Dp]; kt, vt: K^T, V^T as pairs [tiles][Dp / 2][kNk]; ps, ds: P, dS as
+  // pairs of query rows [kMq / 2][kNk]; dsb: dS as bf16 rows [kMq][kNk].
+  static constexpr bool kPairs = attn::kPairProducts<T>;
   using Pair = attn::Bf16Pair;
 
   const AttnBwdParams& p;

@@ -120,6 +120,12 @@ struct KvRows {
     const int64_t span = span_bytes(hs);
     for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(c + off);
   }
+  void prefetch_key(int64_t j) const {
+    const T *kr, *vr;
+    rows(j, kr, vr);
+    prefetch(kr, k_hs);
+    prefetch(vr, v_hs);
+  }
 #if defined(LLMKERN_ISA_AVX512BF16)
   // Keys [j0, j0 + n) of head hk0 (nh = 1, bf16) as bf16 pairs for products over pairs: kt gets the key rows,
   // dp / 2 pairs each (zero padded), vt the value rows interleaved two keys at a time, row i = (v[2i], v[2i + 1])
@@ -127,12 +133,7 @@ struct KvRows {
   void load_pairs(int64_t j0, int n, int dp, int64_t jend, int ahead, attn::Bf16Pair* kt, attn::Bf16Pair* vt) const {
     for (int jj = 0; jj < n; ++jj) {
       const int64_t j = j0 + jj;
-      if (ahead > 0 && j + ahead <= jend) {
-        const T *kp, *vp;
-        rows(j + ahead, kp, vp);
-        prefetch(kp, k_hs);
-        prefetch(vp, v_hs);
-      }
+      if (ahead > 0 && j + ahead <= jend) prefetch_key(j + ahead);
       const T *kr, *vr;
       rows(j, kr, vr);
       T* krow = reinterpret_cast<T*>(kt + int64_t(jj) * (dp / 2));
@@ -154,12 +155,7 @@ struct KvRows {
     using A = typename V::value_type;
     for (int jj = 0; jj < n; ++jj) {
       const int64_t j = j0 + jj;
-      if (ahead > 0 && j + ahead <= jend) {
-        const T *kp, *vp;
-        rows(j + ahead, kp, vp);
-        prefetch(kp, k_hs);
-        prefetch(vp, v_hs);
-      }
+      if (ahead > 0 && j + ahead <= jend) prefetch_key(j + ahead);
       const T *kr, *vr;
       rows(j, kr, vr);
       for (int hh = 0; hh < nh; ++hh) {
@@ -193,15 +189,11 @@ struct TiledTask {
   using A = typename V::value_type;
   static constexpr int W = V::W;
 
-#if defined(LLMKERN_ISA_AVX512BF16)
-  // bf16 on AVX512_BF16: both products run over bf16 pairs (attn::Operands), two multiply-adds per lane and
-  // instruction, K Q^T over pairs of the head dimension and V^T P^T over pairs of keys. Scores are scaled after
-  // the product (q stays exact) and P is rounded to bf16 for the second, as PyTorch's bf16 attention rounds it.
-  // Buffers then hold pairs: qt [dp / 2][mp], kt [kNk][dp / 2], vt [kNk / 2][dp], P in s [kNk / 2][mp].
-  static constexpr bool kPairs = std::is_same_v<T, bf16>;
-#else
-  static constexpr bool kPairs = false;
-#endif
+  // With pair products (attn::kPairProducts) K Q^T runs over pairs of the head dimension and V^T P^T over pairs of
+  // keys. Scores are scaled after the product (q stays exact) and P is rounded to bf16 for the second, as
+  // PyTorch's bf16 attention rounds it. Buffers then hold pairs: qt [dp / 2][mp], kt [kNk][dp / 2],
+  // vt [kNk / 2][dp], P in s [kNk / 2][mp].
+  static constexpr bool kPairs = attn::kPairProducts<T>;
   using Pair = attn::Bf16Pair;
 
   const AttnParams& p;
@@ -481,14 +473,10 @@ struct GroupTask {
   static constexpr int kDots = W >= 16 ? 16 : 8;  // accumulators per dot block (registers)
   static constexpr int kPairs = W >= 16 ? 2 : 1;  // vector pairs per P V strip: 4 rows x 2 x kPairs accumulators
   static constexpr int kPfLines = 4;  // lines of the next chunk prefetched per key of a P V strip
-#if defined(LLMKERN_ISA_AVX512BF16)
-  // bf16 on AVX512_BF16: q . k and P V are bf16 pair dot products (no widening, half the instructions). P is
-  // rounded to bf16 for P V, as PyTorch's bf16 attention rounds it; O rows are then in interleave order.
-  static constexpr bool kBf16Dot = std::is_same_v<T, bf16>;
-  static_assert(kNkp == 32, "P rows are converted to bf16 32 at a time");
-#else
-  static constexpr bool kBf16Dot = false;
-#endif
+  // With pair products (attn::kPairProducts) q . k and P V are bf16 pair dot products (no widening). P is rounded
+  // to bf16 for P V, as PyTorch's bf16 attention rounds it; O rows are then in interleave order.
+  static constexpr bool kBf16Dot = attn::kPairProducts<T>;
+  static_assert(!kBf16Dot || kNkp == 32, "P rows are converted to bf16 32 at a time");
 
   const AttnParams& p;
   // Rows of q and O are in paired order (attn::load_row_paired): pairs of vectors over [0, d2), natural after.

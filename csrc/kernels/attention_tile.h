@@ -56,6 +56,16 @@ struct Operands<VecAvx512, Bf16Pair> {
 };
 #endif
 
+// Whether the products of storage type T run over bf16 pairs on this ISA: bf16 data on avx512bf16, where one
+// vdpbf16ps does two fp32 FMAs' work.
+template <typename T>
+constexpr bool kPairProducts =
+#if defined(LLMKERN_ISA_AVX512BF16)
+    std::is_same_v<T, bf16>;
+#else
+    false;
+#endif
+
 // A's two layouts: A(r, k) = a[r * as + k] (kRows: each row contiguous along k, read through MR row
 // pointers) or a[k * as + r] (kCols: the MR rows of one k adjacent, one pointer). Either way every address
 // in the k loop is a pointer plus a constant, so nothing spills (generic runtime strides did: measured
