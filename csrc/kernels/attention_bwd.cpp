@@ -104,13 +104,11 @@ struct Work {
   attn::Scratch<A> ps, ds;                // [kMq][kNk]: P, dP then dS
   attn::Scratch<A> dsb;                   // dS as bf16 rows (the bf16 pair path)
   attn::Scratch<A> lse, delta;            // [kMq]
-  Work(int D, int Dp)
+  explicit Work(int Dp)
       : kb(size_t(kBlockKeys) * Dp), kt(size_t(kBlockKeys) * Dp), vt(size_t(kBlockKeys) * Dp),
         dkb(size_t(kBlockKeys) * Dp), dvb(size_t(kBlockKeys) * Dp), qp(size_t(kMq) * Dp), dop(size_t(kMq) * Dp),
         dqt(size_t(kMq) * Dp), ps(size_t(kMq) * kNk), ds(size_t(kMq) * kNk), dsb(size_t(kMq) * kNk / 2), lse(kMq),
-        delta(kMq) {
-    (void)D;
-  }
+        delta(kMq) {}
 };
 
 template <typename T>
@@ -255,7 +253,8 @@ struct Bwd {
     const Pair *Pp = reinterpret_cast<const Pair*>(w.ps.ptr), *dSp = reinterpret_cast<const Pair*>(w.ds.ptr);
     attn::gemm<V, true>(D, kNk, mh, query_pairs(w.dop), 1, Dp, Pp, kNk, dVT, kNk);  // dV^T += dO^T P
     attn::gemm<V, true>(D, kNk, mh, query_pairs(w.qp), 1, Dp, dSp, kNk, dKT, kNk);  // dK^T += Q^T dS
-    attn::gemm<V, true>(mq, Dp, nh, reinterpret_cast<const Pair*>(dsb), kNk / 2, 1, K, Dp, w.dqt.ptr, Dp);  // dQ += dS K
+    const Pair* dSrows = reinterpret_cast<const Pair*>(dsb);
+    attn::gemm<V, true>(mq, Dp, nh, dSrows, kNk / 2, 1, K, Dp, w.dqt.ptr, Dp);  // dQ += dS K
   }
 
   // pack_keys on the bf16 pair path: K^T and V^T as pairs of the head dimension, K rows interleaved by key pairs.
@@ -468,7 +467,7 @@ void attn_bwd(const AttnBwdParams& p) {
   const int64_t ntasks = groups * nchunks;
   int64_t next = 0;
   parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    Work<A> w(D, Dp);
+    Work<A> w(Dp);
     for (;;) {
       const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
       if (t >= ntasks) break;

@@ -533,8 +533,6 @@ struct GroupTask {
     kv.row_ptrs(ja, nk, kp, vp);
     for (int64_t j0 = ja; j0 <= jb; j0 += kNkG) {
       for (int jj = nk; jj < kNkp; ++jj) kp[jj] = zero_row;
-      if constexpr (kBf16Dot)  // P V takes keys in pairs
-        for (int jj = nk; jj < kNkG; ++jj) vp[jj] = zero_row;
       const int64_t next = j0 + kNkG;
       const int next_n = int(std::clamp<int64_t>(jb + 1 - next, 0, kNkG));
       kv.row_ptrs(next, next_n, kn, vn);
@@ -718,8 +716,9 @@ struct GroupTask {
       pf.template issue<2 * kPfLines>();
       const T* v0 = vp[k] + hoff + e;
       const T* v1 = k + 1 < nk ? vp[k + 1] + hoff + e : zero_row;
-      Bf16x32 pw[RB];
-      for (int r = 0; r < RB; ++r) pw[r] = Bf16x32::set1_pair(reinterpret_cast<const uint32_t*>(pr + int64_t(r) * kNkp)[k / 2]);
+      Bf16x32 pw[RB];  // (P[r][k], P[r][k + 1]) in every lane
+      for (int r = 0; r < RB; ++r)
+        pw[r] = Bf16x32::set1_pair(reinterpret_cast<const uint32_t*>(pr + int64_t(r) * kNkp)[k / 2]);
       for (int b = 0; b < NB; ++b) {
         Bf16x32 il, ih;
         interleave(Bf16x32::load(v0 + 32 * b, in[b]), Bf16x32::load(v1 + 32 * b, in[b]), il, ih);
