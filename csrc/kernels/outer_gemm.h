@@ -27,6 +27,11 @@ namespace outer {
 using V = VecF;
 constexpr int L = V::W;
 
+// Elements of A (decoded W) and B (x^T): fp32, or bf16 pairs (attn::Bf16Pair, where attn::kPairProducts holds:
+// one vdpbf16ps per two FMAs), two adjacent columns of k per element; kPer is the columns per element.
+template <typename E>
+constexpr int kPer = std::is_same_v<E, float> ? 1 : 2;
+
 // Chunk: the columns decoded per pass, a template parameter of everything below (the caller's choice: the decode
 // scratch row stride must be a constant, see kblock). Each output is a sum of fp32 chains of at most Chunk products
 // (blocked summation, as BLAS does) instead of one chain of k, whose rounding error grows with k (3.5x PyTorch's at
@@ -52,22 +57,23 @@ template <int NR> constexpr int kMRFor = 4;
 // C[r][j] (+)= sum_k a[r * kLda + k] * b[k * ldb + j] for MR rows and NR vectors (ACC: add to C). A's row stride
 // is the constant kLda<Chunk>, so the MR broadcast addresses are displacements off one register. The loops over r
 // and j must unroll for acc to live in registers (GCC leaves MR = 24 rolled, in memory, without the pragmas).
-template <int64_t Chunk, int MR, int NR, bool ACC>
-static inline void kblock(int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc) {
+template <int64_t Chunk, int MR, int NR, bool ACC, typename E>
+static inline void kblock(int kdim, const E* a, const E* b, int64_t ldb, float* c, int64_t ldc) {
+  using Op = attn::Operands<V, E>;
   V acc[MR][NR];
 #pragma GCC unroll 32
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) acc[r][j] = V::zero();
   for (int k = 0; k < kdim; ++k, b += ldb) {
-    V bv[NR];
+    decltype(Op::load_b(b)) bv[NR];
 #pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) bv[j] = V::load(b + j * L);
+    for (int j = 0; j < NR; ++j) bv[j] = Op::load_b(b + j * L);
 #pragma GCC unroll 32
     for (int r = 0; r < MR; ++r) {
-      const V ar = V::set1(a[r * kLda<Chunk> + k]);
+      const auto ar = Op::splat(a[r * kLda<Chunk> + k]);
 #pragma GCC unroll 4
-      for (int j = 0; j < NR; ++j) acc[r][j] = fmadd(ar, bv[j], acc[r][j]);
+      for (int j = 0; j < NR; ++j) acc[r][j] = Op::madd(ar, bv[j], acc[r][j]);
     }
   }
 #pragma GCC unroll 32
@@ -79,8 +85,8 @@ static inline void kblock(int kdim, const float* a, const float* b, int64_t ldb,
     }
 }
 
-template <int64_t Chunk, int NR, bool ACC, int MR>
-static inline void krest(int rows, int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc) {
+template <int64_t Chunk, int NR, bool ACC, int MR, typename E>
+static inline void krest(int rows, int kdim, const E* a, const E* b, int64_t ldb, float* c, int64_t ldc) {
   if constexpr (MR > 0) {
     if (rows == MR) return kblock<Chunk, MR, NR, ACC>(kdim, a, b, ldb, c, ldc);
     krest<Chunk, NR, ACC, MR - 1>(rows, kdim, a, b, ldb, c, ldc);
@@ -88,8 +94,8 @@ static inline void krest(int rows, int kdim, const float* a, const float* b, int
 }
 
 // C[m][NR * L] (+)= A[m][kdim] B[kdim][NR * L]: blocks of MR rows, the rest as one shorter block.
-template <int64_t Chunk, int NR, bool ACC>
-static void kstrip(int m, int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc) {
+template <int64_t Chunk, int NR, bool ACC, typename E>
+static void kstrip(int m, int kdim, const E* a, const E* b, int64_t ldb, float* c, int64_t ldc) {
   constexpr int MR = kMRFor<NR>;
   int r = 0;
   for (; r + MR <= m; r += MR) kblock<Chunk, MR, NR, ACC>(kdim, a + r * kLda<Chunk>, b, ldb, c + r * ldc, ldc);
@@ -97,8 +103,8 @@ static void kstrip(int m, int kdim, const float* a, const float* b, int64_t ldb,
 }
 
 // One panel: C[m][nvec * L] (+)= A[m][kdim] B[kdim][nvec * L], nvec <= kPanelVecs.
-template <int64_t Chunk, bool ACC>
-static void kgemm(int m, int nvec, int kdim, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc) {
+template <int64_t Chunk, bool ACC, typename E>
+static void kgemm(int m, int nvec, int kdim, const E* a, const E* b, int64_t ldb, float* c, int64_t ldc) {
   switch (nvec) {
     case 1: return kstrip<Chunk, 1, ACC>(m, kdim, a, b, ldb, c, ldc);
     case 2: return kstrip<Chunk, 2, ACC>(m, kdim, a, b, ldb, c, ldc);
@@ -107,12 +113,13 @@ static void kgemm(int m, int nvec, int kdim, const float* a, const float* b, int
   }
 }
 
-// The panels of x^T for m rows and k columns.
+// The panels of x^T for m rows and k columns, ke = k / per elements (per: columns per element, kPer).
 struct Panels {
-  int64_t m, k, width, count;
-  Panels(int64_t m_, int64_t k_)
-      : m(m_), k(k_), width(std::min<int64_t>((m_ + L - 1) / L * L, kPanel)), count((m_ + width - 1) / width) {}
-  int64_t size() const { return count * k * width; }
+  int64_t m, k, ke, width, count;
+  Panels(int64_t m_, int64_t k_, int per = 1)
+      : m(m_), k(k_), ke(k_ / per), width(std::min<int64_t>((m_ + L - 1) / L * L, kPanel)),
+        count((m_ + width - 1) / width) {}
+  int64_t size() const { return count * ke * width; }
   int64_t rows(int64_t p) const { return std::min(width, m - p * width); }
 };
 
@@ -136,6 +143,26 @@ static void transpose_x(const T* x, int64_t x_stride, const Panels& pn, float* x
   });
 }
 
+#if defined(LLMKERN_ISA_AVX512BF16)
+// transpose_x for bf16 pairs: panel p = xt + p * ke * width holds the pair (x[.][2i], x[.][2i + 1]) of each of
+// its rows at xt[i][r] (k even), zero beyond the panel's rows.
+static void transpose_x_pairs(const bf16* x, int64_t x_stride, const Panels& pn, attn::Bf16Pair* xt) {
+  parallel_for(0, pn.count, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t nr = pn.rows(p);
+      const bf16* xp = x + p * pn.width * x_stride;
+      for (int64_t i = 0; i < pn.ke; ++i) {
+        attn::Bf16Pair* dst = xt + (p * pn.ke + i) * pn.width;
+        for (int64_t r = 0; r < pn.width; ++r) {
+          const bf16* e = xp + r * x_stride + 2 * i;
+          dst[r].bits = r < nr ? uint32_t(e[0].bits) | uint32_t(e[1].bits) << 16 : 0u;
+        }
+      }
+    }
+  });
+}
+#endif
+
 // The usual store: out[r0 + i][n0 + j] = c[j * ldc + i] * scale[j] + bias[n0 + j] rounded to T (out rows ld apart;
 // scale: the tile's rows, or null for 1; bias: the whole vector, or null), output row by output row: rows of a wide
 // output are a multiple of 4 KB apart, so a column of them falls in one L1 set.
@@ -151,24 +178,28 @@ static void store_rows(T* out, int64_t ld, int64_t n0, int64_t rows, int64_t r0,
 }
 
 // C = A B over all n rows of W, Chunk columns at a time (a multiple of 2L): decode(row, c0, c1, dst) writes
-// W[row][c0, c1) (decode order) to dst as fp32; store(n0, rows, r0, nr, c, ldc) takes a task's results:
-// c[j * ldc + i] is output row r0 + i (i < nr), column n0 + j (j < rows), e.g. through store_rows.
-template <int64_t Chunk, typename Decode, typename Store>
-static void gemm(int64_t n, const Panels& pn, const float* xt, Decode&& decode, Store&& store) {
+// W[row][c0, c1) (decode order) to dst as elements E; store(n0, rows, r0, nr, c, ldc) takes a task's results:
+// c[j * ldc + i] is output row r0 + i (i < nr), column n0 + j (j < rows), e.g. through store_rows. xt holds
+// pn.size() elements E (transpose_x, or transpose_x_pairs with pn built for 2 columns per element).
+template <int64_t Chunk, typename E, typename Decode, typename Store>
+static void gemm(int64_t n, const Panels& pn, const E* xt, Decode&& decode, Store&& store) {
   static_assert(Chunk % (2 * L) == 0, "chunks start on the 4-bit decode's 2L-column runs");
+  constexpr int per = kPer<E>;
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   parallel_for(0, tiles * pn.count, 1, [&](int64_t t0, int64_t t1) {
-    attn::Scratch<float> a(size_t(kTileRows * kLda<Chunk>)), c(size_t(kTileRows * pn.width));
+    attn::Scratch<E> a(size_t(kTileRows * kLda<Chunk>));
+    attn::Scratch<float> c(size_t(kTileRows * pn.width));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t / pn.count * kTileRows, p = t % pn.count, rows = std::min(kTileRows, n - n0);
       const int64_t nr = pn.rows(p);
-      const float* panel = xt + p * pn.k * pn.width;
+      const E* panel = xt + p * pn.ke * pn.width;
       for (int64_t c0 = 0; c0 < pn.k; c0 += Chunk) {
         const int64_t c1 = std::min(pn.k, c0 + Chunk);
         for (int64_t r = 0; r < rows; ++r) decode(n0 + r, c0, c1, a.ptr + r * kLda<Chunk>);
-        const int nvec = int((nr + L - 1) / L);
-        if (c0 == 0) kgemm<Chunk, false>(int(rows), nvec, int(c1 - c0), a.ptr, panel, pn.width, c.ptr, pn.width);
-        else kgemm<Chunk, true>(int(rows), nvec, int(c1 - c0), a.ptr, panel + c0 * pn.width, pn.width, c.ptr, pn.width);
+        const int nvec = int((nr + L - 1) / L), kdim = int((c1 - c0) / per);
+        const E* b = panel + c0 / per * pn.width;
+        if (c0 == 0) kgemm<Chunk, false>(int(rows), nvec, kdim, a.ptr, b, pn.width, c.ptr, pn.width);
+        else kgemm<Chunk, true>(int(rows), nvec, kdim, a.ptr, b, pn.width, c.ptr, pn.width);
       }
       store(n0, rows, p * pn.width, nr, c.ptr, pn.width);
     }

@@ -128,6 +128,44 @@ static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, int6
   }
 }
 
+#if defined(LLMKERN_ISA_AVX512BF16)
+// int4 rows for bf16 x on avx512bf16: columns [c0, c1) of row r as bf16 pairs (W[2i], W[2i + 1]), i.e. natural
+// order, each (q - z) s rounded to bf16 (as a bf16 dequantize-then-matmul rounds it): per 16 bytes the two
+// nibbles become the halves of one 32-bit lane of 16-bit table indices, and one vpermw looks all 32 up in the
+// group's 16-entry bf16 table. c0, c1 multiples of 32 (k is, and every group size is).
+static void decode_row_pairs(const QWeight& w, int64_t r, int64_t c0, int64_t c1, attn::Bf16Pair* dst) {
+  const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * (w.k / 2);
+  const int64_t gsize = w.group;
+  int64_t b = r * (w.k / gsize) + c0 / gsize, gend = (c0 / gsize + 1) * gsize;
+  for (int64_t c = c1; c < c1 + kChunk && c < w.k; c += 128) __builtin_prefetch(row + c / 2);  // see decode_row
+  const __m512i low4 = _mm512_set1_epi32(15);
+  for (int64_t c = c0; c < c1; ++b, gend += gsize) {
+    const float s = scale_at(w, b), z = w.zeros ? float(w.zeros[b]) : 8.f;
+    const __m512 t32 = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(kIota), _mm512_set1_ps(z)), _mm512_set1_ps(s));
+    const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t32));  // entries 0-15 (upper unused)
+    for (const int64_t hi = std::min(c1, gend); c < hi; c += 32) {
+      const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
+      const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(u, 4), _mm512_slli_epi32(_mm512_and_si512(u, low4), 16));
+      _mm512_storeu_si512(dst + (c - c0) / 2, _mm512_permutexvar_epi16(idx, table));
+    }
+  }
+}
+
+// The int4 GEMM for bf16 x over bf16 pairs (outer::gemm with attn::Bf16Pair elements).
+static void gemm_int4_pairs(const QLinearParams& p) {
+  const QWeight& w = p.w;
+  const outer::Panels pn(p.m, w.k, 2);
+  Scratch<attn::Bf16Pair> xt(size_t(pn.size()));
+  outer::transpose_x_pairs(static_cast<const bf16*>(p.x), p.x_stride, pn, xt.ptr);
+  const auto decode = [&](int64_t r, int64_t c0, int64_t c1, attn::Bf16Pair* dst) { decode_row_pairs(w, r, c0, c1, dst); };
+  const auto store = [&](int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
+    outer::store_rows(static_cast<bf16*>(p.out), p.out_stride, n0, rows, r0, nr, c, ldc, nullptr,
+                      static_cast<const bf16*>(p.bias));
+  };
+  outer::gemm<kChunk>(w.n, pn, xt.ptr, decode, store);
+}
+#endif
+
 // ---------------------------------------------------------------- driver
 
 template <typename T>
@@ -159,7 +197,11 @@ static void gemm_typed(const QLinearParams& p) {
 void qlinear_gemm(const QLinearParams& p) {
   switch (p.dtype) {
     case DType::f32: return gemm_typed<float>(p);
-    case DType::bf16: return gemm_typed<bf16>(p);
+    case DType::bf16:
+#if defined(LLMKERN_ISA_AVX512BF16)
+      if (p.w.format == QFormat::int4) return gemm_int4_pairs(p);
+#endif
+      return gemm_typed<bf16>(p);
     case DType::f16: return gemm_typed<f16>(p);
     case DType::f64: break;  // not supported: the caller takes the generic path
   }
