@@ -12,6 +12,7 @@
 #include "kernels/linear.h"
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include "kernels/attention_tile.h"
@@ -118,18 +119,28 @@ void run_dot(const LinearParams& p) {
   });
 }
 
-// Outer form (kernels/outer_gemm.h): weight rows converted to fp32 chunk by chunk, x^T in natural column order.
-// 512-column chunks: 256 measured slower on long rows, 1024 on short ones (a 100 KB scratch instead of 50 KB).
+// Outer form (kernels/outer_gemm.h): weight rows converted to fp32 chunk by chunk, x^T in natural column order;
+// or, for bf16 with pair products (E = attn::Bf16Pair, k even), bf16 rows copied as they are (adjacent elements
+// are the pairs). 512-column chunks: 256 measured slower on long rows, 1024 on short ones (a 100 KB scratch
+// instead of 50 KB).
 constexpr int64_t kOuterChunk = 512;
 
-template <typename T>
+template <typename T, typename E = float>
 void run_outer(const LinearParams& p) {
-  const outer::Panels pn(p.m, p.k);
-  attn::Scratch<float> xt(size_t(pn.size()));
-  outer::transpose_x(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr, [](int64_t pos) { return pos; });
-  const auto decode = [&](int64_t r, int64_t c0, int64_t c1, float* dst) {
+  constexpr bool pairs = !std::is_same_v<E, float>;
+  const outer::Panels pn(p.m, p.k, outer::kPer<E>);
+  attn::Scratch<E> xt(size_t(pn.size()));
+  if constexpr (!pairs) {
+    outer::transpose_x(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr, [](int64_t pos) { return pos; });
+  } else {
+#if defined(LLMKERN_ISA_AVX512BF16)
+    outer::transpose_x_pairs(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr);
+#endif
+  }
+  const auto decode = [&](int64_t r, int64_t c0, int64_t c1, E* dst) {
     const T* w = static_cast<const T*>(p.w) + r * p.w_stride;
-    attn::load_row<VecF>(w + c0, int(c1 - c0), 1.f, dst, int(c1 - c0));
+    if constexpr (pairs) std::memcpy(dst, w + c0, sizeof(T) * (c1 - c0));
+    else attn::load_row<VecF>(w + c0, int(c1 - c0), 1.f, dst, int(c1 - c0));
     // The next row's chunk (the next tile's first row after the last), then this row's next chunk: short runs of
     // many rows are missed by the hardware prefetchers.
     if (r + 1 < p.n)
@@ -153,7 +164,11 @@ void run_outer(const LinearParams& p) {
 template <typename T>
 void run(const LinearParams& p) {
   if constexpr (!std::is_same_v<T, double>) {  // fp64 (gradcheck) keeps the dot form
-    if (p.m >= 32 || (p.m >= 16 && p.k <= 512)) return run_outer<T>(p);
+    if (p.m >= 32 || (p.m >= 16 && p.k <= 512)) {
+      if constexpr (attn::kPairProducts<T>)
+        if (p.k % 2 == 0) return run_outer<T, attn::Bf16Pair>(p);
+      return run_outer<T>(p);
+    }
   }
   run_dot<T>(p);
 }
