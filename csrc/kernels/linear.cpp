@@ -159,8 +159,9 @@ void run_outer(const LinearParams& p) {
 // The outer form from 32 rows of x, or from 16 when rows are short: the dot form pays a lane reduction per output,
 // amortized over k, while the outer form pays for x rows padded to whole vectors. Measured (bench/RESULTS.md): 1.30x
 // the dot form at 16 x 8192 x 320, 1.63x at 512 x 864 x 320, 1.18x at 64 x 4096 x 4096; the dot form was faster at
-// 20 x 1024 x 1024 and 16 x 4096 x 2048 (a first version of the outer form measured 0.75x, 0.90x there). k = 0 never
-// gets here (ops/linear.h writes the bias).
+// 20 x 1024 x 1024 and 16 x 4096 x 2048 (a first version of the outer form measured 0.75x, 0.90x there). Over bf16
+// pairs (avx512bf16) the outer form is no faster at 8-16 rows either (0.72-1.06x at 4096 x 4096, 11008 x 4096,
+// 4096 x 11008, Zen 4). k = 0 never gets here (ops/linear.h writes the bias).
 template <typename T>
 void run(const LinearParams& p) {
   if constexpr (!std::is_same_v<T, double>) {  // fp64 (gradcheck) keeps the dot form
