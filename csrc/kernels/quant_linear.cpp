@@ -608,8 +608,13 @@ static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
         q3 = _mm512_srli_epi16(raw, 12);
       }
       for (int m = 0; m < MR; ++m) {
+#if defined(LLMKERN_ISA_AVX512BF16)  // AVX512_VNNI: vpdpwssd adds the pair products into d itself
+        __m512i d = _mm512_madd_epi16(q0, x[m][0]);
+        d = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_dpwssd_epi32(d, q1, x[m][1]), q2, x[m][2]), q3, x[m][3]);
+#else
         const __m512i d = _mm512_add_epi32(_mm512_add_epi32(_mm512_madd_epi16(q0, x[m][0]), _mm512_madd_epi16(q1, x[m][1])),
                                            _mm512_add_epi32(_mm512_madd_epi16(q2, x[m][2]), _mm512_madd_epi16(q3, x[m][3])));
+#endif
         const float* s = sv[r] + m * svs + si;
         const __m512 sc = G >= kQC ? _mm512_set1_ps(*s) : _mm512_permutexvar_ps(gidx, _mm512_loadu_ps(s));
         acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[m][r]);

@@ -18,7 +18,8 @@ bool cpu_supports(CpuIsa isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     case CpuIsa::avx512bf16:
-      return cpu_supports(CpuIsa::avx512) && __builtin_cpu_supports("avx512bf16");
+      return cpu_supports(CpuIsa::avx512) && __builtin_cpu_supports("avx512bf16") &&
+             __builtin_cpu_supports("avx512vnni");
   }
   return false;
 #else

@@ -6,7 +6,8 @@
 
 namespace llmkern {
 
-// avx512bf16 = avx512 plus AVX512_BF16 (bf16 pair dot products: Cooper Lake, Sapphire Rapids, Zen 4 and later).
+// avx512bf16 = avx512 plus AVX512_BF16 and AVX512_VNNI (bf16 pair and int16 dot products: Cooper Lake, Sapphire
+// Rapids, Zen 4 and later).
 enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
 
 // The path in use: the widest the CPU supports, or LLMKERN_CPU_ISA, or the last set_cpu_isa.
