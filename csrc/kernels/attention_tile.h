@@ -84,12 +84,7 @@ static inline void gemm_block(int kdim, const TA* a, int64_t as, const TB* b, in
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) acc[r][j] = ACC ? V::load(c + r * ldc + j * W) : V::zero();
-  if (ACC && cs)
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) acc[r][j] = acc[r][j] * V::load(cs + j * W);
+    for (int j = 0; j < NR; ++j) acc[r][j] = V::zero();
   const TA* ar[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) ar[r] = a + r * as;
@@ -107,10 +102,19 @@ static inline void gemm_block(int kdim, const TA* a, int64_t as, const TB* b, in
     }
     if constexpr (L == kCols) a += as;
   }
+  // With ACC this block's sum is added to C (C scaled first): C is not a chain continued over every call, so
+  // an attention output summed over thousands of keys errs like a blocked sum (~eps |v| at 8K keys before).
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) acc[r][j].store(c + r * ldc + j * W);
+    for (int j = 0; j < NR; ++j) {
+      V* out = &acc[r][j];
+      if constexpr (ACC) {
+        const V old = V::load(c + r * ldc + j * W);
+        *out = cs ? fmadd(old, V::load(cs + j * W), *out) : old + *out;
+      }
+      out->store(c + r * ldc + j * W);
+    }
 }
 
 // The last rows < kMR of a strip as one block of that height (each B vector loaded once for all of
