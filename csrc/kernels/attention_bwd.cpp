@@ -139,8 +139,8 @@ struct Bwd {
       }
       const T* dor = at_row<const T>(p.dout, b, row, h);
       if constexpr (kPairs) {
-        copy_row(at_row<const T>(f.q, b, row, h), bf16_row(w.qp, ii));
-        copy_row(dor, bf16_row(w.dop, ii));
+        attn::copy_row_padded(at_row<const T>(f.q, b, row, h), D, Dp, bf16_row(w.qp, ii));
+        attn::copy_row_padded(dor, D, Dp, bf16_row(w.dop, ii));
       } else {
         attn::load_row<V>(at_row<const T>(f.q, b, row, h), D, A(1), w.qp.ptr + ii * Dp, Dp);
         attn::load_row<V>(dor, D, A(1), w.dop.ptr + ii * Dp, Dp);
@@ -162,10 +162,6 @@ struct Bwd {
   // The bf16 pair path's views of qp and dop: bf16 row ii, and the rows interleaved by query pairs after them.
   T* bf16_row(attn::Scratch<A>& buf, int ii) const { return reinterpret_cast<T*>(buf.ptr) + int64_t(ii) * Dp; }
   Pair* query_pairs(attn::Scratch<A>& buf) const { return reinterpret_cast<Pair*>(buf.ptr) + int64_t(kMq) * Dp / 2; }
-  void copy_row(const T* src, T* dst) const {
-    std::memcpy(dst, src, sizeof(T) * D);
-    std::memset(dst + D, 0, sizeof(T) * (Dp - D));
-  }
 
   // P and dS of one pair from S and dP (row-major [query][key], in place).
   void softmax_grad(Work<A>& w, const Seq& s, const Band& bd, A slope, int j0, int nk, int i0,
@@ -244,10 +240,7 @@ struct Bwd {
     T* dsb = reinterpret_cast<T*>(w.dsb.ptr);
     for (int ii = 0; ii < mq; ++ii)
       for (int c = 0; c < kNk; c += V::W) V::load(w.ds.ptr + ii * kNk + c).store(dsb + ii * kNk + c);
-    for (int i = 0; i < mh; ++i)  // P and dS rows (2i, 2i + 1) to pair row i, in place
-      for (A* x : {w.ps.ptr, w.ds.ptr})
-        pair_rows(x + 2 * i * kNk, 2 * i + 1 < mq ? x + (2 * i + 1) * kNk : nullptr, kNk,
-                  reinterpret_cast<uint32_t*>(x + i * kNk));
+    for (A* x : {w.ps.ptr, w.ds.ptr}) pair_up_rows(x, mq, kNk);  // P and dS rows (2i, 2i + 1) to pair row i
     A* dVT = w.dvb.ptr + int64_t(jt) * D * kNk;
     A* dKT = w.dkb.ptr + int64_t(jt) * D * kNk;
     const Pair *Pp = reinterpret_cast<const Pair*>(w.ps.ptr), *dSp = reinterpret_cast<const Pair*>(w.ds.ptr);

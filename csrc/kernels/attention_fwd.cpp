@@ -136,9 +136,7 @@ struct KvRows {
       if (ahead > 0 && j + ahead <= jend) prefetch_key(j + ahead);
       const T *kr, *vr;
       rows(j, kr, vr);
-      T* krow = reinterpret_cast<T*>(kt + int64_t(jj) * (dp / 2));
-      std::memcpy(krow, kr, sizeof(T) * d);
-      std::memset(krow + d, 0, sizeof(T) * (dp - d));
+      attn::copy_row_padded(kr, d, dp, reinterpret_cast<T*>(kt + int64_t(jj) * (dp / 2)));
       if (jj % 2) continue;
       const T *k1, *v1 = nullptr;
       if (jj + 1 < n) rows(j + 1, k1, v1);
@@ -244,9 +242,7 @@ struct TiledTask {
         scale_scores(nk, mp);
         scores_to_probs(sq, i0, mq, mp, j0, nk, slope);
         const int np = (nk + 1) / 2;
-        for (int j = 0; j < np; ++j)  // P^T rows (2j, 2j + 1) to pair row j, in place
-          pair_rows(s + 2 * j * mp, 2 * j + 1 < nk ? s + (2 * j + 1) * mp : nullptr, mp,
-                    reinterpret_cast<uint32_t*>(s + j * mp));
+        pair_up_rows(s, nk, mp);  // P^T rows (2j, 2j + 1) to pair row j
         const Pair* pt = reinterpret_cast<const Pair*>(s);
         if (j0 == jstart) attn::gemm<V, false>(d, mp, np, vq, 1, dp, pt, mp, o, mp);
         else attn::gemm<V, true>(d, mp, np, vq, 1, dp, pt, mp, o, mp, alpha);
@@ -519,9 +515,7 @@ struct GroupTask {
         const int64_t rr = int64_t(hh) * rows + r;
         const T* qr = row_at<const T>(p.q, sq.b, sq.q_start + r / g, h);
         if constexpr (kBf16Dot) {  // as is (scores are scaled instead), zero padded
-          T* qb = reinterpret_cast<T*>(q + rr * dp);
-          std::memcpy(qb, qr, sizeof(T) * d);
-          std::memset(qb + d, 0, sizeof(T) * (2 * dp - d));
+          attn::copy_row_padded(qr, d, 2 * dp, reinterpret_cast<T*>(q + rr * dp));
         } else {
           attn::load_row_paired<V>(qr, d, scale, q + rr * dp, dp);
         }

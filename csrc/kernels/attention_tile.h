@@ -202,6 +202,13 @@ static inline void load_row(const T* src, int n, typename V::value_type mul, typ
   for (int i = n; i < n_pad; ++i) dst[i] = typename V::value_type(0);
 }
 
+// dst[0, n) = src[0, n) as stored, dst[n, n_pad) = 0: one zero-padded row of a storage-type tile.
+template <typename T>
+static inline void copy_row_padded(const T* src, int n, int n_pad, T* dst) {
+  std::memcpy(dst, src, sizeof(T) * size_t(n));
+  std::memset(dst + n, 0, sizeof(T) * size_t(n_pad - n));
+}
+
 // dst[0, n) = src[0, n) converted to T: one row of a tile back to storage.
 template <typename V, typename T>
 static inline void store_row(const typename V::value_type* src, int n, T* dst) {

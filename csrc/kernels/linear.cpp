@@ -130,13 +130,7 @@ void run_outer(const LinearParams& p) {
   constexpr bool pairs = !std::is_same_v<E, float>;
   const outer::Panels pn(p.m, p.k, outer::kPer<E>);
   attn::Scratch<E> xt(size_t(pn.size()));
-  if constexpr (!pairs) {
-    outer::transpose_x(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr, [](int64_t pos) { return pos; });
-  } else {
-#if defined(LLMKERN_ISA_AVX512BF16)
-    outer::transpose_x_pairs(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr);
-#endif
-  }
+  outer::transpose_x(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr, [](int64_t pos) { return pos; });
   const auto decode = [&](int64_t r, int64_t c0, int64_t c1, E* dst) {
     const T* w = static_cast<const T*>(p.w) + r * p.w_stride;
     if constexpr (pairs) std::memcpy(dst, w + c0, sizeof(T) * (c1 - c0));

@@ -123,6 +123,27 @@ struct Panels {
   int64_t rows(int64_t p) const { return std::min(width, m - p * width); }
 };
 
+#if defined(LLMKERN_ISA_AVX512BF16)
+// transpose_x for bf16 pairs: panel p = xt + p * ke * width holds the pair (x[.][2i], x[.][2i + 1]) of each of
+// its rows at xt[i][r] (k even), zero beyond the panel's rows; natural column order (col is not used).
+template <typename Col>
+static void transpose_x(const bf16* x, int64_t x_stride, const Panels& pn, attn::Bf16Pair* xt, Col&&) {
+  parallel_for(0, pn.count, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t nr = pn.rows(p);
+      const bf16* xp = x + p * pn.width * x_stride;
+      for (int64_t i = 0; i < pn.ke; ++i) {
+        attn::Bf16Pair* dst = xt + (p * pn.ke + i) * pn.width;
+        for (int64_t r = 0; r < pn.width; ++r) {
+          const bf16* e = xp + r * x_stride + 2 * i;
+          dst[r].bits = r < nr ? uint32_t(e[0].bits) | uint32_t(e[1].bits) << 16 : 0u;
+        }
+      }
+    }
+  });
+}
+#endif
+
 // x^T: panel p = xt + p * k * width holds xt[pos][r] = x[p * width + r][col(pos)] in fp32 for pos < k, zero beyond
 // the panel's rows. col maps a position of the decode order to a column of x; it is called for runs of 2L
 // positions starting at multiples of 2L.
@@ -143,25 +164,6 @@ static void transpose_x(const T* x, int64_t x_stride, const Panels& pn, float* x
   });
 }
 
-#if defined(LLMKERN_ISA_AVX512BF16)
-// transpose_x for bf16 pairs: panel p = xt + p * ke * width holds the pair (x[.][2i], x[.][2i + 1]) of each of
-// its rows at xt[i][r] (k even), zero beyond the panel's rows.
-static void transpose_x_pairs(const bf16* x, int64_t x_stride, const Panels& pn, attn::Bf16Pair* xt) {
-  parallel_for(0, pn.count, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t nr = pn.rows(p);
-      const bf16* xp = x + p * pn.width * x_stride;
-      for (int64_t i = 0; i < pn.ke; ++i) {
-        attn::Bf16Pair* dst = xt + (p * pn.ke + i) * pn.width;
-        for (int64_t r = 0; r < pn.width; ++r) {
-          const bf16* e = xp + r * x_stride + 2 * i;
-          dst[r].bits = r < nr ? uint32_t(e[0].bits) | uint32_t(e[1].bits) << 16 : 0u;
-        }
-      }
-    }
-  });
-}
-#endif
 
 // The usual store: out[r0 + i][n0 + j] = c[j * ldc + i] * scale[j] + bias[n0 + j] rounded to T (out rows ld apart;
 // scale: the tile's rows, or null for 1; bias: the whole vector, or null), output row by output row: rows of a wide
@@ -180,7 +182,7 @@ static void store_rows(T* out, int64_t ld, int64_t n0, int64_t rows, int64_t r0,
 // C = A B over all n rows of W, Chunk columns at a time (a multiple of 2L): decode(row, c0, c1, dst) writes
 // W[row][c0, c1) (decode order) to dst as elements E; store(n0, rows, r0, nr, c, ldc) takes a task's results:
 // c[j * ldc + i] is output row r0 + i (i < nr), column n0 + j (j < rows), e.g. through store_rows. xt holds
-// pn.size() elements E (transpose_x, or transpose_x_pairs with pn built for 2 columns per element).
+// pn.size() elements E (transpose_x; for bf16 pairs with pn built for 2 columns per element).
 template <int64_t Chunk, typename E, typename Decode, typename Store>
 static void gemm(int64_t n, const Panels& pn, const E* xt, Decode&& decode, Store&& store) {
   static_assert(Chunk % (2 * L) == 0, "chunks start on the 4-bit decode's 2L-column runs");

@@ -8,7 +8,7 @@
 // 2L elements thus decodes to [the L even elements, the L odd elements]; x^T is stored in that same
 // permuted k order, so the product is unchanged. int8 decodes in natural order (the scale at the end).
 //
-// bf16 x on avx512bf16: W decodes to bf16 pairs instead (decode_row_pairs) and the product runs over pairs, one
+// bf16 x on avx512bf16: W decodes to bf16 pairs instead (decode_row's Bf16Pair overload) and the product runs over pairs, one
 // vdpbf16ps per two FMAs (4096 x 4096 int4, Zen 4, side by side: 1.47x at M = 16, 1.75x at M = 64).
 #include <algorithm>
 #include <cstdint>
@@ -99,12 +99,21 @@ constexpr int64_t kChunk = 1024;
 
 constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
-// Scale and zero point of 4-bit block / group b: w = (base[q] - z) * s with base the nf4 code or 0..15.
-static inline void block_scale(const QWeight& w, int64_t b, float& s, float& z) {
-  if (w.format == QFormat::nf4) {
-    s = nf4_absmax(w, b), z = 0.f;
-  } else {
-    s = scale_at(w, b), z = w.zeros ? float(w.zeros[b]) : 8.f;
+// Calls run(row, c, hi, base, s, z) for each 4-bit block / group of row r within columns [c0, c1): row = the
+// row's packed bytes, [c, hi) the group's columns there, w = (base[q] - z) * s with base the nf4 code or 0..15.
+template <typename Run>
+static void for_each_group(const QWeight& w, int64_t r, int64_t c0, int64_t c1, Run&& run) {
+  const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * (w.k / 2);
+  const int64_t gsize = w.group;
+  const bool nf4 = w.format == QFormat::nf4;
+  const float* base = nf4 ? w.code : kIota;
+  // The same row's next chunk: rows are far apart, so the hardware prefetchers miss these short runs.
+  for (int64_t c = c1; c < c1 + kChunk && c < w.k; c += 128) __builtin_prefetch(row + c / 2);
+  int64_t b = r * (w.k / gsize) + c0 / gsize;
+  for (int64_t c = c0, gend = (c0 / gsize + 1) * gsize; c < c1; c = gend, gend += gsize, ++b) {
+    const float s = nf4 ? nf4_absmax(w, b) : scale_at(w, b);
+    const float z = nf4 ? 0.f : w.zeros ? float(w.zeros[b]) : 8.f;
+    run(row, c, std::min(c1, gend), base, s, z);
   }
 }
 
@@ -118,19 +127,10 @@ static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, floa
     for (; c < c1; ++c) dst[c - c0] = float(q[c]);
     return;
   }
-  const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * (w.k / 2);
-  const int64_t gsize = w.group;
-  int64_t b = r * (w.k / gsize) + c0 / gsize, gend = (c0 / gsize + 1) * gsize;
-  const float* base = w.format == QFormat::nf4 ? w.code : kIota;
-  // The same row's next chunk: rows are far apart, so the hardware prefetchers miss these short runs.
-  for (int64_t c = c1; c < c1 + kChunk && c < w.k; c += 128) __builtin_prefetch(row + c / 2);
-  for (int64_t c = c0; c < c1; ++b, gend += gsize) {
-    float s, z;
-    block_scale(w, b, s, z);
+  for_each_group(w, r, c0, c1, [&](const uint8_t* row, int64_t c, int64_t hi, const float* base, float s, float z) {
     const typename Dec::Table t = Dec::table(base, z, s);
-    const int64_t hi = std::min(c1, gend);
     for (; c < hi; c += 2 * L) Dec::chunk(row + c / 2, t, dst + (c - c0));
-  }
+  });
 }
 
 #if defined(LLMKERN_ISA_AVX512BF16)
@@ -139,7 +139,7 @@ static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, floa
 // each of 16 bytes become the halves of one 32-bit lane of 16-bit indices, and one vpermw looks all 32 up in the
 // group's 16-entry bf16 table. int8: q itself (exact in bf16; the scale at the end). c0, c1 multiples of 32
 // (pairs_ok).
-static void decode_row_pairs(const QWeight& w, int64_t r, int64_t c0, int64_t c1, attn::Bf16Pair* dst) {
+static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, attn::Bf16Pair* dst) {
   if (w.format == QFormat::int8) {
     const int8_t* q = static_cast<const int8_t*>(w.data) + r * w.k;
     for (int64_t c = c0; c < c1; c += 32) {
@@ -149,23 +149,16 @@ static void decode_row_pairs(const QWeight& w, int64_t r, int64_t c0, int64_t c1
     }
     return;
   }
-  const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * (w.k / 2);
-  const int64_t gsize = w.group;
-  int64_t b = r * (w.k / gsize) + c0 / gsize, gend = (c0 / gsize + 1) * gsize;
-  const float* base = w.format == QFormat::nf4 ? w.code : kIota;
-  for (int64_t c = c1; c < c1 + kChunk && c < w.k; c += 128) __builtin_prefetch(row + c / 2);  // see decode_row
   const __m512i low4 = _mm512_set1_epi32(15);
-  for (int64_t c = c0; c < c1; ++b, gend += gsize) {
-    float s, z;
-    block_scale(w, b, s, z);
+  for_each_group(w, r, c0, c1, [&](const uint8_t* row, int64_t c, int64_t hi, const float* base, float s, float z) {
     const __m512 t32 = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(base), _mm512_set1_ps(z)), _mm512_set1_ps(s));
     const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t32));  // entries 0-15 (upper unused)
-    for (const int64_t hi = std::min(c1, gend); c < hi; c += 32) {
+    for (; c < hi; c += 32) {
       const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
       const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(u, 4), _mm512_slli_epi32(_mm512_and_si512(u, low4), 16));
       _mm512_storeu_si512(dst + (c - c0) / 2, _mm512_permutexvar_epi16(idx, table));
     }
-  }
+  });
 }
 #endif
 
@@ -181,23 +174,12 @@ static void gemm_typed(const QLinearParams& p) {
   const QWeight& w = p.w;
   const outer::Panels pn(p.m, w.k, outer::kPer<E>);
   Scratch<E> xt(size_t(pn.size()));
-  if constexpr (std::is_same_v<E, float>) {
-    const bool perm = w.format != QFormat::int8;
-    outer::transpose_x(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr, [&](int64_t pos) {
-      const int64_t j = pos % (2 * L), c0 = pos - j;
-      return perm ? c0 + (j < L ? 2 * j : 2 * (j - L) + 1) : pos;
-    });
-  } else {
-#if defined(LLMKERN_ISA_AVX512BF16)
-    outer::transpose_x_pairs(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr);
-#endif
-  }
-  const auto decode = [&](int64_t r, int64_t c0, int64_t c1, E* dst) {
-    if constexpr (std::is_same_v<E, float>) decode_row(w, r, c0, c1, dst);
-#if defined(LLMKERN_ISA_AVX512BF16)
-    else decode_row_pairs(w, r, c0, c1, dst);
-#endif
-  };
+  const bool perm = w.format != QFormat::int8;  // (fp32 only: pairs are in natural order)
+  outer::transpose_x(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr, [&](int64_t pos) {
+    const int64_t j = pos % (2 * L), c0 = pos - j;
+    return perm ? c0 + (j < L ? 2 * j : 2 * (j - L) + 1) : pos;
+  });
+  const auto decode = [&](int64_t r, int64_t c0, int64_t c1, E* dst) { decode_row(w, r, c0, c1, dst); };
   const auto store = [&](int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
     float s[outer::kTileRows];  // the int8 row scales (the 4-bit formats' scales are decoded into the weights)
     const bool int8 = w.format == QFormat::int8;

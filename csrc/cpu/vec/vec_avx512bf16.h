@@ -77,6 +77,14 @@ inline void pair_rows(const float* a, const float* b, int n, uint32_t* dst) {
   }
 }
 
+// Rows (2i, 2i + 1) of the fp32 tile x [rows][n] become row i of bf16 pairs (pair_rows), in place; a missing
+// last row reads as zeros.
+inline void pair_up_rows(float* x, int rows, int n) {
+  for (int i = 0; 2 * i < rows; ++i)
+    pair_rows(x + 2 * i * n, 2 * i + 1 < rows ? x + (2 * i + 1) * n : nullptr, n,
+              reinterpret_cast<uint32_t*>(x + i * n));
+}
+
 // dst[i * ld + t] = the pair (src[t][2i], src[t][2i + 1]) for 2i < n, t < 16 (a null src[t], and elements past
 // n, read as zeros): 16 bf16 rows transposed into columns of pairs, in 16 x 16 blocks of 32-bit words.
 inline void transpose_pairs(const bf16* const* src, int n, uint32_t* dst, int64_t ld) {
