@@ -26,6 +26,7 @@ namespace {
 constexpr int kMR = 4;                                 // rows of x per block
 constexpr int kNR = VecF::W >= 16 ? 4 : 2;             // rows of W per block: kMR * kNR accumulators fit
 constexpr int kNT = 16;                                // rows of W per task: a tile reused by every x block
+constexpr int kPfRows = 2 * kNR;                       // the first x block prefetches W this many rows ahead
 
 template <typename T>
 struct LinearJob {
@@ -44,11 +45,21 @@ struct LinearJob {
     const int64_t k = p.k;
     const T* w[NR];
     for (int c = 0; c < NR; ++c) w[c] = static_cast<const T*>(p.w) + (n0 + c) * p.w_stride;
+    // Short weight rows (a few hundred elements) end before the hardware prefetchers ramp up on them: the dot form
+    // read 10 GB/s from memory at k = 320 against 24 GB/s at k = 4096 (Zen 4). So the first x block prefetches
+    // the same columns kPfRows rows ahead, into L2.
+    const char* ahead = m0 == 0 && n0 + kPfRows + NR <= p.n
+                            ? reinterpret_cast<const char*>(w[0] + kPfRows * p.w_stride) : nullptr;
+    const int64_t row_bytes = p.w_stride * int64_t(sizeof(T));
     const A* x[MR];
     for (int r = 0; r < MR; ++r) x[r] = xs + (m0 + r) * kp;
     V acc[MR * NR];
     for (int i = 0; i < MR * NR; ++i) acc[i] = V::zero();
     for (int e = 0; e < k2; e += 2 * W) {
+      if (ahead)
+        for (int c = 0; c < NR; ++c)
+          for (int b = 0; b < 2 * W * int(sizeof(T)); b += 64)
+            __builtin_prefetch(ahead + c * row_bytes + e * int64_t(sizeof(T)) + b, 0, 2);
       V wa[NR], wb[NR];
       for (int c = 0; c < NR; ++c) load_pair(w[c] + e, wa[c], wb[c]);
       for (int r = 0; r < MR; ++r) {
