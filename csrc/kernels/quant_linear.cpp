@@ -222,14 +222,14 @@ struct Job {
   int64_t nt;
 };
 
-// 4-bit GEMV blocks (MR <= 4) prefetch the next block's rows in software (x86 only; nf4 4096 x 4096 from
-// memory on one core: +10-20%; int8, already near the read bandwidth, measured no gain).
+// GEMV blocks (MR <= 4) prefetch the next block's rows into L2 in software (x86 only). From memory: nf4 4096 x 4096
+// on one core +10-20% (Skylake); int8 M = 1 18-20 -> 27-29 GB/s at 4096 x 4096 (Zen 4; into L1 it measured no gain).
 #if defined(LLMKERN_ISA_AVX512) || defined(LLMKERN_ISA_AVX2)
 constexpr bool kPrefetchRows = true;
 #else
 constexpr bool kPrefetchRows = false;
 static inline void _mm_prefetch(const char*, int) {}
-#define _MM_HINT_T0 0
+#define _MM_HINT_T1 0
 #endif
 
 // acc(m, n) += x rows [m0, m0 + MR) . W rows [n0, n0 + NR) over columns [c0, c1) (whole groups).
@@ -255,7 +255,7 @@ static void block4(const Job& j, int64_t m0, int64_t n0, int64_t nl0, int64_t c0
       typename Codec::Raw r[NR];
       if constexpr (MR <= 4 && kPrefetchRows)  // GEMV: the same bytes of the next block's rows
         if ((c / 2) % 64 == 0)
-          for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(rows[n] + NR * (w.k / 2) + c / 2), _MM_HINT_T0);
+          for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(rows[n] + NR * (w.k / 2) + c / 2), _MM_HINT_T1);
       for (int n = 0; n < NR; ++n) r[n] = Codec::template raw<P>(rows[n] + c / 2);
       static_for<0, P>([&](auto jj) {
         constexpr int J = decltype(jj)::value;
@@ -283,6 +283,9 @@ static void block8(const Job& j, int64_t m0, int64_t n0, int64_t nl0, int64_t c0
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) a[m][n] = first ? V::zero() : V::load(j.acc + ((m0 + m) * j.nt + nl0 + n) * L);
   for (int64_t c = c0; c < c1; c += L) {
+    if constexpr (MR <= 4 && kPrefetchRows)  // GEMV: the same bytes of the next block's rows
+      if (c % 64 == 0)
+        for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(rows[n] + NR * w.k + c), _MM_HINT_T1);
     V wv[NR];
     for (int n = 0; n < NR; ++n) wv[n] = Codec::int8(rows[n] + c);
     for (int m = 0; m < MR; ++m) {
