@@ -91,7 +91,7 @@ def engine_threads(requested: int | None) -> int:
     """The kernels' thread count. By default one core is left to the event loop (HTTP parsing, SSE writes) and
     to clients on the same machine: when every core runs a kernel thread, each of a step's parallel regions waits
     for a thread the front end has descheduled. Measured on 2 cores (bench/RESULTS.md, serving): batch-1 time per
-    output token 3.9-5.3 ms on 2 threads against 1.8-2.8 ms on 1, output tokens/s at concurrency 16 alike."""
+    output token 3.9-5.6 ms on 2 threads against 1.8-2.8 ms on 1, output tokens/s at concurrency 16 alike."""
     import torch
 
     if requested is not None:
