@@ -22,8 +22,8 @@
 // NR-row blocks stream past it; the MR x NR vector accumulators live in a per-tile scratch between chunks
 // and are reduced once at the end.
 //
-// int4 and nf4 at M <= 4 on AVX-512 take their own GEMV path instead (int16 x and vpmaddwd; see "AVX-512
-// 4-bit GEMV" below). 4-bit GEMV blocks prefetch the next block's rows in software.
+// int4 and nf4 on AVX-512 take their own GEMV path instead (int16 x and vpmaddwd; see "AVX-512 4-bit GEMV"
+// below) at M <= 4 for fp32 x and up to gemv_rows<T>() rows (15 or 64) for bf16 / fp16 x.
 //
 // Generic path (nf4 whose rows do not start on a block boundary or odd k, fp64): each row of W is
 // dequantized to fp32 once and dotted with every row of x.
@@ -414,9 +414,9 @@ static void fast_p(const QLinearParams& p) {
   }
 }
 
-// ---------------------------------------------------------------- AVX-512 4-bit GEMV (M <= 4)
+// ---------------------------------------------------------------- AVX-512 4-bit GEMV (M <= gemv_rows<T>())
 //
-// int4 and nf4 at M <= 4. x is quantized once per call to int16 with one fp32 scale per block of
+// int4 and nf4 at few rows of x (gemv_rows). x is quantized once per call to int16 with one fp32 scale per block of
 // XB = max(group, 128) elements (xs = max|x| / 32767 over the block: error <= xs / 2 per element, ~1e-5 of the
 // block's largest), and each chunk of 128 weights of a row is dotted with it by vpmaddwd, 32 products a µop
 // (fp32 FMA: 16). One 64-byte load holds 32 words; nibble j of word w is element 4w + (j ^ 1) of the chunk
@@ -642,9 +642,38 @@ static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
     for (int m = 0; m < MR; ++m) res[m][r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[m][r], corr[r][m]));
 }
 
-template <int MR, bool NF4, typename T>
+// x rows [m0, m0 + MR) against W rows [n0, n0 + R) (fewer at the end of W): written to out, bias added.
+template <int MR, int R, bool NF4, typename T>
+static void i4_block(const QLinearParams& p, const I4Gemv& j, int64_t m0, int64_t n0, float* sbuf) {
+  const QWeight& w = p.w;
+  I4Gemv jm = j;  // the group's rows of the quantized x
+  const int64_t gs = j.groups + 16;
+  jm.xq += m0 * j.nch * kQC, jm.xsg += m0 * gs, jm.sx += m0 * gs;
+  const int rr = int(std::min<int64_t>(R, w.n - n0));
+  float res[MR][R];
+  if (rr == R) {
+    i4_rows<MR, R, NF4>(jm, n0, sbuf, res);
+  } else {
+    float r1[MR][1];
+    for (int r = 0; r < rr; ++r) {
+      i4_rows<MR, 1, NF4>(jm, n0 + r, sbuf, r1);
+      for (int m = 0; m < MR; ++m) res[m][r] = r1[m][0];
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    T* out = static_cast<T*>(p.out) + (m0 + m) * p.out_stride;
+    for (int r = 0; r < rr; ++r) {
+      float v = res[m][r];
+      if (p.bias) v += to_float(static_cast<const T*>(p.bias)[n0 + r]);
+      ScalarVec<float>{v}.store(out + n0 + r);
+    }
+  }
+}
+
+// Blocks of R rows of W, each against every row of x in groups of up to 4 (the accumulators and x of a group fill
+// the registers): the block's weight bytes come from memory for the first group and from L1 for the others.
+template <int R, bool NF4, typename T>
 static void i4_gemv(const QLinearParams& p, const I4Gemv& j) {
-  constexpr int R = MR <= 2 ? 4 : 2;  // rows per block: accumulators MR * R and x (4 MR) in registers
   const QWeight& w = p.w;
   const int64_t nb = (w.n + R - 1) / R;
   // Threads claim runs of `step` blocks (parallel_claim).
@@ -652,48 +681,33 @@ static void i4_gemv(const QLinearParams& p, const I4Gemv& j) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(max_threads(), nb / grain));
   const int64_t step = std::max<int64_t>(1, std::min<int64_t>(16, nb / (8 * threads)));
   parallel_claim(nb, step, threads, [&](auto& claim) {
-    Scratch<float> sbuf(size_t(R * MR * (j.groups + 32)));
+    Scratch<float> sbuf(size_t(R * 4 * (j.groups + 32)));
     for (int64_t b0, b1; claim(b0, b1);) {
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n0 = b * R;
-        const int rr = int(std::min<int64_t>(R, w.n - n0));
-        float res[MR][R];
-        if (rr == R) {
-          i4_rows<MR, R, NF4>(j, n0, sbuf.ptr, res);
-        } else {
-          float r1[MR][1];
-          for (int r = 0; r < rr; ++r) {
-            i4_rows<MR, 1, NF4>(j, n0 + r, sbuf.ptr, r1);
-            for (int m = 0; m < MR; ++m) res[m][r] = r1[m][0];
+        int64_t m0 = 0;
+        if constexpr (R == 2)
+          for (; p.m - m0 >= 3; m0 += 4) {
+            if (p.m - m0 >= 4) i4_block<4, R, NF4, T>(p, j, m0, b * R, sbuf.ptr);
+            else i4_block<3, R, NF4, T>(p, j, m0, b * R, sbuf.ptr);
           }
-        }
-        for (int m = 0; m < MR; ++m) {
-          T* out = static_cast<T*>(p.out) + m * p.out_stride;
-          for (int r = 0; r < rr; ++r) {
-            float v = res[m][r];
-            if (p.bias) v += to_float(static_cast<const T*>(p.bias)[n0 + r]);
-            ScalarVec<float>{v}.store(out + n0 + r);
-          }
-        }
+        if (p.m - m0 == 2) i4_block<2, R, NF4, T>(p, j, m0, b * R, sbuf.ptr);
+        else if (p.m - m0 == 1) i4_block<1, R, NF4, T>(p, j, m0, b * R, sbuf.ptr);
       }
     }
   });
 }
 
+// Rows of W per block: 4 while x has at most 2 rows, else 2 (accumulators MR * R and x (4 MR) in registers).
 template <bool NF4, typename T>
 static void gemv4_with(const QLinearParams& p, const I4Gemv& j) {
-  switch (p.m) {
-    case 1: return i4_gemv<1, NF4, T>(p, j);
-    case 2: return i4_gemv<2, NF4, T>(p, j);
-    case 3: return i4_gemv<3, NF4, T>(p, j);
-    default: return i4_gemv<4, NF4, T>(p, j);
-  }
+  if (p.m <= 2) i4_gemv<4, NF4, T>(p, j);
+  else i4_gemv<2, NF4, T>(p, j);
 }
 
 template <typename T>
 static bool gemv4(const QLinearParams& p) {
   const QWeight& w = p.w;
-  if (p.m > 4 || w.format == QFormat::int8) return false;
+  if (w.format == QFormat::int8) return false;
   const int64_t G = w.group;
   if (!(G == 32 || G == 64 || G % kQC == 0) || w.k % G) return false;
   const int64_t nch = (w.k + kQC - 1) / kQC, groups = w.k / G;
@@ -724,9 +738,20 @@ static bool gemv4(const QLinearParams&) { return false; }
 
 #endif
 
+// Rows of x up to which the 4-bit GEMV (x in groups of 4 against each block of W) runs, measured on 4096 x 4096 int4
+// and nf4 (Zen 4): at M = 5..15 it is 2.1-3.1x faster than fast() (which decodes W once per 4 rows), and it beats
+// the tile GEMM up to M = 15 when that runs over bf16 pairs (bf16 x with AVX512_BF16: 2.26 vs 2.76 ms at M = 12,
+// 2.99 vs 2.80 at M = 16) and up to at least M = 64 when it runs in fp32 (10.8 vs 12.8 ms). fp32 x stays at
+// M <= 4: its int16 copy (rel. error ~1e-5 of a block's largest element) is below bf16 / fp16 rounding but not
+// below fp32's, and beyond the GEMV shapes the fp32 paths are exact to PyTorch's rule.
+template <typename T>
+static int64_t gemv_rows() {
+  if constexpr (std::is_same_v<T, float>) return 4;
+  else return attn::kPairProducts<T> ? 15 : 64;
+}
+
 template <typename T>
 static void fast(const QLinearParams& p) {
-  if (p.m <= 4 && gemv4<T>(p)) return;
   if (p.w.format == QFormat::int8) return fast_p<1, T>(p);
   const int64_t g = p.w.group;  // a multiple of 32 dividing k
   if constexpr (kMaxP >= 8) {
@@ -800,9 +825,12 @@ void qlinear_kernel(const QLinearParams& p) {
     } else {
       // M >= 16: the tile-dequantizing GEMM path (qlinear_gemm, quant_gemm.cpp); measured on 4096 x 4096
       // int4 bf16 it is on par with fast() at M = 12..16 and 1.7x faster at M = 64, slower at M = 8 (before
-      // the GEMM moved to kernels/outer_gemm.h, which made M = 16 another 1.2-1.3x faster).
-      if (fast_ok(p) && p.m >= 16) qlinear_gemm(p);
-      else if (fast_ok(p)) fast<T>(p); else generic<T>(p);
+      // the GEMM moved to kernels/outer_gemm.h, which made M = 16 another 1.2-1.3x faster). The 4-bit GEMV
+      // (AVX-512) goes first up to gemv_rows<T>().
+      if (!fast_ok(p)) return generic<T>(p);
+      if (p.m <= gemv_rows<T>() && gemv4<T>(p)) return;
+      if (p.m >= 16) return qlinear_gemm(p);
+      fast<T>(p);
     }
   });
 }

@@ -295,7 +295,7 @@ def test_linear_many_rows(device, m, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 6, 16])
 def test_linear_activation_outliers(device, m, dtype):
     """LLM activations have a few channels ~100x the rest: paths that rescale x per block (the int4 GEMV
     holds x as int16) must keep the small channels' precision."""
