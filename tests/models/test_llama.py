@@ -111,3 +111,22 @@ def test_to_dtype_keeps_rope_cache_float32(hf_checkpoints):
     ids = _batch()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, load_model(path, dtype=torch.bfloat16)(ids).logits)
+
+
+def test_linear_takes_the_matmul_that_measured_faster(monkeypatch):
+    from llmkern.models import llama
+
+    monkeypatch.setattr(llama, "_torch_bf16_gemm", lambda: True)  # a CPU with AVX512_BF16
+    assert llama._llmkern_linear(torch.bfloat16, 31, 2048) and not llama._llmkern_linear(torch.bfloat16, 32, 2048)
+    assert llama._llmkern_linear(torch.bfloat16, 127, 320) and not llama._llmkern_linear(torch.bfloat16, 128, 320)
+    monkeypatch.setattr(llama, "_torch_bf16_gemm", lambda: False)
+    assert llama._llmkern_linear(torch.bfloat16, 4096, 2048) and llama._llmkern_linear(torch.float16, 4096, 2048)
+    assert llama._llmkern_linear(torch.float32, 16, 64) and not llama._llmkern_linear(torch.float32, 17, 64)
+    # Either way the module computes x @ W.T + b.
+    lin = llama.Linear(64, 24).to(torch.bfloat16)
+    x = torch.randn(130, 64, dtype=torch.bfloat16)
+    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    for fast_torch in (False, True):
+        monkeypatch.setattr(llama, "_torch_bf16_gemm", lambda v=fast_torch: v)
+        with torch.no_grad():
+            assert_close_derived(lin(x), ref, F.linear(x, lin.weight, lin.bias))
