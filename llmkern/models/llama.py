@@ -56,7 +56,7 @@ def _torch_bf16_gemm() -> bool:
 def _llmkern_linear(dtype: torch.dtype, rows: int, k: int) -> bool:
     """Where llmkern.ops.linear measured faster than torch's CPU matmul (bench/RESULTS.md): fp32 up to 16 rows
     (decode); fp16 always; bf16 always without AVX512_BF16 (torch's bf16 GEMM is then 2-8x slower), and with it
-    below 128 rows, or below 32 when k >= 1024 (beyond, oneDNN's bf16 GEMM was 1.04-1.32x faster on Zen 4)."""
+    below 128 rows, or below 32 when k >= 1024 (beyond, oneDNN's bf16 GEMM was 1.04-1.45x faster on Zen 4)."""
     if dtype == torch.float32:
         return rows <= 16
     if dtype == torch.bfloat16 and _torch_bf16_gemm():
