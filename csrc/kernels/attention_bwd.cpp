@@ -159,6 +159,19 @@ struct Bwd {
 #endif
   }
 
+  // The factor of Q K^T before softcap (tanh(x / cap)) or softmax.
+  A score_scale() const { return A(f.softcap > 0 ? f.scale / f.softcap : f.scale); }
+
+  // K and V rows of key `row` (kv head kvh); with `ahead`, the key kPrefetchRows on is prefetched (the packing
+  // loops' rows are too short for the hardware prefetchers).
+  void key_rows(int b, int kvh, int64_t row, bool ahead, const T*& kr, const T*& vr) const {
+    if (ahead) {
+      prefetch_row(at_row<const T>(f.k, b, row + kPrefetchRows, kvh), D);
+      prefetch_row(at_row<const T>(f.v, b, row + kPrefetchRows, kvh), D);
+    }
+    kr = at_row<const T>(f.k, b, row, kvh), vr = at_row<const T>(f.v, b, row, kvh);
+  }
+
   // The bf16 pair path's views of qp and dop: bf16 row ii, and the rows interleaved by query pairs after them.
   T* bf16_row(attn::Scratch<A>& buf, int ii) const { return reinterpret_cast<T*>(buf.ptr) + int64_t(ii) * Dp; }
   Pair* query_pairs(attn::Scratch<A>& buf) const { return reinterpret_cast<Pair*>(buf.ptr) + int64_t(kMq) * Dp / 2; }
@@ -168,7 +181,7 @@ struct Bwd {
                                  int mq) const {
     const int64_t diag = s.lk - s.lq;
     const bool softcap = f.softcap > 0;
-    const A cap = A(f.softcap), kscale = A(softcap ? f.scale / f.softcap : f.scale);
+    const A cap = A(f.softcap), kscale = score_scale();
     // The tile is fully inside the band when its corner offsets are; else each query row sees a key range.
     const bool full = (j0 + nk - 1) - i0 - diag <= bd.hi && j0 - (i0 + mq - 1) - diag >= bd.lo;
     for (int ii = 0; ii < mq; ++ii) {
@@ -238,8 +251,7 @@ struct Bwd {
     attn::gemm<V, false>(mq, kNk, dh, dO, Dp / 2, 1, VT, kNk, w.ds.ptr, kNk);  // dP = dO V^T
     softmax_grad(w, s, bd, slope, j0, nk, i0, mq);
     T* dsb = reinterpret_cast<T*>(w.dsb.ptr);
-    for (int ii = 0; ii < mq; ++ii)
-      for (int c = 0; c < kNk; c += V::W) V::load(w.ds.ptr + ii * kNk + c).store(dsb + ii * kNk + c);
+    for (int ii = 0; ii < mq; ++ii) attn::store_row<V>(w.ds.ptr + ii * kNk, kNk, dsb + ii * kNk);
     for (A* x : {w.ps.ptr, w.ds.ptr}) pair_up_rows(x, mq, kNk);  // P and dS rows (2i, 2i + 1) to pair row i
     A* dVT = w.dvb.ptr + int64_t(jt) * D * kNk;
     A* dKT = w.dkb.ptr + int64_t(jt) * D * kNk;
@@ -264,12 +276,7 @@ struct Bwd {
           const int jj = j0 + t;
           krows[t] = vrows[t] = nullptr;
           if (jj >= nk) continue;
-          const int64_t row = s.k0 + kb0 + jt * kNk + jj;
-          if (jj + kPrefetchRows < nk) {
-            prefetch_row(at_row<const T>(f.k, b, row + kPrefetchRows, kvh), D);
-            prefetch_row(at_row<const T>(f.v, b, row + kPrefetchRows, kvh), D);
-          }
-          krows[t] = at_row<const T>(f.k, b, row, kvh), vrows[t] = at_row<const T>(f.v, b, row, kvh);
+          key_rows(b, kvh, s.k0 + kb0 + jt * kNk + jj, jj + kPrefetchRows < nk, krows[t], vrows[t]);
         }
         transpose_pairs(krows, D, &KT[j0].bits, kNk);
         transpose_pairs(vrows, D, &VT[j0].bits, kNk);
@@ -302,7 +309,7 @@ struct Bwd {
   void pack_keys(Work<A>& w, int b, int kvh, const Seq& s, int kb0, int nkb) const {
     constexpr int W = V::W;
     static_assert(kNk % W == 0, "key tiles are whole vectors");
-    const A kscale = A(f.softcap > 0 ? f.scale / f.softcap : f.scale);
+    const A kscale = score_scale();
 #if defined(LLMKERN_ISA_AVX512BF16)
     if constexpr (kPairs) pack_key_pairs(w, b, kvh, s, kb0, nkb);
 #endif
@@ -317,14 +324,11 @@ struct Bwd {
           const int jj = j0 + t;
           krows[t] = nullptr, vrows[t] = nullptr;
           if (jj >= nk) continue;
-          const int64_t row = s.k0 + kb0 + jt * kNk + jj;
-          if (jj + kPrefetchRows < nk) {
-            prefetch_row(at_row<const T>(f.k, b, row + kPrefetchRows, kvh), D);
-            prefetch_row(at_row<const T>(f.v, b, row + kPrefetchRows, kvh), D);
-          }
+          const T* kr;
+          key_rows(b, kvh, s.k0 + kb0 + jt * kNk + jj, jj + kPrefetchRows < nk, kr, vrows[t]);
           A* krow = w.kb.ptr + (int64_t(jt) * kNk + jj) * Dp;  // K rows stay (dQ += dS K); V^T is all dV needs
-          attn::load_row<V>(at_row<const T>(f.k, b, row, kvh), D, A(1), krow, Dp);
-          krows[t] = krow, vrows[t] = at_row<const T>(f.v, b, row, kvh);
+          attn::load_row<V>(kr, D, A(1), krow, Dp);
+          krows[t] = krow;
         }
         attn::transpose_rows<V>(krows, D, kscale, KT + j0, kNk);
         attn::transpose_rows<V>(vrows, D, A(1), VT + j0, kNk);

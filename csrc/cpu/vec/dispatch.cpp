@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <iterator>
 #include <stdexcept>
 
 namespace llmkern {
@@ -27,18 +28,21 @@ bool cpu_supports(CpuIsa isa) {
 #endif
 }
 
+// Every path, narrowest first.
+constexpr CpuIsa kIsas[] = {CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512, CpuIsa::avx512bf16};
+
 CpuIsa parse_isa(const std::string& name) {
-  if (name == "scalar") return CpuIsa::scalar;
-  if (name == "avx2") return CpuIsa::avx2;
-  if (name == "avx512") return CpuIsa::avx512;
-  if (name == "avx512bf16") return CpuIsa::avx512bf16;
-  throw std::invalid_argument("LLMKERN_CPU_ISA / set_cpu_isa: expected one of scalar, avx2, avx512, avx512bf16, got '" +
-                              name + "'");
+  std::string names;
+  for (CpuIsa isa : kIsas) {
+    if (name == cpu_isa_name(isa)) return isa;
+    names += names.empty() ? cpu_isa_name(isa) : std::string(", ") + cpu_isa_name(isa);
+  }
+  throw std::invalid_argument("LLMKERN_CPU_ISA / set_cpu_isa: expected one of " + names + ", got '" + name + "'");
 }
 
 CpuIsa widest_supported() {
-  for (CpuIsa isa : {CpuIsa::avx512bf16, CpuIsa::avx512, CpuIsa::avx2})
-    if (cpu_supports(isa)) return isa;
+  for (int i = int(std::size(kIsas)) - 1; i > 0; --i)
+    if (cpu_supports(kIsas[i])) return kIsas[i];
   return CpuIsa::scalar;
 }
 
@@ -77,7 +81,7 @@ const char* cpu_isa_name(CpuIsa isa) {
 
 std::vector<std::string> supported_cpu_isas() {
   std::vector<std::string> names;
-  for (CpuIsa isa : {CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512, CpuIsa::avx512bf16})
+  for (CpuIsa isa : kIsas)
     if (cpu_supports(isa)) names.push_back(cpu_isa_name(isa));
   return names;
 }
