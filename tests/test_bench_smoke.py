@@ -51,6 +51,14 @@ def test_main_quick_cli_runs(capsys, monkeypatch):
     assert "rms_norm bwd" in out and "copy bandwidth" in out
 
 
+def test_loss_bench_quick():
+    from bench import bench_loss
+
+    rows = bench_loss.run(harness.Config(**TINY))
+    assert [(r.op, r.dtype) for r in rows] == [("cross_entropy_grad_", "float32"), ("cross_entropy_grad_", "bfloat16")]
+    assert all(r.times["llmkern"].median_s > 0 and r.times["eager"].median_s > 0 for r in rows)
+
+
 def test_attention_bench_quick():
     from bench import bench_attention
 

@@ -11,7 +11,7 @@ from llmkern.ops.attention import (
     write_kv_cache,
 )
 from llmkern.ops.linear import linear, linear_ref
-from llmkern.ops.loss import linear_cross_entropy, linear_cross_entropy_ref
+from llmkern.ops.loss import cross_entropy_grad_, cross_entropy_grad_ref, linear_cross_entropy, linear_cross_entropy_ref
 from llmkern.ops.quant import (
     DYNAMIC_CODE,
     NF4_CODE,
@@ -47,6 +47,8 @@ from llmkern.ops.rope import (
 )
 
 __all__ = [
+    "cross_entropy_grad_",
+    "cross_entropy_grad_ref",
     "linear_cross_entropy",
     "linear_cross_entropy_ref",
     "cpu_isa",

@@ -5,7 +5,8 @@ tokens of an 8k vocabulary, 4 GB at 128k), stored for the backward along with lo
 (Liger-Kernel's FusedLinearCrossEntropy, arXiv:2410.10989) walks the tokens in chunks whose logits stay in cache:
 each chunk's logits give its loss and, at once, its gradient softmax - onehot, which is multiplied into
 d(hidden) and accumulated into d(weight); only those two gradients are kept for the backward. The matmuls are
-torch's (the same ones the unfused head runs); there is no compiled kernel.
+torch's (the same ones the unfused head runs). On the CPU a chunk's loss and gradient come from one compiled op,
+cross_entropy_grad_ (three passes over the cached chunk, one exp per logit); elsewhere from PyTorch ops.
 """
 
 from __future__ import annotations
@@ -14,7 +15,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmkern._ext import available, ops
+
 CHUNK_BYTES = 8 << 20  # a chunk's float32 logits: well inside the L2 + L3 of one socket
+
+
+def cross_entropy_grad_ref(logits: Tensor, targets: Tensor, scale: float = 1.0,
+                           ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """(loss [rows], grad [rows, vocab]) of logits [rows, vocab] against targets [rows]: loss = logsumexp - the
+    target's logit, grad = scale * (softmax - onehot), the gradient of scale * loss; 0 for both where the target is
+    ignore_index. In logits' dtype (the op returns the loss of 16-bit logits in float32)."""
+    valid = targets != ignore_index
+    t = targets.masked_fill(~valid, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = (lse - logits.gather(1, t[:, None])[:, 0]) * valid
+    grad = torch.softmax(logits, dim=-1) - F.one_hot(t, logits.shape[-1]).to(logits.dtype)
+    return loss, grad * (scale * valid)[:, None].to(logits.dtype)
+
+
+def cross_entropy_grad_(logits: Tensor, targets: Tensor, scale: float = 1.0, ignore_index: int = -100) -> Tensor:
+    """cross_entropy_grad_ref in one call on the CPU: returns the loss ([rows], float32; float64 for float64 logits)
+    and overwrites logits [rows, vocab] (unit stride along vocab) with its gradient. Targets outside [0, vocab) other
+    than ignore_index raise an IndexError."""
+    return ops().cross_entropy_grad_(logits, targets, scale, ignore_index)
 
 
 def linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
@@ -59,18 +82,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dbias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and need_grad[2] else None
         divisor = torch.as_tensor(divisor, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        fused = hidden.device.type == "cpu" and available()
+        scale = divisor.reciprocal().item() if fused else None  # 1 / 0 = inf, as the unfused path divides
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
             logits = F.linear(h, weight, bias).float()  # [chunk, V]
-            valid = t != ignore_index
-            t = t.masked_fill(~valid, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += ((lse - logits.gather(1, t[:, None])[:, 0]) * valid).sum()
-            if dhidden is None and dweight is None and dbias is None:
-                continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            grad[torch.arange(len(t), device=t.device), t] -= 1.0
-            grad *= (valid / divisor)[:, None]
+            if fused:  # the loss and, in place of the logits, its gradient
+                loss += ops().cross_entropy_grad_(logits, t, scale, ignore_index).sum()
+                grad = logits
+            else:
+                valid = t != ignore_index
+                t = t.masked_fill(~valid, 0)
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += ((lse - logits.gather(1, t[:, None])[:, 0]) * valid).sum()
+                if dhidden is None and dweight is None and dbias is None:
+                    continue
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad *= (valid / divisor)[:, None]
             if dbias is not None:
                 dbias += grad.sum(0)
             if dweight is not None:
@@ -88,3 +117,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads = [None if g is None else (g * dloss).to(dtype)
                  for g, dtype in ((dhidden, hidden_dtype), (dweight, weight_dtype), (dbias, weight_dtype))]
         return *grads, None, None, None, None
+
+
+def _register() -> None:
+    @torch.library.register_fake("llmkern::cross_entropy_grad_")
+    def _(logits, targets, scale, ignore_index):
+        return logits.new_empty(logits.shape[0], dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
+
+if available():
+    _register()

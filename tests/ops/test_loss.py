@@ -1,11 +1,13 @@
-"""llmkern.ops.linear_cross_entropy against the unfused reference in float64."""
+"""llmkern.ops.linear_cross_entropy and cross_entropy_grad_ against their references in float64."""
 
 import pytest
 import torch
 
 import llmkern.ops as lk
 from llmkern.models import LlamaForCausalLM, preset
-from tests.helpers import assert_close_derived, grads
+from tests.helpers import DTYPES, assert_close_derived, grads, strided
+
+ops = torch.ops.llmkern
 
 # (tokens, hidden, vocab, chunk rows): chunks that divide the tokens, that do not, and one chunk for all
 CASES = [(37, 24, 131, 8), (64, 16, 50, 64), (5, 59, 1000, None)]
@@ -81,3 +83,90 @@ def test_model_loss_without_logits_equals_the_logits_path():
 def test_bad_inputs(args, match):
     with pytest.raises(ValueError, match=match):
         lk.linear_cross_entropy(**args)
+
+
+# ---------------------------------------------------------------- cross_entropy_grad_ (the CPU loss of a chunk)
+
+VOCABS = [1, 5, 769, 8195]  # one class, a tail shorter than a vector, odd sizes
+
+
+def _logits(rows, vocab, dtype):
+    x = (4 * torch.randn(rows, vocab)).to(dtype)  # wide enough that softmax has both tails
+    t = torch.randint(0, vocab, (rows,))
+    t[1::3] = -100
+    return x, t
+
+
+def check_ce(x, t, scale=1.0, ignore_index=-100):
+    """Runs the op on x in place and compares loss and gradient with the float64 reference (2x PyTorch's error in
+    x's dtype; the loss is float32 whatever x's dtype, so PyTorch's is cast)."""
+    loss64, grad64 = lk.cross_entropy_grad_ref(x.double(), t, scale, ignore_index)
+    loss_t, grad_t = lk.cross_entropy_grad_ref(x, t, scale, ignore_index)
+    loss = lk.cross_entropy_grad_(x, t, scale, ignore_index)
+    assert loss.dtype == torch.float32
+    assert_close_derived(loss, loss64, loss_t.float(), name="loss", scale=loss64.abs().max().item() + 1)
+    # Two roundings of ~scale at the target (softmax * scale, then - scale) whatever PyTorch's luck.
+    assert_close_derived(x, grad64, grad_t, name="grad", scale=2 * abs(scale))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("rows", [1, 7, 33])
+def test_cross_entropy_grad(cpu_isa, dtype, vocab, rows):
+    check_ce(*_logits(rows, vocab, dtype), scale=0.37)
+
+
+def test_cross_entropy_grad_float64(cpu_isa):
+    # float64 has no lower-precision PyTorch twin to derive a bound from: agreement to ~1e-13 (sums of 8195 terms).
+    x, t = _logits(7, 8195, torch.float64)
+    loss64, grad64 = lk.cross_entropy_grad_ref(x, t, 0.5)
+    loss = lk.cross_entropy_grad_(x, t, 0.5)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, loss64, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(x, grad64, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_grad_strided_rows_and_ignored_rows(cpu_isa, dtype):
+    x, t = _logits(9, 769, dtype)
+    xs = strided(x)  # rows 3 elements apart, NaN in the gaps
+    check_ce(xs, t)
+    assert xs._base[:, 769:].isnan().all(), "wrote outside the rows"
+    # Ignored rows: gradient exactly 0 and loss 0, whatever they held (NaN included).
+    x[1::3] = float("nan")
+    loss = lk.cross_entropy_grad_(x, t)
+    assert (x[1::3] == 0).all() and (loss[1::3] == 0).all()
+    # ignore_index may be any value, here a class id.
+    x, t = _logits(9, 50, dtype)
+    t[1::3] = 7
+    check_ce(x, t, scale=2.0, ignore_index=7)
+
+
+def test_cross_entropy_grad_masked_and_nan_logits():
+    x, t = _logits(4, 300, torch.float32)
+    t[:] = torch.tensor([3, 5, 7, 9])
+    x[0, 100:] = float("-inf")  # a masked vocabulary tail: probability 0, gradient 0
+    check_ce(x.clone(), t)
+    x[1, 42] = float("nan")  # NaN spreads over its row only, as PyTorch's does
+    loss = lk.cross_entropy_grad_(x, t)
+    assert loss[1].isnan() and x[1].isnan().all()
+    assert loss[[0, 2, 3]].isfinite().all() and x[[0, 2, 3]].isfinite().all()
+
+
+def test_cross_entropy_grad_opcheck():
+    x, t = _logits(7, 769, torch.float32)
+    torch.library.opcheck(ops.cross_entropy_grad_, (x, t, 0.5, -100))
+
+
+@pytest.mark.parametrize("logits, targets, kwargs, error, match", [
+    (torch.randn(4, 10), torch.tensor([0, 1, 10, 2]), {}, IndexError, "targets: expected values in \\[0, 10\\)"),
+    (torch.randn(4, 10), torch.tensor([0, -1, 1, 2]), {}, IndexError, "targets"),
+    (torch.randn(4, 10), torch.tensor([0, 1, 2, 3], dtype=torch.int32), {}, TypeError, "targets: expected dtype int64"),
+    (torch.randn(4, 10), torch.tensor([0, 1, 2]), {}, RuntimeError, "targets: expected shape \\[4\\]"),
+    (torch.randn(10), torch.tensor([0]), {}, RuntimeError, "logits: expected 2 dims"),
+    (torch.randint(0, 9, (4, 10)), torch.tensor([0, 1, 2, 3]), {}, TypeError, "logits: expected dtype"),
+    (torch.randn(10, 4).t(), torch.tensor([0, 1, 2, 3]), {}, RuntimeError, "logits"),
+])  # fmt: skip
+def test_cross_entropy_grad_bad_inputs(logits, targets, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lk.cross_entropy_grad_(logits, targets, **kwargs)
