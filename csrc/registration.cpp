@@ -120,8 +120,8 @@ TORCH_LIBRARY(llmkern, m) {
   // x [..., K] @ dequantize_int8(q [N, K], scales [N]).T (+ bias [N]) -> [..., N] in x's dtype.
   m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor");
 
-  // Softmax cross entropy (Python face: llmkern/ops/loss.py): logits [rows, vocab] become scale * (softmax - onehot),
-  // the gradient of scale * loss; -> loss [rows] (0 where targets [rows] int64 == ignore_index), float32 (float64 for
+  // Softmax cross entropy (Python face: llmkern/ops/loss.py): logits [..., vocab] become scale * (softmax - onehot),
+  // the gradient of scale * loss; -> loss [...] (0 where targets [...] int64 == ignore_index), float32 (float64 for
   // float64 logits). CPU.
   m.def("cross_entropy_grad_(Tensor(a!) logits, Tensor targets, float scale, int ignore_index) -> Tensor");
 

@@ -39,7 +39,7 @@ auto row(T* x, int64_t n, int64_t t, float scale) {
   for (; i + W <= n; i += W) mv = max(mv, V::load(x + i));
   A m = reduce_max(mv);
   for (; i < n; ++i) m = std::max(m, ScalarVec<A>::load(x + i).v);
-  // A NaN is skipped by max but not by the sum below: the loss and the gradient come out NaN, as PyTorch's do.
+  // max may skip a NaN, the sum below does not: the row's loss and gradient come out NaN, as PyTorch's do.
   VecSum<V> sum;
   for_each_chunk<V>(n, [&](auto v, int64_t j) {
     using Vv = decltype(v);

@@ -22,21 +22,21 @@ CHUNK_BYTES = 8 << 20  # a chunk's float32 logits: well inside the L2 + L3 of on
 
 def cross_entropy_grad_ref(logits: Tensor, targets: Tensor, scale: float = 1.0,
                            ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """(loss [rows], grad [rows, vocab]) of logits [rows, vocab] against targets [rows]: loss = logsumexp - the
-    target's logit, grad = scale * (softmax - onehot), the gradient of scale * loss; 0 for both where the target is
+    """(loss [...], grad [..., vocab]) of logits [..., vocab] against targets [...]: loss = logsumexp - the target's
+    logit, grad = scale * (softmax - onehot), the gradient of scale * loss; 0 for both where the target is
     ignore_index. In logits' dtype (the op returns the loss of 16-bit logits in float32)."""
     valid = targets != ignore_index
     t = targets.masked_fill(~valid, 0)
     lse = torch.logsumexp(logits, dim=-1)
-    loss = (lse - logits.gather(1, t[:, None])[:, 0]) * valid
+    loss = (lse - logits.gather(-1, t[..., None])[..., 0]) * valid
     grad = torch.softmax(logits, dim=-1) - F.one_hot(t, logits.shape[-1]).to(logits.dtype)
-    return loss, grad * (scale * valid)[:, None].to(logits.dtype)
+    return loss, grad * (scale * valid)[..., None].to(logits.dtype)
 
 
 def cross_entropy_grad_(logits: Tensor, targets: Tensor, scale: float = 1.0, ignore_index: int = -100) -> Tensor:
-    """cross_entropy_grad_ref in one call on the CPU: returns the loss ([rows], float32; float64 for float64 logits)
-    and overwrites logits [rows, vocab] (unit stride along vocab) with its gradient. Targets outside [0, vocab) other
-    than ignore_index raise an IndexError."""
+    """cross_entropy_grad_ref in one call on the CPU: returns the loss (targets' shape [...], float32; float64 for
+    float64 logits) and overwrites logits [..., vocab] (unit stride along vocab) with its gradient. Targets outside
+    [0, vocab) other than ignore_index raise an IndexError."""
     return ops().cross_entropy_grad_(logits, targets, scale, ignore_index)
 
 
@@ -122,7 +122,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _register() -> None:
     @torch.library.register_fake("llmkern::cross_entropy_grad_")
     def _(logits, targets, scale, ignore_index):
-        return logits.new_empty(logits.shape[0], dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        return logits.new_empty(logits.shape[:-1], dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
 
 
 if available():

@@ -136,6 +136,11 @@ def test_cross_entropy_grad_strided_rows_and_ignored_rows(cpu_isa, dtype):
     x[1::3] = float("nan")
     loss = lk.cross_entropy_grad_(x, t)
     assert (x[1::3] == 0).all() and (loss[1::3] == 0).all()
+    # Leading dims: [2, 3, vocab] rows; and ones no single row stride describes are refused (written in place).
+    x, t = _logits(6, 769, dtype)
+    check_ce(x.view(2, 3, 769), t.view(2, 3))
+    with pytest.raises(RuntimeError, match="logits"):
+        lk.cross_entropy_grad_(x.view(2, 3, 769).transpose(0, 1), t.view(2, 3).t())
     # ignore_index may be any value, here a class id.
     x, t = _logits(9, 50, dtype)
     t[1::3] = 7
@@ -163,7 +168,7 @@ def test_cross_entropy_grad_opcheck():
     (torch.randn(4, 10), torch.tensor([0, -1, 1, 2]), {}, IndexError, "targets"),
     (torch.randn(4, 10), torch.tensor([0, 1, 2, 3], dtype=torch.int32), {}, TypeError, "targets: expected dtype int64"),
     (torch.randn(4, 10), torch.tensor([0, 1, 2]), {}, RuntimeError, "targets: expected shape \\[4\\]"),
-    (torch.randn(10), torch.tensor([0]), {}, RuntimeError, "logits: expected 2 dims"),
+    (torch.tensor(1.0), torch.tensor(0), {}, RuntimeError, "logits: expected \\[..., vocab\\]"),
     (torch.randint(0, 9, (4, 10)), torch.tensor([0, 1, 2, 3]), {}, TypeError, "logits: expected dtype"),
     (torch.randn(10, 4).t(), torch.tensor([0, 1, 2, 3]), {}, RuntimeError, "logits"),
 ])  # fmt: skip
