@@ -11,7 +11,6 @@ attention is flash_attn_varlen_func over per-sequence offsets. Two entry points 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,31 +46,14 @@ class CausalLMOutput:
     loss: Tensor | None = None  # mean token loss over labels != -100 (float32 scalar)
 
 
-@functools.cache
-def _torch_bf16_gemm() -> bool:
-    """Whether torch's CPU bf16 matmul (oneDNN) has AVX512_BF16 products on this CPU."""
-    return "avx512bf16" in ops.supported_cpu_isas()
-
-
-def _llmkern_linear(dtype: torch.dtype, rows: int, k: int) -> bool:
-    """Where llmkern.ops.linear measured faster than torch's CPU matmul (bench/RESULTS.md): fp32 up to 16 rows
-    (decode); fp16 always; bf16 always without AVX512_BF16 (torch's bf16 GEMM is then 2-8x slower), and with it
-    below 128 rows, or below 32 when k >= 1024 (beyond, oneDNN's bf16 GEMM was 1.04-1.45x faster on Zen 4)."""
-    if dtype == torch.float32:
-        return rows <= 16
-    if dtype == torch.bfloat16 and _torch_bf16_gemm():
-        return rows < (32 if k >= 1024 else 128)
-    return True
-
-
 class Linear(nn.Linear):
     """nn.Linear whose dense CPU matmul runs llmkern.ops.linear where it measured faster than torch's
-    (_llmkern_linear); CUDA and autocast regions use torch."""
+    (ops.linear_beats_torch); CUDA and autocast regions use torch."""
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if (x.device.type == "cpu" and x.dtype == w.dtype and not torch.is_autocast_enabled("cpu")
-                and _llmkern_linear(w.dtype, x.numel() // max(1, x.shape[-1]), x.shape[-1])):
+                and ops.linear_beats_torch(w.dtype, x.numel() // max(1, x.shape[-1]), x.shape[-1], w.shape[0])):
             return ops.linear(x, w, self.bias)
         return F.linear(x, w, self.bias)
 

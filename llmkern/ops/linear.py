@@ -9,6 +9,9 @@ csrc/kernels/linear.cpp). The backward (dx = dy @ W, dW = dy^T x, dbias) is torc
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -28,6 +31,36 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N], every tensor of x's dtype (fp32, bf16, fp16;
     fp64 for gradcheck) on the CPU. Differentiable in x, weight and bias."""
     return ops().linear(x, weight, bias)
+
+
+@functools.cache
+def _torch_bf16_gemm() -> bool:
+    """Whether torch's CPU bf16 matmul (oneDNN) has AVX512_BF16 products on this CPU."""
+    return "avx512bf16" in ops().supported_cpu_isas()
+
+
+@functools.cache
+def _torch_fp32_gemm_is_mkl_on_amd() -> bool:
+    """Whether torch's CPU float32 matmul is MKL's running on an AMD CPU, where MKL takes a slower path: on Zen 4
+    75-142 GFLOP/s on small-K shapes against a 224 GFLOP/s FMA peak (bench/RESULTS.md)."""
+    if "BLAS_INFO=mkl" not in torch.__config__.show():
+        return False
+    try:
+        return "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
+    """Whether linear(x [rows, k], W [n, k]) measured faster than torch's CPU matmul (bench/RESULTS.md): fp32 up to 16
+    rows (decode), and where torch's fp32 matmul is MKL on AMD also up to 256 rows of wide outputs (n >= 2048: an output
+    head, 1.13-2.45x on Zen 4); fp16 always; bf16 always without AVX512_BF16 (torch's bf16 GEMM is then 2-8x slower),
+    and with it below 128 rows, or below 32 when k >= 1024 (beyond, oneDNN's bf16 GEMM was 1.04-1.45x faster on Zen 4)."""
+    if dtype == torch.float32:
+        return rows <= 16 or (rows <= 256 and n >= 2048 and _torch_fp32_gemm_is_mkl_on_amd())
+    if dtype == torch.bfloat16 and _torch_bf16_gemm():
+        return rows < (32 if k >= 1024 else 128)
+    return True
 
 
 def _register() -> None:

@@ -5,8 +5,9 @@ tokens of an 8k vocabulary, 4 GB at 128k), stored for the backward along with lo
 (Liger-Kernel's FusedLinearCrossEntropy, arXiv:2410.10989) walks the tokens in chunks whose logits stay in cache:
 each chunk's logits give its loss and, at once, its gradient softmax - onehot, which is multiplied into
 d(hidden) and accumulated into d(weight); only those two gradients are kept for the backward. The matmuls are
-torch's (the same ones the unfused head runs). On the CPU a chunk's loss and gradient come from one compiled op,
-cross_entropy_grad_ (three passes over the cached chunk, one exp per logit); elsewhere from PyTorch ops.
+torch's (the same ones the unfused head runs), except a chunk's logits on the CPU where ops.linear measured faster
+(linear_beats_torch). On the CPU a chunk's loss and gradient come from one compiled op, cross_entropy_grad_ (three
+passes over the cached chunk, one exp per logit); elsewhere from PyTorch ops.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmkern._ext import available, ops
+from llmkern.ops.linear import linear_beats_torch
 
 CHUNK_BYTES = 8 << 20  # a chunk's float32 logits: well inside the L2 + L3 of one socket
 
@@ -82,12 +84,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dbias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and need_grad[2] else None
         divisor = torch.as_tensor(divisor, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        fused = hidden.device.type == "cpu" and available()
-        scale = divisor.reciprocal().item() if fused else None  # 1 / 0 = inf, as the unfused path divides
+        cpu_ops = hidden.device.type == "cpu" and available()  # llmkern's compiled CPU ops
+        scale = divisor.reciprocal().item() if cpu_ops else None  # 1 / 0 = inf, as the unfused path divides
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
-            logits = F.linear(h, weight, bias).float()  # [chunk, V]
-            if fused:  # the loss and, in place of the logits, its gradient
+            linear = ops().linear if cpu_ops and linear_beats_torch(weight.dtype, *h.shape, weight.shape[0]) else F.linear
+            logits = linear(h, weight, bias).float()  # [chunk, V]
+            if cpu_ops:  # the loss and, in place of the logits, its gradient
                 loss += ops().cross_entropy_grad_(logits, t, scale, ignore_index).sum()
                 grad = logits
             else:

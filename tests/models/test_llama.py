@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,17 +118,23 @@ def test_to_dtype_keeps_rope_cache_float32(hf_checkpoints):
 def test_linear_takes_the_matmul_that_measured_faster(monkeypatch):
     from llmkern.models import llama
 
-    monkeypatch.setattr(llama, "_torch_bf16_gemm", lambda: True)  # a CPU with AVX512_BF16
-    assert llama._llmkern_linear(torch.bfloat16, 31, 2048) and not llama._llmkern_linear(torch.bfloat16, 32, 2048)
-    assert llama._llmkern_linear(torch.bfloat16, 127, 320) and not llama._llmkern_linear(torch.bfloat16, 128, 320)
-    monkeypatch.setattr(llama, "_torch_bf16_gemm", lambda: False)
-    assert llama._llmkern_linear(torch.bfloat16, 4096, 2048) and llama._llmkern_linear(torch.float16, 4096, 2048)
-    assert llama._llmkern_linear(torch.float32, 16, 64) and not llama._llmkern_linear(torch.float32, 17, 64)
+    lin_mod = importlib.import_module("llmkern.ops.linear")  # (llmkern.ops.linear is the function)
+
+    beats = lin_mod.linear_beats_torch
+    monkeypatch.setattr(lin_mod, "_torch_bf16_gemm", lambda: True)  # a CPU with AVX512_BF16
+    assert beats(torch.bfloat16, 31, 2048, 512) and not beats(torch.bfloat16, 32, 2048, 512)
+    assert beats(torch.bfloat16, 127, 320, 512) and not beats(torch.bfloat16, 128, 320, 512)
+    monkeypatch.setattr(lin_mod, "_torch_bf16_gemm", lambda: False)
+    assert beats(torch.bfloat16, 4096, 2048, 512) and beats(torch.float16, 4096, 2048, 512)
+    for mkl_on_amd in (False, True):
+        monkeypatch.setattr(lin_mod, "_torch_fp32_gemm_is_mkl_on_amd", lambda v=mkl_on_amd: v)
+        assert beats(torch.float32, 16, 64, 64) and not beats(torch.float32, 17, 64, 64)
+        assert beats(torch.float32, 256, 320, 8192) == mkl_on_amd and not beats(torch.float32, 257, 320, 8192)
     # Either way the module computes x @ W.T + b.
     lin = llama.Linear(64, 24).to(torch.bfloat16)
     x = torch.randn(130, 64, dtype=torch.bfloat16)
     ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
     for fast_torch in (False, True):
-        monkeypatch.setattr(llama, "_torch_bf16_gemm", lambda v=fast_torch: v)
+        monkeypatch.setattr(lin_mod, "_torch_bf16_gemm", lambda v=fast_torch: v)
         with torch.no_grad():
             assert_close_derived(lin(x), ref, F.linear(x, lin.weight, lin.bias))

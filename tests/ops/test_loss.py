@@ -1,5 +1,7 @@
 """llmkern.ops.linear_cross_entropy and cross_entropy_grad_ against their references in float64."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -43,6 +45,24 @@ def test_matches_reference_fp32(n, h, v, chunk, bias, num_items, torch_device):
     g64 = grads(ref, [t.double() for t in inputs], [torch.tensor(0.7, dtype=torch.float64)])
     for name, g, gt, r in zip(("dhidden", "dweight", "dbias"), grads(fused, inputs, [torch.tensor(0.7)]),
                               grads(ref, inputs, [torch.tensor(0.7)]), g64):
+        assert_close_derived(g, r, gt, name=name)
+
+
+@pytest.mark.parametrize("llmkern_gemm", [False, True])
+def test_wide_head_through_either_matmul(monkeypatch, llmkern_gemm):
+    # Where torch's fp32 matmul is MKL on AMD the chunks' logits of a wide head come from ops.linear: same results.
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.linear"), "_torch_fp32_gemm_is_mkl_on_amd",
+                        lambda: llmkern_gemm)
+    hidden, weight, targets, b = _inputs(45, 24, 2053, torch.float32, True)
+    inputs = [hidden, weight, b]
+    fused = lambda x, w, b: lk.linear_cross_entropy(x, w, targets, b, chunk_rows=20)  # noqa: E731 (> 16 rows)
+    ref = lambda x, w, b: lk.linear_cross_entropy_ref(x, w, targets, b)  # noqa: E731
+    ref64 = ref(*(t.double() for t in inputs))
+    terms = (targets != -100).sum().item()
+    assert_close_derived(fused(*inputs), ref64.float(), ref(*inputs), name="loss", scale=terms * ref64.item())
+    d = [torch.tensor(1.0)]
+    for name, g, gt, r in zip(("dhidden", "dweight", "dbias"), grads(fused, inputs, d), grads(ref, inputs, d),
+                              grads(ref, [t.double() for t in inputs], d)):
         assert_close_derived(g, r, gt, name=name)
 
 
