@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--only norm|activation|rope|loss|attention|quant|model|train] [--markdown] [--no-compile]`
+"""`python -m bench [--quick] [--only norm|activation|rope|loss|attention|quant|model|train] [--markdown]
+[--no-compile]`
 
 Measures the machine's ceilings, runs the bench_<family>.py modules, prints one table of the
 element-wise ops, the attention table, then the ceilings (bandwidth measured again at the end, since it

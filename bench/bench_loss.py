@@ -2,9 +2,9 @@
 ops.linear_cross_entropy on the CPU).
 
 The shape is one chunk of linear_cross_entropy at an 8k vocabulary: tokens / 16 rows (256 by default) x 8192 logits
-(8 MiB in float32), read and written in place. Baselines run cross_entropy_grad_ref as written (logsumexp, gather, softmax, one-hot: out of
-place), eager and compiled. Sets rotate beyond the LLC here, so the row shows the op from memory; inside
-linear_cross_entropy the chunk comes straight from its matmul, in cache.
+(8 MiB in float32), read and written in place. Baselines run cross_entropy_grad_ref as written (logsumexp, gather,
+softmax, one-hot: out of place), eager and compiled. Sets rotate beyond the LLC here, so the row shows the op from
+memory; inside linear_cross_entropy the chunk comes straight from its matmul, in cache.
 """
 
 from __future__ import annotations

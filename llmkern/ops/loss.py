@@ -88,8 +88,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = divisor.reciprocal().item() if cpu_ops else None  # 1 / 0 = inf, as the unfused path divides
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
-            linear = ops().linear if cpu_ops and linear_beats_torch(weight.dtype, *h.shape, weight.shape[0]) else F.linear
-            logits = linear(h, weight, bias).float()  # [chunk, V]
+            ours = cpu_ops and linear_beats_torch(weight.dtype, *h.shape, weight.shape[0])
+            logits = (ops().linear if ours else F.linear)(h, weight, bias).float()  # [chunk, V]
             if cpu_ops:  # the loss and, in place of the logits, its gradient
                 loss += ops().cross_entropy_grad_(logits, t, scale, ignore_index).sum()
                 grad = logits
@@ -125,7 +125,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _register() -> None:
     @torch.library.register_fake("llmkern::cross_entropy_grad_")
     def _(logits, targets, scale, ignore_index):
-        return logits.new_empty(logits.shape[:-1], dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        wide = logits.dtype == torch.float64
+        return logits.new_empty(logits.shape[:-1], dtype=torch.float64 if wide else torch.float32)
 
 
 if available():
