@@ -750,12 +750,7 @@ struct GroupTask {
     for (int jj = nk; jj < np; ++jj) x[jj] = -kInf<A>;
     V mv = V::set1(-kInf<A>);
     for (int jj = 0; jj < np; jj += W) mv = max(mv, V::load(x + jj));
-    A mx = m[rr];
-    {
-      alignas(64) A lanes[W];
-      mv.store(lanes);
-      for (int w = 0; w < W; ++w) mx = std::max(mx, lanes[w]);
-    }
+    const A mx = reduce_max(mv, m[rr]);
     const A mu = std::max(mx, std::numeric_limits<A>::lowest());
     V sum = V::zero();
     const V muv = V::set1(mu);

@@ -18,14 +18,6 @@ namespace llmkern {
 namespace LLMKERN_ISA {
 namespace {
 
-template <typename V>
-typename V::value_type reduce_max(V v) {
-  using A = typename V::value_type;
-  alignas(64) A lanes[V::W];
-  v.store(lanes);
-  return *std::max_element(lanes, lanes + V::W);
-}
-
 // The loss of row x (target t) and x turned into its gradient.
 template <typename T>
 auto row(T* x, int64_t n, int64_t t, float scale) {
@@ -37,7 +29,7 @@ auto row(T* x, int64_t n, int64_t t, float scale) {
   int64_t i = 0;
   V mv = V::set1(-std::numeric_limits<A>::infinity());
   for (; i + W <= n; i += W) mv = max(mv, V::load(x + i));
-  A m = reduce_max(mv);
+  A m = reduce_max(mv, -std::numeric_limits<A>::infinity());
   for (; i < n; ++i) m = std::max(m, ScalarVec<A>::load(x + i).v);
   // max may skip a NaN, the sum below does not: the row's loss and gradient come out NaN, as PyTorch's do.
   VecSum<V> sum;

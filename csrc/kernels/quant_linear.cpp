@@ -232,6 +232,14 @@ static inline void _mm_prefetch(const char*, int) {}
 #define _MM_HINT_T1 0
 #endif
 
+// GEMV blocks: byte `off` of the next block's NR rows (rows `row_bytes` apart) into L2, once per cache line.
+template <int NR, typename B>
+static inline void prefetch_next_block(const B* const* rows, int64_t row_bytes, int64_t off) {
+  if (off % 64 == 0)
+    for (int n = 0; n < NR; ++n)
+      _mm_prefetch(reinterpret_cast<const char*>(rows[n] + NR * row_bytes + off), _MM_HINT_T1);
+}
+
 // acc(m, n) += x rows [m0, m0 + MR) . W rows [n0, n0 + NR) over columns [c0, c1) (whole groups).
 template <int P, int MR, int NR>
 static void block4(const Job& j, int64_t m0, int64_t n0, int64_t nl0, int64_t c0, int64_t c1, bool first) {
@@ -253,9 +261,7 @@ static void block4(const Job& j, int64_t m0, int64_t n0, int64_t nl0, int64_t c0
     for (int n = 0; n < NR; ++n) t[n] = Codec::table(j.table_base, zc[n * ng + gi], sc[n * ng + gi]);
     for (int64_t c = g0; c < g0 + gsize; c += CE) {
       typename Codec::Raw r[NR];
-      if constexpr (MR <= 4 && kPrefetchRows)  // GEMV: the same bytes of the next block's rows
-        if ((c / 2) % 64 == 0)
-          for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(rows[n] + NR * (w.k / 2) + c / 2), _MM_HINT_T1);
+      if constexpr (MR <= 4 && kPrefetchRows) prefetch_next_block<NR>(rows, w.k / 2, c / 2);  // GEMV
       for (int n = 0; n < NR; ++n) r[n] = Codec::template raw<P>(rows[n] + c / 2);
       static_for<0, P>([&](auto jj) {
         constexpr int J = decltype(jj)::value;
@@ -283,9 +289,7 @@ static void block8(const Job& j, int64_t m0, int64_t n0, int64_t nl0, int64_t c0
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) a[m][n] = first ? V::zero() : V::load(j.acc + ((m0 + m) * j.nt + nl0 + n) * L);
   for (int64_t c = c0; c < c1; c += L) {
-    if constexpr (MR <= 4 && kPrefetchRows)  // GEMV: the same bytes of the next block's rows
-      if (c % 64 == 0)
-        for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(rows[n] + NR * w.k + c), _MM_HINT_T1);
+    if constexpr (MR <= 4 && kPrefetchRows) prefetch_next_block<NR>(rows, w.k, c);  // GEMV
     V wv[NR];
     for (int n = 0; n < NR; ++n) wv[n] = Codec::int8(rows[n] + c);
     for (int m = 0; m < MR; ++m) {

@@ -3,6 +3,7 @@
 // avx512bf16 builds the avx512 code (LLMKERN_ISA_AVX512 is defined there too) plus the bf16 dot products of
 // vec_avx512bf16.h and AVX512_VNNI, which kernels use under LLMKERN_ISA_AVX512BF16.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -62,6 +63,15 @@ inline void transpose(V (&r)[V::W]) {
   if constexpr (V::W > 1)
     for (int i = 0; i < V::W; ++i)
       for (int j = i + 1; j < V::W; ++j) std::swap(r[i].v[j], r[j].v[i]);
+}
+
+// max(init, the lanes of v), lane by lane with std::max (which keeps its first operand against a NaN lane).
+template <typename V>
+inline typename V::value_type reduce_max(V v, typename V::value_type init) {
+  alignas(64) typename V::value_type lanes[V::W];
+  v.store(lanes);
+  for (int w = 0; w < V::W; ++w) init = std::max(init, lanes[w]);
+  return init;
 }
 
 // out[i] = the sum of the lanes of acc[i] for i < N (AVX-512 with N = 16: one transpose-and-add).
