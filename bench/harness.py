@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -81,7 +82,9 @@ def _timing(samples: list[float]) -> Timing:
 def measure(fns: dict[str, Callable[[int], Any]], *, reps: int, warmup: int, budget_s: float | None = None,
             min_reps: int = 5) -> dict[str, Timing]:
     """Times each fn(i) (i = call counter, for rotating sets): warm-up calls first, then up to `reps`
-    timed calls per fn, interleaved round-robin so drift on a shared machine hits every fn alike.
+    timed calls per fn, interleaved round-robin so drift on a shared machine hits every fn alike. Each round
+    takes the fns in a new (seeded) random order, so what a call inherits from the call before it (a 128 MB
+    bandwidth probe left the next call 0.1-0.15 ms slower on Zen 4) falls on every fn alike too.
     With budget_s, a slow fn gets only as many calls (at least min_reps) as fit in budget_s, judged by
     its last warm-up call, so second-long eager baselines do not dominate the run."""
     n_reps = {}
@@ -93,8 +96,10 @@ def measure(fns: dict[str, Callable[[int], Any]], *, reps: int, warmup: int, bud
         fit = reps if budget_s is None or warmup == 0 else int(budget_s / max(last, 1e-9))
         n_reps[name] = max(min(reps, min_reps), min(reps, fit))
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    order = random.Random(0)
     for i in range(max(n_reps.values())):
-        for name, fn in fns.items():
+        for name in order.sample(list(fns), len(fns)):
+            fn = fns[name]
             if i < n_reps[name]:
                 t0 = time.perf_counter()
                 fn(warmup + i)

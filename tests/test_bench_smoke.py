@@ -32,6 +32,19 @@ def test_probes_bad_inputs(call, match):
         call()
 
 
+def test_measure_interleaves_every_fn_in_a_changing_order():
+    calls = []
+    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in "abcd"}
+    harness.measure(fns, reps=40, warmup=1)
+    assert all(sum(n == name for n, _ in calls) == 41 for name in fns)
+    timed = [name for name, _ in calls[len(fns):]]  # after the warm-up calls
+    rounds = [timed[i : i + 4] for i in range(0, len(timed), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)  # each round calls each fn once
+    # No fn always follows the same one (a bandwidth probe's after-effect must not land on one fn only).
+    before_a = {r[r.index("a") - 1] for r in rounds if r.index("a") > 0}
+    assert len(before_a) > 1 and len({r[0] for r in rounds}) > 1
+
+
 def test_ceilings_and_norm_bench():
     cfg = harness.Config(**TINY)
     c = harness.measure_ceilings(cfg)
