@@ -26,6 +26,7 @@
 #include "kernels/attention.h"
 #include "kernels/attention_tile.h"
 #include "kernels/parallel.h"
+#include "kernels/prefetch.h"
 
 namespace llmkern {
 namespace LLMKERN_ISA {
@@ -82,7 +83,7 @@ static inline Band band_of(const AttnParams& f) {
 template <typename T>
 static inline void prefetch_row(const T* row, int n) {
   const char* c = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < int64_t(n) * int64_t(sizeof(T)); off += 64) __builtin_prefetch(c + off);
+  for (int64_t off = 0; off < int64_t(n) * int64_t(sizeof(T)); off += 64) prefetch_l1(c + off);
 }
 
 // sum_d dout[d] * out[d] in the accumulation type.

@@ -25,6 +25,7 @@
 
 #include "kernels/attention_tile.h"
 #include "kernels/parallel.h"
+#include "kernels/prefetch.h"
 
 namespace llmkern {
 namespace LLMKERN_ISA {
@@ -118,7 +119,7 @@ struct KvRows {
   void prefetch(const T* r, int64_t hs) const {
     const char* c = reinterpret_cast<const char*>(r);
     const int64_t span = span_bytes(hs);
-    for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(c + off);
+    for (int64_t off = 0; off < span; off += 64) prefetch_l1(c + off);
   }
   void prefetch_key(int64_t j) const {
     const T *kr, *vr;
@@ -174,8 +175,7 @@ static void softcap_scores(typename V::value_type* x, int64_t n, typename V::val
 }
 
 static inline void write_empty_row(void* out, int d, DType dt, float* lse) {
-  const int64_t bytes = dt == DType::f64 ? 8 : dt == DType::f32 ? 4 : 2;
-  std::memset(out, 0, size_t(d) * bytes);
+  std::memset(out, 0, size_t(d * dtype_size(dt)));
   if (lse) *lse = std::numeric_limits<float>::infinity();
 }
 
@@ -450,7 +450,7 @@ struct Lines {
   void rest() {
     while (i < n) one();
   }
-  static void line(const char* p) { __builtin_prefetch(p, 0, 2); }
+  static void line(const char* p) { prefetch_l2(p); }
   void one() {
     line(span[i] + off);
     if ((off += 64) >= len[i & 1]) off = 0, ++i;

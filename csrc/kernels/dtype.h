@@ -10,6 +10,9 @@ namespace llmkern {
 
 enum class DType : int { f32, f16, bf16, f64 };
 
+// Bytes of one element.
+static inline int64_t dtype_size(DType dt) { return dt == DType::f64 ? 8 : dt == DType::f32 ? 4 : 2; }
+
 // 16-bit storage types: plain bit containers, converted through float.
 struct bf16 { uint16_t bits; };
 struct f16 { uint16_t bits; };

@@ -18,6 +18,7 @@
 #include "kernels/attention_tile.h"
 #include "kernels/outer_gemm.h"
 #include "kernels/parallel.h"
+#include "kernels/prefetch.h"
 
 namespace llmkern {
 namespace LLMKERN_ISA {
@@ -59,7 +60,7 @@ struct LinearJob {
       if (ahead)
         for (int c = 0; c < NR; ++c)
           for (int b = 0; b < 2 * W * int(sizeof(T)); b += 64)
-            __builtin_prefetch(ahead + c * row_bytes + e * int64_t(sizeof(T)) + b, 0, 2);
+            prefetch_l2(ahead + c * row_bytes + e * int64_t(sizeof(T)) + b);
       V wa[NR], wb[NR];
       for (int c = 0; c < NR; ++c) load_pair(w[c] + e, wa[c], wb[c]);
       for (int r = 0; r < MR; ++r) {
@@ -150,9 +151,9 @@ void run_outer(const LinearParams& p) {
     // many rows are missed by the hardware prefetchers.
     if (r + 1 < p.n)
       for (int64_t off = 0; off < (c1 - c0) * int64_t(sizeof(T)); off += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(w + p.w_stride + c0) + off);
+        prefetch_l1(reinterpret_cast<const char*>(w + p.w_stride + c0) + off);
     const int64_t bytes = (std::min(p.k, c1 + kOuterChunk) - c1) * int64_t(sizeof(T));
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(w + c1) + off);
+    for (int64_t off = 0; off < bytes; off += 64) prefetch_l1(reinterpret_cast<const char*>(w + c1) + off);
   };
   const auto store = [&](int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
     outer::store_rows(static_cast<T*>(p.y), p.y_stride, n0, rows, r0, nr, c, ldc, nullptr,

@@ -19,6 +19,7 @@
 #include "kernels/attention_tile.h"
 #include "kernels/outer_gemm.h"
 #include "kernels/parallel.h"
+#include "kernels/prefetch.h"
 #include "kernels/quant.h"
 #include "kernels/quant_linear.h"
 
@@ -108,7 +109,7 @@ static void for_each_group(const QWeight& w, int64_t r, int64_t c0, int64_t c1, 
   const bool nf4 = w.format == QFormat::nf4;
   const float* base = nf4 ? w.code : kIota;
   // The same row's next chunk: rows are far apart, so the hardware prefetchers miss these short runs.
-  for (int64_t c = c1; c < c1 + kChunk && c < w.k; c += 128) __builtin_prefetch(row + c / 2);
+  for (int64_t c = c1; c < c1 + kChunk && c < w.k; c += 128) prefetch_l1(row + c / 2);
   int64_t b = r * (w.k / gsize) + c0 / gsize;
   for (int64_t c = c0, gend = (c0 / gsize + 1) * gsize; c < c1; c = gend, gend += gsize, ++b) {
     const float s = nf4 ? nf4_absmax(w, b) : scale_at(w, b);

@@ -37,6 +37,7 @@
 #include "cpu/vec/vec.h"
 #include "kernels/attention_tile.h"
 #include "kernels/parallel.h"
+#include "kernels/prefetch.h"
 #include "kernels/quant.h"
 #include "kernels/quant_linear.h"
 
@@ -228,8 +229,6 @@ struct Job {
 constexpr bool kPrefetchRows = true;
 #else
 constexpr bool kPrefetchRows = false;
-static inline void _mm_prefetch(const char*, int) {}
-#define _MM_HINT_T1 0
 #endif
 
 // GEMV blocks: byte `off` of the next block's NR rows (rows `row_bytes` apart) into L2, once per cache line.
@@ -237,7 +236,7 @@ template <int NR, typename B>
 static inline void prefetch_next_block(const B* const* rows, int64_t row_bytes, int64_t off) {
   if (off % 64 == 0)
     for (int n = 0; n < NR; ++n)
-      _mm_prefetch(reinterpret_cast<const char*>(rows[n] + NR * row_bytes + off), _MM_HINT_T1);
+      prefetch_l2(rows[n] + NR * row_bytes + off);
 }
 
 // acc(m, n) += x rows [m0, m0 + MR) . W rows [n0, n0 + NR) over columns [c0, c1) (whole groups).
@@ -572,6 +571,27 @@ static inline void row_scales(const I4Gemv& j, int64_t r, float* sv, int64_t svs
   for (int m = 0; m < MR; ++m) _mm512_storeu_ps(sv + m * svs + groups, _mm512_setzero_ps());
 }
 
+// Prefetches into L2 the scale bytes (nf4: absmax or its nested codes; int4: scales, zeros) of W rows
+// [r0, r0 + rows), a block ahead as the rows themselves: the block's first loads of its absmax were the GEMV's
+// largest stall from memory (nf4 b64 M = 1: 0.370 -> 0.352 ms at 4096 x 4096, 0.943 -> 0.871 at 11008 x 4096, in
+// process alternating; int4's few scale bytes measured the same either way).
+static inline void prefetch_scales(const QWeight& w, int64_t groups, int64_t r0, int64_t rows) {
+  rows = std::min(rows, w.n - r0);
+  auto span = [](const void* p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) prefetch_l2(static_cast<const char*>(p) + o);
+  };
+  if (rows <= 0) return;
+  const int64_t g0 = r0 * groups, ng = rows * groups;
+  if (w.format == QFormat::nf4) {
+    if (w.absmax) span(w.absmax + g0, ng * int64_t(sizeof(float)));
+    else span(w.nested_q + g0, ng);
+    return;
+  }
+  const int64_t size = dtype_size(w.scales_dtype);
+  span(static_cast<const char*>(w.scales) + g0 * size, ng * size);
+  if (w.zeros) span(w.zeros + g0, ng);
+}
+
 // res[m][i] = x_m . W row (n0 + i), i < R, before bias. sbuf: R * MR * (groups + 32) floats.
 template <int MR, int R, bool NF4>
 static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
@@ -580,6 +600,7 @@ static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
   const uint8_t* rows[R];
   const float* sv[R];
   __m512 corr[R][MR];
+  prefetch_scales(w, j.groups, n0 + R, R);
   for (int r = 0; r < R; ++r) {
     rows[r] = static_cast<const uint8_t*>(w.data) + (n0 + r) * (w.k / 2);
     sv[r] = sbuf + r * MR * svs;
@@ -593,7 +614,8 @@ static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   // si: the group of the chunk (G >= 128) or of its lane 0 (G < 128).
-  auto chunk = [&](int64_t ci, int64_t si, __mmask64 lm, bool masked) {
+  // Inlined at every call: out of line (GCC 12 kept it so), acc lived on the stack, a load and store per FMA.
+  auto chunk = [&](int64_t ci, int64_t si, __mmask64 lm, bool masked) __attribute__((always_inline)) {
     __m512i x[MR][4];
     for (int m = 0; m < MR; ++m)
       for (int q = 0; q < 4; ++q) x[m][q] = _mm512_load_si512(j.xq + (m * j.nch + ci) * kQC + 32 * q);
@@ -601,7 +623,7 @@ static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
       // The same chunk of the next block's row: one block (R rows) ahead, whatever k is.
       // Into L2 (prefetcht1): from memory, 27-30 GB/s against 17-20 GB/s into L1 (Zen 4, 4096 and 11008 x 4096,
       // M = 1, side by side); two or four blocks ahead measured no faster.
-      if (!masked) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + R * (w.k / 2) + ci * 64), _MM_HINT_T1);
+      if (!masked) prefetch_l2(rows[r] + R * (w.k / 2) + ci * 64);
       // Masked-off bytes read as nibble 0: their x is 0 (xq is zero past k).
       __m512i raw = masked ? _mm512_maskz_loadu_epi8(lm, rows[r] + ci * 64) : _mm512_loadu_si512(rows[r] + ci * 64);
       __m512i q0, q1, q2, q3;

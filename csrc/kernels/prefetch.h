@@ -1,0 +1,19 @@
+// Software prefetch the compiler cannot drop. GCC 12 deleted __builtin_prefetch loops whose only effect was the
+// prefetch (its dead-code elimination takes the builtin for side-effect free: a helper that prefetched a GEMV
+// block's scales compiled to nothing); an asm volatile statement is always emitted. Prefetches never fault, so
+// p may point past an allocation.
+#pragma once
+
+namespace llmkern {
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// Into L1 and L2 (prefetcht0).
+static inline void prefetch_l1(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
+// Into L2 only (prefetcht1): for lines needed later than the L1 can hold them.
+static inline void prefetch_l2(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
+#else
+static inline void prefetch_l1(const void* p) { __builtin_prefetch(p, 0, 3); }
+static inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
+#endif
+
+}  // namespace llmkern
