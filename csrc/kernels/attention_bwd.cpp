@@ -82,8 +82,7 @@ static inline Band band_of(const AttnParams& f) {
 // prefetchers stop: the packing loops prefetch a few rows ahead themselves.
 template <typename T>
 static inline void prefetch_row(const T* row, int n) {
-  const char* c = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < int64_t(n) * int64_t(sizeof(T)); off += 64) prefetch_l1(c + off);
+  prefetch_l1_span(row, int64_t(n) * int64_t(sizeof(T)));
 }
 
 // sum_d dout[d] * out[d] in the accumulation type.

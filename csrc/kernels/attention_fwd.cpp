@@ -116,11 +116,7 @@ struct KvRows {
   }
   // The cache lines of one key's rows of all nh heads (one span when the heads are interleaved).
   int64_t span_bytes(int64_t hs) const { return int64_t(sizeof(T)) * ((nh - 1) * hs + d); }
-  void prefetch(const T* r, int64_t hs) const {
-    const char* c = reinterpret_cast<const char*>(r);
-    const int64_t span = span_bytes(hs);
-    for (int64_t off = 0; off < span; off += 64) prefetch_l1(c + off);
-  }
+  void prefetch(const T* r, int64_t hs) const { prefetch_l1_span(r, span_bytes(hs)); }
   void prefetch_key(int64_t j) const {
     const T *kr, *vr;
     rows(j, kr, vr);

@@ -58,9 +58,7 @@ struct LinearJob {
     for (int i = 0; i < MR * NR; ++i) acc[i] = V::zero();
     for (int e = 0; e < k2; e += 2 * W) {
       if (ahead)
-        for (int c = 0; c < NR; ++c)
-          for (int b = 0; b < 2 * W * int(sizeof(T)); b += 64)
-            prefetch_l2(ahead + c * row_bytes + e * int64_t(sizeof(T)) + b);
+        for (int c = 0; c < NR; ++c) prefetch_l2_span(ahead + c * row_bytes + e * int64_t(sizeof(T)), 2 * W * sizeof(T));
       V wa[NR], wb[NR];
       for (int c = 0; c < NR; ++c) load_pair(w[c] + e, wa[c], wb[c]);
       for (int r = 0; r < MR; ++r) {
@@ -149,11 +147,8 @@ void run_outer(const LinearParams& p) {
     else attn::load_row<VecF>(w + c0, int(c1 - c0), 1.f, dst, int(c1 - c0));
     // The next row's chunk (the next tile's first row after the last), then this row's next chunk: short runs of
     // many rows are missed by the hardware prefetchers.
-    if (r + 1 < p.n)
-      for (int64_t off = 0; off < (c1 - c0) * int64_t(sizeof(T)); off += 64)
-        prefetch_l1(reinterpret_cast<const char*>(w + p.w_stride + c0) + off);
-    const int64_t bytes = (std::min(p.k, c1 + kOuterChunk) - c1) * int64_t(sizeof(T));
-    for (int64_t off = 0; off < bytes; off += 64) prefetch_l1(reinterpret_cast<const char*>(w + c1) + off);
+    if (r + 1 < p.n) prefetch_l1_span(w + p.w_stride + c0, (c1 - c0) * int64_t(sizeof(T)));
+    prefetch_l1_span(w + c1, (std::min(p.k, c1 + kOuterChunk) - c1) * int64_t(sizeof(T)));
   };
   const auto store = [&](int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
     outer::store_rows(static_cast<T*>(p.y), p.y_stride, n0, rows, r0, nr, c, ldc, nullptr,

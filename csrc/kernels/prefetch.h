@@ -3,6 +3,7 @@
 // block's scales compiled to nothing); an asm volatile statement is always emitted. Prefetches never fault, so
 // p may point past an allocation.
 #pragma once
+#include <cstdint>
 
 namespace llmkern {
 
@@ -15,5 +16,13 @@ static inline void prefetch_l2(const void* p) { asm volatile("prefetcht1 %0" : :
 static inline void prefetch_l1(const void* p) { __builtin_prefetch(p, 0, 3); }
 static inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 #endif
+
+// Every cache line of the `bytes` bytes from p (one prefetch per 64 bytes).
+static inline void prefetch_l1_span(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) prefetch_l1(static_cast<const char*>(p) + o);
+}
+static inline void prefetch_l2_span(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) prefetch_l2(static_cast<const char*>(p) + o);
+}
 
 }  // namespace llmkern

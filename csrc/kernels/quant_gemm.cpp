@@ -108,18 +108,15 @@ static void for_each_group(const QWeight& w, int64_t r, int64_t c0, int64_t c1, 
   const int64_t gsize = w.group;
   const bool nf4 = w.format == QFormat::nf4;
   const float* base = nf4 ? w.code : kIota;
-  // The same row's next chunk: rows are far apart, so the hardware prefetchers miss these short runs. After the
-  // row's last chunk, the first chunk of the same row of the next tile (the thread's next task), which was left to
-  // demand misses before (int4 M = 16, in process: 2.25 -> 1.90 ms at 4096 x 4096, 5.93 -> 5.04 at 11008 x 4096).
-  // Its scales likewise.
+  // The chunk this row's next decode reads, with its scales: the same row's next chunk (rows are far apart, so the
+  // hardware prefetchers miss these short runs), or after its last one the first chunk of the same row of the next
+  // tile (the thread's next task), which was left to demand misses before (int4 M = 16, in process: 2.25 -> 1.90 ms
+  // at 4096 x 4096, 5.93 -> 5.04 at 11008 x 4096).
   const int64_t groups = w.k / gsize;
-  if (c1 < w.k) {
-    for (int64_t c = c1; c < c1 + kChunk && c < w.k; c += 128) prefetch_l1(row + c / 2);
-    prefetch_scales(w, r * groups + c1 / gsize, (std::min(w.k, c1 + kChunk) - c1 + gsize - 1) / gsize);
-  } else if (r + outer::kTileRows < w.n) {
-    const uint8_t* next = row + outer::kTileRows * (w.k / 2);
-    for (int64_t c = 0; c < kChunk && c < w.k; c += 128) prefetch_l1(next + c / 2);
-    prefetch_scales(w, (r + outer::kTileRows) * groups, (std::min(w.k, kChunk) + gsize - 1) / gsize);
+  const int64_t nr = c1 < w.k ? r : r + outer::kTileRows, nc = c1 < w.k ? c1 : 0, ne = std::min(w.k, nc + kChunk);
+  if (nr < w.n) {
+    prefetch_l1_span(static_cast<const uint8_t*>(w.data) + nr * (w.k / 2) + nc / 2, (ne - nc) / 2);
+    prefetch_scales(w, nr * groups + nc / gsize, (ne - nc + gsize - 1) / gsize);
   }
   int64_t b = r * groups + c0 / gsize;
   for (int64_t c = c0, gend = (c0 / gsize + 1) * gsize; c < c1; c = gend, gend += gsize, ++b) {

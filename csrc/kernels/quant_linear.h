@@ -40,18 +40,15 @@ static inline float nf4_absmax(const QWeight& w, int64_t b) {
 // Prefetches into L2 the scale bytes of groups (nf4: blocks) [g0, g0 + ng): nf4 absmax or its nested codes, int4
 // scales and zero points. The GEMV and GEMM stream them beside the weight rows, whose own prefetches do not cover them.
 static inline void prefetch_scales(const QWeight& w, int64_t g0, int64_t ng) {
-  const auto span = [](const void* p, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += 64) prefetch_l2(static_cast<const char*>(p) + o);
-  };
   if (ng <= 0) return;
   if (w.format == QFormat::nf4) {
-    if (w.absmax) span(w.absmax + g0, ng * int64_t(sizeof(float)));
-    else span(w.nested_q + g0, ng);
+    if (w.absmax) prefetch_l2_span(w.absmax + g0, ng * int64_t(sizeof(float)));
+    else prefetch_l2_span(w.nested_q + g0, ng);
     return;
   }
   const int64_t size = dtype_size(w.scales_dtype);
-  span(static_cast<const char*>(w.scales) + g0 * size, ng * size);
-  if (w.zeros) span(w.zeros + g0, ng);
+  prefetch_l2_span(static_cast<const char*>(w.scales) + g0 * size, ng * size);
+  if (w.zeros) prefetch_l2_span(w.zeros + g0, ng);
 }
 
 // The many-row (GEMM) path of qlinear_kernel (kernels/outer_gemm.h): W is dequantized tile by tile into an fp32
