@@ -22,8 +22,8 @@
 // NR-row blocks stream past it; the MR x NR vector accumulators live in a per-tile scratch between chunks
 // and are reduced once at the end.
 //
-// int4 and nf4 on AVX-512 take their own GEMV path instead (int16 x and vpmaddwd; see "AVX-512 4-bit GEMV"
-// below) at M <= 4 for fp32 x and up to gemv_rows<T>() rows (15 or 64) for bf16 / fp16 x.
+// On AVX-512 all three formats take their own GEMV path instead (int16 x and vpmaddwd; see "AVX-512 int16 GEMV"
+// below) at M <= 4 for fp32 x and up to gemv_rows<T>() rows (15, 24 or 64) for bf16 / fp16 x.
 //
 // Generic path (nf4 whose rows do not start on a block boundary or odd k, fp64): each row of W is
 // dequantized to fp32 once and dotted with every row of x.
@@ -417,14 +417,14 @@ static void fast_p(const QLinearParams& p) {
   }
 }
 
-// ---------------------------------------------------------------- AVX-512 4-bit GEMV (M <= gemv_rows<T>())
+// ---------------------------------------------------------------- AVX-512 int16 GEMV (M <= gemv_rows<T>())
 //
-// int4 and nf4 at few rows of x (gemv_rows). x is quantized once per call to int16 with one fp32 scale per block of
-// XB = max(group, 128) elements (xs = max|x| / 32767 over the block: error <= xs / 2 per element, ~1e-5 of the
-// block's largest), and each chunk of 128 weights of a row is dotted with it by vpmaddwd, 32 products a µop
-// (fp32 FMA: 16). One 64-byte load holds 32 words; nibble j of word w is element 4w + (j ^ 1) of the chunk
-// (high nibble first), so x is stored as four permuted vectors of 32 int16 per chunk and each nibble comes
-// out by one shift:
+// int4, nf4 and int8 at few rows of x (gemv_rows). x is quantized once per call to int16 with one fp32 scale per
+// block of XB = max(group, 128) elements (int8: 128; xs = max|x| / 32767 over the block: error <= xs / 2 per
+// element, ~1e-5 of the block's largest), and each chunk of 128 weights of a row is dotted with it by vpmaddwd,
+// 32 products a µop (fp32 FMA: 16). A 4-bit chunk is one 64-byte load of 32 words; nibble j of word w is element
+// 4w + (j ^ 1) of the chunk (high nibble first), so x is stored as four permuted vectors of 32 int16 per chunk
+// and each nibble comes out by one shift:
 // - int4: and with 15 after the shift; q * xq (<= 15 * 32767) sums exactly in int32. Zero points leave the
 //   loop: y = sum_g s_g (sum q x - z_g sum x) with sum_g x of the quantized x precomputed per call.
 // - nf4: vpermw looks the nibble up in the 16 codes as int16 (code * 8192 / max|code|; vpermw reads 5 index
@@ -432,21 +432,26 @@ static void fast_p(const QLinearParams& p) {
 //   weight (6e-5 of the block's absmax for NF4), and 8 products <= 8192 * 32767 each stay below 2^31.
 //   Measured on L2-resident weights (one core): 12 cycles per 128 weights and row vs 17 for the fp32 table
 //   decode (shift, vpermps, FMA per 16 weights, vpmovzxbd per 32), whose vpermps + vpmovzxbd saturate port 5.
-// Per 128 weights and row: shifts, 4 vpmaddwd, 3 adds, cvt and one fp32 FMA with s_g * xs (nf4: absmax_g *
-// xs * max|code| / 8192). Lane l of a chunk holds elements 8l .. 8l + 7, so groups of 32 or 64 take their
+// - int8: a chunk is 128 bytes, sign-extended 32 at a time (vpmovsxbw) in natural order, x likewise; 8 products
+//   <= 128 * 32767 each stay below 2^31. Each chunk is its own "group" with s_g = 1; the row scale multiplies the
+//   sum once. The fp32 path it replaces converted every 16 weights to fp32 (vpmovsxbd + vcvtdq2ps) for 16 FMAs
+//   per row of x: at M >= 2 compute-bound (4096 x 4096, M = 4: 34% of the read rate).
+// Per 128 weights and row: decode, 4 vpmaddwd, 3 adds, cvt and one fp32 FMA with s_g * xs (nf4: absmax_g *
+// xs * max|code| / 8192). Lane l of a 4-bit chunk holds elements 8l .. 8l + 7, so groups of 32 or 64 take their
 // scale per lane (one permute) and groups that are multiples of 128 one broadcast. Blocks of R rows;
 // software prefetch of the next block's rows into L2. Threads claim runs
 // of blocks from a shared counter. x with a non-finite element, groups that are not 32, 64 or a multiple of
 // 128, or non-finite nf4 codes take the fp32 path.
 #if defined(LLMKERN_ISA_AVX512)
 
-constexpr int kQC = 128;           // chunk of weights per vpmaddwd pass (64 bytes)
+constexpr int kQC = 128;           // chunk of weights per vpmaddwd pass (4-bit: 64 bytes, int8: 128)
 constexpr float kCodeOne = 8192.f;  // int16 value of the largest |nf4 code|
 
-struct I4Gemv {
+struct XqGemv {
   const QWeight* w;
-  int64_t nch, groups;  // nch = ceil(k / 128)
-  const int16_t* xq;    // [m][nch][128], permuted per chunk, zero past k
+  int64_t group;        // of the scales of x and W: the 4-bit group, int8 kQC
+  int64_t nch, groups;  // nch = ceil(k / 128), groups = ceil(k / group)
+  const int16_t* xq;    // [m][nch][128], permuted per chunk (4-bit) or natural (int8), zero past k
   const float* xsg;     // [m][groups + 16]: the x scale of each group's block (zero padded)
   const float* sx;      // [m][groups + 16]: sum over each group of the quantized x (zero padded)
   float code_scale;     // nf4: max|code| / kCodeOne (a code's value per int16 unit)
@@ -454,8 +459,9 @@ struct I4Gemv {
 };
 
 template <typename T>
-static bool quantize_x16(const QLinearParams& p, const I4Gemv& j, int16_t* xq, float* xsg, float* sx) {
-  const int64_t k = p.w.k, G = p.w.group, xb = std::max<int64_t>(G, kQC), gs = j.groups + 16;
+static bool quantize_x16(const QLinearParams& p, const XqGemv& j, int16_t* xq, float* xsg, float* sx) {
+  const int64_t k = p.w.k, G = j.group, xb = std::max<int64_t>(G, kQC), gs = j.groups + 16;
+  const bool natural = p.w.format == QFormat::int8;
   alignas(64) float buf[kQC];
   alignas(64) int32_t qi[kQC];
   for (int64_t m = 0; m < p.m; ++m) {
@@ -498,7 +504,8 @@ static bool quantize_x16(const QLinearParams& p, const I4Gemv& j, int16_t* xq, f
           w16[t] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a0)), _mm512_cvtepi32_epi16(a1), 1);
         }
         int16_t* dst = xq + (m * j.nch + c0 / kQC) * kQC;
-        for (int jn = 0; jn < 4; ++jn) {  // dst[jn][wd] = chunk[4 wd + (jn ^ 1)]
+        for (int t = 0; natural && t < 4; ++t) _mm512_store_si512(dst + 32 * t, w16[t]);
+        for (int jn = 0; !natural && jn < 4; ++jn) {  // dst[jn][wd] = chunk[4 wd + (jn ^ 1)]
           alignas(64) int16_t id[32];
           for (int wd = 0; wd < 32; ++wd) id[wd] = int16_t(4 * (wd % 16) + (jn ^ 1));
           const __m512i idx = _mm512_load_si512(id);
@@ -534,16 +541,19 @@ static inline __m512 nf4_absmax16(const QWeight& w, int64_t b, __mmask16 mk) {
 }
 
 // sv[m][g] = s_g * xs(m, g) for groups [0, groups) of row r (zero padded), and corr[m] = 16 partial sums of
-// sum_g s_g z_g sx[m][g], 16 groups a step (nf4: s_g = absmax_g * code_scale, no zero point: corr = 0).
-template <int MR, bool NF4>
-static inline void row_scales(const I4Gemv& j, int64_t r, float* sv, int64_t svs, __m512* corr) {
+// sum_g s_g z_g sx[m][g], 16 groups a step (nf4: s_g = absmax_g * code_scale, no zero point: corr = 0; int8:
+// s_g = 1, corr = 0).
+template <int MR, QFormat F>
+static inline void row_scales(const XqGemv& j, int64_t r, float* sv, int64_t svs, __m512* corr) {
   const QWeight& w = *j.w;
   const int64_t groups = j.groups, b = r * groups, gs = groups + 16;
   for (int m = 0; m < MR; ++m) corr[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; g += 16) {
     const __mmask16 mk = groups - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (groups - g)) - 1);
     __m512 s;
-    if constexpr (NF4) {
+    if constexpr (F == QFormat::int8) {
+      s = _mm512_set1_ps(1.f);
+    } else if constexpr (F == QFormat::nf4) {
       s = _mm512_mul_ps(nf4_absmax16(w, b + g, mk), _mm512_set1_ps(j.code_scale));
     } else {
       switch (w.scales_dtype) {
@@ -561,7 +571,7 @@ static inline void row_scales(const I4Gemv& j, int64_t r, float* sv, int64_t svs
       }
     }
     for (int m = 0; m < MR; ++m) _mm512_storeu_ps(sv + m * svs + g, _mm512_mul_ps(s, _mm512_loadu_ps(j.xsg + m * gs + g)));
-    if constexpr (!NF4) {
+    if constexpr (F == QFormat::int4) {
       const __m512 z = w.zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, w.zeros + b + g)))
                                : _mm512_set1_ps(8.f);
       const __m512 sz = _mm512_mul_ps(s, z);
@@ -572,20 +582,23 @@ static inline void row_scales(const I4Gemv& j, int64_t r, float* sv, int64_t svs
 }
 
 // res[m][i] = x_m . W row (n0 + i), i < R, before bias. sbuf: R * MR * (groups + 32) floats.
-template <int MR, int R, bool NF4>
-static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
+template <int MR, int R, QFormat F>
+static void xq_rows(const XqGemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
   const QWeight& w = *j.w;
-  const int64_t G = w.group, svs = j.groups + 32;
+  const int64_t G = j.group, svs = j.groups + 32;
+  constexpr bool kInt8 = F == QFormat::int8;
+  constexpr int64_t CB = kInt8 ? kQC : kQC / 2;  // bytes per chunk of a row
+  const int64_t rb = kInt8 ? w.k : w.k / 2;      // bytes per row
   const uint8_t* rows[R];
   const float* sv[R];
   __m512 corr[R][MR];
   // The next block's scales, beside its rows: the first loads of a block's absmax were the nf4 GEMV's largest stall
   // from memory (M = 1, in process: 0.370 -> 0.352 ms at 4096 x 4096, 0.943 -> 0.871 at 11008 x 4096).
-  prefetch_scales(w, (n0 + R) * j.groups, std::min<int64_t>(R, w.n - n0 - R) * j.groups);
+  if constexpr (!kInt8) prefetch_scales(w, (n0 + R) * j.groups, std::min<int64_t>(R, w.n - n0 - R) * j.groups);
   for (int r = 0; r < R; ++r) {
-    rows[r] = static_cast<const uint8_t*>(w.data) + (n0 + r) * (w.k / 2);
+    rows[r] = static_cast<const uint8_t*>(w.data) + (n0 + r) * rb;
     sv[r] = sbuf + r * MR * svs;
-    row_scales<MR, NF4>(j, n0 + r, sbuf + r * MR * svs, svs, corr[r]);
+    row_scales<MR, F>(j, n0 + r, sbuf + r * MR * svs, svs, corr[r]);
   }
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i gidx = _mm512_srli_epi32(lane, G == 32 ? 2 : 3);  // a lane's group within the chunk
@@ -594,30 +607,45 @@ static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
   __m512 acc[MR][R];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-  // si: the group of the chunk (G >= 128) or of its lane 0 (G < 128).
+  // si: the group of the chunk (G >= 128) or of its lane 0 (G < 128); valid: its weights within k (the last
+  // chunk's may be fewer than kQC: the rest are masked off and read as 0, and their x is 0, xq being zero past k).
   // Inlined at every call: out of line (GCC 12 kept it so), acc lived on the stack, a load and store per FMA.
-  auto chunk = [&](int64_t ci, int64_t si, __mmask64 lm, bool masked) __attribute__((always_inline)) {
+  auto chunk = [&](int64_t ci, int64_t si, int64_t valid) __attribute__((always_inline)) {
+    const bool masked = valid < kQC;
     __m512i x[MR][4];
     for (int m = 0; m < MR; ++m)
       for (int q = 0; q < 4; ++q) x[m][q] = _mm512_load_si512(j.xq + (m * j.nch + ci) * kQC + 32 * q);
     for (int r = 0; r < R; ++r) {
+      const uint8_t* src = rows[r] + ci * CB;
       // The same chunk of the next block's row: one block (R rows) ahead, whatever k is.
       // Into L2 (prefetcht1): from memory, 27-30 GB/s against 17-20 GB/s into L1 (Zen 4, 4096 and 11008 x 4096,
       // M = 1, side by side); two or four blocks ahead measured no faster.
-      if (!masked) prefetch_l2(rows[r] + R * (w.k / 2) + ci * 64);
-      // Masked-off bytes read as nibble 0: their x is 0 (xq is zero past k).
-      __m512i raw = masked ? _mm512_maskz_loadu_epi8(lm, rows[r] + ci * 64) : _mm512_loadu_si512(rows[r] + ci * 64);
+      if (!masked) prefetch_l2_span(src + R * rb, CB);
       __m512i q0, q1, q2, q3;
-      if constexpr (NF4) {
-        q0 = _mm512_permutexvar_epi16(raw, codes);
-        q1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 4), codes);
-        q2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 8), codes);
-        q3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 12), codes);
+      if constexpr (kInt8) {
+        __m512i q[4];
+        for (int t = 0; t < 4; ++t) {
+          const int64_t n = std::clamp<int64_t>(valid - 32 * t, 0, 32);
+          const __mmask32 lm = n == 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+          const __m256i b = masked ? _mm256_maskz_loadu_epi8(lm, src + 32 * t)
+                                   : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * t));
+          q[t] = _mm512_cvtepi8_epi16(b);
+        }
+        q0 = q[0], q1 = q[1], q2 = q[2], q3 = q[3];
       } else {
-        q0 = _mm512_and_si512(raw, m15);
-        q1 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
-        q2 = _mm512_and_si512(_mm512_srli_epi16(raw, 8), m15);
-        q3 = _mm512_srli_epi16(raw, 12);
+        const __mmask64 lm = (__mmask64(1) << (valid / 2)) - 1;
+        const __m512i raw = masked ? _mm512_maskz_loadu_epi8(lm, src) : _mm512_loadu_si512(src);
+        if constexpr (F == QFormat::nf4) {
+          q0 = _mm512_permutexvar_epi16(raw, codes);
+          q1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 4), codes);
+          q2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 8), codes);
+          q3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 12), codes);
+        } else {
+          q0 = _mm512_and_si512(raw, m15);
+          q1 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
+          q2 = _mm512_and_si512(_mm512_srli_epi16(raw, 8), m15);
+          q3 = _mm512_srli_epi16(raw, 12);
+        }
       }
       for (int m = 0; m < MR; ++m) {
 #if defined(LLMKERN_ISA_AVX512BF16)  // AVX512_VNNI: vpdpwssd adds the pair products into d itself
@@ -633,37 +661,40 @@ static void i4_rows(const I4Gemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
       }
     }
   };
-  const int64_t full = w.k / kQC;
+  const int64_t full = w.k / kQC, tail = w.k - full * kQC;
   if (G == kQC) {
-    for (int64_t ci = 0; ci < full; ++ci) chunk(ci, ci, 0, false);
+    for (int64_t ci = 0; ci < full; ++ci) chunk(ci, ci, kQC);
+    if (tail) chunk(full, full, tail);  // int8 (the 4-bit formats' k is a multiple of G here)
   } else if (G > kQC) {
     const int64_t cpg = G / kQC;  // k % G == 0: no tail
     for (int64_t g = 0, ci = 0; g < j.groups; ++g)
-      for (int64_t c = 0; c < cpg; ++c, ++ci) chunk(ci, g, 0, false);
+      for (int64_t c = 0; c < cpg; ++c, ++ci) chunk(ci, g, kQC);
   } else {
     const int64_t gpc = kQC / G;
-    for (int64_t ci = 0; ci < full; ++ci) chunk(ci, ci * gpc, 0, false);
-    if (full < j.nch) chunk(full, full * gpc, (__mmask64(1) << ((w.k - full * kQC) / 2)) - 1, true);
+    for (int64_t ci = 0; ci < full; ++ci) chunk(ci, ci * gpc, kQC);
+    if (tail) chunk(full, full * gpc, tail);
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MR; ++m) res[m][r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[m][r], corr[r][m]));
+  for (int r = 0; r < R; ++r) {
+    const float row_scale = kInt8 ? scale_at(w, n0 + r) : 1.f;
+    for (int m = 0; m < MR; ++m) res[m][r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[m][r], corr[r][m])) * row_scale;
+  }
 }
 
 // x rows [m0, m0 + MR) against W rows [n0, n0 + R) (fewer at the end of W): written to out, bias added.
-template <int MR, int R, bool NF4, typename T>
-static void i4_block(const QLinearParams& p, const I4Gemv& j, int64_t m0, int64_t n0, float* sbuf) {
+template <int MR, int R, QFormat F, typename T>
+static void xq_block(const QLinearParams& p, const XqGemv& j, int64_t m0, int64_t n0, float* sbuf) {
   const QWeight& w = p.w;
-  I4Gemv jm = j;  // the group's rows of the quantized x
+  XqGemv jm = j;  // the group's rows of the quantized x
   const int64_t gs = j.groups + 16;
   jm.xq += m0 * j.nch * kQC, jm.xsg += m0 * gs, jm.sx += m0 * gs;
   const int rr = int(std::min<int64_t>(R, w.n - n0));
   float res[MR][R];
   if (rr == R) {
-    i4_rows<MR, R, NF4>(jm, n0, sbuf, res);
+    xq_rows<MR, R, F>(jm, n0, sbuf, res);
   } else {
     float r1[MR][1];
     for (int r = 0; r < rr; ++r) {
-      i4_rows<MR, 1, NF4>(jm, n0 + r, sbuf, r1);
+      xq_rows<MR, 1, F>(jm, n0 + r, sbuf, r1);
       for (int m = 0; m < MR; ++m) res[m][r] = r1[m][0];
     }
   }
@@ -679,8 +710,8 @@ static void i4_block(const QLinearParams& p, const I4Gemv& j, int64_t m0, int64_
 
 // Blocks of R rows of W, each against every row of x in groups of up to 4 (the accumulators and x of a group fill
 // the registers): the block's weight bytes come from memory for the first group and from L1 for the others.
-template <int R, bool NF4, typename T>
-static void i4_gemv(const QLinearParams& p, const I4Gemv& j) {
+template <int R, QFormat F, typename T>
+static void xq_gemv(const QLinearParams& p, const XqGemv& j) {
   const QWeight& w = p.w;
   const int64_t nb = (w.n + R - 1) / R;
   // Threads claim runs of `step` blocks (parallel_claim).
@@ -694,34 +725,33 @@ static void i4_gemv(const QLinearParams& p, const I4Gemv& j) {
         int64_t m0 = 0;
         if constexpr (R == 2)
           for (; p.m - m0 >= 3; m0 += 4) {
-            if (p.m - m0 >= 4) i4_block<4, R, NF4, T>(p, j, m0, b * R, sbuf.ptr);
-            else i4_block<3, R, NF4, T>(p, j, m0, b * R, sbuf.ptr);
+            if (p.m - m0 >= 4) xq_block<4, R, F, T>(p, j, m0, b * R, sbuf.ptr);
+            else xq_block<3, R, F, T>(p, j, m0, b * R, sbuf.ptr);
           }
-        if (p.m - m0 == 2) i4_block<2, R, NF4, T>(p, j, m0, b * R, sbuf.ptr);
-        else if (p.m - m0 == 1) i4_block<1, R, NF4, T>(p, j, m0, b * R, sbuf.ptr);
+        if (p.m - m0 == 2) xq_block<2, R, F, T>(p, j, m0, b * R, sbuf.ptr);
+        else if (p.m - m0 == 1) xq_block<1, R, F, T>(p, j, m0, b * R, sbuf.ptr);
       }
     }
   });
 }
 
 // Rows of W per block: 4 while x has at most 2 rows, else 2 (accumulators MR * R and x (4 MR) in registers).
-template <bool NF4, typename T>
-static void gemv4_with(const QLinearParams& p, const I4Gemv& j) {
-  if (p.m <= 2) i4_gemv<4, NF4, T>(p, j);
-  else i4_gemv<2, NF4, T>(p, j);
+template <QFormat F, typename T>
+static void gemv_xq_with(const QLinearParams& p, const XqGemv& j) {
+  if (p.m <= 2) xq_gemv<4, F, T>(p, j);
+  else xq_gemv<2, F, T>(p, j);
 }
 
 template <typename T>
-static bool gemv4(const QLinearParams& p) {
+static bool gemv_xq(const QLinearParams& p) {
   const QWeight& w = p.w;
-  if (w.format == QFormat::int8) return false;
-  const int64_t G = w.group;
-  if (!(G == 32 || G == 64 || G % kQC == 0) || w.k % G) return false;
-  const int64_t nch = (w.k + kQC - 1) / kQC, groups = w.k / G;
+  const bool int8 = w.format == QFormat::int8, nf4 = w.format == QFormat::nf4;
+  const int64_t G = int8 ? kQC : w.group;
+  if (!int8 && (!(G == 32 || G == 64 || G % kQC == 0) || w.k % G)) return false;
+  const int64_t nch = (w.k + kQC - 1) / kQC, groups = (w.k + G - 1) / G;
   Scratch<int16_t> xq(size_t(p.m * nch * kQC));
   Scratch<float> xsg(size_t(p.m * (groups + 16))), sx(size_t(p.m * (groups + 16)));
-  I4Gemv j{&w, nch, groups, xq.ptr, xsg.ptr, sx.ptr, 1.f, {}};
-  const bool nf4 = w.format == QFormat::nf4;
+  XqGemv j{&w, G, nch, groups, xq.ptr, xsg.ptr, sx.ptr, 1.f, {}};
   if (nf4) {
     float cmax = 0.f;
     for (int i = 0; i < 16; ++i) {
@@ -733,28 +763,35 @@ static bool gemv4(const QLinearParams& p) {
     j.code_scale = cmax / kCodeOne;
   }
   if (!quantize_x16<T>(p, j, xq.ptr, xsg.ptr, sx.ptr)) return false;
-  if (nf4) gemv4_with<true, T>(p, j);
-  else gemv4_with<false, T>(p, j);
+  switch (w.format) {
+    case QFormat::nf4: gemv_xq_with<QFormat::nf4, T>(p, j); break;
+    case QFormat::int4: gemv_xq_with<QFormat::int4, T>(p, j); break;
+    case QFormat::int8: gemv_xq_with<QFormat::int8, T>(p, j); break;
+  }
   return true;
 }
 
 #else
 
 template <typename T>
-static bool gemv4(const QLinearParams&) { return false; }
+static bool gemv_xq(const QLinearParams&) { return false; }
 
 #endif
 
-// Rows of x up to which the 4-bit GEMV (x in groups of 4 against each block of W) runs, measured on 4096 x 4096 int4
+// Rows of x up to which the int16 GEMV (x in groups of 4 against each block of W) runs, measured on 4096 x 4096 int4
 // and nf4 (Zen 4): at M = 5..15 it is 2.1-3.1x faster than fast() (which decodes W once per 4 rows), and it beats
 // the tile GEMM up to M = 15 when that runs over bf16 pairs (bf16 x with AVX512_BF16: 2.26 vs 2.76 ms at M = 12,
 // 2.99 vs 2.80 at M = 16) and up to at least M = 64 when it runs in fp32 (10.8 vs 12.8 ms). fp32 x stays at
 // M <= 4: its int16 copy (rel. error ~1e-5 of a block's largest element) is below bf16 / fp16 rounding but not
-// below fp32's, and beyond the GEMV shapes the fp32 paths are exact to PyTorch's rule.
+// below fp32's, and beyond the GEMV shapes the fp32 paths are exact to PyTorch's rule. int8 decodes to bf16 pairs
+// at a higher cost than the 4-bit formats, so the GEMV beats the tile GEMM further (4096 x 4096 and 11008 x 4096,
+// bf16 x, fresh processes: 2.27-2.61 vs 2.59-3.06 ms and 6.08-6.73 vs 6.73-8.16 ms at M = 16; 3.35-3.74 vs 3.88-4.33
+// and 8.99-9.12 vs 10.06-11.17 at M = 24; at M = 32 the GEMM wins, 3.94-4.32 vs 4.41-4.94 ms).
 template <typename T>
-static int64_t gemv_rows() {
+static int64_t gemv_rows(QFormat f) {
   if constexpr (std::is_same_v<T, float>) return 4;
-  else return attn::kPairProducts<T> ? 15 : 64;
+  else if constexpr (attn::kPairProducts<T>) return f == QFormat::int8 ? 24 : 15;
+  else return 64;
 }
 
 template <typename T>
@@ -832,10 +869,10 @@ void qlinear_kernel(const QLinearParams& p) {
     } else {
       // M >= 16: the tile-dequantizing GEMM path (qlinear_gemm, quant_gemm.cpp); measured on 4096 x 4096
       // int4 bf16 it is on par with fast() at M = 12..16 and 1.7x faster at M = 64, slower at M = 8 (before
-      // the GEMM moved to kernels/outer_gemm.h, which made M = 16 another 1.2-1.3x faster). The 4-bit GEMV
+      // the GEMM moved to kernels/outer_gemm.h, which made M = 16 another 1.2-1.3x faster). The int16 GEMV
       // (AVX-512) goes first up to gemv_rows<T>().
       if (!fast_ok(p)) return generic<T>(p);
-      if (p.m <= gemv_rows<T>() && gemv4<T>(p)) return;
+      if (p.m <= gemv_rows<T>(p.w.format) && gemv_xq<T>(p)) return;
       if (p.m >= 16) return qlinear_gemm(p);
       fast<T>(p);
     }

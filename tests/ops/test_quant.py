@@ -328,6 +328,18 @@ def test_linear_gemv_row_tails(device, m, n):
         check_linear(name, linear(x, None), x, w32, None)
 
 
+@pytest.mark.parametrize("k", [77, 1531])
+@pytest.mark.parametrize("m, dtype", [(1, torch.float32), (4, torch.float32), (3, torch.bfloat16),
+                                      (15, torch.bfloat16), (6, torch.float16)])
+def test_linear_int8_gemv_ragged_k(device, m, dtype, k):
+    """int8 at few rows reads W in chunks of 128 columns (the int16 GEMV on AVX-512): k below one chunk or not a
+    multiple of 32 leaves a partial last chunk, whose missing columns must read as zero; strided rows of x."""
+    q, s = (t.to(device) for t in lk.quantize_int8(weight(37, k)))
+    x = strided(torch.randn(m, k, dtype=dtype, device=device))
+    bias = torch.randn(37, dtype=dtype, device=device)
+    check_linear("int8", lk.int8_linear(x, q, s, bias), x, lk.dequantize_int8_ref(q, s, torch.float32), bias)
+
+
 @pytest.mark.parametrize("scale", [0.25, 3.0])
 @pytest.mark.parametrize("m", [1, 4])
 def test_linear_nf4_other_codes(device, m, scale):
