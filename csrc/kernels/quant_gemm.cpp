@@ -100,24 +100,34 @@ constexpr int64_t kChunk = 1024;
 
 constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
+// Prefetches the chunk that the decode of row r after columns [.., c1) reads next, with its 4-bit scales: the same
+// row's next chunk (rows are far apart, so the hardware prefetchers miss these short runs), or after its last one the
+// first chunk of the same row of the next tile (the thread's next task), which was left to demand misses before
+// (int4 M = 16, in process: 2.25 -> 1.90 ms at 4096 x 4096, 5.93 -> 5.04 at 11008 x 4096). int8 rows are twice as
+// long, and a tile's chunk of them prefetched into L1 (24 KB) is evicted before it is decoded: they go to L2. int8 had
+// no prefetch; bf16 x, in process, none / L1 / L2: M = 32 4.57-4.61 / 4.09 / 3.56-3.71 ms at 4096 x 4096, M = 64
+// 18.6 / 17.2 / 16.1 ms at 11008 x 4096.
+static void prefetch_next_chunk(const QWeight& w, int64_t r, int64_t c1) {
+  const int64_t nr = c1 < w.k ? r : r + outer::kTileRows, nc = c1 < w.k ? c1 : 0, ne = std::min(w.k, nc + kChunk);
+  if (nr >= w.n) return;
+  if (w.format == QFormat::int8) {
+    prefetch_l2_span(static_cast<const int8_t*>(w.data) + nr * w.k + nc, ne - nc);
+    return;
+  }
+  const int64_t groups = w.k / w.group;
+  prefetch_l1_span(static_cast<const uint8_t*>(w.data) + nr * (w.k / 2) + nc / 2, (ne - nc) / 2);
+  prefetch_scales(w, nr * groups + nc / w.group, (ne - nc + w.group - 1) / w.group);
+}
+
 // Calls run(row, c, hi, base, s, z) for each 4-bit block / group of row r within columns [c0, c1): row = the
 // row's packed bytes, [c, hi) the group's columns there, w = (base[q] - z) * s with base the nf4 code or 0..15.
 template <typename Run>
 static void for_each_group(const QWeight& w, int64_t r, int64_t c0, int64_t c1, Run&& run) {
   const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * (w.k / 2);
-  const int64_t gsize = w.group;
+  const int64_t gsize = w.group, groups = w.k / gsize;
   const bool nf4 = w.format == QFormat::nf4;
   const float* base = nf4 ? w.code : kIota;
-  // The chunk this row's next decode reads, with its scales: the same row's next chunk (rows are far apart, so the
-  // hardware prefetchers miss these short runs), or after its last one the first chunk of the same row of the next
-  // tile (the thread's next task), which was left to demand misses before (int4 M = 16, in process: 2.25 -> 1.90 ms
-  // at 4096 x 4096, 5.93 -> 5.04 at 11008 x 4096).
-  const int64_t groups = w.k / gsize;
-  const int64_t nr = c1 < w.k ? r : r + outer::kTileRows, nc = c1 < w.k ? c1 : 0, ne = std::min(w.k, nc + kChunk);
-  if (nr < w.n) {
-    prefetch_l1_span(static_cast<const uint8_t*>(w.data) + nr * (w.k / 2) + nc / 2, (ne - nc) / 2);
-    prefetch_scales(w, nr * groups + nc / gsize, (ne - nc + gsize - 1) / gsize);
-  }
+  prefetch_next_chunk(w, r, c1);
   int64_t b = r * groups + c0 / gsize;
   for (int64_t c = c0, gend = (c0 / gsize + 1) * gsize; c < c1; c = gend, gend += gsize, ++b) {
     const float s = nf4 ? nf4_absmax(w, b) : scale_at(w, b);
@@ -130,6 +140,7 @@ static void for_each_group(const QWeight& w, int64_t r, int64_t c0, int64_t c1, 
 // unscaled). 4-bit: c0, c1 multiples of 2L (k is a multiple of 32 >= 2L).
 static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, float* dst) {
   if (w.format == QFormat::int8) {
+    prefetch_next_chunk(w, r, c1);
     const int8_t* q = static_cast<const int8_t*>(w.data) + r * w.k;
     int64_t c = c0;
     for (; c + L <= c1; c += L) Dec::int8(q + c, dst + (c - c0));
@@ -150,6 +161,7 @@ static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, floa
 // (pairs_ok).
 static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, attn::Bf16Pair* dst) {
   if (w.format == QFormat::int8) {
+    prefetch_next_chunk(w, r, c1);
     const int8_t* q = static_cast<const int8_t*>(w.data) + r * w.k;
     for (int64_t c = c0; c < c1; c += 32) {
       const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c))));
