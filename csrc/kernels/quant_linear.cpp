@@ -23,7 +23,7 @@
 // and are reduced once at the end.
 //
 // On AVX-512 all three formats take their own GEMV path instead (int16 x and vpmaddwd; see "AVX-512 int16 GEMV"
-// below) at M <= 4 for fp32 x and up to gemv_rows<T>() rows (15, 24 or 64) for bf16 / fp16 x.
+// below) at M <= 4 for fp32 x and up to gemv_rows<T>() rows (15 or 64) for bf16 / fp16 x.
 //
 // Generic path (nf4 whose rows do not start on a block boundary or odd k, fp64): each row of W is
 // dequantized to fp32 once and dotted with every row of x.
@@ -783,15 +783,12 @@ static bool gemv_xq(const QLinearParams&) { return false; }
 // the tile GEMM up to M = 15 when that runs over bf16 pairs (bf16 x with AVX512_BF16: 2.26 vs 2.76 ms at M = 12,
 // 2.99 vs 2.80 at M = 16) and up to at least M = 64 when it runs in fp32 (10.8 vs 12.8 ms). fp32 x stays at
 // M <= 4: its int16 copy (rel. error ~1e-5 of a block's largest element) is below bf16 / fp16 rounding but not
-// below fp32's, and beyond the GEMV shapes the fp32 paths are exact to PyTorch's rule. int8 decodes to bf16 pairs
-// at a higher cost than the 4-bit formats, so the GEMV beats the tile GEMM further (4096 x 4096 and 11008 x 4096,
-// bf16 x, fresh processes: 2.27-2.61 vs 2.59-3.06 ms and 6.08-6.73 vs 6.73-8.16 ms at M = 16; 3.35-3.74 vs 3.88-4.33
-// and 8.99-9.12 vs 10.06-11.17 at M = 24; at M = 32 the GEMM wins, 3.94-4.32 vs 4.41-4.94 ms).
+// below fp32's, and beyond the GEMV shapes the fp32 paths are exact to PyTorch's rule. int8 (bf16 x, in process,
+// GEMV vs GEMM) sits at the same boundary: 2.28-2.67 vs 2.01-2.37 ms at M = 16, 3.55-3.83 vs 3.37-3.65 at M = 24.
 template <typename T>
-static int64_t gemv_rows(QFormat f) {
+static int64_t gemv_rows() {
   if constexpr (std::is_same_v<T, float>) return 4;
-  else if constexpr (attn::kPairProducts<T>) return f == QFormat::int8 ? 24 : 15;
-  else return 64;
+  else return attn::kPairProducts<T> ? 15 : 64;
 }
 
 template <typename T>
@@ -872,7 +869,7 @@ void qlinear_kernel(const QLinearParams& p) {
       // the GEMM moved to kernels/outer_gemm.h, which made M = 16 another 1.2-1.3x faster). The int16 GEMV
       // (AVX-512) goes first up to gemv_rows<T>().
       if (!fast_ok(p)) return generic<T>(p);
-      if (p.m <= gemv_rows<T>(p.w.format) && gemv_xq<T>(p)) return;
+      if (p.m <= gemv_rows<T>() && gemv_xq<T>(p)) return;
       if (p.m >= 16) return qlinear_gemm(p);
       fast<T>(p);
     }
