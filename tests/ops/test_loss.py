@@ -24,16 +24,9 @@ def _inputs(n, h, v, dtype, bias, device="cpu"):
     return [t.to(device) if t is not None else None for t in (hidden, weight, targets, b)]
 
 
-@pytest.mark.parametrize("n, h, v, chunk", CASES)
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("num_items", [None, 50.0])
-def test_matches_reference_fp32(n, h, v, chunk, bias, num_items, torch_device):
-    hidden, weight, targets, b = _inputs(n, h, v, torch.float32, bias, torch_device)
-    inputs = [hidden, weight] + ([b] if bias else [])
-
-    def fused(x, w, *b):
-        return lk.linear_cross_entropy(x, w, targets, *b, num_items=num_items, chunk_rows=chunk)
-
+def _check_against_reference(fused, inputs, targets, num_items=None, dloss=1.0):
+    """fused(*inputs) (hidden, weight[, bias]) and its gradients against linear_cross_entropy_ref in float64, within
+    twice PyTorch's error in the inputs' dtype."""
     def ref(x, w, *b):
         return lk.linear_cross_entropy_ref(x, w, targets, *b, num_items=num_items)
 
@@ -42,10 +35,32 @@ def test_matches_reference_fp32(n, h, v, chunk, bias, num_items, torch_device):
     # loss per term (PyTorch's own error can be 0 by luck, as on CUDA).
     terms = (targets != -100).sum().item()
     assert_close_derived(fused(*inputs), ref64.float(), ref(*inputs), name="loss", scale=terms * ref64.item())
-    g64 = grads(ref, [t.double() for t in inputs], [torch.tensor(0.7, dtype=torch.float64)])
-    for name, g, gt, r in zip(("dhidden", "dweight", "dbias"), grads(fused, inputs, [torch.tensor(0.7)]),
-                              grads(ref, inputs, [torch.tensor(0.7)]), g64):
-        assert_close_derived(g, r, gt, name=name)
+    g64 = grads(ref, [t.double() for t in inputs], [torch.tensor(dloss, dtype=torch.float64)])
+    d = [torch.tensor(dloss)]
+    for name, g, gt, r in zip(("dhidden", "dweight", "dbias"), grads(fused, inputs, d), grads(ref, inputs, d), g64):
+        assert_close_derived(g, r.to(g.dtype).double(), gt, name=name)
+
+
+@pytest.mark.parametrize("n, h, v, chunk", CASES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("num_items", [None, 50.0])
+def test_matches_reference_fp32(n, h, v, chunk, bias, num_items, torch_device):
+    hidden, weight, targets, b = _inputs(n, h, v, torch.float32, bias, torch_device)
+
+    def fused(x, w, *b):
+        return lk.linear_cross_entropy(x, w, targets, *b, num_items=num_items, chunk_rows=chunk)
+
+    _check_against_reference(fused, [hidden, weight] + ([b] if bias else []), targets, num_items, dloss=0.7)
+
+
+@pytest.mark.parametrize("n, h, v, chunk", CASES[:2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_matches_reference(monkeypatch, n, h, v, chunk, dtype):
+    # The chunk loop's PyTorch softmax-gradient branch (CUDA's, and any device without the compiled kernel), on the CPU.
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.loss"), "available", lambda: False)
+    hidden, weight, targets, b = _inputs(n, h, v, dtype, True)
+    fused = lambda x, w, b: lk.linear_cross_entropy(x, w, targets, b, chunk_rows=chunk)  # noqa: E731
+    _check_against_reference(fused, [hidden, weight, b], targets)
 
 
 @pytest.mark.parametrize("llmkern_gemm", [False, True])
@@ -54,16 +69,8 @@ def test_wide_head_through_either_matmul(monkeypatch, llmkern_gemm):
     monkeypatch.setattr(importlib.import_module("llmkern.ops.linear"), "_torch_fp32_gemm_is_mkl_on_amd",
                         lambda: llmkern_gemm)
     hidden, weight, targets, b = _inputs(45, 24, 2053, torch.float32, True)
-    inputs = [hidden, weight, b]
     fused = lambda x, w, b: lk.linear_cross_entropy(x, w, targets, b, chunk_rows=20)  # noqa: E731 (> 16 rows)
-    ref = lambda x, w, b: lk.linear_cross_entropy_ref(x, w, targets, b)  # noqa: E731
-    ref64 = ref(*(t.double() for t in inputs))
-    terms = (targets != -100).sum().item()
-    assert_close_derived(fused(*inputs), ref64.float(), ref(*inputs), name="loss", scale=terms * ref64.item())
-    d = [torch.tensor(1.0)]
-    for name, g, gt, r in zip(("dhidden", "dweight", "dbias"), grads(fused, inputs, d), grads(ref, inputs, d),
-                              grads(ref, [t.double() for t in inputs], d)):
-        assert_close_derived(g, r, gt, name=name)
+    _check_against_reference(fused, [hidden, weight, b], targets)
 
 
 def test_bf16_gradients_within_twice_torch_error(torch_device):
