@@ -783,8 +783,10 @@ static bool gemv_xq(const QLinearParams&) { return false; }
 // the tile GEMM up to M = 15 when that runs over bf16 pairs (bf16 x with AVX512_BF16: 2.26 vs 2.76 ms at M = 12,
 // 2.99 vs 2.80 at M = 16) and up to at least M = 64 when it runs in fp32 (10.8 vs 12.8 ms). fp32 x stays at
 // M <= 4: its int16 copy (rel. error ~1e-5 of a block's largest element) is below bf16 / fp16 rounding but not
-// below fp32's, and beyond the GEMV shapes the fp32 paths are exact to PyTorch's rule. int8 (bf16 x, in process,
-// GEMV vs GEMM) sits at the same boundary: 2.28-2.67 vs 2.01-2.37 ms at M = 16, 3.55-3.83 vs 3.37-3.65 at M = 24.
+// below fp32's, and beyond the GEMV shapes the fp32 paths are exact to PyTorch's rule. int8 sits at the same
+// boundaries (4096 x 4096, in process, GEMV vs the paths after it): bf16 x on avx512bf16 2.28-2.67 vs 2.01-2.37 ms at
+// M = 16, 3.55-3.83 vs 3.37-3.65 at M = 24; on plain avx512 11.3 vs 13.1 ms at M = 64; fp32 x at M = 1, 2, 4 0.67,
+// 0.68, 0.99 vs 0.72, 1.20, 2.14 ms.
 template <typename T>
 static int64_t gemv_rows() {
   if constexpr (std::is_same_v<T, float>) return 4;
