@@ -127,7 +127,6 @@ static void for_each_group(const QWeight& w, int64_t r, int64_t c0, int64_t c1, 
   const int64_t gsize = w.group, groups = w.k / gsize;
   const bool nf4 = w.format == QFormat::nf4;
   const float* base = nf4 ? w.code : kIota;
-  prefetch_next_chunk(w, r, c1);
   int64_t b = r * groups + c0 / gsize;
   for (int64_t c = c0, gend = (c0 / gsize + 1) * gsize; c < c1; c = gend, gend += gsize, ++b) {
     const float s = nf4 ? nf4_absmax(w, b) : scale_at(w, b);
@@ -140,7 +139,6 @@ static void for_each_group(const QWeight& w, int64_t r, int64_t c0, int64_t c1, 
 // unscaled). 4-bit: c0, c1 multiples of 2L (k is a multiple of 32 >= 2L).
 static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, float* dst) {
   if (w.format == QFormat::int8) {
-    prefetch_next_chunk(w, r, c1);
     const int8_t* q = static_cast<const int8_t*>(w.data) + r * w.k;
     int64_t c = c0;
     for (; c + L <= c1; c += L) Dec::int8(q + c, dst + (c - c0));
@@ -161,7 +159,6 @@ static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, floa
 // (pairs_ok).
 static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, attn::Bf16Pair* dst) {
   if (w.format == QFormat::int8) {
-    prefetch_next_chunk(w, r, c1);
     const int8_t* q = static_cast<const int8_t*>(w.data) + r * w.k;
     for (int64_t c = c0; c < c1; c += 32) {
       const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c))));
@@ -200,7 +197,10 @@ static void gemm_typed(const QLinearParams& p) {
     const int64_t j = pos % (2 * L), c0 = pos - j;
     return perm ? c0 + (j < L ? 2 * j : 2 * (j - L) + 1) : pos;
   });
-  const auto decode = [&](int64_t r, int64_t c0, int64_t c1, E* dst) { decode_row(w, r, c0, c1, dst); };
+  const auto decode = [&](int64_t r, int64_t c0, int64_t c1, E* dst) {
+    prefetch_next_chunk(w, r, c1);
+    decode_row(w, r, c0, c1, dst);
+  };
   const auto store = [&](int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
     float s[outer::kTileRows];  // the int8 row scales (the 4-bit formats' scales are decoded into the weights)
     const bool int8 = w.format == QFormat::int8;

@@ -541,8 +541,7 @@ static inline __m512 nf4_absmax16(const QWeight& w, int64_t b, __mmask16 mk) {
 }
 
 // sv[m][g] = s_g * xs(m, g) for groups [0, groups) of row r (zero padded), and corr[m] = 16 partial sums of
-// sum_g s_g z_g sx[m][g], 16 groups a step (nf4: s_g = absmax_g * code_scale, no zero point: corr = 0; int8:
-// s_g = 1, corr = 0).
+// sum_g s_g z_g sx[m][g], 16 groups a step (nf4: s_g = absmax_g * code_scale, no zero point: corr = 0).
 template <int MR, QFormat F>
 static inline void row_scales(const XqGemv& j, int64_t r, float* sv, int64_t svs, __m512* corr) {
   const QWeight& w = *j.w;
@@ -551,9 +550,7 @@ static inline void row_scales(const XqGemv& j, int64_t r, float* sv, int64_t svs
   for (int64_t g = 0; g < groups; g += 16) {
     const __mmask16 mk = groups - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (groups - g)) - 1);
     __m512 s;
-    if constexpr (F == QFormat::int8) {
-      s = _mm512_set1_ps(1.f);
-    } else if constexpr (F == QFormat::nf4) {
+    if constexpr (F == QFormat::nf4) {
       s = _mm512_mul_ps(nf4_absmax16(w, b + g, mk), _mm512_set1_ps(j.code_scale));
     } else {
       switch (w.scales_dtype) {
@@ -585,8 +582,9 @@ static inline void row_scales(const XqGemv& j, int64_t r, float* sv, int64_t svs
 template <int MR, int R, QFormat F>
 static void xq_rows(const XqGemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
   const QWeight& w = *j.w;
-  const int64_t G = j.group, svs = j.groups + 32;
   constexpr bool kInt8 = F == QFormat::int8;
+  // int8: s_g = 1 and no zero points, so sv is x's own scales (j.xsg, rows groups + 16 apart) and corr = 0.
+  const int64_t G = j.group, svs = kInt8 ? j.groups + 16 : j.groups + 32;
   constexpr int64_t CB = kInt8 ? kQC : kQC / 2;  // bytes per chunk of a row
   const int64_t rb = kInt8 ? w.k : w.k / 2;      // bytes per row
   const uint8_t* rows[R];
@@ -597,8 +595,13 @@ static void xq_rows(const XqGemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
   if constexpr (!kInt8) prefetch_scales(w, (n0 + R) * j.groups, std::min<int64_t>(R, w.n - n0 - R) * j.groups);
   for (int r = 0; r < R; ++r) {
     rows[r] = static_cast<const uint8_t*>(w.data) + (n0 + r) * rb;
-    sv[r] = sbuf + r * MR * svs;
-    row_scales<MR, F>(j, n0 + r, sbuf + r * MR * svs, svs, corr[r]);
+    if constexpr (kInt8) {
+      sv[r] = j.xsg;
+      for (int m = 0; m < MR; ++m) corr[r][m] = _mm512_setzero_ps();
+    } else {
+      sv[r] = sbuf + r * MR * svs;
+      row_scales<MR, F>(j, n0 + r, sbuf + r * MR * svs, svs, corr[r]);
+    }
   }
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i gidx = _mm512_srli_epi32(lane, G == 32 ? 2 : 3);  // a lane's group within the chunk
@@ -612,6 +615,13 @@ static void xq_rows(const XqGemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
   // Inlined at every call: out of line (GCC 12 kept it so), acc lived on the stack, a load and store per FMA.
   auto chunk = [&](int64_t ci, int64_t si, int64_t valid) __attribute__((always_inline)) {
     const bool masked = valid < kQC;
+    // Masks of the partial last chunk's bytes (unused otherwise): 4-bit one of 64 bytes, int8 four of 32.
+    const __mmask64 lm4 = (__mmask64(1) << (valid / 2)) - 1;
+    __mmask32 lm8[4];
+    for (int t = 0; t < 4; ++t) {
+      const int64_t n = std::clamp<int64_t>(valid - 32 * t, 0, 32);
+      lm8[t] = n == 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+    }
     __m512i x[MR][4];
     for (int m = 0; m < MR; ++m)
       for (int q = 0; q < 4; ++q) x[m][q] = _mm512_load_si512(j.xq + (m * j.nch + ci) * kQC + 32 * q);
@@ -625,16 +635,13 @@ static void xq_rows(const XqGemv& j, int64_t n0, float* sbuf, float (*res)[R]) {
       if constexpr (kInt8) {
         __m512i q[4];
         for (int t = 0; t < 4; ++t) {
-          const int64_t n = std::clamp<int64_t>(valid - 32 * t, 0, 32);
-          const __mmask32 lm = n == 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
-          const __m256i b = masked ? _mm256_maskz_loadu_epi8(lm, src + 32 * t)
+          const __m256i b = masked ? _mm256_maskz_loadu_epi8(lm8[t], src + 32 * t)
                                    : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * t));
           q[t] = _mm512_cvtepi8_epi16(b);
         }
         q0 = q[0], q1 = q[1], q2 = q[2], q3 = q[3];
       } else {
-        const __mmask64 lm = (__mmask64(1) << (valid / 2)) - 1;
-        const __m512i raw = masked ? _mm512_maskz_loadu_epi8(lm, src) : _mm512_loadu_si512(src);
+        const __m512i raw = masked ? _mm512_maskz_loadu_epi8(lm4, src) : _mm512_loadu_si512(src);
         if constexpr (F == QFormat::nf4) {
           q0 = _mm512_permutexvar_epi16(raw, codes);
           q1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 4), codes);
