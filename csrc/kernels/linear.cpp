@@ -157,22 +157,27 @@ void run_outer(const LinearParams& p) {
   outer::gemm<kOuterChunk>(p.n, pn, xt.ptr, decode, store);
 }
 
-// The outer form from 32 rows of x, or from 16 when rows are short: the dot form pays a lane reduction per output,
-// amortized over k, while the outer form pays for x rows padded to whole vectors. Measured (bench/RESULTS.md): 1.30x
-// the dot form at 16 x 8192 x 320, 1.63x at 512 x 864 x 320, 1.18x at 64 x 4096 x 4096; the dot form was faster at
-// 20 x 1024 x 1024 and 16 x 4096 x 2048 (a first version of the outer form measured 0.75x, 0.90x there). Over bf16
-// pairs (avx512bf16) the outer form is no faster at 8-16 rows either (0.72-1.06x at 4096 x 4096, 11008 x 4096,
-// 4096 x 11008, Zen 4). k = 0 never gets here (ops/linear.h writes the bias).
+// Whether the outer form beats the dot form for m rows of x and k columns: the dot form pays a lane reduction per
+// output, amortized over k, while the outer form pays for x rows padded to whole vectors. In fp32 FMAs (fp32, fp16,
+// bf16 without pair products) from 32 rows, or from 16 when rows are short. Measured (bench/RESULTS.md): 1.30x the
+// dot form at 16 x 8192 x 320, 1.63x at 512 x 864 x 320, 1.18x at 64 x 4096 x 4096; the dot form was faster at
+// 20 x 1024 x 1024 and 16 x 4096 x 2048. Over bf16 pairs (avx512bf16, k even: one vdpbf16ps per two FMAs) the outer
+// form wins much earlier: from 12 rows at any k, from 8 when k <= 1024 (Zen 4, dot time / outer time at 8 / 12 / 16
+// rows, n x k: 1.31 / 1.64 / 2.46 at 864 x 320, 1.52 / 2.25 / 2.95 at 8192 x 320, 0.67 / 0.99 / 1.23 at 4096 x 4096).
+template <typename T>
+bool outer_form(int64_t m, int64_t k) {
+  if constexpr (attn::kPairProducts<T>)
+    if (k % 2 == 0) return m >= 12 || (m >= 8 && k <= 1024);
+  return !std::is_same_v<T, double> && (m >= 32 || (m >= 16 && k <= 512));  // fp64 (gradcheck): the dot form
+}
+
+// k = 0 never gets here (ops/linear.h writes the bias).
 template <typename T>
 void run(const LinearParams& p) {
-  if constexpr (!std::is_same_v<T, double>) {  // fp64 (gradcheck) keeps the dot form
-    if (p.m >= 32 || (p.m >= 16 && p.k <= 512)) {
-      if constexpr (attn::kPairProducts<T>)
-        if (p.k % 2 == 0) return run_outer<T, attn::Bf16Pair>(p);
-      return run_outer<T>(p);
-    }
-  }
-  run_dot<T>(p);
+  if (!outer_form<T>(p.m, p.k)) return run_dot<T>(p);
+  if constexpr (attn::kPairProducts<T>)
+    if (p.k % 2 == 0) return run_outer<T, attn::Bf16Pair>(p);
+  if constexpr (!std::is_same_v<T, double>) run_outer<T>(p);
 }
 
 }  // namespace
