@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only norm|activation|rope|loss|attention|quant|model|train] [--markdown]
+"""`python -m bench [--quick] [--only norm|activation|rope|loss|sampling|attention|quant|model|train] [--markdown]
 [--no-compile]`
 
 Measures the machine's ceilings, runs the bench_<family>.py modules, prints one table of the
@@ -18,7 +18,7 @@ import torch
 
 from bench import harness
 
-FAMILIES = ("norm", "activation", "rope", "loss", "attention", "quant", "model", "train")
+FAMILIES = ("norm", "activation", "rope", "loss", "sampling", "attention", "quant", "model", "train")
 FLOP_FAMILIES = ("attention", "quant", "model", "train")  # their own tables (bench_<family>.HEADER), not bytes-per-op rows
 
 

@@ -125,6 +125,10 @@ TORCH_LIBRARY(llmkern, m) {
   // float64 logits). CPU.
   m.def("cross_entropy_grad_(Tensor(a!) logits, Tensor targets, float scale, int ignore_index) -> Tensor");
 
+  // Greedy token selection (Python face: llmkern/ops/sampling.py): x [..., n] -> int64 [...], the index of each row's
+  // first maximum (its first NaN if it holds one), as torch.argmax(x, -1). CPU.
+  m.def("argmax(Tensor x) -> Tensor");
+
   // Benchmark ceilings: wide-SIMD copy and read loops over all threads (bench/harness.py).
   m.def("bench_copy_(Tensor(a!) dst, Tensor src) -> ()");
   m.def("bench_read(Tensor src) -> float");

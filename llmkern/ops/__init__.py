@@ -36,6 +36,7 @@ from llmkern.ops.quant import (
     quantize_nf4,
     quantize_nf4_ref,
 )
+from llmkern.ops.sampling import argmax, argmax_ref
 from llmkern.ops.rope import (
     apply_rotary_emb,
     rope_cos_sin_cache,
@@ -47,6 +48,8 @@ from llmkern.ops.rope import (
 )
 
 __all__ = [
+    "argmax",
+    "argmax_ref",
     "cross_entropy_grad_",
     "cross_entropy_grad_ref",
     "linear_cross_entropy",

@@ -35,6 +35,7 @@ struct ScalarVec {
   friend ScalarVec abs(ScalarVec a) { return {std::fabs(a.v)}; }
   friend ScalarVec exp(ScalarVec a) { return {std::exp(a.v)}; }
   friend ScalarVec tanh(ScalarVec a) { return {std::tanh(a.v)}; }
+  static ScalarVec select_gt(ScalarVec x, ScalarVec t, ScalarVec a, ScalarVec b) { return {x.v > t.v ? a.v : b.v}; }
   T reduce_add() const { return v; }
 };
 
@@ -71,6 +72,9 @@ struct ArrayVec {
   friend ArrayVec abs(ArrayVec a) { return make([&](int l) { return std::fabs(a.v[l]); }); }
   friend ArrayVec exp(ArrayVec a) { return make([&](int l) { return std::exp(a.v[l]); }); }
   friend ArrayVec tanh(ArrayVec a) { return make([&](int l) { return std::tanh(a.v[l]); }); }
+  static ArrayVec select_gt(ArrayVec x, ArrayVec t, ArrayVec a, ArrayVec b) {
+    return make([&](int l) { return x.v[l] > t.v[l] ? a.v[l] : b.v[l]; });
+  }
   float reduce_add() const {
     float s = 0.f;
     for (int l = 0; l < N; ++l) s += v[l];
