@@ -130,9 +130,9 @@ void run_dot(const LinearParams& p) {
 }
 
 // Outer form (kernels/outer_gemm.h): weight rows converted to fp32 chunk by chunk, x^T in natural column order;
-// or, for bf16 with pair products (E = attn::Bf16Pair, k even), bf16 rows copied as they are (adjacent elements
-// are the pairs). 512-column chunks: 256 measured slower on long rows, 1024 on short ones (a 100 KB scratch
-// instead of 50 KB).
+// or, for bf16 with pair products (E = attn::Bf16Pair, k even), bf16 rows as they are (adjacent elements are the
+// pairs). fp32 rows, and bf16 rows as pairs, are read in place where outer::in_place allows, else copied to the
+// scratch. 512-column chunks: 256 measured slower on long rows, 1024 on short ones (a 100 KB scratch instead of 50 KB).
 constexpr int64_t kOuterChunk = 512;
 
 template <typename T, typename E = float>
@@ -143,8 +143,10 @@ void run_outer(const LinearParams& p) {
   outer::transpose_x(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr, [](int64_t pos) { return pos; });
   const auto decode = [&](int64_t r, int64_t c0, int64_t c1, E* dst) {
     const T* w = static_cast<const T*>(p.w) + r * p.w_stride;
-    if constexpr (pairs) std::memcpy(dst, w + c0, sizeof(T) * (c1 - c0));
-    else attn::load_row<VecF>(w + c0, int(c1 - c0), 1.f, dst, int(c1 - c0));
+    if (dst) {  // else the rows are read in place: only the prefetches below
+      if constexpr (pairs) std::memcpy(dst, w + c0, sizeof(T) * (c1 - c0));
+      else attn::load_row<VecF>(w + c0, int(c1 - c0), 1.f, dst, int(c1 - c0));
+    }
     // The next row's chunk (the next tile's first row after the last), then this row's next chunk: short runs of
     // many rows are missed by the hardware prefetchers.
     if (r + 1 < p.n) prefetch_l1_span(w + p.w_stride + c0, (c1 - c0) * int64_t(sizeof(T)));
@@ -154,7 +156,13 @@ void run_outer(const LinearParams& p) {
     outer::store_rows(static_cast<T*>(p.y), p.y_stride, n0, rows, r0, nr, c, ldc, nullptr,
                       static_cast<const T*>(p.bias));
   };
-  outer::gemm<kOuterChunk>(p.n, pn, xt.ptr, decode, store);
+  outer::Direct<E> direct;  // W's rows as the product's elements: fp32 rows, bf16 rows whose stride keeps the pairs
+  if constexpr (pairs) {
+    if (p.w_stride % 2 == 0) direct = {reinterpret_cast<const E*>(p.w), p.w_stride / 2};
+  } else if constexpr (std::is_same_v<T, float>) {
+    direct = {static_cast<const float*>(p.w), p.w_stride};
+  }
+  outer::gemm<kOuterChunk>(p.n, pn, xt.ptr, decode, store, direct);
 }
 
 // Whether the outer form beats the dot form for m rows of x and k columns: the dot form pays a lane reduction per

@@ -11,10 +11,12 @@
 // thread's consecutive tasks find the tile's weights in cache. Per task and chunk of Chunk columns, the
 // caller's decode writes the tile's rows to an fp32 scratch (L2 resident), then a register-blocked product (MR
 // rows of W x NR vectors of x rows) accumulates into an fp32 [kTileRows][pw] block, which the caller's store
-// turns into output elements.
+// turns into output elements. Weights already in the product's element type (fp32, or bf16 rows as bf16 pairs) can
+// be read in place instead (Direct), where that does not crowd L1 (in_place).
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <numeric>
 
 #include "cpu/vec/vec.h"
 #include "kernels/attention_tile.h"
@@ -54,11 +56,10 @@ template <int NR> constexpr int kMRFor = NR == 1 ? 12 : NR == 2 ? 6 : NR == 3 ? 
 template <int NR> constexpr int kMRFor = 4;
 #endif
 
-// C[r][j] (+)= sum_k a[r * kLda + k] * b[k * ldb + j] for MR rows and NR vectors (ACC: add to C). A's row stride
-// is the constant kLda<Chunk>, so the MR broadcast addresses are displacements off one register. The loops over r
+// C[r][j] (+)= sum_k a[r * lda + k] * b[k * ldb + j] for MR rows and NR vectors (ACC: add to C). The loops over r
 // and j must unroll for acc to live in registers (GCC leaves MR = 24 rolled, in memory, without the pragmas).
-template <int64_t Chunk, int MR, int NR, bool ACC, typename E>
-static inline void kblock(int kdim, const E* a, const E* b, int64_t ldb, float* c, int64_t ldc) {
+template <int MR, int NR, bool ACC, typename E>
+static inline void kblock(int kdim, const E* a, int64_t lda, const E* b, int64_t ldb, float* c, int64_t ldc) {
   using Op = attn::Operands<V, E>;
   V acc[MR][NR];
 #pragma GCC unroll 32
@@ -71,7 +72,7 @@ static inline void kblock(int kdim, const E* a, const E* b, int64_t ldb, float* 
     for (int j = 0; j < NR; ++j) bv[j] = Op::load_b(b + j * L);
 #pragma GCC unroll 32
     for (int r = 0; r < MR; ++r) {
-      const auto ar = Op::splat(a[r * kLda<Chunk> + k]);
+      const auto ar = Op::splat(a[r * lda + k]);
 #pragma GCC unroll 4
       for (int j = 0; j < NR; ++j) acc[r][j] = Op::madd(ar, bv[j], acc[r][j]);
     }
@@ -85,32 +86,51 @@ static inline void kblock(int kdim, const E* a, const E* b, int64_t ldb, float* 
     }
 }
 
-template <int64_t Chunk, int NR, bool ACC, int MR, typename E>
-static inline void krest(int rows, int kdim, const E* a, const E* b, int64_t ldb, float* c, int64_t ldc) {
+template <int NR, bool ACC, int MR, typename E>
+static inline void krest(int rows, int kdim, const E* a, int64_t lda, const E* b, int64_t ldb, float* c, int64_t ldc) {
   if constexpr (MR > 0) {
-    if (rows == MR) return kblock<Chunk, MR, NR, ACC>(kdim, a, b, ldb, c, ldc);
-    krest<Chunk, NR, ACC, MR - 1>(rows, kdim, a, b, ldb, c, ldc);
+    if (rows == MR) return kblock<MR, NR, ACC>(kdim, a, lda, b, ldb, c, ldc);
+    krest<NR, ACC, MR - 1>(rows, kdim, a, lda, b, ldb, c, ldc);
   }
 }
 
 // C[m][NR * L] (+)= A[m][kdim] B[kdim][NR * L]: blocks of MR rows, the rest as one shorter block.
-template <int64_t Chunk, int NR, bool ACC, typename E>
-static void kstrip(int m, int kdim, const E* a, const E* b, int64_t ldb, float* c, int64_t ldc) {
+template <int NR, bool ACC, typename E>
+static void kstrip(int m, int kdim, const E* a, int64_t lda, const E* b, int64_t ldb, float* c, int64_t ldc) {
   constexpr int MR = kMRFor<NR>;
   int r = 0;
-  for (; r + MR <= m; r += MR) kblock<Chunk, MR, NR, ACC>(kdim, a + r * kLda<Chunk>, b, ldb, c + r * ldc, ldc);
-  if (r < m) krest<Chunk, NR, ACC, MR - 1>(m - r, kdim, a + r * kLda<Chunk>, b, ldb, c + r * ldc, ldc);
+  for (; r + MR <= m; r += MR) kblock<MR, NR, ACC>(kdim, a + r * lda, lda, b, ldb, c + r * ldc, ldc);
+  if (r < m) krest<NR, ACC, MR - 1>(m - r, kdim, a + r * lda, lda, b, ldb, c + r * ldc, ldc);
 }
 
 // One panel: C[m][nvec * L] (+)= A[m][kdim] B[kdim][nvec * L], nvec <= kPanelVecs.
-template <int64_t Chunk, bool ACC, typename E>
-static void kgemm(int m, int nvec, int kdim, const E* a, const E* b, int64_t ldb, float* c, int64_t ldc) {
+template <bool ACC, typename E>
+static void kgemm(int m, int nvec, int kdim, const E* a, int64_t lda, const E* b, int64_t ldb, float* c, int64_t ldc) {
   switch (nvec) {
-    case 1: return kstrip<Chunk, 1, ACC>(m, kdim, a, b, ldb, c, ldc);
-    case 2: return kstrip<Chunk, 2, ACC>(m, kdim, a, b, ldb, c, ldc);
-    case 3: return kstrip<Chunk, 3, ACC>(m, kdim, a, b, ldb, c, ldc);
-    default: return kstrip<Chunk, kPanelVecs, ACC>(m, kdim, a, b, ldb, c, ldc);
+    case 1: return kstrip<1, ACC>(m, kdim, a, lda, b, ldb, c, ldc);
+    case 2: return kstrip<2, ACC>(m, kdim, a, lda, b, ldb, c, ldc);
+    case 3: return kstrip<3, ACC>(m, kdim, a, lda, b, ldb, c, ldc);
+    default: return kstrip<kPanelVecs, ACC>(m, kdim, a, lda, b, ldb, c, ldc);
   }
+}
+
+// Weights the product can read in place: rows of elements E, lda elements apart.
+template <typename E>
+struct Direct {
+  const E* w = nullptr;  // null: every chunk goes through decode
+  int64_t lda = 0;
+};
+
+// Whether a task with nvec vectors of x rows reads Direct rows in place rather than through the scratch: the MR rows of
+// a block must not pile up in L1 sets beyond its 8 ways. Rows 4 KB apart all share one set: with 24 of them (nvec = 1)
+// the product ran 1.7x slower than copying the rows, with 12 1.2x slower (fp32, 1024 and 2048 columns); at most 8 rows
+// a set, in place ran 1.05-1.3x faster than copying, bf16 pairs and fp32, 16-256 rows of x (Zen 4).
+template <typename E>
+static bool in_place(const Direct<E>& d, int nvec) {
+  if (!d.w) return false;
+  const int mr = nvec == 1 ? kMRFor<1> : nvec == 2 ? kMRFor<2> : nvec == 3 ? kMRFor<3> : kMRFor<4>;
+  const int64_t sets = 4096 / std::gcd<int64_t>(d.lda * int64_t(sizeof(E)), 4096);  // L1 sets a block's rows share
+  return mr <= 8 * sets;
 }
 
 // The panels of x^T for m rows and k columns, ke = k / per elements (per: columns per element, kPer).
@@ -182,9 +202,10 @@ static void store_rows(T* out, int64_t ld, int64_t n0, int64_t rows, int64_t r0,
 // C = A B over all n rows of W, Chunk columns at a time (a multiple of 2L): decode(row, c0, c1, dst) writes
 // W[row][c0, c1) (decode order) to dst as elements E; store(n0, rows, r0, nr, c, ldc) takes a task's results:
 // c[j * ldc + i] is output row r0 + i (i < nr), column n0 + j (j < rows), e.g. through store_rows. xt holds
-// pn.size() elements E (transpose_x; for bf16 pairs with pn built for 2 columns per element).
+// pn.size() elements E (transpose_x; for bf16 pairs with pn built for 2 columns per element). Tasks that read direct
+// rows in place (in_place) call decode with a null dst, for its prefetches only.
 template <int64_t Chunk, typename E, typename Decode, typename Store>
-static void gemm(int64_t n, const Panels& pn, const E* xt, Decode&& decode, Store&& store) {
+static void gemm(int64_t n, const Panels& pn, const E* xt, Decode&& decode, Store&& store, Direct<E> direct = {}) {
   static_assert(Chunk % (2 * L) == 0, "chunks start on the 4-bit decode's 2L-column runs");
   constexpr int per = kPer<E>;
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
@@ -194,14 +215,18 @@ static void gemm(int64_t n, const Panels& pn, const E* xt, Decode&& decode, Stor
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t / pn.count * kTileRows, p = t % pn.count, rows = std::min(kTileRows, n - n0);
       const int64_t nr = pn.rows(p);
+      const int nvec = int((nr + L - 1) / L);
+      const bool read_in_place = in_place(direct, nvec);
+      const int64_t lda = read_in_place ? direct.lda : kLda<Chunk>;
       const E* panel = xt + p * pn.ke * pn.width;
       for (int64_t c0 = 0; c0 < pn.k; c0 += Chunk) {
         const int64_t c1 = std::min(pn.k, c0 + Chunk);
-        for (int64_t r = 0; r < rows; ++r) decode(n0 + r, c0, c1, a.ptr + r * kLda<Chunk>);
-        const int nvec = int((nr + L - 1) / L), kdim = int((c1 - c0) / per);
+        for (int64_t r = 0; r < rows; ++r) decode(n0 + r, c0, c1, read_in_place ? nullptr : a.ptr + r * kLda<Chunk>);
+        const E* w = read_in_place ? direct.w + n0 * lda + c0 / per : a.ptr;
+        const int kdim = int((c1 - c0) / per);
         const E* b = panel + c0 / per * pn.width;
-        if (c0 == 0) kgemm<Chunk, false>(int(rows), nvec, kdim, a.ptr, b, pn.width, c.ptr, pn.width);
-        else kgemm<Chunk, true>(int(rows), nvec, kdim, a.ptr, b, pn.width, c.ptr, pn.width);
+        if (c0 == 0) kgemm<false>(int(rows), nvec, kdim, w, lda, b, pn.width, c.ptr, pn.width);
+        else kgemm<true>(int(rows), nvec, kdim, w, lda, b, pn.width, c.ptr, pn.width);
       }
       store(n0, rows, p * pn.width, nr, c.ptr, pn.width);
     }
