@@ -4,7 +4,7 @@
 //   weight element is read from memory once per call while up to kMR rows of x ride along. x is converted once
 //   to fp32 in paired order (attn::load_row_paired), so bf16 weight rows are read with load_pair (one load and
 //   two integer ops per 2W elements, no lane shuffles); kMR x kNR accumulators are reduced across lanes at the
-//   end of k.
+//   end of k. bf16 on avx512bf16 reads x and W as stored and multiplies bf16 pairs (vdpbf16ps) instead.
 // - More rows (batched decoding, verification, prefill): compute-bound, floor = 2 m n k / peak FMA rate. The dot
 //   form's per-output lane reductions and x reloads cost more than the products here, so the product is turned
 //   around: the outer-product GEMM of kernels/outer_gemm.h (shared with the quantized linears), with weight rows
@@ -34,6 +34,9 @@ struct LinearJob {
   using V = typename VecFor<T>::type;
   using A = typename V::value_type;
   static constexpr int W = V::W;
+  // bf16 on avx512bf16: x and W rows are read as they are, 32 bf16 a load, and one vdpbf16ps per x row and weight
+  // row does two fp32 FMAs' work with no widening (x is not converted: xs is null).
+  static constexpr bool kPairs = attn::kPairProducts<T>;
 
   const LinearParams& p;
   const A* xs;  // x in fp32 (fp64 for T = double), paired order, rows of kp elements
@@ -43,7 +46,6 @@ struct LinearJob {
   // y rows [m0, m0 + MR) x columns [n0, n0 + NR).
   template <int MR, int NR>
   void block(int64_t m0, int64_t n0) const {
-    const int64_t k = p.k;
     const T* w[NR];
     for (int c = 0; c < NR; ++c) w[c] = static_cast<const T*>(p.w) + (n0 + c) * p.w_stride;
     // Short weight rows (a few hundred elements) end before the hardware prefetchers ramp up on them: the dot form
@@ -51,14 +53,37 @@ struct LinearJob {
     // the same columns kPfRows rows ahead, into L2.
     const char* ahead = m0 == 0 && n0 + kPfRows + NR <= p.n
                             ? reinterpret_cast<const char*>(w[0] + kPfRows * p.w_stride) : nullptr;
-    const int64_t row_bytes = p.w_stride * int64_t(sizeof(T));
+    const auto prefetch_ahead = [&](int64_t e, int64_t elems) {
+      if (ahead)
+        for (int c = 0; c < NR; ++c)
+          prefetch_l2_span(ahead + (c * p.w_stride + e) * int64_t(sizeof(T)), elems * int64_t(sizeof(T)));
+    };
+    A out[MR * NR];
+#if defined(LLMKERN_ISA_AVX512BF16)
+    if constexpr (kPairs) pair_sums<MR, NR>(m0, w, prefetch_ahead, out);
+    else
+#endif
+      sums<MR, NR>(m0, w, prefetch_ahead, out);
+    for (int r = 0; r < MR; ++r) {
+      T* y = static_cast<T*>(p.y) + (m0 + r) * p.y_stride + n0;
+      for (int c = 0; c < NR; ++c) {
+        A v = out[r * NR + c];
+        if (p.bias) v += ScalarVec<A>::load(static_cast<const T*>(p.bias) + n0 + c).v;
+        ScalarVec<A>{v}.store(y + c);
+      }
+    }
+  }
+
+  // out[r * NR + c] = x row m0 + r . W row c, in fp32 FMAs over the converted x.
+  template <int MR, int NR, typename Prefetch>
+  void sums(int64_t m0, const T* const* w, Prefetch&& prefetch_ahead, A* out) const {
+    const int64_t k = p.k;
     const A* x[MR];
     for (int r = 0; r < MR; ++r) x[r] = xs + (m0 + r) * kp;
     V acc[MR * NR];
     for (int i = 0; i < MR * NR; ++i) acc[i] = V::zero();
     for (int e = 0; e < k2; e += 2 * W) {
-      if (ahead)
-        for (int c = 0; c < NR; ++c) prefetch_l2_span(ahead + c * row_bytes + e * int64_t(sizeof(T)), 2 * W * sizeof(T));
+      prefetch_ahead(e, 2 * W);
       V wa[NR], wb[NR];
       for (int c = 0; c < NR; ++c) load_pair(w[c] + e, wa[c], wb[c]);
       for (int r = 0; r < MR; ++r) {
@@ -74,22 +99,37 @@ struct LinearJob {
         for (int c = 0; c < NR; ++c) acc[r * NR + c] = fmadd(xv, wv[c], acc[r * NR + c]);
       }
     }
-    A out[MR * NR];
     reduce_add_each<MR * NR>(acc, out);
     for (int64_t e = kfull; e < k; ++e)
       for (int c = 0; c < NR; ++c) {
         const A wv = ScalarVec<A>::load(w[c] + e).v;
         for (int r = 0; r < MR; ++r) out[r * NR + c] += x[r][e] * wv;
       }
-    for (int r = 0; r < MR; ++r) {
-      T* y = static_cast<T*>(p.y) + (m0 + r) * p.y_stride + n0;
-      for (int c = 0; c < NR; ++c) {
-        A v = out[r * NR + c];
-        if (p.bias) v += ScalarVec<A>::load(static_cast<const T*>(p.bias) + n0 + c).v;
-        ScalarVec<A>{v}.store(y + c);
-      }
-    }
   }
+
+#if defined(LLMKERN_ISA_AVX512BF16)
+  // sums over bf16 pairs: x and W rows as stored, the last partial 32 columns through masked loads (zeros beyond k).
+  template <int MR, int NR, typename Prefetch>
+  void pair_sums(int64_t m0, const T* const* w, Prefetch&& prefetch_ahead, A* out) const {
+    const int64_t k = p.k;
+    const T* x[MR];
+    for (int r = 0; r < MR; ++r) x[r] = static_cast<const T*>(p.x) + (m0 + r) * p.x_stride;
+    V acc[MR * NR];
+    for (int i = 0; i < MR * NR; ++i) acc[i] = V::zero();
+    const auto step = [&](int64_t e, __mmask32 in) {
+      Bf16x32 wv[NR];
+      for (int c = 0; c < NR; ++c) wv[c] = Bf16x32::load(w[c] + e, in);
+      for (int r = 0; r < MR; ++r) {
+        const Bf16x32 xv = Bf16x32::load(x[r] + e, in);
+        for (int c = 0; c < NR; ++c) acc[r * NR + c] = dot_pairs(acc[r * NR + c], xv, wv[c]);
+      }
+    };
+    int64_t e = 0;
+    for (; e + 32 <= k; e += 32) prefetch_ahead(e, 32), step(e, ~__mmask32(0));
+    if (e < k) step(e, Bf16x32::first(int(k - e)));
+    reduce_add_each<MR * NR>(acc, out);
+  }
+#endif
 
   // Weight rows [n0, n1) against x rows [m0, m0 + MR).
   template <int MR>
@@ -117,11 +157,12 @@ void run_dot(const LinearParams& p) {
   using V = typename Job::V;
   using A = typename Job::A;
   const int64_t kp = attn::padded<V>(int(p.k));
-  attn::Scratch<A> xs(size_t(p.m * kp));
-  parallel_for(0, p.m, grain_for(p.k * int64_t(sizeof(T))), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      attn::load_row_paired<V>(static_cast<const T*>(p.x) + r * p.x_stride, int(p.k), A(1), xs.ptr + r * kp, int(kp));
-  });
+  attn::Scratch<A> xs(Job::kPairs ? 1 : size_t(p.m * kp));
+  if (!Job::kPairs)
+    parallel_for(0, p.m, grain_for(p.k * int64_t(sizeof(T))), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        attn::load_row_paired<V>(static_cast<const T*>(p.x) + r * p.x_stride, int(p.k), A(1), xs.ptr + r * kp, int(kp));
+    });
   const Job job{p, xs.ptr, kp, attn::paired<V>(int(p.k)), int(p.k / V::W * V::W)};
   const int64_t tiles = (p.n + kNT - 1) / kNT;
   parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
@@ -169,13 +210,15 @@ void run_outer(const LinearParams& p) {
 // output, amortized over k, while the outer form pays for x rows padded to whole vectors. In fp32 FMAs (fp32, fp16,
 // bf16 without pair products) from 32 rows, or from 16 when rows are short. Measured (bench/RESULTS.md): 1.30x the
 // dot form at 16 x 8192 x 320, 1.63x at 512 x 864 x 320, 1.18x at 64 x 4096 x 4096; the dot form was faster at
-// 20 x 1024 x 1024 and 16 x 4096 x 2048. Over bf16 pairs (avx512bf16, k even: one vdpbf16ps per two FMAs) the outer
-// form wins much earlier: from 12 rows at any k, from 8 when k <= 1024 (Zen 4, dot time / outer time at 8 / 12 / 16
-// rows, n x k: 1.31 / 1.64 / 2.46 at 864 x 320, 1.52 / 2.25 / 2.95 at 8192 x 320, 0.67 / 0.99 / 1.23 at 4096 x 4096).
+// 20 x 1024 x 1024 and 16 x 4096 x 2048. Over bf16 pairs (avx512bf16, k even: x and W read as stored, one vdpbf16ps
+// per two FMAs) the dot form keeps up with the outer one to 128 rows at k >= 864 (Zen 4, dot time / outer time at
+// 16 / 32 / 64 / 128 rows, n x k: 0.64 / 0.77 / 1.11 / 1.16 at 4096 x 4096, 0.66 / 0.68 / 0.68 / 0.82 at 512 x 2048,
+// 0.83 / 0.94 / 0.97 / 1.02 at 320 x 864), while short rows favour the outer form from 16 (1.09 / 1.35 / 1.39 / 1.45
+// at 864 x 320, 1.26 / 1.44 / 1.51 / 1.53 at 8192 x 320).
 template <typename T>
 bool outer_form(int64_t m, int64_t k) {
   if constexpr (attn::kPairProducts<T>)
-    if (k % 2 == 0) return m >= 12 || (m >= 8 && k <= 1024);
+    if (k % 2 == 0) return k <= 512 ? m >= 16 : m >= 128;
   return !std::is_same_v<T, double> && (m >= 32 || (m >= 16 && k <= 512));  // fp64 (gradcheck): the dot form
 }
 
