@@ -199,7 +199,7 @@ static void store_rows(T* out, int64_t ld, int64_t n0, int64_t rows, int64_t r0,
   }
 }
 
-// C = A B over all n rows of W, Chunk columns at a time (a multiple of 2L): decode(row, c0, c1, dst) writes
+// C = A B over all n rows of W, at most Chunk columns at a time (a multiple of 2L): decode(row, c0, c1, dst) writes
 // W[row][c0, c1) (decode order) to dst as elements E; store(n0, rows, r0, nr, c, ldc) takes a task's results:
 // c[j * ldc + i] is output row r0 + i (i < nr), column n0 + j (j < rows), e.g. through store_rows. xt holds
 // pn.size() elements E (transpose_x; for bf16 pairs with pn built for 2 columns per element). Tasks that read direct
@@ -211,7 +211,8 @@ static void gemm(int64_t n, const Panels& pn, const E* xt, Decode&& decode, Stor
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   // As few chunks as Chunk allows, of equal width (whole 2L runs): k = 514 in 272 + 242, not 512 + 2, so no fp32
   // chain is longer than it must be (chains of 512 erred 2-3x PyTorch's there, of 272 1.4-1.9x).
-  const int64_t chunks = (pn.k + Chunk - 1) / Chunk, step = ((pn.k + chunks - 1) / chunks + 2 * L - 1) / (2 * L) * (2 * L);
+  const int64_t chunks = (pn.k + Chunk - 1) / Chunk;
+  const int64_t step = ((pn.k + chunks - 1) / chunks + 2 * L - 1) / (2 * L) * (2 * L);
   parallel_for(0, tiles * pn.count, 1, [&](int64_t t0, int64_t t1) {
     attn::Scratch<E> a(size_t(kTileRows * kLda<Chunk>));
     attn::Scratch<float> c(size_t(kTileRows * pn.width));

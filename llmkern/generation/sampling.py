@@ -5,7 +5,7 @@ Each row carries its own SamplingParams. The processing order and semantics are 
 and output tokens), then, when sampling, temperature, top-k, top-p, min-p (the *LogitsWarper classes). vLLM's
 presence and frequency penalties (OpenAI semantics, over output tokens only) follow the repetition penalty, as in
 vLLM's `apply_penalties`. temperature == 0 is greedy: the argmax of the penalized logits (llmkern.ops.argmax: on the
-CPU a compiled pass, ~19x torch.argmax over 16 rows of bf16 logits).
+CPU a compiled pass, ~20x torch.argmax over 16 rows of bf16 logits).
 Sampling is by inverse CDF with one uniform number per row, drawn from the request's own torch.Generator when it
 has a seed, so a seeded request's tokens depend only on its seed and its own logits, never on the other rows.
 Top-k and top-p work on the top-k candidates of each row instead of sorting the whole vocabulary (a 128k sort

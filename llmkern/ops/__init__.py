@@ -36,7 +36,6 @@ from llmkern.ops.quant import (
     quantize_nf4,
     quantize_nf4_ref,
 )
-from llmkern.ops.sampling import argmax, argmax_ref
 from llmkern.ops.rope import (
     apply_rotary_emb,
     rope_cos_sin_cache,
@@ -46,6 +45,7 @@ from llmkern.ops.rope import (
     rotary_embedding_,
     rotary_embedding_ref,
 )
+from llmkern.ops.sampling import argmax, argmax_ref
 
 __all__ = [
     "argmax",
