@@ -173,7 +173,8 @@ void run_dot(const LinearParams& p) {
 // Outer form (kernels/outer_gemm.h): weight rows converted to fp32 chunk by chunk, x^T in natural column order;
 // or, for bf16 with pair products (E = attn::Bf16Pair, k even), bf16 rows as they are (adjacent elements are the
 // pairs). fp32 rows, and bf16 rows as pairs, are read in place where outer::in_place allows, else copied to the
-// scratch. 512-column chunks: 256 measured slower on long rows, 1024 on short ones (a 100 KB scratch instead of 50 KB).
+// scratch. Chunks of at most 512 columns: 256 measured slower on long rows, 1024 on short ones (a 100 KB scratch
+// instead of 50 KB).
 constexpr int64_t kOuterChunk = 512;
 
 template <typename T, typename E = float>

@@ -8,7 +8,7 @@
 //
 // x^T is stored in panels of up to kPanel rows of x, panel p = xt[p][k][pw] (pw = the panel width, whole
 // vectors, zero rows beyond m). Work: parallel over (tile of kTileRows rows of W, panel), panels inner so a
-// thread's consecutive tasks find the tile's weights in cache. Per task and chunk of Chunk columns, the
+// thread's consecutive tasks find the tile's weights in cache. Per task and chunk of at most Chunk columns, the
 // caller's decode writes the tile's rows to an fp32 scratch (L2 resident), then a register-blocked product (MR
 // rows of W x NR vectors of x rows) accumulates into an fp32 [kTileRows][pw] block, which the caller's store
 // turns into output elements. Weights already in the product's element type (fp32, or bf16 rows as bf16 pairs) can

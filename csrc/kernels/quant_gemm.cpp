@@ -94,8 +94,8 @@ struct Dec {
 };
 #endif
 
-// Columns per decode chunk (a multiple of 2L): long runs per row of packed bytes (512 bytes) measured faster than
-// 256 and 512 columns, whose short runs the hardware prefetchers miss.
+// Most columns per decode chunk (a multiple of 2L; outer::gemm splits k into equal chunks): long runs per row of
+// packed bytes (512 bytes) measured faster than 256 and 512 columns, whose short runs the hardware prefetchers miss.
 constexpr int64_t kChunk = 1024;
 
 constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
