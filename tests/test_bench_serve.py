@@ -131,7 +131,7 @@ def test_failures_are_counted_not_raised(fake_server, tokenizer):
     assert (rep.completed, rep.failed, rep.output_tokens, rep.input_tokens) == (2, 2, 6, 16)
     assert any(e.startswith("HTTP 400") for e in rep.errors) and any("[DONE]" in e for e in rep.errors)
     dead = bs.summarize(asyncio.run(bs.run_requests(f"http://127.0.0.1:{bs.free_port()}", "fake", prompts[:2], 3)))
-    assert (dead.completed, dead.failed) == (0, 2) and all(e.startswith("ConnectError") for e in dead.errors)
+    assert (dead.completed, dead.failed) == (0, 2) and all(e.startswith("ClientConnectorError") for e in dead.errors)
     assert math.isnan(dead.ttft.mean_ms)
 
 

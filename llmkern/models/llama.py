@@ -246,7 +246,9 @@ class LlamaForCausalLM(nn.Module):
         if len(kv_caches) != self.config.num_layers:
             raise ValueError(f"kv_caches: expected {self.config.num_layers} (k, v) pairs, got {len(kv_caches)}")
         hidden = self._decode(batch.input_ids, batch.positions, batch.attn, kv_caches)
-        return self.lm_head(hidden[batch.logits_indices])
+        # index_select, not hidden[indices]: ATen's advanced indexing starts an OpenMP region even for a decode
+        # step's few rows, waking torch's threads while llmkern's own pool runs the kernels (csrc/cpu/parallel.cpp).
+        return self.lm_head(hidden.index_select(0, batch.logits_indices))
 
 
 def _packed_positions(input_ids: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, int]:

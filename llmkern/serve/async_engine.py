@@ -53,6 +53,11 @@ class RequestStream:
         return item
 
 
+def _put_all(delivered: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, out in delivered:
+        stream.put(out)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -152,13 +157,17 @@ class AsyncEngine:
                         self._finish(request_id, e)
                 for request_id in aborts:
                     engine.abort_request(request_id)
-                for out in engine.step():
-                    with self._lock:
+                delivered = []
+                outputs = engine.step()
+                with self._lock:
+                    for out in outputs:
                         stream = self._streams.get(out.request_id)
                         if out.finished:
                             self._streams.pop(out.request_id, None)
-                    if stream is not None:
-                        self._deliver(stream, out)
+                        if stream is not None:
+                            delivered.append((stream, out))
+                if delivered:  # one wake-up of the event loop a step, not one a request
+                    self._loop.call_soon_threadsafe(_put_all, delivered)
         except BaseException as e:  # the engine is unusable: fail every open request, /health turns 503
             log.exception("engine loop failed")
             self.error = e

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="most requests waiting; more get HTTP 429")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt blocks")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads of the model's kernels (default: torch's "
-                   "thread count, less one core left to the HTTP front end)")
+                   "thread count)")
     add_dtype_and_quant_arguments(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, how long running requests may take to finish (default 30)")
@@ -88,18 +87,17 @@ def _speculation(args, model_is_demo: bool) -> dict:
 
 
 def engine_threads(requested: int | None) -> int:
-    """The kernels' thread count. By default one core is left to the event loop (HTTP parsing, SSE writes) and
-    to clients on the same machine: when every core runs a kernel thread, each of a step's parallel regions waits
-    for a thread the front end has descheduled. Measured on 2 cores (bench/RESULTS.md, serving): batch-1 time per
-    output token 3.9-5.6 ms on 2 threads against 1.8-2.8 ms on 1, output tokens/s at concurrency 16 alike."""
+    """The kernels' thread count: torch's (every core) unless --threads says otherwise. The event loop and local
+    clients need a share of those cores too; llmkern's kernels give a descheduled thread's parts to the others
+    rather than wait for it (csrc/cpu/parallel.cpp). Measured on 2 cores (bench/RESULTS.md, serving): at
+    concurrency 16, 2 threads gave 1.2-1.4x the output tokens/s of 1; at batch 1 the same time per output token."""
     import torch
 
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads: expected >= 1, got {requested}")
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cores - 1))
+    return torch.get_num_threads()
 
 
 def engine_config(args):

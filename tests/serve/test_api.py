@@ -277,18 +277,13 @@ def test_serve_flags_resolve_to_an_engine_config(tiny_checkpoint):
             engine_config(_serve_args(*argv))
 
 
-def test_serve_threads_leave_a_core_to_the_front_end(monkeypatch):
+def test_serve_threads_default_to_torchs(monkeypatch):
     import torch
 
     from llmkern.serve.server import engine_threads
 
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    assert engine_threads(None) == 3 and engine_threads(4) == 4
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # OMP_NUM_THREADS=2 or torch.set_num_threads(2)
-    assert engine_threads(None) == 2
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert engine_threads(None) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # OMP_NUM_THREADS=4 or torch.set_num_threads(4)
+    assert engine_threads(None) == 4 and engine_threads(1) == 1
     with pytest.raises(ValueError, match="--threads: expected >= 1, got 0"):
         engine_threads(0)
 
