@@ -162,6 +162,10 @@ def _row_values(params, name, device, dtype=torch.float32):
     return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
 
 
+def _penalized(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
 def apply_penalties(logits, params, prompt_ids=None, output_ids=None) -> torch.Tensor:
     """Repetition penalty over prompt + output tokens (transformers: a seen token's logit is divided by the
     penalty when positive, multiplied when negative), then vLLM's frequency and presence penalties over output
@@ -170,10 +174,10 @@ def apply_penalties(logits, params, prompt_ids=None, output_ids=None) -> torch.T
     batch, vocab = logits.shape
     empty = [[] for _ in range(batch)]
     prompt_ids, output_ids = prompt_ids or empty, output_ids or empty
+    if not any(map(_penalized, params)):
+        return logits.float()
     repetition = [p.repetition_penalty != 1.0 for p in params]
     counted = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
-    if not any(repetition) and not any(counted):
-        return logits.float()
     flat = logits.float().flatten().clone()  # the caller's logits are never modified
     if any(repetition):
         seen = [[*_as_list(a), *_as_list(b)] if on else [] for a, b, on in zip(prompt_ids, output_ids, repetition)]
@@ -325,6 +329,9 @@ def sample_with_probabilities(logits, params, prompt_ids=None, output_ids=None, 
     """`sample`, and the distribution each row drew from ([B, V], None when every row is greedy: then no
     distribution is computed). Speculative decoding's draft keeps it as q."""
     if all(p.greedy for p in params):
+        if not any(map(_penalized, params)):
+            _check_inputs(logits, params, prompt_ids, output_ids)
+            return argmax(logits), None  # widening to fp32 would change no order: the logits as they are
         return argmax(apply_penalties(logits, params, prompt_ids, output_ids)), None
     probs = probabilities(logits, params, prompt_ids, output_ids)
     greedy = torch.tensor([p.greedy for p in params], device=probs.device)

@@ -282,7 +282,11 @@ class Engine:
             row += 1 + len(draft.tokens)
         emitted: dict[Sequence, list[int]] = {}
         if plain:
-            rows = logits[torch.tensor(plain_rows, device=logits.device)]
+            rows = logits  # a decode step's rows are all of them, in order: no copy
+            if plain_rows != list(range(logits.shape[0])):
+                # index_select, not logits[rows]: advanced indexing starts an OpenMP region (torch's threads,
+                # idle since llmkern's kernels run on their own pool) for a handful of rows.
+                rows = logits.index_select(0, torch.tensor(plain_rows, device=logits.device))
             for seq, token in zip(plain, self._sample(plain, rows)):
                 emitted[seq] = [token]
         if speculated:
@@ -346,7 +350,7 @@ class Engine:
             return
         index = torch.tensor(rows, device=logits.device)
         num_top = max(seqs[i].stream.params.logprobs for i in rows)
-        lp = compute_logprobs(logits[index], tokens[index], num_top)
+        lp = compute_logprobs(logits.index_select(0, index), tokens.index_select(0, index), num_top)
         token, rank, top, top_ids = lp.token.tolist(), lp.rank.tolist(), lp.top.tolist(), lp.top_ids.tolist()
         for j, i in enumerate(rows):
             k = seqs[i].stream.params.logprobs
@@ -359,7 +363,7 @@ class Engine:
         drafts = [draft for _, draft, _ in speculated]
         rows = torch.tensor([r for _, d, row in speculated for r in range(row, row + 1 + len(d.tokens))],
                             device=logits.device)
-        target = logits[rows]
+        target = logits.index_select(0, rows)
         out, at = {}, 0
         for seq, draft, tokens in zip(seqs, drafts, verify(target, drafts, seqs)):
             accepted = len(tokens) - 1
