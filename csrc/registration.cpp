@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "cpu/vec/dispatch.h"
+#include "kernels/parallel.h"
 
 namespace {
 
@@ -19,6 +20,14 @@ void set_cpu_isa(const std::string& name) {
   }
 }
 
+void set_parallel_backend(const std::string& name) {
+  try {
+    llmkern::set_parallel_backend(name);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llmkern, m) {
@@ -26,6 +35,9 @@ TORCH_LIBRARY(llmkern, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("supported_cpu_isas() -> str[]", &llmkern::supported_cpu_isas);
   m.def("set_cpu_isa(str isa) -> ()", &set_cpu_isa);
+  // The kernels' threads: "openmp" (torch's, the default) or "pool" (llmkern's own; csrc/cpu/parallel.cpp).
+  m.def("parallel_backend() -> str", &llmkern::parallel_backend);
+  m.def("set_parallel_backend(str backend) -> ()", &set_parallel_backend);
 
   // RMSNorm over the last dim: returns (out, rstd); rstd [rows] is saved for the backward.
   m.def("rms_norm(Tensor x, Tensor? weight, float eps, bool weight_offset) -> (Tensor, Tensor)");

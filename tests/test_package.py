@@ -75,3 +75,19 @@ def test_cpu_isa_env_unknown_is_clear_error_at_first_use():
     proc = run_python("import llmkern.ops as lk; lk.cpu_isa()", LLMKERN_CPU_ISA="sse9")
     assert proc.returncode != 0
     assert "expected one of scalar, avx2, avx512, avx512bf16, got 'sse9'" in proc.stderr
+
+
+def test_extension_links_openmp_so_parallel_for_is_parallel():
+    # at::parallel_for's OpenMP backend (llmkern's default parallel backend) is compiled into our own objects:
+    # built without OpenMP it quietly runs every kernel on one thread. The extension must need libgomp (resolved
+    # to torch's copy).
+    import shutil
+
+    import llmkern._C as C
+
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch is not built with the OpenMP parallel backend")
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf not found")
+    dynamic = subprocess.run(["readelf", "-d", C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libgomp" in dynamic

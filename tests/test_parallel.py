@@ -1,6 +1,8 @@
-"""llmkern's thread pool (csrc/cpu/parallel.cpp): sized by torch.set_num_threads, its workers really compute, and it
+"""The kernels' parallel backends (csrc/cpu/parallel.cpp): torch's OpenMP threads by default, llmkern's own pool on
+request. The pool is sized by torch.set_num_threads, its workers really compute, its results equal OpenMP's, and it
 stays correct with several calling threads and across fork()."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,13 +16,52 @@ import llmkern.ops as lk
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
 
 
+@contextlib.contextmanager
+def backend(name: str):
+    previous = lk.parallel_backend()
+    lk.set_parallel_backend(name)
+    try:
+        yield
+    finally:
+        lk.set_parallel_backend(previous)
+
+
 def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_backend_default_switch_and_bad_name():
+    assert run_python("import llmkern.ops as lk; print(lk.parallel_backend())").stdout.split() == ["openmp"]
+    with backend("pool"):
+        assert lk.parallel_backend() == "pool"
+    with pytest.raises(ValueError, match="parallel backend: expected 'openmp' or 'pool', got 'tbb'"):
+        lk.set_parallel_backend("tbb")
+    assert lk.parallel_backend() == "openmp"
+
+
+def test_pool_results_equal_openmps():
+    # Both split a call into the same parts, so even partition-dependent sums agree bit for bit.
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(37, 1030, generator=gen), torch.randn(700, 1030, generator=gen)
+    q, k, v = (torch.randn(2, 75, 4, 64, generator=gen, requires_grad=True) for _ in range(3))
+    logits = torch.randn(9, 5000, generator=gen).bfloat16()
+
+    def run():
+        out = lk.flash_attn_func(q, k, v, causal=True)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        return [lk.linear(x, w), lk.linear(x[:3], w), out, *grads, lk.argmax(logits), lk.rms_norm(x, w[0])]
+
+    want = run()
+    with backend("pool"):
+        got = run()
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
 
 
 POOL_THREADS = """
 import os, torch, llmkern.ops as lk
 torch.set_num_threads({threads})
+lk.set_parallel_backend("pool")
 x, w = torch.randn(256, 1024), torch.randn(1024, 1024)
 for _ in range(20):
     lk.linear(x, w)
@@ -34,7 +75,7 @@ print(len(pool), sum(cpu_ticks(t) for t in pool))
 
 @linux_only
 @pytest.mark.parametrize("threads", [1, 3])
-def test_workers_follow_torch_thread_count_and_compute(threads):
+def test_pool_workers_follow_torch_thread_count_and_compute(threads):
     proc = run_python(POOL_THREADS.format(threads=threads))
     assert proc.returncode == 0, proc.stderr
     workers, ticks = map(int, proc.stdout.split())
@@ -43,7 +84,7 @@ def test_workers_follow_torch_thread_count_and_compute(threads):
         assert ticks > 0, "the pool's workers never ran a part"
 
 
-def test_concurrent_callers_get_their_own_results():
+def test_pool_concurrent_callers_get_their_own_results():
     # One caller at a time owns the pool; the others run their kernels on their own thread.
     gen = torch.Generator().manual_seed(0)
     inputs = [(torch.randn(37, 300, generator=gen), torch.randn(500, 300, generator=gen)) for _ in range(4)]
@@ -54,21 +95,23 @@ def test_concurrent_callers_get_their_own_results():
         for _ in range(25):
             got[i].append(lk.linear(*inputs[i]))
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with backend("pool"):
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     for want, outs in zip(expected, got):
         assert len(outs) == 25 and all(torch.equal(out, want) for out in outs)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork()")
-def test_forked_child_runs_kernels():
+def test_pool_forked_child_runs_kernels():
     # The child has none of the parent's worker threads: it must start its own pool, not wait for ghosts.
     code = """
 import os, torch, llmkern.ops as lk
 torch.set_num_threads(2)
+lk.set_parallel_backend("pool")
 x, w = torch.randn(64, 512), torch.randn(512, 512)
 want = lk.linear(x, w)
 pid = os.fork()

@@ -1,16 +1,19 @@
-// Threading for kernel cores without ATen headers: forwards to at::parallel_for (csrc/cpu/parallel.cpp),
-// so torch.set_num_threads governs llmkern too.
+// Threading for kernel cores without ATen headers: at::parallel_for or llmkern's own pool (csrc/cpu/parallel.cpp),
+// both sized by torch.set_num_threads.
 #pragma once
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace llmkern {
 
 // Calls fn(begin, end) on disjoint sub-ranges of [begin, end), each at least `grain` long but the last.
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 int max_threads();
+std::string parallel_backend();                      // "openmp" or "pool"
+void set_parallel_backend(const std::string& name);  // std::invalid_argument for any other name
 
 // Rows per task such that one task moves roughly `bytes_per_task` bytes (amortises task overhead).
 inline int64_t grain_for(int64_t bytes_per_row, int64_t bytes_per_task = 64 * 1024) {

@@ -1,4 +1,5 @@
-"""Which CPU ISA path the kernels use (scalar, avx2, avx512, avx512bf16); LLMKERN_CPU_ISA sets it at start-up."""
+"""Which CPU ISA path the kernels use (scalar, avx2, avx512, avx512bf16; LLMKERN_CPU_ISA sets it at start-up), and
+which threads run them (the parallel backend)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,17 @@ def use_cpu_isa(isa: str):
         yield
     finally:
         set_cpu_isa(previous)
+
+
+def parallel_backend() -> str:
+    """The kernels' threads: "openmp" (torch's OpenMP threads, the default) or "pool" (llmkern's own)."""
+    return ops().parallel_backend()
+
+
+def set_parallel_backend(backend: str) -> None:
+    """Runs the CPU kernels on "openmp" (torch's threads: kernels and torch's ops share one team, best when they
+    interleave, as in training) or "pool" (llmkern's own workers, which hand a descheduled thread's work to the
+    others instead of waiting for it at every kernel: best when other busy threads share the cores, as the HTTP
+    front end and local clients do in `llmkern serve`). Both use torch.get_num_threads() threads. ValueError for
+    any other name."""
+    ops().set_parallel_backend(backend)

@@ -88,9 +88,9 @@ def _speculation(args, model_is_demo: bool) -> dict:
 
 def engine_threads(requested: int | None) -> int:
     """The kernels' thread count: torch's (every core) unless --threads says otherwise. The event loop and local
-    clients need a share of those cores too; llmkern's kernels give a descheduled thread's parts to the others
-    rather than wait for it (csrc/cpu/parallel.cpp). Measured on 2 cores (bench/RESULTS.md, serving): at
-    concurrency 16, 2 threads gave 1.2-1.4x the output tokens/s of 1; at batch 1 the same time per output token."""
+    clients need a share of those cores too; on llmkern's pool (which serve() picks) a kernel gives a descheduled
+    thread's parts to the others rather than wait for it. Measured on 2 cores (bench/RESULTS.md, serving): 2
+    threads against 1, output tokens/s at concurrency 16 1.07-1.2x, time per output token at batch 1 alike."""
     import torch
 
     if requested is not None:
@@ -210,12 +210,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from llmkern.ops import set_parallel_backend
     from llmkern.serve.api import build_app
     from llmkern.serve.engine import Engine
 
     # Before any thread runs a kernel: ATen threads take the global count at their first parallel region.
     torch.set_num_threads(threads)
-    log.info("kernel threads: %d (--threads)", threads)
+    # The event loop and local clients share the kernels' cores: llmkern's pool does not wait for a thread they
+    # have descheduled (llmkern.ops.set_parallel_backend).
+    set_parallel_backend("pool")
+    log.info("kernel threads: %d (--threads), llmkern's pool", threads)
 
     def load():
         return Engine.from_pretrained(args.model, config, dtype=dtype, quant=args.quant)
