@@ -95,6 +95,15 @@ def available_memory(device: torch.device) -> int:
     raise RuntimeError("available memory unknown (no MemAvailable in /proc/meminfo): pass kv_cache_memory")
 
 
+def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The given rows of logits: logits itself when they are all its rows in order (a decode step's), else a copy by
+    index_select. Not logits[rows]: advanced indexing starts an OpenMP region, whose threads are cold and then
+    spin on the cores llmkern's pool needs (`llmkern serve` runs the kernels there)."""
+    if rows == list(range(logits.shape[0])):
+        return logits
+    return logits.index_select(0, torch.tensor(rows, device=logits.device))
+
+
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer | None = None, generation_config: GenerationConfig | None = None,
                  config: EngineConfig | None = None, draft_model=None):
@@ -282,12 +291,7 @@ class Engine:
             row += 1 + len(draft.tokens)
         emitted: dict[Sequence, list[int]] = {}
         if plain:
-            rows = logits  # a decode step's rows are all of them, in order: no copy
-            if plain_rows != list(range(logits.shape[0])):
-                # index_select, not logits[rows]: advanced indexing starts an OpenMP region (torch's threads,
-                # idle since llmkern's kernels run on their own pool) for a handful of rows.
-                rows = logits.index_select(0, torch.tensor(plain_rows, device=logits.device))
-            for seq, token in zip(plain, self._sample(plain, rows)):
+            for seq, token in zip(plain, self._sample(plain, _rows(logits, plain_rows))):
                 emitted[seq] = [token]
         if speculated:
             emitted.update(self._verify(speculated, logits))
@@ -361,9 +365,7 @@ class Engine:
         """Exact speculative sampling over each sequence's 1 + k rows of target logits."""
         seqs = [seq for seq, _, _ in speculated]
         drafts = [draft for _, draft, _ in speculated]
-        rows = torch.tensor([r for _, d, row in speculated for r in range(row, row + 1 + len(d.tokens))],
-                            device=logits.device)
-        target = logits.index_select(0, rows)
+        target = _rows(logits, [r for _, d, row in speculated for r in range(row, row + 1 + len(d.tokens))])
         out, at = {}, 0
         for seq, draft, tokens in zip(seqs, drafts, verify(target, drafts, seqs)):
             accepted = len(tokens) - 1
