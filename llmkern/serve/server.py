@@ -88,7 +88,7 @@ def _speculation(args, model_is_demo: bool) -> dict:
 
 def engine_threads(requested: int | None) -> int:
     """The kernels' thread count: torch's (every core) unless --threads says otherwise. The event loop and local
-    clients need a share of those cores too; on llmkern's pool (which serve() picks) a kernel gives a descheduled
+    clients need a share of those cores too; on llmkern's pool (which run() picks) a kernel gives a descheduled
     thread's parts to the others rather than wait for it. Measured on 2 cores (bench/RESULTS.md, serving): 2
     threads against 1, output tokens/s at concurrency 16 1.07-1.2x, time per output token at batch 1 alike."""
     import torch
