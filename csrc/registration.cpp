@@ -20,9 +20,9 @@ void set_cpu_isa(const std::string& name) {
   }
 }
 
-void set_parallel_backend(const std::string& name) {
+void set_parallel_backend(const std::string& name, int64_t num_threads) {
   try {
-    llmkern::set_parallel_backend(name);
+    llmkern::set_parallel_backend(name, num_threads);
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, e.what());
   }
@@ -37,7 +37,7 @@ TORCH_LIBRARY(llmkern, m) {
   m.def("set_cpu_isa(str isa) -> ()", &set_cpu_isa);
   // The kernels' threads: "openmp" (torch's, the default) or "pool" (llmkern's own; csrc/cpu/parallel.cpp).
   m.def("parallel_backend() -> str", &llmkern::parallel_backend);
-  m.def("set_parallel_backend(str backend) -> ()", &set_parallel_backend);
+  m.def("set_parallel_backend(str backend, int num_threads=0) -> ()", &set_parallel_backend);
 
   // RMSNorm over the last dim: returns (out, rstd); rstd [rows] is saved for the backward.
   m.def("rms_norm(Tensor x, Tensor? weight, float eps, bool weight_offset) -> (Tensor, Tensor)");

@@ -1,6 +1,6 @@
 """The kernels' parallel backends (csrc/cpu/parallel.cpp): torch's OpenMP threads by default, llmkern's own pool on
-request. The pool is sized by torch.set_num_threads, its workers really compute, its results equal OpenMP's, and it
-stays correct with several calling threads and across fork()."""
+request. The pool is sized by torch.set_num_threads or its own count, its workers really compute, its results equal
+OpenMP's, and it stays correct with several calling threads and across fork()."""
 
 import contextlib
 import os
@@ -30,13 +30,28 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
-def test_backend_default_switch_and_bad_name():
+def test_backend_default_switch_and_bad_arguments():
     assert run_python("import llmkern.ops as lk; print(lk.parallel_backend())").stdout.split() == ["openmp"]
     with backend("pool"):
-        assert lk.parallel_backend() == "pool"
+        assert lk.parallel_backend() == "pool" and lk.kernel_threads() == torch.get_num_threads()
     with pytest.raises(ValueError, match="parallel backend: expected 'openmp' or 'pool', got 'tbb'"):
         lk.set_parallel_backend("tbb")
+    with pytest.raises(ValueError, match="num_threads: expected 0..4096, got 5000"):
+        lk.set_parallel_backend("pool", 5000)
     assert lk.parallel_backend() == "openmp"
+
+
+def test_pool_with_more_threads_than_torch_takes_every_linear():
+    # `llmkern serve`: the kernels on the pool's threads, torch's own ops on one; torch's GEMM is then no match.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        lk.set_parallel_backend("pool", 2)
+        assert lk.kernel_threads() == 2 and lk.linear_beats_torch(torch.bfloat16, 4096, 4096, 4096)
+    finally:
+        lk.set_parallel_backend("openmp")
+        torch.set_num_threads(threads)
+    assert lk.kernel_threads() == threads
 
 
 def test_pool_results_equal_openmps():
@@ -60,23 +75,24 @@ def test_pool_results_equal_openmps():
 
 POOL_THREADS = """
 import os, torch, llmkern.ops as lk
-torch.set_num_threads({threads})
-lk.set_parallel_backend("pool")
+torch.set_num_threads({torch_threads})
+lk.set_parallel_backend("pool", {pool_threads})
 x, w = torch.randn(256, 1024), torch.randn(1024, 1024)
 for _ in range(20):
     lk.linear(x, w)
 def cpu_ticks(tid):
     fields = open(f"/proc/self/task/{{tid}}/stat").read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
-pool = [t for t in os.listdir("/proc/self/task") if open(f"/proc/self/task/{{t}}/comm").read().strip() == "llmkern-pool"]
+names = {{t: open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")}}
+pool = [t for t, name in names.items() if name == "llmkern-pool"]
 print(len(pool), sum(cpu_ticks(t) for t in pool))
 """
 
 
 @linux_only
-@pytest.mark.parametrize("threads", [1, 3])
-def test_pool_workers_follow_torch_thread_count_and_compute(threads):
-    proc = run_python(POOL_THREADS.format(threads=threads))
+@pytest.mark.parametrize("torch_threads, pool_threads, threads", [(1, None, 1), (3, None, 3), (1, 3, 3)])
+def test_pool_workers_follow_the_thread_count_and_compute(torch_threads, pool_threads, threads):
+    proc = run_python(POOL_THREADS.format(torch_threads=torch_threads, pool_threads=pool_threads))
     assert proc.returncode == 0, proc.stderr
     workers, ticks = map(int, proc.stdout.split())
     assert workers == threads - 1  # the calling thread is the last one

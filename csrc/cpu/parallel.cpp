@@ -19,6 +19,7 @@
 #include <exception>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -146,14 +147,18 @@ class Pool {
 
 std::mutex g_caller;  // one caller at a time uses the pool; others run inline
 std::atomic<bool> g_use_pool{false};
+std::atomic<int> g_pool_threads{0};  // 0: torch's thread count
 
 }  // namespace
 
 std::string parallel_backend() { return g_use_pool.load() ? "pool" : "openmp"; }
 
-void set_parallel_backend(const std::string& name) {
+void set_parallel_backend(const std::string& name, int64_t pool_threads) {
   if (name != "openmp" && name != "pool")
     throw std::invalid_argument("parallel backend: expected 'openmp' or 'pool', got '" + name + "'");
+  if (pool_threads < 0 || pool_threads > 4096)  // parts are counted in 16 bits
+    throw std::invalid_argument("num_threads: expected 0..4096, got " + std::to_string(pool_threads));
+  g_pool_threads.store(int(pool_threads));
   g_use_pool.store(name == "pool");
 }
 
@@ -168,6 +173,9 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function
   Pool::instance()->run(begin, end, chunk, (n + chunk - 1) / chunk, fn);
 }
 
-int max_threads() { return at::get_num_threads(); }
+int max_threads() {
+  const int pool = g_use_pool.load(std::memory_order_relaxed) ? g_pool_threads.load(std::memory_order_relaxed) : 0;
+  return pool > 0 ? pool : at::get_num_threads();
+}
 
 }  // namespace llmkern

@@ -12,8 +12,10 @@ namespace llmkern {
 // Calls fn(begin, end) on disjoint sub-ranges of [begin, end), each at least `grain` long but the last.
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 int max_threads();
-std::string parallel_backend();                      // "openmp" or "pool"
-void set_parallel_backend(const std::string& name);  // std::invalid_argument for any other name
+std::string parallel_backend();  // "openmp" or "pool"
+// pool_threads: the pool's size (0: torch's thread count). std::invalid_argument for another name, or pool_threads
+// outside 0..4096.
+void set_parallel_backend(const std::string& name, int64_t pool_threads = 0);
 
 // Rows per task such that one task moves roughly `bytes_per_task` bytes (amortises task overhead).
 inline int64_t grain_for(int64_t bytes_per_row, int64_t bytes_per_task = 64 * 1024) {

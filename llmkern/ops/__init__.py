@@ -1,7 +1,7 @@
 """llmkern.ops: the public kernel surface, one module per op family."""
 
-from llmkern.ops.cpu import (cpu_isa, parallel_backend, set_cpu_isa, set_parallel_backend, supported_cpu_isas,
-                             use_cpu_isa)
+from llmkern.ops.cpu import (cpu_isa, kernel_threads, parallel_backend, set_cpu_isa, set_parallel_backend,
+                             supported_cpu_isas, use_cpu_isa)
 from llmkern.ops.norm import fused_add_rms_norm, fused_add_rms_norm_, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from llmkern.ops.activation import act_and_mul_ref, act_mul_ref, gelu_and_mul, gelu_mul, silu_and_mul, silu_mul
 from llmkern.ops.attention import (
@@ -61,6 +61,7 @@ __all__ = [
     "use_cpu_isa",
     "parallel_backend",
     "set_parallel_backend",
+    "kernel_threads",
     "rms_norm",
     "rms_norm_ref",
     "fused_add_rms_norm",

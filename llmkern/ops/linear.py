@@ -17,6 +17,7 @@ from torch import Tensor
 
 from llmkern._ext import available, ops
 from llmkern.ops._common import acc_dtype, check_same_device
+from llmkern.ops.cpu import kernel_threads
 
 
 def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -52,11 +53,14 @@ def _torch_fp32_gemm_is_mkl_on_amd() -> bool:
 
 
 def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
-    """Whether linear(x [rows, k], W [n, k]) measured faster than torch's CPU matmul (bench/RESULTS.md): fp32 up to 16
-    rows (decode), and where torch's fp32 matmul is MKL on AMD also up to 256 rows of wide outputs (n >= 2048: an
-    output head, 1.13-2.45x on Zen 4); fp16 always; bf16 always without AVX512_BF16 (torch's bf16 GEMM is then 2-8x
-    slower), and with it below 128 rows, or below 32 when k >= 1024 (beyond, oneDNN's bf16 GEMM was 1.04-1.45x faster
-    on Zen 4)."""
+    """Whether linear(x [rows, k], W [n, k]) measured faster than torch's CPU matmul (bench/RESULTS.md): always when
+    the kernels have more threads than torch (llmkern's pool in `llmkern serve`, torch's own ops on one thread);
+    else fp32 up to 16 rows (decode), and where torch's fp32 matmul is MKL on AMD also up to 256 rows of wide outputs
+    (n >= 2048: an output head, 1.13-2.45x on Zen 4); fp16 always; bf16 always without AVX512_BF16 (torch's bf16
+    GEMM is then 2-8x slower), and with it below 128 rows, or below 32 when k >= 1024 (beyond, oneDNN's bf16 GEMM was
+    1.04-1.45x faster on Zen 4)."""
+    if kernel_threads() > torch.get_num_threads():
+        return True
     if dtype == torch.float32:
         return rows <= 16 or (rows <= 256 and n >= 2048 and _torch_fp32_gemm_is_mkl_on_amd())
     if dtype == torch.bfloat16 and _torch_bf16_gemm():

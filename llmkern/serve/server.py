@@ -214,11 +214,13 @@ def run(args: argparse.Namespace) -> int:
     from llmkern.serve.api import build_app
     from llmkern.serve.engine import Engine
 
-    # Before any thread runs a kernel: ATen threads take the global count at their first parallel region.
-    torch.set_num_threads(threads)
     # The event loop and local clients share the kernels' cores: llmkern's pool does not wait for a thread they
-    # have descheduled (llmkern.ops.set_parallel_backend).
-    set_parallel_backend("pool")
+    # have descheduled (llmkern.ops.set_parallel_backend). torch's own ops (small in a step; the linears go to
+    # llmkern's then, ops.linear_beats_torch) run on one thread: torch's OpenMP threads, spinning after each of
+    # their regions, would take the cores the pool needs (a prefill step ran 1.75x slower).
+    # Before any thread runs a kernel: ATen threads take the global count at their first parallel region.
+    torch.set_num_threads(1)
+    set_parallel_backend("pool", threads)
     log.info("kernel threads: %d (--threads), llmkern's pool", threads)
 
     def load():
