@@ -167,8 +167,9 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function
   if (begin >= end) return;
   const int64_t n = end - begin, threads = max_threads();
   const int64_t parts = std::min(threads, grain > 0 ? (n + grain - 1) / grain : n);
+  if (parts <= 1 || t_in_parallel) return fn(begin, end);  // before the lock: a nested call's thread may own it
   std::unique_lock<std::mutex> lock(g_caller, std::try_to_lock);
-  if (parts <= 1 || t_in_parallel || !lock.owns_lock()) return fn(begin, end);
+  if (!lock.owns_lock()) return fn(begin, end);
   const int64_t chunk = (n + parts - 1) / parts;
   Pool::instance()->run(begin, end, chunk, (n + chunk - 1) / chunk, fn);
 }

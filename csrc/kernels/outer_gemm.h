@@ -34,8 +34,8 @@ constexpr int L = V::W;
 template <typename E>
 constexpr int kPer = std::is_same_v<E, float> ? 1 : 2;
 
-// Chunk: the columns decoded per pass, a template parameter of everything below (the caller's choice: the decode
-// scratch row stride must be a constant, see kblock). Each output is a sum of fp32 chains of at most Chunk products
+// Chunk: the most columns decoded per pass, the caller's choice (a template parameter of gemm: it sizes the decode
+// scratch, whose row stride is the constant kLda<Chunk>). Each output is a sum of fp32 chains of at most Chunk products
 // (blocked summation, as BLAS does) instead of one chain of k, whose rounding error grows with k (3.5x PyTorch's at
 // k = 1100). The scratch's row stride is Chunk + 16 floats: rows a multiple of 1 KB apart would share a few of L1's
 // 64 sets, and a block's MR broadcast rows would evict each other.
