@@ -105,6 +105,13 @@ TORCH_LIBRARY(llmkern, m) {
   // decode-shaped GEMV that reads each weight element once; Python face: llmkern/ops/linear.py).
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 
+  // One inference step of a Llama-family decoder over a paged KV cache (csrc/ops/decoder.cpp; Python face and
+  // the weights list's layout: llmkern/models/llama.py, LlamaForCausalLM.step) -> logits [logits rows, vocab].
+  m.def("decoder_step(Tensor input_ids, Tensor positions, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
+        " int max_seqlen_k, Tensor block_tables, Tensor slot_mapping, Tensor logits_indices, Tensor?[] weights,"
+        " Tensor[] kv_caches, int num_heads, int num_kv_heads, int head_dim, int[] window_left, float eps,"
+        " int llmkern_linears) -> Tensor");
+
   // Weight-only quantization (formats and math: kernels/quant.h; Python face: llmkern/ops/quant.py).
   // Weights are W [N, K] (nn.Linear layout). Codes: nf4 code fp32 [16], nested/blockwise8 code fp32 [256].
   // bitsandbytes' quantize_4bit(nf4): w any shape -> (packed uint8 [(numel + 1) / 2, 1], absmax fp32 [blocks]).

@@ -159,6 +159,7 @@ class LlamaForCausalLM(nn.Module):
         # meta-device build.
         self.register_buffer("rope_cache", None, persistent=False)
         self.register_buffer("alibi_slopes", None, persistent=False)
+        self._decoder_cache: tuple[int, list | None] | None = None  # (registrations, _decoder_weights())
         if not any(p.is_meta for p in self.parameters()):
             self.init_buffers()
 
@@ -195,6 +196,7 @@ class LlamaForCausalLM(nn.Module):
         device and stay float32 (a bf16 cos/sin cache would be refused by the kernels, and is less exact)."""
         super()._apply(fn, recurse)
         self.init_buffers()
+        self._decoder_cache = None
         return self
 
     def _decode(self, input_ids: Tensor, positions: Tensor, attn: AttentionInput,
@@ -245,10 +247,76 @@ class LlamaForCausalLM(nn.Module):
         Writes the new tokens' keys and values into kv_caches (one (k_cache, v_cache) per layer)."""
         if len(kv_caches) != self.config.num_layers:
             raise ValueError(f"kv_caches: expected {self.config.num_layers} (k, v) pairs, got {len(kv_caches)}")
+        if self._decoder_weights() is not None and not torch.is_autocast_enabled(batch.input_ids.device.type):
+            return self._decoder_step(batch, kv_caches)
         hidden = self._decode(batch.input_ids, batch.positions, batch.attn, kv_caches)
         # index_select, not hidden[indices]: ATen's advanced indexing starts an OpenMP region even for a decode
         # step's few rows, waking torch's threads while llmkern's own pool runs the kernels (csrc/cpu/parallel.cpp).
         return self.lm_head(hidden.index_select(0, batch.logits_indices))
+
+
+    def _decoder_weights(self) -> list[Tensor | None] | None:
+        """The weights list of llmkern::decoder_step (csrc/ops/decoder.cpp's slot layout), or None when a linear is
+        not a dense Linear (quantized or adapted layers step in Python). Cached until a module, parameter or
+        buffer is registered anywhere or the model is moved (_apply): rebuilding it would cost a decode step
+        ~50 us of module attribute lookups."""
+        if self._decoder_cache is not None and self._decoder_cache[0] == _registrations:
+            return self._decoder_cache[1]
+        layers = self.model.layers
+        linears = [self.lm_head] + [m for layer in layers for m in _layer_linears(layer)]
+        weights = None
+        if all(type(m) is Linear for m in linears) and self.lm_head.bias is None:
+            weights = [self.model.embed_tokens.weight, self.model.norm.weight, self.lm_head.weight, self.rope_cache,
+                       self.alibi_slopes]
+            for layer in layers:
+                a = layer.self_attn
+                norms = (a.q_norm.weight, a.k_norm.weight) if hasattr(a, "q_norm") else (None, None)
+                weights += [layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
+                            a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, *norms, a.o_proj.weight, a.o_proj.bias,
+                            layer.post_attention_layernorm.weight]
+                weights += [t for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+                            for t in (m.weight, m.bias)]
+        self._decoder_cache = (_registrations, weights)
+        return weights
+
+    def _decoder_step(self, batch, kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """step() as one llmkern::decoder_step call: the same ops with the same inputs, the layer loop in C++."""
+        c, attn, ids, weights = self.config, batch.attn, batch.input_ids, self._decoder_weights()
+        use_llmkern = 0
+        if ids.device.type == "cpu":  # Linear.forward's choice, per kind of linear (q k v o gate up down head)
+            rows = [ids.shape[0]] * 7 + [batch.logits_indices.shape[0]]
+            for i, (r, slot) in enumerate(zip(rows, _LINEAR_SLOTS)):
+                n, k = weights[slot].shape
+                use_llmkern |= ops.linear_beats_torch(weights[slot].dtype, r, k, n) << i
+        return torch.ops.llmkern.decoder_step(
+            ids, batch.positions, attn.cu_seqlens_q, attn.cu_seqlens_k, attn.max_seqlen_q, attn.max_seqlen_k,
+            attn.block_tables, attn.slot_mapping, batch.logits_indices, weights,
+            [t for kv in kv_caches for t in kv], c.num_heads, c.num_kv_heads, c.head_dim,
+            [c.window(i)[0] for i in range(c.num_layers)], c.rms_norm_eps, use_llmkern)
+
+
+def _layer_linears(layer: DecoderLayer) -> tuple[nn.Module, ...]:
+    a, m = layer.self_attn, layer.mlp
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
+
+
+# Where _decoder_weights() holds the first layer's q k v o gate up down weights and the output head's.
+_LINEAR_SLOTS = (6, 8, 10, 14, 17, 19, 21, 2)
+
+
+# Bumped whenever any module registers a submodule, parameter or buffer: a model's cached decoder_step weights
+# list is then rebuilt (quantize_ or a LoRA wrapper replacing a Linear, a new weight assigned).
+_registrations = 0
+
+
+def _registered(*_) -> None:
+    global _registrations
+    _registrations += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_registered)
+nn.modules.module.register_module_parameter_registration_hook(_registered)
+nn.modules.module.register_module_buffer_registration_hook(_registered)
 
 
 def _packed_positions(input_ids: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, int]:

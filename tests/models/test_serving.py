@@ -6,7 +6,9 @@ import pytest
 import torch
 from model_refs import ARCHS, VOCAB, hf_checkpoints, make_hf_model, rel_err  # noqa: F401 (fixture)
 
-from llmkern.models import SequenceChunk, allocate_kv_cache, build_step_input, load_model
+from llmkern.models import LlamaForCausalLM, SequenceChunk, allocate_kv_cache, build_step_input, load_model, preset
+from llmkern.models.llama import _LINEAR_SLOTS, Linear
+from llmkern.quant import Int8Config, quantize_
 
 BLOCK = 3  # not a power of two; sequences straddle blocks
 # Three sequences of final length 15, 10, 16 (longer than mistral's window 5), scheduled over five steps:
@@ -118,3 +120,66 @@ def test_quantized_model_steps_equal_its_full_forward(tmp_path):
     with torch.no_grad():
         full = model(torch.tensor([ids])).logits[0]
     assert rel_err(torch.cat(got), full[[6, 7, 8, 11]]) < 5e-4
+
+
+def _run_schedule(model, dtype):
+    """Every step's logits for SCHEDULE's three sequences (every token's row), from a fresh cache."""
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in LENGTHS]
+    tables, done, out = [[4, 0, 9, 2, 7], [1, 8, 3, 5], [6, 10, 11, 12, 13, 14]], [0, 0, 0], []
+    kv = allocate_kv_cache(model.config, num_blocks=15, block_size=BLOCK, dtype=dtype)
+    for step in SCHEDULE:
+        chunks = [SequenceChunk(seqs[i][done[i] : done[i] + n], done[i], tables[i], num_logits=n) for i, n in step]
+        out.append(model.step(build_step_input(chunks, BLOCK), kv))
+        for i, n in step:
+            done[i] += n
+    return out
+
+
+def _python_steps(model, dtype, monkeypatch):
+    with monkeypatch.context() as m:  # no decoder_step weights: step() runs its layer loop in Python
+        m.setattr(LlamaForCausalLM, "_decoder_weights", lambda self: None)
+        return _run_schedule(model, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", [*ARCHS, "alibi"])
+def test_decoder_step_in_cxx_equals_the_python_layer_loop(hf_checkpoints, arch, dtype, monkeypatch):
+    """llmkern::decoder_step calls the ops Python's layers call, on the same inputs: the logits are the same
+    bits (qkv and o biases, QK-Norm, sliding window, ALiBi, tied and untied heads)."""
+    if arch == "alibi":
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(preset("tiny-alibi"))
+    else:
+        model = load_model(hf_checkpoints[arch][1])
+    model = model.to(dtype).eval()
+    assert model._decoder_weights() is not None
+    cxx, python = _run_schedule(model, dtype), _python_steps(model, dtype, monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(cxx, python, strict=True))
+
+
+def test_decoder_step_follows_modules_replaced_after_a_step(hf_checkpoints, monkeypatch):
+    """The cached weights list is rebuilt when a layer changes: a model quantized after it stepped steps through
+    its quantized layers (in Python), and a new dense weight is the one used."""
+    model = load_model(hf_checkpoints["llama"][1])
+    _run_schedule(model, torch.float32)
+    layer = model.model.layers[0].mlp
+    layer.down_proj = Linear(layer.down_proj.in_features, layer.down_proj.out_features, bias=False)
+    assert model._decoder_weights()[_LINEAR_SLOTS[6]] is layer.down_proj.weight  # layer 0's down_proj
+    quantize_(model, Int8Config())
+    assert model._decoder_weights() is None
+    _run_schedule(model, torch.float32)  # steps in Python through the int8 layers
+
+
+def test_decoder_step_rejects_a_wrong_weights_list(hf_checkpoints):
+    model = load_model(hf_checkpoints["llama"][1])
+    batch = build_step_input([SequenceChunk([1, 2], 0, [0])], BLOCK)
+    kv = allocate_kv_cache(model.config, num_blocks=1, block_size=BLOCK, dtype=torch.float32)
+    a, c = batch.attn, model.config
+    args = (batch.input_ids, batch.positions, a.cu_seqlens_q, a.cu_seqlens_k, a.max_seqlen_q, a.max_seqlen_k,
+            a.block_tables, a.slot_mapping, batch.logits_indices)
+    tail = (c.num_heads, c.num_kv_heads, c.head_dim, [-1] * c.num_layers, c.rms_norm_eps, 0)
+    with pytest.raises(ValueError, match=r"weights: expected 41 entries"):
+        torch.ops.llmkern.decoder_step(*args, model._decoder_weights()[:-1], [t for p in kv for t in p], *tail)
+    with pytest.raises(ValueError, match=r"kv_caches: expected 4 tensors"):
+        torch.ops.llmkern.decoder_step(*args, model._decoder_weights(), [t for p in kv for t in p][:3], *tail)
