@@ -6,7 +6,7 @@
 //   barrier, so when the OS deschedules one of the team's threads (an HTTP event loop, a client on the same cores),
 //   the caller waits for it, at each of a decode step's ~60 regions. Here parts are claimed from a counter: the
 //   caller runs every part no worker has claimed, and waits only for parts already running. A worker spins for a
-//   while after its last part (a decode step's regions come tens of microseconds apart), then sleeps. `llmkern
+//   while after its last part (a decode step's regions come microseconds apart), then sleeps. `llmkern
 //   serve` runs on it.
 #include "kernels/parallel.h"
 
@@ -33,9 +33,12 @@
 namespace llmkern {
 namespace {
 
-// A worker's wait for the next call before it sleeps. Serving demo-target on 2 cores, 1 ms against 0.2: batch-1
-// decode steps 1.03 against 1.35 ms, 16 sequences 3.44 against 4.28 ms (30 us: 5.6 ms).
-constexpr auto kSpin = std::chrono::microseconds(1000);
+// A worker's wait for the next call before it sleeps: long enough to span the gaps between a step's regions, short
+// enough that it sleeps through the Python between steps, whose cores the HTTP event loop and local clients want.
+// Serving demo-target on 2 cores with decode steps in C++ (llmkern::decoder_step), two servers side by side: 150 us
+// against 1000 gave 1.085-1.106x the output tokens/s at concurrency 16 and 1.05-1.06x lower batch-1 TPOT; 300 us
+// was as fast, 40 us 0.93x. (With steps in Python, whose regions came ~0.1 ms apart, 1 ms had beaten 0.2.)
+constexpr auto kSpin = std::chrono::microseconds(150);
 thread_local bool t_in_parallel = false;  // nested calls run inline
 
 class Pool {
