@@ -244,7 +244,9 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def step(self, batch, kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
         """One serving step (batch: llmkern.models.serving.StepInput) -> logits [len(logits_indices), vocab].
-        Writes the new tokens' keys and values into kv_caches (one (k_cache, v_cache) per layer)."""
+        Writes the new tokens' keys and values into kv_caches (one (k_cache, v_cache) per layer). With dense linears
+        the layer loop runs in C++ (llmkern::decoder_step, the same ops: the same logits); module hooks do not run
+        there. Quantized or adapted models, and autocast regions, take the Python loop below."""
         if len(kv_caches) != self.config.num_layers:
             raise ValueError(f"kv_caches: expected {self.config.num_layers} (k, v) pairs, got {len(kv_caches)}")
         if self._decoder_weights() is not None and not torch.is_autocast_enabled(batch.input_ids.device.type):
@@ -254,14 +256,14 @@ class LlamaForCausalLM(nn.Module):
         # step's few rows, waking torch's threads while llmkern's own pool runs the kernels (csrc/cpu/parallel.cpp).
         return self.lm_head(hidden.index_select(0, batch.logits_indices))
 
-
     def _decoder_weights(self) -> list[Tensor | None] | None:
         """The weights list of llmkern::decoder_step (csrc/ops/decoder.cpp's slot layout), or None when a linear is
         not a dense Linear (quantized or adapted layers step in Python). Cached until a module, parameter or
         buffer is registered anywhere or the model is moved (_apply): rebuilding it would cost a decode step
         ~50 us of module attribute lookups."""
-        if self._decoder_cache is not None and self._decoder_cache[0] == _registrations:
-            return self._decoder_cache[1]
+        cache = self.__dict__.get("_decoder_cache")  # absent in a model pickled before it existed
+        if cache is not None and cache[0] == _registrations:
+            return cache[1]
         layers = self.model.layers
         linears = [self.lm_head] + [m for layer in layers for m in _layer_linears(layer)]
         weights = None
