@@ -249,8 +249,9 @@ class LlamaForCausalLM(nn.Module):
         there. Quantized or adapted models, and autocast regions, take the Python loop below."""
         if len(kv_caches) != self.config.num_layers:
             raise ValueError(f"kv_caches: expected {self.config.num_layers} (k, v) pairs, got {len(kv_caches)}")
-        if self._decoder_weights() is not None and not torch.is_autocast_enabled(batch.input_ids.device.type):
-            return self._decoder_step(batch, kv_caches)
+        weights = self._decoder_weights()
+        if weights is not None and not torch.is_autocast_enabled(batch.input_ids.device.type):
+            return self._decoder_step(batch, kv_caches, weights)
         hidden = self._decode(batch.input_ids, batch.positions, batch.attn, kv_caches)
         # index_select, not hidden[indices]: ATen's advanced indexing starts an OpenMP region even for a decode
         # step's few rows, waking torch's threads while llmkern's own pool runs the kernels (csrc/cpu/parallel.cpp).
@@ -259,8 +260,8 @@ class LlamaForCausalLM(nn.Module):
     def _decoder_weights(self) -> list[Tensor | None] | None:
         """The weights list of llmkern::decoder_step (csrc/ops/decoder.cpp's slot layout), or None when a linear is
         not a dense Linear (quantized or adapted layers step in Python). Cached until a module, parameter or
-        buffer is registered anywhere or the model is moved (_apply): rebuilding it would cost a decode step
-        ~50 us of module attribute lookups."""
+        buffer is registered anywhere or the model is moved (_apply): building it takes ~35 us a layer of module
+        attribute lookups (demo-target: 0.14 ms, a third of its batch-1 decode step)."""
         cache = self.__dict__.get("_decoder_cache")  # absent in a model pickled before it existed
         if cache is not None and cache[0] == _registrations:
             return cache[1]
@@ -281,9 +282,9 @@ class LlamaForCausalLM(nn.Module):
         self._decoder_cache = (_registrations, weights)
         return weights
 
-    def _decoder_step(self, batch, kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def _decoder_step(self, batch, kv_caches: list[tuple[Tensor, Tensor]], weights: list[Tensor | None]) -> Tensor:
         """step() as one llmkern::decoder_step call: the same ops with the same inputs, the layer loop in C++."""
-        c, attn, ids, weights = self.config, batch.attn, batch.input_ids, self._decoder_weights()
+        c, attn, ids = self.config, batch.attn, batch.input_ids
         use_llmkern = 0
         if ids.device.type == "cpu":  # Linear.forward's choice, per kind of linear (q k v o gate up down head)
             rows = [ids.shape[0]] * 7 + [batch.logits_indices.shape[0]]
