@@ -158,7 +158,7 @@ def test_decoder_step_in_cxx_equals_the_python_layer_loop(hf_checkpoints, arch, 
     assert all(torch.equal(a, b) for a, b in zip(cxx, python, strict=True))
 
 
-def test_decoder_step_follows_modules_replaced_after_a_step(hf_checkpoints, monkeypatch):
+def test_decoder_step_follows_modules_replaced_after_a_step(hf_checkpoints):
     """The cached weights list is rebuilt when a layer changes: a model quantized after it stepped steps through
     its quantized layers (in Python), and a new dense weight is the one used."""
     model = load_model(hf_checkpoints["llama"][1])
