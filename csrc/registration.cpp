@@ -12,20 +12,20 @@ namespace {
 
 std::string cpu_isa() { return llmkern::cpu_isa_name(llmkern::active_cpu_isa()); }
 
-void set_cpu_isa(const std::string& name) {
+// Runs f, turning the torch-free layer's std::invalid_argument into torch's ValueError.
+template <typename F>
+void value_errors(F&& f) {
   try {
-    llmkern::set_cpu_isa(name);
+    f();
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, e.what());
   }
 }
 
+void set_cpu_isa(const std::string& name) { value_errors([&] { llmkern::set_cpu_isa(name); }); }
+
 void set_parallel_backend(const std::string& name, int64_t num_threads) {
-  try {
-    llmkern::set_parallel_backend(name, num_threads);
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
+  value_errors([&] { llmkern::set_parallel_backend(name, num_threads); });
 }
 
 }  // namespace

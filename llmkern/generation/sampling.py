@@ -162,10 +162,6 @@ def _row_values(params, name, device, dtype=torch.float32):
     return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
 
 
-def _penalized(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-
-
 def apply_penalties(logits, params, prompt_ids=None, output_ids=None) -> torch.Tensor:
     """Repetition penalty over prompt + output tokens (transformers: a seen token's logit is divided by the
     penalty when positive, multiplied when negative), then vLLM's frequency and presence penalties over output
@@ -174,7 +170,7 @@ def apply_penalties(logits, params, prompt_ids=None, output_ids=None) -> torch.T
     batch, vocab = logits.shape
     empty = [[] for _ in range(batch)]
     prompt_ids, output_ids = prompt_ids or empty, output_ids or empty
-    if not any(map(_penalized, params)):
+    if not any(p.penalized for p in params):
         return logits.float()
     repetition = [p.repetition_penalty != 1.0 for p in params]
     counted = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
@@ -329,7 +325,7 @@ def sample_with_probabilities(logits, params, prompt_ids=None, output_ids=None, 
     """`sample`, and the distribution each row drew from ([B, V], None when every row is greedy: then no
     distribution is computed). Speculative decoding's draft keeps it as q."""
     if all(p.greedy for p in params):
-        if not any(map(_penalized, params)):
+        if not any(p.penalized for p in params):
             _check_inputs(logits, params, prompt_ids, output_ids)
             return argmax(logits), None  # widening to fp32 would change no order: the logits as they are
         return argmax(apply_penalties(logits, params, prompt_ids, output_ids)), None

@@ -270,15 +270,8 @@ class LlamaForCausalLM(nn.Module):
         weights = None
         if all(type(m) is Linear for m in linears) and self.lm_head.bias is None:
             weights = [self.model.embed_tokens.weight, self.model.norm.weight, self.lm_head.weight, self.rope_cache,
-                       self.alibi_slopes]
-            for layer in layers:
-                a = layer.self_attn
-                norms = (a.q_norm.weight, a.k_norm.weight) if hasattr(a, "q_norm") else (None, None)
-                weights += [layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
-                            a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, *norms, a.o_proj.weight, a.o_proj.bias,
-                            layer.post_attention_layernorm.weight]
-                weights += [t for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
-                            for t in (m.weight, m.bias)]
+                       self.alibi_slopes]  # decoder.cpp's ModelSlot order
+            weights += [t for layer in layers for t in _layer_tensors(layer)]
         self._decoder_cache = (_registrations, weights)
         return weights
 
@@ -303,8 +296,25 @@ def _layer_linears(layer: DecoderLayer) -> tuple[nn.Module, ...]:
     return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
 
 
-# Where _decoder_weights() holds the first layer's q k v o gate up down weights and the output head's.
-_LINEAR_SLOTS = (6, 8, 10, 14, 17, 19, 21, 2)
+# decoder_step's weights list (csrc/ops/decoder.cpp's ModelSlot and LayerSlot enums): 5 tensors of the model (the
+# output head's weight third), then each layer's in _LAYER_SLOTS' order; a linear's bias follows its weight, None
+# where a model has none. _LINEARS: _layer_linears' order, decoder.cpp's LinearKind.
+_MODEL_SLOTS, _HEAD_SLOT = 5, 2
+_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+_LAYER_SLOTS = ("input_norm", "q", "q_bias", "k", "k_bias", "v", "v_bias", "q_norm", "k_norm", "o", "o_bias",
+                "post_norm", "gate", "gate_bias", "up", "up_bias", "down", "down_bias")
+# Where the list holds the first layer's linears' weights, then the output head's: the LinearKind bits' order.
+_LINEAR_SLOTS = (*(_MODEL_SLOTS + _LAYER_SLOTS.index(name) for name in _LINEARS), _HEAD_SLOT)
+
+
+def _layer_tensors(layer: DecoderLayer) -> list[Tensor | None]:
+    a = layer.self_attn
+    qk_norm = hasattr(a, "q_norm")
+    tensors = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
+               "q_norm": a.q_norm.weight if qk_norm else None, "k_norm": a.k_norm.weight if qk_norm else None}
+    for name, linear in zip(_LINEARS, _layer_linears(layer)):
+        tensors[name], tensors[name + "_bias"] = linear.weight, linear.bias
+    return [tensors[name] for name in _LAYER_SLOTS]
 
 
 # Bumped whenever any module registers a submodule, parameter or buffer: a model's cached decoder_step weights
