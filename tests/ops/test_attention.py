@@ -306,6 +306,22 @@ def test_paged_split_k(device, num_splits):
     torch.testing.assert_close(lse.cpu(), want_lse.float(), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("sq,hk", [(1, 8), (1, 2), (2, 4)])
+def test_paged_decode_features(device, sq, hk, feature, dtype):
+    """Decode and two-token steps over a paged cache, 1, 4 and 4 query rows per kv head over 8, 2 and 4 kv heads (the
+    grouped path; bf16 on avx512bf16 reads the keys in memory order there): head dim 59, 203 keys (a partial last
+    chunk), each feature."""
+    kw = feature_kwargs(feature, device)
+    q, k, v = qkv(2, sq, 203, 8, hk, 59, dtype, device)
+    k_cache, v_cache, table = paged_cache(k, v, [203, 203], 16)
+    seqlens = torch.tensor([203, 203], dtype=torch.int32, device=device)
+    out, lse = lk.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table,
+                                         return_softmax_lse=True, **kw)  # fmt: skip
+    check_fwd(out, lse, q, k, v, **kw)
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_kvcache_append_then_attend(device, paged):
     """Appending new k/v at cache_seqlens then attending equals attending over the concatenated cache."""
