@@ -774,16 +774,16 @@ struct GroupTask {
           for (int k = 0; k < 4; ++k) kv[k] = Bf16x32::load(kr[k * HB + h] + e, in);
           for (int r = 0; r < RB; ++r) {
             const Bf16x32 qv = Bf16x32::load(q0 + (int64_t(h) * rows + r) * 2 * dp + e);
-            for (int k = 0; k < 4; ++k) acc[(k * HB + h) * RB + r] = dot_pairs(acc[(k * HB + h) * RB + r], qv, kv[k]);
+            for (int k = 0; k < 4; ++k) acc[(h * RB + r) * 4 + k] = dot_pairs(acc[(h * RB + r) * 4 + k], qv, kv[k]);
           }
         }
       }
       alignas(64) A out[N];
       reduce_add_each<N>(acc, out);
-      for (int k = 0; k < 4; ++k)
-        for (int h = 0; h < HB; ++h)
-          for (int r = 0; r < RB; ++r)
-            s[((int64_t(h0) + h) * rows + r0 + r) * kNkp + jj + k] = scale * out[(k * HB + h) * RB + r];
+      for (int i = 0; i < HB * RB; ++i) {  // i = h RB + r: the scores of four keys, adjacent in out and in s
+        A* dst = s + ((int64_t(h0) + i / RB) * rows + r0 + i % RB) * kNkp + jj;
+        for (int k = 0; k < 4; ++k) dst[k] = scale * out[i * 4 + k];
+      }
     }
     if constexpr (HB > 1)
       if (h0 < nh) dot_quad<RB, HB / 2>(hs, h0, r0, jj, pf);
