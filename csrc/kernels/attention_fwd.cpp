@@ -473,7 +473,7 @@ struct GroupTask {
   // with the lines issued in the P V strips only (8 per key pair), the prefetches themselves stalled, waiting for miss
   // buffers (14% of the decode's samples); from memory, in process: bf16 7.08 -> 5.83 ms, fp32 6.80 -> 5.90 ms, and
   // 7.79 -> 7.18 ms on the avx512 path (issue 3's case).
-  static constexpr int kPfLines = 4, kPfDotLines = 16, kPfQuadLines = 16;  // Quad: per 4 keys (chunk_by_key)
+  static constexpr int kPfLines = 4, kPfDotLines = 16, kPfQuadLines = 16;  // chunk_by_key: per 4 keys and head
   // With pair products (attn::kPairProducts) q . k and P V are bf16 pair dot products (no widening). P is rounded
   // to bf16 for P V, as PyTorch's bf16 attention rounds it; O rows are then in interleave order.
   static constexpr bool kBf16Dot = attn::kPairProducts<T>;
@@ -719,8 +719,8 @@ struct GroupTask {
   // keys, head after head. The hardware prefetchers follow that order; head by head over the chunk (the other path)
   // a core reads 256 bytes of every 2 KB and only the software prefetch helps. O stays in L1 (16 KB at 8 heads x 4 rows
   // of 128), updated once per eight keys. Issue 3's decode (32 / 8 heads of 128, context 4096, bf16), both paths
-  // alternating in one process: 1.10-1.21x from memory, 1.36-1.49x with one row a head (MHA, 32 heads); with the
-  // cache resident (context 256) 0.83-0.89x, the O updates costing more than the order saves. With 8 rows a head
+  // alternating in one process: 1.10-1.23x from memory, 1.36-1.49x with one row a head (MHA, 32 heads); with the
+  // cache resident (context 256) 0.91-0.94x, the O updates costing more than the order saves. With 8 rows a head
   // 0.87-0.93x from memory: so only up to kKeyOrderRows rows.
   void chunk_by_key(const Seq& sq, int R, int64_t j0, int nk, int next_n, const KvRows<T>& kv) {
     Lines pf{pf_span, {kv.span_bytes(kv.k_hs), kv.span_bytes(kv.v_hs)}};
