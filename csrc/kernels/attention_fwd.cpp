@@ -530,6 +530,7 @@ struct GroupTask {
     const KvRows<T> kv(p, sq, hk0, nh);
     int nk = int(std::min<int64_t>(kNkG, jb + 1 - ja));
     kv.row_ptrs(ja, nk, kp, vp);
+    const bool by_key = kBf16Dot && nh > 1 && R <= kKeyOrderRows;
     for (int64_t j0 = ja; j0 <= jb; j0 += kNkG) {
       for (int jj = nk; jj < kNkp; ++jj) kp[jj] = zero_row;
       const int64_t next = j0 + kNkG;
@@ -537,21 +538,11 @@ struct GroupTask {
       kv.row_ptrs(next, next_n, kn, vn);
 #if defined(LLMKERN_ISA_AVX512BF16)
       if constexpr (kBf16Dot)
-        if (nh > 1 && R <= kKeyOrderRows) {
-          chunk_by_key(sq, R, j0, nk, next_n, kv);
-          std::memcpy(kp, kn, sizeof(kn));
-          std::memcpy(vp, vn, sizeof(vn));
-          nk = next_n;
-          continue;
-        }
+        if (by_key) chunk_by_key(sq, R, j0, nk, next_n, kv);
 #endif
-      for (int hh = 0; hh < nh; ++hh) {
+      for (int hh = 0; hh < nh && !by_key; ++hh) {
         // Prefetch this head's share of the next chunk (random paged blocks defeat the hardware prefetcher).
-        Lines pf{pf_span, {kv.span_bytes(kv.k_hs), kv.span_bytes(kv.v_hs)}};
-        for (int jj = next_n * hh / nh; jj < next_n * (hh + 1) / nh; ++jj) {
-          pf_span[pf.n++] = reinterpret_cast<const char*>(kn[jj]);
-          pf_span[pf.n++] = reinterpret_cast<const char*>(vn[jj]);
-        }
+        Lines pf = next_lines(kv, next_n * hh / nh, next_n * (hh + 1) / nh);
         const int64_t r0 = int64_t(hh) * rows;
         scores(R, nk, q + r0 * dp, hh * kv.k_hs, s + r0 * kNkp, pf);
         for (int r = 0; r < R; ++r) {
@@ -567,6 +558,16 @@ struct GroupTask {
       std::memcpy(vp, vn, sizeof(vn));
       nk = next_n;
     }
+  }
+
+  // The k and v spans of the next chunk's keys [j0, j1) (kn, vn), to prefetch while this chunk runs.
+  Lines next_lines(const KvRows<T>& kv, int j0, int j1) {
+    Lines pf{pf_span, {kv.span_bytes(kv.k_hs), kv.span_bytes(kv.v_hs)}};
+    for (int jj = j0; jj < j1; ++jj) {
+      pf_span[pf.n++] = reinterpret_cast<const char*>(kn[jj]);
+      pf_span[pf.n++] = reinterpret_cast<const char*>(vn[jj]);
+    }
+    return pf;
   }
 
   // sc[r][jj] = q_r . k_jj for the chunk's keys (rows in blocks of 4, 2, 1).
@@ -723,11 +724,7 @@ struct GroupTask {
   // cache resident (context 256) 0.91-0.94x, the O updates costing more than the order saves. With 8 rows a head
   // 0.87-0.93x from memory: so only up to kKeyOrderRows rows.
   void chunk_by_key(const Seq& sq, int R, int64_t j0, int nk, int next_n, const KvRows<T>& kv) {
-    Lines pf{pf_span, {kv.span_bytes(kv.k_hs), kv.span_bytes(kv.v_hs)}};
-    for (int jj = 0; jj < next_n; ++jj) {
-      pf_span[pf.n++] = reinterpret_cast<const char*>(kn[jj]);
-      pf_span[pf.n++] = reinterpret_cast<const char*>(vn[jj]);
-    }
+    Lines pf = next_lines(kv, 0, next_n);
     // Keys past nk read as zero rows; their scores are masked to -inf (P = 0). Blocks of 4 and 8 keys end by np.
     for (int jj = 0; jj < nk; jj += 4) {
       int r = 0;
