@@ -58,15 +58,12 @@ struct AttnParams {
 
 // Backward: dq, dk, dv from dout, q, k, v, out, lse (the forward's fields, paged / seqused / kv_batch_idx
 // unused). dq, dk, dv have q's and k's shapes; dk and dv sum over the query heads sharing a kv head.
-// Two workspaces, allocated by the caller: delta, float32 [total q rows, nheads] (rowsum(dout * out), laid
-// out as lse), and dq_accum [total q rows, nheads, head_dim] (laid out as dq, contiguous; contents on entry
-// undefined).
+// One workspace, allocated by the caller: delta, float32 [total q rows, nheads] (rowsum(dout * out), laid out
+// as lse).
 struct AttnBwdParams {
   AttnParams fwd;
   AttnTensor dout, dq, dk, dv;
   AttnTensor delta;        // float32, laid out like lse
-  void* dq_accum = nullptr;  // accumulation type (float; double for f64) [total q rows * nheads * head_dim],
-                             // row (b, i, h) at ((start_b or b * seqlen_q) + i) * nheads + h
   bool deterministic = false;  // bitwise-identical results run to run (the CPU kernels always are)
 };
 

@@ -6,12 +6,14 @@
 // query tile of every query head of the GQA group that sees the block packs its Q and dO rows (fp32) once
 // and runs over the block's key tiles. Score tiles are row-major [query][key] (the backward has no
 // reduction over keys: lse and delta come in per row), so no tile is transposed per (key, query) pair:
-//   S = Q K^T, dP = dO V^T, P = exp(S - lse), dS = P (dP - delta),
+//   S = Q K^T, dP = dO V^T, P = exp(S - lse), dS = scale P (dP - delta),
 //   dV^T += dO^T P, dK^T += Q^T dS, dQ_tile += dS K   (five register-blocked products, attention_tile.h;
 // dV and dK are kept transposed per key tile, so P and dS are B operands with 256-byte rows, as the forward's
 // O^T += V^T P^T: 1.04x on the fp32 backward; they are written back as rows once per block).
-// dQ of a query tile sums over the block's key tiles locally, then over blocks into the task's dq
-// buffer (dq_accum, or a per-chunk buffer); a last pass sums the chunks' buffers in chunk order into dq.
+// dS carries the softmax scale, so dK and dQ need no pass of their own to scale them. dQ of a query tile
+// sums over the block's key tiles locally, then over blocks into its key chunk's dq buffer: for the first
+// chunk dq itself when dq has the accumulation type (float32, float64), else a scratch buffer; a last pass
+// sums the chunks' buffers in chunk order into dq (none when dq is the only buffer).
 // Tile pairs outside the causal / local window are skipped. Every sum has a fixed order, so results do not
 // depend on thread timing; tasks are handed out through an atomic counter (which thread runs a task may
 // vary, what it computes does not).
@@ -127,7 +129,7 @@ struct Bwd {
   const AttnBwdParams& p;
   const AttnParams& f;
   int D, Dp, G, nchunks;
-  A* const* dq_bufs;  // [nchunks] fp32 (double for fp64) buffers laid out as dq_accum
+  A* const* dq_bufs;  // [nchunks] fp32 (double for fp64) buffers, row (b, i, h) at (dq row0 + i) * nheads + h
 
   // ---- one query tile of head h: rows [i0, i0 + mq) of sequence b, as fp32 Q and dO ----
   void pack_queries(Work<A>& w, int b, const Seq& s, int h, int i0, int mq) const {
@@ -181,7 +183,7 @@ struct Bwd {
                                  int mq) const {
     const int64_t diag = s.lk - s.lq;
     const bool softcap = f.softcap > 0;
-    const A cap = A(f.softcap), kscale = score_scale();
+    const A cap = A(f.softcap), kscale = score_scale(), scale = A(f.scale);
     // The tile is fully inside the band when its corner offsets are; else each query row sees a key range.
     const bool full = (j0 + nk - 1) - i0 - diag <= bd.hi && j0 - (i0 + mq - 1) - diag >= bd.lo;
     for (int ii = 0; ii < mq; ++ii) {
@@ -207,7 +209,7 @@ struct Bwd {
         }
         if (slope != A(0)) sc = fmadd(Vv::set1(-slope), abs(Vv::load(kIota) + Vv::set1(dist0 + A(c))), sc);
         const Vv pr = exp(sc - Vv::set1(lse));
-        Vv dsv = pr * (Vv::load(dsrow + c) - Vv::set1(delta));
+        Vv dsv = (pr * Vv::set1(scale)) * (Vv::load(dsrow + c) - Vv::set1(delta));
         if (softcap) dsv = dsv * (Vv::set1(A(1)) - tv * tv);
         pr.store(prow + c);
         dsv.store(dsrow + c);
@@ -373,7 +375,7 @@ struct Bwd {
       const int nk = std::min(kNk, nkb - jt * kNk);
       const int64_t row0 = s.k0 + kb0 + jt * kNk;
       store_tile(w, w.dvb.ptr + int64_t(jt) * D * kNk, A(1), nk, p.dv, b, row0, kvh);
-      store_tile(w, w.dkb.ptr + int64_t(jt) * D * kNk, A(f.scale), nk, p.dk, b, row0, kvh);
+      store_tile(w, w.dkb.ptr + int64_t(jt) * D * kNk, A(1), nk, p.dk, b, row0, kvh);
     }
   }
 
@@ -417,14 +419,12 @@ void write_delta(const AttnBwdParams& p) {
   });
 }
 
-// dq = scale * sum over chunks (in chunk order) of the chunks' dq buffers.
+// dq = the sum over chunks (in chunk order) of the chunks' dq buffers (the first may be dq itself).
 template <typename T>
 void write_dq(const AttnBwdParams& p, typename VecFor<T>::type::value_type* const* bufs, int nchunks) {
   using V = typename VecFor<T>::type;
-  using A = typename V::value_type;
   const AttnParams& f = p.fwd;
   const int D = f.head_dim;
-  const A scale = A(f.scale);
   for_query_rows(f, [&](int b, int i) {
     const Seq s = seq_of(f, b);
     for (int h = 0; h < f.nheads; ++h) {
@@ -434,7 +434,7 @@ void write_dq(const AttnBwdParams& p, typename VecFor<T>::type::value_type* cons
         using Vv = decltype(v);
         Vv acc = Vv::load(bufs[0] + off + c);
         for (int k = 1; k < nchunks; ++k) acc = acc + Vv::load(bufs[k] + off + c);
-        (acc * Vv::set1(scale)).store(dst + c);
+        acc.store(dst + c);
       });
     }
   });
@@ -453,12 +453,16 @@ void attn_bwd(const AttnBwdParams& p) {
   // Split the keys when there are too few (sequence, kv head) pairs for two tasks per thread.
   const int max_chunks = std::max(1, (f.seqlen_k + kNk - 1) / kNk);
   const int nchunks = groups >= 2 * threads ? 1 : int(std::min<int64_t>(max_chunks, (2 * threads + groups - 1) / groups));
-  // Chunk 0 accumulates into dq_accum (float32, or double for fp64); the others into their own buffers.
+  // Chunk 0 accumulates into dq itself when dq has the accumulation type and rows laid out as the buffers'
+  // (contiguous, as the op allocates it); the other chunks, and chunk 0 otherwise, into scratch buffers.
   const int64_t dq_elems = int64_t(f.cu_seqlens_q ? f.cu_seqlens_q[f.batch] : int64_t(f.batch) * f.seqlen_q) * f.nheads * D;
-  attn::Scratch<A> extra(size_t(std::max<int64_t>(1, (nchunks - 1) * dq_elems)));
+  const bool in_dq = std::is_same_v<A, T> && p.dq.head_stride == D && p.dq.row_stride == int64_t(f.nheads) * D &&
+                     (f.cu_seqlens_q || p.dq.batch_stride == int64_t(f.seqlen_q) * f.nheads * D);
+  const int nscratch = nchunks - int(in_dq);
+  attn::Scratch<A> scratch(size_t(std::max<int64_t>(1, nscratch * dq_elems)));
   attn::Scratch<A*> bufs{size_t(nchunks)};
-  bufs.ptr[0] = static_cast<A*>(p.dq_accum);
-  for (int c = 1; c < nchunks; ++c) bufs.ptr[c] = extra.ptr + (c - 1) * dq_elems;
+  for (int c = 0; c < nchunks; ++c)
+    bufs.ptr[c] = in_dq && c == 0 ? static_cast<A*>(p.dq.ptr) : scratch.ptr + (c - int(in_dq)) * dq_elems;
   const Bwd<T> bwd{p, f, D, Dp, G, nchunks, bufs.ptr};
   // Tasks chunk-major (for causal masks the first chunks are the heaviest: they go first).
   const int64_t ntasks = groups * nchunks;
@@ -472,7 +476,7 @@ void attn_bwd(const AttnBwdParams& p) {
       bwd.task(w, g / f.nheads_k, g % f.nheads_k, c);
     }
   });
-  write_dq<T>(p, bufs.ptr, nchunks);
+  if (nscratch > 0) write_dq<T>(p, bufs.ptr, nchunks);
 }
 
 }  // namespace

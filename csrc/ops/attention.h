@@ -192,11 +192,9 @@ struct AttentionOps {
       return varlen ? at::zeros(t.sizes(), t.options()) : at::empty(t.sizes(), t.options());
     };
     Tensor dq = grad_for(q), dk = grad_for(k), dv = grad_for(v);
-    Tensor dq_accum = at::empty({q.numel()}, q.options().dtype(dq.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
     p.dq = attn_tensor(dq);
     p.dk = attn_tensor(dk);
     p.dv = attn_tensor(dv);
-    p.dq_accum = dq_accum.data_ptr();
     p.deterministic = true;
     if (q.numel() == 0 || k.numel() == 0) {  // no key for any query: every gradient is 0
       dq.zero_(), dk.zero_(), dv.zero_();
