@@ -21,7 +21,9 @@ from bench.harness import Ceilings, Config, measure, rotating_sets
 HEADER = ["case", "dtype", "llmkern ms", "sdpa ms", "x sdpa", "GFLOP/s", "% matmul", "GB/s", "% read BW"]
 LEGEND = ("GFLOP/s: flash-attn's FLOP count / llmkern time; % matmul: of the torch.mm rate in that dtype (ceilings "
           "below); decode GB/s: k/v cache bytes read / llmkern time; % read BW: of bench_read over as many bytes, "
-          "timed interleaved; x sdpa: SDPA time / llmkern time (medians of interleaved calls); fwd peak memory: "
+          "timed interleaved; huge pages: the caches (paged, and SDPA's contiguous copy) and the probe on transparent huge "
+          "pages, as the serving engine allocates its KV cache; x sdpa: SDPA time / llmkern time (medians of interleaved "
+          "calls); fwd peak memory: "
           "resident memory the forward adds over its inputs (VmHWM), output included.")
 
 
@@ -96,24 +98,29 @@ def flop_row(case, dtype, times, flops, matmul_gflops) -> list[str]:
             f"{100 * gflops / matmul_gflops:.0f}", "-", "-"]  # fmt: skip
 
 
-def decode_row(dc: Decode, dtype: torch.dtype, cfg: Config) -> list[str]:
+def decode_row(dc: Decode, dtype: torch.dtype, cfg: Config, huge_pages: bool = False) -> list[str]:
+    """huge_pages: the caches (paged and contiguous) and the read probe on transparent huge pages, as the serving
+    engine allocates its KV cache (llmkern.memory)."""
+    from llmkern.memory import empty_on_huge_pages
     from llmkern.ops import flash_attn_with_kvcache
 
     b, h, hk, d, ctx, bs = dc.batch, dc.heads, dc.heads_k, dc.head_dim, dc.context, dc.block_size
     blocks = b * ctx // bs
     cache_bytes = 2 * b * ctx * hk * d * dtype.itemsize  # k and v of every used slot
+    empty = empty_on_huge_pages if huge_pages else lambda shape, dt: torch.empty(shape, dtype=dt)
 
     def make():
-        k_cache, v_cache = (torch.randn(blocks, bs, hk, d, dtype=dtype) for _ in range(2))
+        k_cache, v_cache = (empty((blocks, bs, hk, d), dtype).normal_() for _ in range(2))
         table = torch.randperm(blocks, dtype=torch.int32).view(b, ctx // bs)  # shuffled: real paging
         # The same keys stored contiguously [b, hk, ctx, d] for SDPA.
-        k_c, v_c = (c[table.long()].reshape(b, ctx, hk, d).transpose(1, 2).contiguous() for c in (k_cache, v_cache))
+        k_c, v_c = (empty((b, hk, ctx, d), dtype).copy_(c[table.long()].reshape(b, ctx, hk, d).transpose(1, 2))
+                    for c in (k_cache, v_cache))
         return torch.randn(b, 1, h, d, dtype=dtype), k_cache, v_cache, table, k_c, v_c
 
     s = rotating_sets(make, 2 * cache_bytes, cfg)
     pick = lambda i: s[i % len(s)]  # noqa: E731
     seqlens = torch.full((b,), ctx, dtype=torch.int32)
-    probe = torch.randn(cache_bytes // 4)
+    probe = empty((cache_bytes // 4,), torch.float32).normal_()
     times = measure({
         "llmkern": lambda i: flash_attn_with_kvcache(pick(i)[0], *pick(i)[1:3], cache_seqlens=seqlens,
                                                      block_table=pick(i)[3]),
@@ -122,7 +129,7 @@ def decode_row(dc: Decode, dtype: torch.dtype, cfg: Config) -> list[str]:
     }, reps=cfg.reps, warmup=max(cfg.warmup, len(s)), budget_s=cfg.budget_s)  # fmt: skip
     ms, base = times["llmkern"].median_s * 1e3, times["sdpa"].median_s * 1e3
     gbps, read = cache_bytes / ms / 1e6, cache_bytes / times["read"].median_s / 1e9
-    case = f"decode paged b{b} h{h}/{hk} d{d} ctx{ctx} block{bs}"
+    case = f"decode paged b{b} h{h}/{hk} d{d} ctx{ctx} block{bs}" + (" huge pages" if huge_pages else "")
     print(f"  {case} {dtype}: llmkern {ms:.2f} ms, sdpa {base:.2f} ms, read {read:.1f} GB/s", flush=True)
     return [case, str(dtype).removeprefix("torch."), f"{ms:.2f}", f"{base:.2f}", f"{base / ms:.2f}", "-", "-",
             f"{gbps:.1f}", f"{100 * gbps / read:.0f}"]  # fmt: skip
@@ -173,6 +180,6 @@ def run(cfg: Config, ceilings: Ceilings) -> list[list[str]]:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         rows += prefill_rows(prefill, dtype, cfg, ceilings)
-    rows.append(decode_row(decode, torch.bfloat16, cfg))
+    rows += [decode_row(decode, torch.bfloat16, cfg, huge) for huge in (False, True)]
     rows += memory_rows(prefill, mem_seqlens)
     return rows

@@ -6,6 +6,7 @@ import torch
 
 import llmkern
 from llmkern import _ext
+from llmkern.memory import huge_pages_mode
 
 
 def info_lines() -> list[str]:
@@ -16,6 +17,7 @@ def info_lines() -> list[str]:
     ops = _ext.ops()
     lines.append(f"cpu isa: {ops.cpu_isa()} (supported: {', '.join(ops.supported_cpu_isas())})")
     lines.append(f"threads: {torch.get_num_threads()}")
+    lines.append(f"transparent huge pages: {huge_pages_mode()} (the serving KV cache asks for them)")
     names = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("llmkern::"))
     cuda = [n for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(f"llmkern::{n}", "CUDA")]
     lines.append(f"cuda kernels: {'built' if cuda else 'not built'}" + (f" ({len(cuda)} ops)" if cuda else ""))

@@ -45,3 +45,18 @@ def grads(fn, inputs, douts):
     outs = outs if isinstance(outs, tuple) else (outs,)
     torch.autograd.backward(outs, [d.to(o.device, o.dtype) for o, d in zip(outs, douts)])
     return [t.grad for t in leaves]
+
+
+def thp_eligible(t: torch.Tensor) -> bool:
+    """Whether the kernel may back t's memory with transparent huge pages ("THPeligible: 1" in /proc/self/smaps
+    for the mapping that holds t's first byte)."""
+    addr, inside = t.data_ptr(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms ..."
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "THPeligible:":
+                return line.split()[1] == "1"
+    return False

@@ -79,7 +79,8 @@ def test_attention_bench_quick():
     cfg.reps, cfg.warmup, cfg.budget_s, cfg.compile = 2, 1, 0.1, False
     ceilings = harness.Ceilings([1.0], [1.0], {"float32": 1.0, "bfloat16": 1.0}, 1)
     rows = bench_attention.run(cfg, ceilings)
-    assert [r[0].split()[0] for r in rows] == ["prefill"] * 4 + ["decode"] + ["fwd"] * 2
+    assert [r[0].split()[0] for r in rows] == ["prefill"] * 4 + ["decode"] * 2 + ["fwd"] * 2
+    assert rows[5][0].endswith("huge pages")
     assert all(len(r) == len(bench_attention.HEADER) for r in rows)
     assert all(r[7].endswith("MiB") for r in rows[-2:]), "peak memory was not measured"
 

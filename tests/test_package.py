@@ -45,6 +45,7 @@ def test_info_lists_version_isa_and_every_op():
     out = proc.stdout
     assert f"llmkern {llmkern.__version__}" in out and f"torch {torch.__version__}" in out
     assert f"cpu isa: {lk.cpu_isa()}" in out and "threads:" in out and "cuda kernels:" in out
+    assert "transparent huge pages:" in out
     for op in ("rms_norm", "fused_add_rms_norm_", "rms_norm_bwd"):
         assert f"llmkern::{op}(" in out
 

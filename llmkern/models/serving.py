@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmkern.memory import empty_on_huge_pages
 from llmkern.models.config import ModelConfig
 from llmkern.models.llama import AttentionInput
 
@@ -73,12 +74,17 @@ def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dty
                       device: str | torch.device = "cpu") -> list[tuple[Tensor, Tensor]]:
     """One (k_cache, v_cache) per layer, each [num_blocks, block_size, num_kv_heads, head_dim], uninitialized:
     attention reads only the slots a step has written, and on the CPU a large cache's pages are then committed
-    as its blocks are first used rather than all at startup."""
+    as its blocks are first used rather than all at startup. CPU caches are advised for transparent huge pages
+    (llmkern.memory: random block reads then miss the TLB far less)."""
     if num_blocks <= 0 or block_size <= 0:
         raise ValueError(f"num_blocks, block_size: expected positive ints, got {num_blocks}, {block_size}")
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-            for _ in range(config.num_layers)]
+    cpu = torch.device(device).type == "cpu"
+
+    def new() -> Tensor:
+        return empty_on_huge_pages(shape, dtype) if cpu else torch.empty(shape, dtype=dtype, device=device)
+
+    return [(new(), new()) for _ in range(config.num_layers)]
 
 
 def build_step_input(chunks: list[SequenceChunk], block_size: int, device: str | torch.device = "cpu") -> StepInput:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import thp_eligible
 from model_refs import ARCHS, VOCAB, hf_checkpoints, make_hf_model, rel_err  # noqa: F401 (fixture)
 
+from llmkern.memory import HUGE_PAGE, huge_pages_mode
 from llmkern.models import LlamaForCausalLM, SequenceChunk, allocate_kv_cache, build_step_input, load_model, preset
 from llmkern.models.llama import _LINEAR_SLOTS, Linear
 from llmkern.quant import Int8Config, quantize_
@@ -23,15 +25,21 @@ SCHEDULE = [
 LENGTHS = [15, 10, 16]
 
 
+@pytest.mark.parametrize("cache", ["small", "huge_pages"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mixed_prefill_chunks_and_decodes_equal_full_forward(hf_checkpoints, arch):
+def test_mixed_prefill_chunks_and_decodes_equal_full_forward(hf_checkpoints, arch, cache):
+    """cache="huge_pages": tensors of at least one huge page each, in mappings advised for them (llmkern.memory)."""
     model = load_model(hf_checkpoints[arch][1])
     gen = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, VOCAB, (n,), generator=gen) for n in LENGTHS]
     # Blocks handed out scattered (not in order), unused slots NaN: a read of an unwritten slot shows up.
     blocks = torch.randperm(20, generator=gen).tolist()
     tables = [blocks[0:5], blocks[5:9], blocks[9:15]]
-    kv = allocate_kv_cache(model.config, num_blocks=20, block_size=BLOCK, dtype=torch.float32)
+    block_bytes = BLOCK * model.config.num_kv_heads * model.config.head_dim * 4
+    num_blocks = 20 if cache == "small" else -(-HUGE_PAGE // block_bytes)
+    kv = allocate_kv_cache(model.config, num_blocks=num_blocks, block_size=BLOCK, dtype=torch.float32)
+    if cache == "huge_pages" and huge_pages_mode() in ("always", "madvise"):
+        assert all(thp_eligible(t) for k_v in kv for t in k_v)
     for k, v in kv:
         k.fill_(float("nan"))
         v.fill_(float("nan"))
