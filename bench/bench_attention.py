@@ -21,10 +21,10 @@ from bench.harness import Ceilings, Config, measure, rotating_sets
 HEADER = ["case", "dtype", "llmkern ms", "sdpa ms", "x sdpa", "GFLOP/s", "% matmul", "GB/s", "% read BW"]
 LEGEND = ("GFLOP/s: flash-attn's FLOP count / llmkern time; % matmul: of the torch.mm rate in that dtype (ceilings "
           "below); decode GB/s: k/v cache bytes read / llmkern time; % read BW: of bench_read over as many bytes, "
-          "timed interleaved; huge pages: the caches (paged, and SDPA's contiguous copy) and the probe on transparent huge "
-          "pages, as the serving engine allocates its KV cache; x sdpa: SDPA time / llmkern time (medians of interleaved "
-          "calls); fwd peak memory: "
-          "resident memory the forward adds over its inputs (VmHWM), output included.")
+          "timed interleaved; huge pages: the caches (paged, and SDPA's contiguous copy) and the probe on "
+          "transparent huge pages, as the serving engine allocates its KV cache; x sdpa: SDPA time / llmkern time "
+          "(medians of interleaved calls); fwd peak memory: resident memory the forward adds over its inputs "
+          "(VmHWM), output included.")
 
 
 @dataclasses.dataclass
