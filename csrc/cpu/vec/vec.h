@@ -65,7 +65,8 @@ inline void transpose(V (&r)[V::W]) {
       for (int j = i + 1; j < V::W; ++j) std::swap(r[i].v[j], r[j].v[i]);
 }
 
-// max(init, the lanes of v), lane by lane with std::max (which keeps its first operand against a NaN lane).
+// max(init, the lanes of v), lane by lane with std::max (which keeps its first operand against a NaN lane); AVX-512
+// overloads it with a vector tree (vec_avx512.h).
 template <typename V>
 inline typename V::value_type reduce_max(V v, typename V::value_type init) {
   alignas(64) typename V::value_type lanes[V::W];
