@@ -2,7 +2,7 @@
 
 Paged attention reads a cache in random 16-token blocks: on 4 KB pages nearly every block misses the TLB, and in a
 virtual machine each miss walks two page tables. On 2 MB pages the decode of issue 3's case (134 MB of K and V a
-call) ran 1.07-1.14x faster from memory on a Zen 4 KVM guest, and a plain sequential read 1.2-1.4x (bench/RESULTS.md).
+call) ran 1.07-1.41x faster from memory on a Zen 4 KVM guest, and a plain sequential read 1.2-1.4x (bench/RESULTS.md).
 
 Linux backs an anonymous mapping with huge pages where the mapping asks for them (madvise(MADV_HUGEPAGE)) and
 /sys/kernel/mm/transparent_hugepage/enabled is "madvise" or "always". Elsewhere the buffer keeps 4 KB pages: the

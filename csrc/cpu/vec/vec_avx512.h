@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+
 #include "cpu/vec/vec_exp.h"
 #include "kernels/dtype.h"
 
