@@ -374,15 +374,15 @@ struct Bwd {
     for (int jt = 0; jt * kNk < nkb; ++jt) {
       const int nk = std::min(kNk, nkb - jt * kNk);
       const int64_t row0 = s.k0 + kb0 + jt * kNk;
-      store_tile(w, w.dvb.ptr + int64_t(jt) * D * kNk, A(1), nk, p.dv, b, row0, kvh);
-      store_tile(w, w.dkb.ptr + int64_t(jt) * D * kNk, A(1), nk, p.dk, b, row0, kvh);
+      store_tile(w, w.dvb.ptr + int64_t(jt) * D * kNk, nk, p.dv, b, row0, kvh);
+      store_tile(w, w.dkb.ptr + int64_t(jt) * D * kNk, nk, p.dk, b, row0, kvh);
     }
   }
 
-  // Rows [row0, row0 + nk) of the gradient g (laid out as k) from a transposed tile [D][kNk] times mul, through
-  // kb (free once the block's pairs are done).
-  void store_tile(Work<A>& w, const A* tile, A mul, int nk, const AttnTensor& g, int b, int64_t row0, int kvh) const {
-    attn::transpose_tile<V>(tile, kNk, D, nk, mul, w.kb.ptr, Dp);
+  // Rows [row0, row0 + nk) of the gradient g (laid out as k) from a transposed tile [D][kNk] (dK's already scaled:
+  // dS carries the softmax scale), through kb (free once the block's pairs are done).
+  void store_tile(Work<A>& w, const A* tile, int nk, const AttnTensor& g, int b, int64_t row0, int kvh) const {
+    attn::transpose_tile<V>(tile, kNk, D, nk, A(1), w.kb.ptr, Dp);
     for (int jj = 0; jj < nk; ++jj)
       attn::store_row<V>(w.kb.ptr + int64_t(jj) * Dp, D, at_row<T>(g, b, row0 + jj, kvh));
   }
