@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import re
+from importlib.util import find_spec
 from pathlib import Path
 
 log = logging.getLogger("llmkern.serve")
@@ -226,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
     def load():
         return Engine.from_pretrained(args.model, config, dtype=dtype, quant=args.quant)
 
+    # uvicorn's "auto" takes uvloop and httptools where installed (pyproject's dependencies): ~30% less of the event
+    # loop's CPU a streamed token than asyncio + h11 (bench/RESULTS.md), CPU the kernels' cores give up to it.
+    log.info("event loop: %s, HTTP: %s", *(m if find_spec(m) else alt for m, alt in (("uvloop", "asyncio"),
+                                                                                      ("httptools", "h11"))))
     app = build_app(None, name, api_key=args.api_key, chat_template=chat_template)
     server = server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_config=None),
                             app.state.server, load, args.shutdown_timeout)
