@@ -6,14 +6,15 @@ from llmkern.ops import linear, linear_ref
 from tests.helpers import DTYPES, assert_close_derived, grads, strided
 
 # (M, N, K). Dot form (M < 16, or < 32 with K > 512; over bf16 pairs, K even, M < 16, or < 128 with K > 512): GEMV
-# rows 1-4, the 4-row blocks plus a remainder, weight-row tails (N % 4), odd K (paired, whole vector and scalar tails
-# for 8- and 16-lane paths; the masked last 32 of the pair path), K = 1. Outer form (fp32, bf16, fp16): 1-4 vectors of
-# x rows with a partial last one, several x panels (64 rows on AVX-512, 32 on AVX2 and scalar) with a partial last
-# one, weight tiles of 24 rows with a tail, K in equal chunks of at most 512 (and K = 512). Either side of the bf16
-# pair rule: 12 x 1030, 24 x 2050 and 65 x 1100 (dot over pairs, outer in fp32 from 32 rows), 128 x 514 (outer).
-SHAPES = [(1, 1, 1), (1, 5, 7), (2, 17, 33), (3, 64, 100), (4, 33, 4097), (5, 18, 256), (7, 64, 129), (8, 50, 600),
-          (9, 26, 1025), (10, 9, 1030), (12, 21, 1030), (16, 40, 64), (16, 30, 512), (17, 25, 257), (24, 11, 2050),
-          (33, 19, 300), (64, 24, 31), (65, 49, 1100), (128, 9, 514), (130, 7, 70)]
+# rows 1-4, the 4-row blocks plus a remainder (5-8 rows over bf16 pairs: one block of 4, 3 or 2 weight rows with
+# their tails), weight-row tails (N % 4), odd K (paired, whole vector and scalar tails for 8- and 16-lane paths; the
+# masked last 32 of the pair path), K = 1. Outer form (fp32, bf16, fp16): 1-4 vectors of x rows with a partial last
+# one, several x panels (64 rows on AVX-512, 32 on AVX2 and scalar) with a partial last one, weight tiles of 24 rows
+# with a tail, K in equal chunks of at most 512 (and K = 512). Either side of the bf16 pair rule: 12 x 1030, 24 x 2050
+# and 65 x 1100 (dot over pairs, outer in fp32 from 32 rows), 128 x 514 (outer).
+SHAPES = [(1, 1, 1), (1, 5, 7), (2, 17, 33), (3, 64, 100), (4, 33, 4097), (5, 18, 256), (6, 23, 130), (7, 64, 129),
+          (7, 45, 66), (8, 50, 600), (9, 26, 1025), (10, 9, 1030), (12, 21, 1030), (16, 40, 64), (16, 30, 512),
+          (17, 25, 257), (24, 11, 2050), (33, 19, 300), (64, 24, 31), (65, 49, 1100), (128, 9, 514), (130, 7, 70)]
 
 
 def check(x, w, b):
