@@ -104,6 +104,9 @@ TORCH_LIBRARY(llmkern, m) {
   // Dense linear x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N], one dtype, fp32 accumulation (CPU; the
   // decode-shaped GEMV that reads each weight element once; Python face: llmkern/ops/linear.py).
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // The linears of one x [..., K] (a layer's q, k, v projections): [linear(x, weights[i], biases[i])] in one call;
+  // biases: empty, or one [N_i] per weight.
+  m.def("linear_group(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor[]");
 
   // One inference step of a Llama-family decoder over a paged KV cache (csrc/ops/decoder.cpp; Python face and
   // the weights list's layout: llmkern/models/llama.py, LlamaForCausalLM.step) -> logits [logits rows, vocab].

@@ -6,7 +6,7 @@ namespace {
 
 struct CpuLinear {
   static constexpr c10::DeviceType device = c10::DeviceType::CPU;
-  static void linear(const LinearParams& p) { linear_kernel(p); }
+  static void linear(const LinearGroup& g) { linear_kernel(g); }
 };
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/attention_tile.h"
 #include "kernels/outer_gemm.h"
@@ -177,10 +178,11 @@ struct LinearJob {
 };
 
 template <typename T>
-void run_dot(const LinearParams& p) {
+void run_dot(const LinearGroup& g) {
   using Job = LinearJob<T>;
   using V = typename Job::V;
   using A = typename Job::A;
+  const LinearParams& p = g.parts[0];  // x, m, k: the group's
   const int64_t kp = attn::padded<V>(int(p.k));
   attn::Scratch<A> xs(Job::kPairs ? 1 : size_t(p.m * kp));
   if (!Job::kPairs)
@@ -188,10 +190,16 @@ void run_dot(const LinearParams& p) {
       for (int64_t r = r0; r < r1; ++r)
         attn::load_row_paired<V>(static_cast<const T*>(p.x) + r * p.x_stride, int(p.k), A(1), xs.ptr + r * kp, int(kp));
     });
-  const Job job{p, xs.ptr, kp, attn::paired<V>(int(p.k)), int(p.k / V::W * V::W)};
-  const int64_t tiles = (p.n + kNT - 1) / kNT;
-  parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) job.tile(t * kNT, std::min(p.n, (t + 1) * kNT));
+  std::vector<Job> jobs;
+  for (int i = 0; i < g.count; ++i)
+    jobs.push_back(Job{g.parts[i], xs.ptr, kp, attn::paired<V>(int(p.k)), int(p.k / V::W * V::W)});
+  const outer::PartTiles tiles(g.count, kNT, [&](int i) { return g.parts[i].n; });
+  parallel_for(0, tiles.total(), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int i = tiles.part(t);
+      const int64_t n0 = (t - tiles.first[i]) * kNT;
+      jobs[i].tile(n0, std::min(g.parts[i].n, n0 + kNT));
+    }
   });
 }
 
@@ -203,12 +211,14 @@ void run_dot(const LinearParams& p) {
 constexpr int64_t kOuterChunk = 512;
 
 template <typename T, typename E = float>
-void run_outer(const LinearParams& p) {
+void run_outer(const LinearGroup& g) {
   constexpr bool pairs = !std::is_same_v<E, float>;
-  const outer::Panels pn(p.m, p.k, outer::kPer<E>);
+  const LinearParams& px = g.parts[0];  // x, m, k: the group's
+  const outer::Panels pn(px.m, px.k, outer::kPer<E>);
   attn::Scratch<E> xt(size_t(pn.size()));
-  outer::transpose_x(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr, [](int64_t pos) { return pos; });
-  const auto decode = [&](int64_t r, int64_t c0, int64_t c1, E* dst) {
+  outer::transpose_x(static_cast<const T*>(px.x), px.x_stride, pn, xt.ptr, [](int64_t pos) { return pos; });
+  const auto decode = [&](int i, int64_t r, int64_t c0, int64_t c1, E* dst) {
+    const LinearParams& p = g.parts[i];
     const T* w = static_cast<const T*>(p.w) + r * p.w_stride;
     if (dst) {  // else the rows are read in place: only the prefetches below
       if constexpr (pairs) std::memcpy(dst, w + c0, sizeof(T) * (c1 - c0));
@@ -219,17 +229,24 @@ void run_outer(const LinearParams& p) {
     if (r + 1 < p.n) prefetch_l1_span(w + p.w_stride + c0, (c1 - c0) * int64_t(sizeof(T)));
     prefetch_l1_span(w + c1, (std::min(p.k, c1 + kOuterChunk) - c1) * int64_t(sizeof(T)));
   };
-  const auto store = [&](int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
+  const auto store = [&](int i, int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
+    const LinearParams& p = g.parts[i];
     outer::store_rows(static_cast<T*>(p.y), p.y_stride, n0, rows, r0, nr, c, ldc, nullptr,
                       static_cast<const T*>(p.bias));
   };
-  outer::Direct<E> direct;  // W's rows as the product's elements: fp32 rows, bf16 rows whose stride keeps the pairs
-  if constexpr (pairs) {
-    if (p.w_stride % 2 == 0) direct = {reinterpret_cast<const E*>(p.w), p.w_stride / 2};
-  } else if constexpr (std::is_same_v<T, float>) {
-    direct = {static_cast<const float*>(p.w), p.w_stride};
+  // W's rows as the product's elements: fp32 rows, bf16 rows whose stride keeps the pairs.
+  std::vector<outer::Direct<E>> direct(size_t(g.count));
+  std::vector<int64_t> n(size_t(g.count));
+  for (int i = 0; i < g.count; ++i) {
+    const LinearParams& p = g.parts[i];
+    n[i] = p.n;
+    if constexpr (pairs) {
+      if (p.w_stride % 2 == 0) direct[i] = {reinterpret_cast<const E*>(p.w), p.w_stride / 2};
+    } else if constexpr (std::is_same_v<T, float>) {
+      direct[i] = {static_cast<const float*>(p.w), p.w_stride};
+    }
   }
-  outer::gemm<kOuterChunk>(p.n, pn, xt.ptr, decode, store, direct);
+  outer::gemm_parts<kOuterChunk>(g.count, n.data(), pn, xt.ptr, decode, store, direct.data());
 }
 
 // Whether the outer form beats the dot form for m rows of x and k columns: the dot form pays a lane reduction per
@@ -250,17 +267,18 @@ bool outer_form(int64_t m, int64_t k) {
 
 // k = 0 never gets here (ops/linear.h writes the bias).
 template <typename T>
-void run(const LinearParams& p) {
-  if (!outer_form<T>(p.m, p.k)) return run_dot<T>(p);
+void run(const LinearGroup& g) {
+  const LinearParams& p = g.parts[0];
+  if (!outer_form<T>(p.m, p.k)) return run_dot<T>(g);
   if constexpr (attn::kPairProducts<T>)
-    if (p.k % 2 == 0) return run_outer<T, attn::Bf16Pair>(p);
-  if constexpr (!std::is_same_v<T, double>) run_outer<T>(p);
+    if (p.k % 2 == 0) return run_outer<T, attn::Bf16Pair>(g);
+  if constexpr (!std::is_same_v<T, double>) run_outer<T>(g);
 }
 
 }  // namespace
 
-void linear_kernel(const LinearParams& p) {
-  visit_dtype(p.dtype, [&](auto t) { run<decltype(t)>(p); });
+void linear_kernel(const LinearGroup& g) {
+  if (g.count > 0) visit_dtype(g.parts[0].dtype, [&](auto t) { run<decltype(t)>(g); });
 }
 
 }  // namespace LLMKERN_ISA

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <vector>
 
 #include "cpu/vec/vec.h"
 #include "kernels/attention_tile.h"
@@ -199,42 +200,72 @@ static void store_rows(T* out, int64_t ld, int64_t n0, int64_t rows, int64_t r0,
   }
 }
 
-// C = A B over all n rows of W, at most Chunk columns at a time (a multiple of 2L): decode(row, c0, c1, dst) writes
-// W[row][c0, c1) (decode order) to dst as elements E; store(n0, rows, r0, nr, c, ldc) takes a task's results:
-// c[j * ldc + i] is output row r0 + i (i < nr), column n0 + j (j < rows), e.g. through store_rows. xt holds
-// pn.size() elements E (transpose_x; for bf16 pairs with pn built for 2 columns per element). Tasks that read direct
-// rows in place (in_place) call decode with a null dst, for its prefetches only.
+// Tiles of several weights (parts) in one index space, for one parallel region over all of them: part i's tiles are
+// [first[i], first[i + 1]), each of at most tile_rows rows, none straddling two parts.
+struct PartTiles {
+  std::vector<int64_t> first;
+  template <typename RowsOf>
+  PartTiles(int parts, int64_t tile_rows, RowsOf&& rows_of) : first(size_t(parts) + 1, 0) {
+    for (int i = 0; i < parts; ++i) first[i + 1] = first[i] + (rows_of(i) + tile_rows - 1) / tile_rows;
+  }
+  int64_t total() const { return first.back(); }
+  int part(int64_t t) const { return int(std::upper_bound(first.begin() + 1, first.end(), t) - first.begin()) - 1; }
+};
+
+// C = A B over all rows of several weights W_i (parts sharing x: a layer's q, k, v projections) in one parallel
+// region, at most Chunk columns at a time (a multiple of 2L): decode(i, row, c0, c1, dst) writes W_i[row][c0, c1)
+// (decode order) to dst as elements E; store(i, n0, rows, r0, nr, c, ldc) takes a task's results: c[j * ldc + i]
+// is output row r0 + i (i < nr), column n0 + j (j < rows) of part i, e.g. through store_rows. n[i]: part i's rows;
+// direct: each part's rows to read in place, or null. xt holds pn.size() elements E (transpose_x; for bf16 pairs
+// with pn built for 2 columns per element). Tasks that read direct rows in place (in_place) call decode with a
+// null dst, for its prefetches only.
 template <int64_t Chunk, typename E, typename Decode, typename Store>
-static void gemm(int64_t n, const Panels& pn, const E* xt, Decode&& decode, Store&& store, Direct<E> direct = {}) {
+static void gemm_parts(int parts, const int64_t* n, const Panels& pn, const E* xt, Decode&& decode, Store&& store,
+                       const Direct<E>* direct) {
   static_assert(Chunk % (2 * L) == 0, "chunks start on the 4-bit decode's 2L-column runs");
   constexpr int per = kPer<E>;
-  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  const PartTiles tiles(parts, kTileRows, [&](int i) { return n[i]; });
   // As few chunks as Chunk allows, of equal width (whole 2L runs): k = 514 in 272 + 242, not 512 + 2, so no fp32
   // chain is longer than it must be (chains of 512 erred 2-3x PyTorch's there, of 272 1.4-1.9x).
   const int64_t chunks = (pn.k + Chunk - 1) / Chunk;
   const int64_t step = ((pn.k + chunks - 1) / chunks + 2 * L - 1) / (2 * L) * (2 * L);
-  parallel_for(0, tiles * pn.count, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, tiles.total() * pn.count, 1, [&](int64_t t0, int64_t t1) {
     attn::Scratch<E> a(size_t(kTileRows * kLda<Chunk>));
     attn::Scratch<float> c(size_t(kTileRows * pn.width));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t / pn.count * kTileRows, p = t % pn.count, rows = std::min(kTileRows, n - n0);
+      const int64_t tile = t / pn.count, p = t % pn.count;
+      const int part = tiles.part(tile);
+      const int64_t n0 = (tile - tiles.first[part]) * kTileRows, rows = std::min(kTileRows, n[part] - n0);
       const int64_t nr = pn.rows(p);
       const int nvec = int((nr + L - 1) / L);
-      const bool read_in_place = in_place(direct, nvec);
-      const int64_t lda = read_in_place ? direct.lda : kLda<Chunk>;
+      const Direct<E> in = direct ? direct[part] : Direct<E>{};
+      const bool read_in_place = in_place(in, nvec);
+      const int64_t lda = read_in_place ? in.lda : kLda<Chunk>;
       const E* panel = xt + p * pn.ke * pn.width;
       for (int64_t c0 = 0; c0 < pn.k; c0 += step) {
         const int64_t c1 = std::min(pn.k, c0 + step);
-        for (int64_t r = 0; r < rows; ++r) decode(n0 + r, c0, c1, read_in_place ? nullptr : a.ptr + r * kLda<Chunk>);
-        const E* w = read_in_place ? direct.w + n0 * lda + c0 / per : a.ptr;
+        for (int64_t r = 0; r < rows; ++r)
+          decode(part, n0 + r, c0, c1, read_in_place ? nullptr : a.ptr + r * kLda<Chunk>);
+        const E* w = read_in_place ? in.w + n0 * lda + c0 / per : a.ptr;
         const int kdim = int((c1 - c0) / per);
         const E* b = panel + c0 / per * pn.width;
         if (c0 == 0) kgemm<false>(int(rows), nvec, kdim, w, lda, b, pn.width, c.ptr, pn.width);
         else kgemm<true>(int(rows), nvec, kdim, w, lda, b, pn.width, c.ptr, pn.width);
       }
-      store(n0, rows, p * pn.width, nr, c.ptr, pn.width);
+      store(part, n0, rows, p * pn.width, nr, c.ptr, pn.width);
     }
   });
+}
+
+// gemm_parts for one weight of n rows: decode(row, c0, c1, dst), store(n0, rows, r0, nr, c, ldc).
+template <int64_t Chunk, typename E, typename Decode, typename Store>
+static void gemm(int64_t n, const Panels& pn, const E* xt, Decode&& decode, Store&& store, Direct<E> direct = {}) {
+  gemm_parts<Chunk>(
+      1, &n, pn, xt, [&](int, int64_t r, int64_t c0, int64_t c1, E* dst) { decode(r, c0, c1, dst); },
+      [&](int, int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
+        store(n0, rows, r0, nr, c, ldc);
+      },
+      &direct);
 }
 
 }  // namespace outer

@@ -38,6 +38,8 @@ Tensor decoder_step(const Tensor& input_ids, const Tensor& positions, const Tens
                     int64_t num_kv_heads, int64_t head_dim, at::IntArrayRef window_left, double eps,
                     int64_t llmkern_linears) {
   static const auto linear_op = op<Tensor(const Tensor&, const Tensor&, const OptTensor&)>("llmkern::linear");
+  static const auto linear_group = op<std::vector<Tensor>(const Tensor&, at::TensorList, at::TensorList)>(
+      "llmkern::linear_group");
   static const auto rms_norm = op<std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, double, bool)>(
       "llmkern::rms_norm");
   static const auto add_rms_norm_ = op<void(Tensor&, Tensor&, const OptTensor&, double, bool)>(
@@ -68,6 +70,21 @@ Tensor decoder_step(const Tensor& input_ids, const Tensor& positions, const Tens
     const Tensor& weight = need(slot);
     return llmkern_linears >> kind & 1 ? linear_op.call(x, weight, bias) : at::linear(x, weight, bias);
   };
+  // The linears of one input (q, k, v; gate, up), weight slots with their biases next: one llmkern::linear_group
+  // call when each runs llmkern::linear and their biases are all present or all absent, else one call each.
+  auto linears = [&](const Tensor& x, std::initializer_list<std::pair<int64_t, LinearKind>> parts) {
+    std::vector<Tensor> part_weights, biases, out;
+    bool grouped = true;
+    for (const auto& [slot, kind] : parts) {
+      grouped = grouped && (llmkern_linears >> kind & 1);
+      part_weights.push_back(need(slot));
+      if (w[slot + 1]) biases.push_back(*w[slot + 1]);
+    }
+    if (grouped && (biases.empty() || biases.size() == part_weights.size()))
+      return linear_group.call(x, part_weights, biases);
+    for (const auto& [slot, kind] : parts) out.push_back(linear(x, slot, w[slot + 1], kind));
+    return out;
+  };
   const int64_t tokens = input_ids.size(0);
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
 
@@ -81,9 +98,10 @@ Tensor decoder_step(const Tensor& input_ids, const Tensor& positions, const Tens
     } else {
       add_rms_norm_.call(x, residual, w[l + kInputNorm], eps, false);
     }
-    Tensor q = linear(x, l + kQ, w[l + kQBias], kLinQ).view({tokens, num_heads, head_dim});
-    Tensor k = linear(x, l + kK, w[l + kKBias], kLinK).view({tokens, num_kv_heads, head_dim});
-    Tensor v = linear(x, l + kV, w[l + kVBias], kLinV).view({tokens, num_kv_heads, head_dim});
+    const std::vector<Tensor> qkv = linears(x, {{l + kQ, kLinQ}, {l + kK, kLinK}, {l + kV, kLinV}});
+    Tensor q = qkv[0].view({tokens, num_heads, head_dim});
+    Tensor k = qkv[1].view({tokens, num_kv_heads, head_dim});
+    Tensor v = qkv[2].view({tokens, num_kv_heads, head_dim});
     if (w[l + kQNorm]) {  // qwen3 QK-Norm: per head, before rope
       q = std::get<0>(rms_norm.call(q, w[l + kQNorm], eps, false));
       k = std::get<0>(rms_norm.call(k, w[l + kKNorm], eps, false));
@@ -96,8 +114,8 @@ Tensor decoder_step(const Tensor& input_ids, const Tensor& positions, const Tens
                                             max_seqlen_k, scale, window_left[i], 0, 0.0, 0));
     x = linear(out.view({tokens, num_heads * head_dim}), l + kO, w[l + kOBias], kLinO);
     add_rms_norm_.call(x, residual, w[l + kPostNorm], eps, false);
-    Tensor act = act_mul.call(linear(x, l + kGate, w[l + kGateBias], kLinGate),
-                              linear(x, l + kUp, w[l + kUpBias], kLinUp), "silu");
+    const std::vector<Tensor> gate_up = linears(x, {{l + kGate, kLinGate}, {l + kUp, kLinUp}});
+    Tensor act = act_mul.call(gate_up[0], gate_up[1], "silu");
     x = linear(act, l + kDown, w[l + kDownBias], kLinDown);
   }
   add_rms_norm_.call(x, residual, w[kFinalNorm], eps, false);

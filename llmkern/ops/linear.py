@@ -34,6 +34,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return ops().linear(x, weight, bias)
 
 
+def linear_group_ref(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None = None) -> list[Tensor]:
+    return [linear_ref(x, w, b) for w, b in zip(weights, biases or [None] * len(weights))]
+
+
+def linear_group(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None = None) -> list[Tensor]:
+    """[linear(x, w, b) for w, b in zip(weights, biases)] in one call, with the same results: the linears of one
+    input (a layer's q, k and v projections; gate and up) share x's conversion or transpose and one parallel
+    region, whose threads split the tiles of all the weights. weights[i] [N_i, K]; biases: None, or one bias
+    [N_i] per weight. Differentiable like linear."""
+    return ops().linear_group(x, list(weights), [] if biases is None else list(biases))
+
+
 @functools.cache
 def _torch_bf16_gemm() -> bool:
     """Whether torch's CPU bf16 matmul (oneDNN) has AVX512_BF16 products on this CPU."""
@@ -68,6 +80,18 @@ def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
     return True
 
 
+def _grads(x: Tensor, weight: Tensor, dy: Tensor, need_x: bool, need_weight: bool, need_bias: bool):
+    """linear's backward: dx = dy @ W, dW = dy^T x, dbias = the sum of dy's rows (None where not needed)."""
+    rows = dy.reshape(-1, dy.shape[-1])
+    return (dy @ weight if need_x else None, rows.t() @ x.reshape(-1, x.shape[-1]) if need_weight else None,
+            rows.sum(0) if need_bias else None)
+
+
+def _per_item(need, n: int) -> list[bool]:
+    """needs_input_grad of a Tensor[] input: one flag per tensor, or one for all of them."""
+    return list(need) if isinstance(need, (list, tuple)) else [bool(need)] * n
+
+
 def _register() -> None:
     @torch.library.register_fake("llmkern::linear")
     def _(x, weight, bias=None):
@@ -81,13 +105,33 @@ def _register() -> None:
 
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dx = dy @ weight if ctx.needs_input_grad[0] else None
-        rows = dy.reshape(-1, dy.shape[-1])
-        dweight = rows.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        dbias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        return _grads(x, weight, dy, need_x, need_weight, ctx.has_bias and need_bias)
 
     torch.library.register_autograd("llmkern::linear", backward, setup_context=setup)
+
+    @torch.library.register_fake("llmkern::linear_group")
+    def _(x, weights, biases):
+        check_same_device("x", x, **{f"weights[{i}]": w for i, w in enumerate(weights)},
+                          **{f"biases[{i}]": b for i, b in enumerate(biases)})
+        return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
+
+    def setup_group(ctx, inputs, output):
+        x, weights, biases = inputs
+        ctx.has_bias = bool(biases)
+        ctx.save_for_backward(x, *weights)
+
+    def backward_group(ctx, dys):
+        x, *weights = ctx.saved_tensors
+        n = len(weights)
+        need_x = ctx.needs_input_grad[0]
+        need_w, need_b = (_per_item(f, n) for f in ctx.needs_input_grad[1:])
+        grads = [_grads(x, w, dy, need_x, need_w[i], ctx.has_bias and need_b[i])
+                 for i, (w, dy) in enumerate(zip(weights, dys))]
+        dx = sum(g[0] for g in grads) if need_x else None
+        return dx, [g[1] for g in grads], [g[2] for g in grads] if ctx.has_bias else []
+
+    torch.library.register_autograd("llmkern::linear_group", backward_group, setup_context=setup_group)
 
 
 if available():

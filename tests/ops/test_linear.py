@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkern.ops import linear, linear_ref
+from llmkern.ops import linear, linear_group, linear_group_ref, linear_ref
 from tests.helpers import DTYPES, assert_close_derived, grads, strided
 
 # (M, N, K). Dot form (M < 16, or < 32 with K > 512; over bf16 pairs, K even, M < 16, or < 128 with K > 512): GEMV
@@ -79,6 +79,64 @@ def test_compiled_matches_eager():
     torch.testing.assert_close(compiled(x, w), linear(x, w) * 2)
 
 
+# linear_group: the parts of one x, each with the bits of its own linear call, in both forms (the dot form over 1-15
+# rows, 5-8 rows as one block over bf16 pairs; the outer form from 16), parts whose rows end inside a tile (k and v
+# of 24-row outer tiles, 16-row dot tiles), strided x, biases.
+GROUP_ROWS = [1, 3, 6, 16, 33, 130]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", GROUP_ROWS)
+def test_linear_group_equals_separate_calls(cpu_isa, dtype, m):
+    x = strided(torch.randn(m, 66).to(dtype)) if m % 2 else torch.randn(m, 66).to(dtype)
+    weights = [torch.randn(n, 66).to(dtype) for n in (40, 7, 25)]
+    for biases in (None, [torch.randn(w.shape[0]).to(dtype) for w in weights]):
+        got = linear_group(x, weights, biases)
+        for y, w, b in zip(got, weights, biases or [None] * 3):
+            assert torch.equal(y, linear(x, w, b))
+    check_group = linear_group_ref(x.double(), [w.double() for w in weights])
+    for y, want, w in zip(linear_group(x, weights), check_group, weights):
+        assert_close_derived(y, want, linear_ref(x, w))
+
+
+def test_linear_group_empty_parts():
+    x, w = torch.randn(2, 3, 16), torch.randn(5, 16)
+    empty, y = linear_group(x, [torch.randn(0, 16), w])
+    assert empty.shape == (2, 3, 0) and torch.equal(y, linear(x, w))
+    b = torch.randn(4)
+    assert torch.equal(linear_group(torch.randn(3, 0), [torch.randn(4, 0)], [b])[0], b.expand(3, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_group_backward(dtype):
+    x, dy = torch.randn(5, 3, 40).to(dtype), [torch.randn(5, 3, n).to(dtype) for n in (24, 9)]
+    ws, bs = [torch.randn(n, 40).to(dtype) for n in (24, 9)], [torch.randn(n).to(dtype) for n in (24, 9)]
+    group = lambda x, w0, w1, b0, b1: tuple(linear_group(x, [w0, w1], [b0, b1]))  # noqa: E731
+    group_ref = lambda x, w0, w1, b0, b1: tuple(linear_group_ref(x, [w0, w1], [b0, b1]))  # noqa: E731
+    torch_ = lambda x, w0, w1, b0, b1: (F.linear(x, w0, b0), F.linear(x, w1, b1))  # noqa: E731
+    got = grads(group, [x, *ws, *bs], dy)
+    want = grads(group_ref, [t.double() for t in (x, *ws, *bs)], [d.double() for d in dy])
+    for name, g, g64, gt in zip(["dx", "dw0", "dw1", "db0", "db1"], got, want, grads(torch_, [x, *ws, *bs], dy)):
+        assert_close_derived(g, g64, gt, name=name)
+
+
+def test_linear_group_gradcheck_float64():
+    x, w0, w1, b0, b1 = (torch.randn(*s, dtype=torch.float64, requires_grad=True)
+                         for s in [(3, 7), (5, 7), (2, 7), (5,), (2,)])
+    assert torch.autograd.gradcheck(lambda *t: linear_group(t[0], t[1:3], t[3:]), (x, w0, w1, b0, b1))
+    assert torch.autograd.gradcheck(lambda x, w0, w1: linear_group(x, [w0, w1]), (x, w0, w1))
+
+
+def test_linear_group_opcheck_and_compile():
+    x, ws = torch.randn(3, 40, requires_grad=True), [torch.randn(n, 40, requires_grad=True) for n in (6, 2)]
+    torch.library.opcheck(torch.ops.llmkern.linear_group, (x, ws, [torch.randn(6), torch.randn(2)]))
+    x, ws = x.detach(), [w.detach() for w in ws]
+    torch.library.opcheck(torch.ops.llmkern.linear_group, (x.bfloat16(), [w.bfloat16() for w in ws], []))
+    compiled = torch.compile(lambda x, a, b: [y * 2 for y in linear_group(x, [a, b])], fullgraph=True)
+    for got, want in zip(compiled(x, *ws), linear_group(x, ws)):
+        torch.testing.assert_close(got, want * 2)
+
+
 X, W = torch.randn(2, 16), torch.randn(4, 16)
 BAD = [
     ("weight", lambda: linear(X, W.double()), "weight: expected the dtype of x"),
@@ -88,6 +146,12 @@ BAD = [
     ("bias", lambda: linear(X, W, torch.randn(4).bfloat16()), "bias: expected the dtype of x"),
     ("x", lambda: linear(torch.tensor(1.0), W), "x: expected at least 1 dimension"),
     ("x", lambda: linear(X.int(), W.int()), "x: expected dtype"),
+    ("weights", lambda: linear_group(X, []), "weights: expected at least one weight"),
+    ("weights", lambda: linear_group(X, [W, torch.randn(3, 15)]), r"weights\[1\]: expected K = 16"),
+    ("weights", lambda: linear_group(X, [W, W.bfloat16()]), r"weights\[1\]: expected the dtype of x"),
+    ("biases", lambda: linear_group(X, [W, W], [torch.randn(4)]), r"biases: expected none or one per weight \(2\)"),
+    ("biases", lambda: linear_group(X, [W, W], [torch.randn(4), torch.randn(3)]),
+     r"biases\[1\]: expected shape \[4\]"),
 ]
 
 
