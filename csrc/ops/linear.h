@@ -1,5 +1,5 @@
 // Dense linear op at the tensor level: checks, output allocation and params. Backend supplies `device` and
-// linear(LinearParams).
+// linear(LinearGroup) (one linear is a group of one).
 #pragma once
 #include <optional>
 #include <string>

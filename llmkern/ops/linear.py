@@ -4,7 +4,8 @@ Made for decoding, where a bf16 weight is read from memory for a handful of rows
 matmul runs that at a fraction of the read bandwidth on CPUs without AVX512_BF16; this kernel reads each
 weight element once per call. From 32 rows of x (16 with K <= 512: batched decoding, verification,
 prefill) the product runs in outer-product form, compute-bound near the fp32 FMA rate (see
-csrc/kernels/linear.cpp). The backward (dx = dy @ W, dW = dy^T x, dbias) is torch's matmul.
+csrc/kernels/linear.cpp). The backward (dx = dy @ W, dW = dy^T x, dbias) is torch's matmul. linear_group runs
+the linears of one input (a layer's q, k and v projections) in one call, with the same results.
 """
 
 from __future__ import annotations
