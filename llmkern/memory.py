@@ -30,6 +30,11 @@ def huge_pages_mode() -> str:
     return text[text.find("[") + 1 : text.find("]")] if "[" in text else "unavailable"
 
 
+def huge_pages_available() -> bool:
+    """Whether a mapping can ask for transparent huge pages here (THP "always" or "madvise", and MADV_HUGEPAGE)."""
+    return huge_pages_mode() in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE")
+
+
 def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized contiguous CPU tensor in its own anonymous mapping advised for transparent huge pages (the
     tensor keeps the mapping alive). Buffers under one huge page, and systems without THP, get torch.empty's memory.
@@ -37,7 +42,7 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     "madvise", the usual default) that first touch may also compact memory."""
     numel = math.prod(shape)
     nbytes = numel * dtype.itemsize
-    if nbytes < HUGE_PAGE or huge_pages_mode() not in ("always", "madvise") or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if nbytes < HUGE_PAGE or not huge_pages_available():
         return torch.empty(shape, dtype=dtype)
     # One huge page more than needed, so the tensor can start on a 2 MB boundary: the kernel does not always align a
     # mapping itself, and one whose 2 MB-aligned ranges start past its beginning wastes its first pages on 4 KB ones.

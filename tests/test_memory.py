@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import thp_eligible
 
-from llmkern.memory import HUGE_PAGE, empty_on_huge_pages, huge_pages_mode
+from llmkern.memory import HUGE_PAGE, empty_on_huge_pages, huge_pages_available, huge_pages_mode
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -28,7 +28,6 @@ def test_buffer_is_a_contiguous_writable_tensor_that_outlives_its_mapping_handle
 
 
 def test_large_buffers_are_advised_for_huge_pages():
-    mode = huge_pages_mode()
-    if mode not in ("always", "madvise"):
-        pytest.skip(f"transparent huge pages: {mode}")
+    if not huge_pages_available():
+        pytest.skip(f"transparent huge pages: {huge_pages_mode()}")
     assert thp_eligible(empty_on_huge_pages((HUGE_PAGE // 4,), torch.float32))

@@ -382,7 +382,7 @@ struct Bwd {
   // Rows [row0, row0 + nk) of the gradient g (laid out as k) from a transposed tile [D][kNk] (dK's already scaled:
   // dS carries the softmax scale), through kb (free once the block's pairs are done).
   void store_tile(Work<A>& w, const A* tile, int nk, const AttnTensor& g, int b, int64_t row0, int kvh) const {
-    attn::transpose_tile<V>(tile, kNk, D, nk, A(1), w.kb.ptr, Dp);
+    attn::transpose_tile<V>(tile, kNk, D, nk, w.kb.ptr, Dp);
     for (int jj = 0; jj < nk; ++jj)
       attn::store_row<V>(w.kb.ptr + int64_t(jj) * Dp, D, at_row<T>(g, b, row0 + jj, kvh));
   }

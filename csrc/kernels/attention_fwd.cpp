@@ -260,7 +260,7 @@ struct TiledTask {
       A* row = o + int64_t(e) * mp;
       for (int c = 0; c < mp; c += W) (V::load(row + c) * V::load(alpha + c)).store(row + c);
     }
-    attn::transpose_tile<V>(o, mp, d, mq, A(1), kt, dp);
+    attn::transpose_tile<V>(o, mp, d, mq, kt, dp);
     for (int c = 0; c < mq; ++c) {
       T* out = row_at<T>(p.out, sq.b, sq.q_start + i0 + c, h);
       float* lse = lse0 ? lse0 + c * p.lse.row_stride : nullptr;

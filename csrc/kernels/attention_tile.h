@@ -261,15 +261,15 @@ static inline void transpose_rows(const T* const* src, int n, typename V::value_
     for (int t = 0; t < W; ++t) dst[int64_t(e) * ld + t] = src[t] ? ScalarVec<A>::load(src[t] + e).v * mul : A(0);
 }
 
-// dst[c * ldd + r] = mul * src[r * lds + c] for r < rows, c < cols (dst's columns rows..round_up(rows, W) are
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (dst's columns rows..round_up(rows, W) are
 // zeroed): a row-major tile written back transposed.
 template <typename V>
 static inline void transpose_tile(const typename V::value_type* src, int64_t lds, int rows, int cols,
-                                  typename V::value_type mul, typename V::value_type* dst, int64_t ldd) {
+                                  typename V::value_type* dst, int64_t ldd) {
   for (int r0 = 0; r0 < rows; r0 += V::W) {
     const typename V::value_type* src_rows[V::W];
     for (int t = 0; t < V::W; ++t) src_rows[t] = r0 + t < rows ? src + int64_t(r0 + t) * lds : nullptr;
-    transpose_rows<V>(src_rows, cols, mul, dst + r0, ldd);
+    transpose_rows<V>(src_rows, cols, typename V::value_type(1), dst + r0, ldd);
   }
 }
 

@@ -7,7 +7,7 @@ import torch
 from helpers import thp_eligible
 from model_refs import ARCHS, VOCAB, hf_checkpoints, make_hf_model, rel_err  # noqa: F401 (fixture)
 
-from llmkern.memory import HUGE_PAGE, huge_pages_mode
+from llmkern.memory import HUGE_PAGE, huge_pages_available
 from llmkern.models import LlamaForCausalLM, SequenceChunk, allocate_kv_cache, build_step_input, load_model, preset
 from llmkern.models.llama import _LINEAR_SLOTS, Linear
 from llmkern.quant import Int8Config, quantize_
@@ -38,7 +38,7 @@ def test_mixed_prefill_chunks_and_decodes_equal_full_forward(hf_checkpoints, arc
     block_bytes = BLOCK * model.config.num_kv_heads * model.config.head_dim * 4
     num_blocks = 20 if cache == "small" else -(-HUGE_PAGE // block_bytes)
     kv = allocate_kv_cache(model.config, num_blocks=num_blocks, block_size=BLOCK, dtype=torch.float32)
-    if cache == "huge_pages" and huge_pages_mode() in ("always", "madvise"):
+    if cache == "huge_pages" and huge_pages_available():
         assert all(thp_eligible(t) for k_v in kv for t in k_v)
     for k, v in kv:
         k.fill_(float("nan"))
