@@ -80,13 +80,18 @@ def _timing(samples: list[float]) -> Timing:
 
 
 def measure(fns: dict[str, Callable[[int], Any]], *, reps: int, warmup: int, budget_s: float | None = None,
-            min_reps: int = 5) -> dict[str, Timing]:
+            min_reps: int = 5, prime: dict[str, Callable[[], Any]] | None = None) -> dict[str, Timing]:
     """Times each fn(i) (i = call counter, for rotating sets): warm-up calls first, then up to `reps`
     timed calls per fn, interleaved round-robin so drift on a shared machine hits every fn alike. Each round
-    takes the fns in a new (seeded) random order, so what a call inherits from the call before it (a 128 MB
-    bandwidth probe left the next call 0.1-0.15 ms slower on Zen 4) falls on every fn alike too.
+    takes the fns in a new (seeded) random order, so what a call inherits from the call before it falls on
+    every fn alike too.
     With budget_s, a slow fn gets only as many calls (at least min_reps) as fit in budget_s, judged by
-    its last warm-up call, so second-long eager baselines do not dominate the run."""
+    its last warm-up call, so second-long eager baselines do not dominate the run.
+    prime[name](), where given, runs untimed right before each timed call of fn `name`: the same call on tiny
+    data, so its code path (Python, the dispatcher, the kernel's instructions) and small inputs are in cache while
+    its big operands (rotating sets) are not, as for a layer's op in a model. Without it a call after one that
+    streamed far more than the LLC runs its whole software stack from memory: on Zen 4 0.13-0.19 ms more for an int4
+    GEMV of any size after a 128 MB read (4096 x 4096: 0.29 -> 0.45 ms), 0.29 ms again when primed."""
     n_reps = {}
     for name, fn in fns.items():
         for i in range(warmup):
@@ -101,6 +106,8 @@ def measure(fns: dict[str, Callable[[int], Any]], *, reps: int, warmup: int, bud
         for name in order.sample(list(fns), len(fns)):
             fn = fns[name]
             if i < n_reps[name]:
+                if prime and name in prime:
+                    prime[name]()
                 t0 = time.perf_counter()
                 fn(warmup + i)
                 samples[name].append(time.perf_counter() - t0)

@@ -45,6 +45,16 @@ def test_measure_interleaves_every_fn_in_a_changing_order():
     assert len(before_a) > 1 and len({r[0] for r in rounds}) > 1
 
 
+def test_measure_primes_right_before_each_timed_call():
+    calls = []
+    fns = {name: (lambda i, name=name: calls.append(name)) for name in "abc"}
+    harness.measure(fns, reps=10, warmup=2, prime={"a": lambda: calls.append("prime a")})
+    timed = calls[2 * len(fns):]  # warm-up calls are not primed
+    assert "prime a" not in calls[: 2 * len(fns)]
+    assert timed.count("prime a") == timed.count("a") == 10
+    assert all(timed[i + 1] == "a" for i, c in enumerate(timed) if c == "prime a")
+
+
 def test_ceilings_and_norm_bench():
     cfg = harness.Config(**TINY)
     c = harness.measure_ceilings(cfg)
