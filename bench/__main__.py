@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only norm|activation|rope|loss|sampling|attention|quant|model|train] [--markdown]
+"""`python -m bench [--quick] [--only norm|activation|rope|loss|sampling|attention|quant|matmul|model|train] [--markdown]
 [--no-compile]`
 
 Measures the machine's ceilings, runs the bench_<family>.py modules, prints one table of the
@@ -18,8 +18,8 @@ import torch
 
 from bench import harness
 
-FAMILIES = ("norm", "activation", "rope", "loss", "sampling", "attention", "quant", "model", "train")
-FLOP_FAMILIES = ("attention", "quant", "model", "train")  # their own tables (bench_<family>.HEADER), not bytes-per-op rows
+FAMILIES = ("norm", "activation", "rope", "loss", "sampling", "attention", "quant", "matmul", "model", "train")
+FLOP_FAMILIES = ("attention", "quant", "matmul", "model", "train")  # their own tables (bench_<family>.HEADER), not bytes-per-op rows
 
 
 def cpu_model() -> str:

@@ -107,6 +107,8 @@ TORCH_LIBRARY(llmkern, m) {
   // The linears of one x [..., K] (a layer's q, k, v projections): [linear(x, weights[i], biases[i])] in one call;
   // biases: empty, or one [N_i] per weight.
   m.def("linear_group(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor[]");
+  // a [M, K] @ b [K, N] in float32 (CPU): the GEMMs of training's linears (forward over many rows, backward).
+  m.def("mm(Tensor a, Tensor b) -> Tensor");
 
   // One inference step of a Llama-family decoder over a paged KV cache (csrc/ops/decoder.cpp; Python face and
   // the weights list's layout: llmkern/models/llama.py, LlamaForCausalLM.step) -> logits [logits rows, vocab].

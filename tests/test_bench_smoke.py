@@ -108,6 +108,18 @@ def test_quant_bench_quick():
     assert all(r[2].endswith("of expected)") for r in rows[-3:]), "resident memory was not measured"
 
 
+def test_matmul_bench_quick():
+    from bench import bench_matmul
+
+    cfg = harness.Config.quick_config()
+    cfg.reps, cfg.warmup, cfg.budget_s, cfg.rotate_bytes = 2, 1, 0.1, 1 << 16
+    ceilings = harness.Ceilings([1.0], [1.0], {"float32": 1.0, "bfloat16": 1.0}, 1)
+    rows = bench_matmul.run(cfg, ceilings)
+    assert [r[0].split()[0] for r in rows] == ["forward", "dx", "dW"]
+    assert [r[1] for r in rows] == ["256x64x48", "256x48x64", "64x48x256"]
+    assert all(len(r) == len(bench_matmul.HEADER) and float(r[2]) > 0 for r in rows)
+
+
 def test_model_bench_quick():
     from bench import bench_model
 

@@ -11,7 +11,7 @@ from llmkern.ops.attention import (
     flash_attn_with_kvcache,
     write_kv_cache,
 )
-from llmkern.ops.linear import linear, linear_beats_torch, linear_group, linear_group_ref, linear_ref
+from llmkern.ops.linear import linear, linear_beats_torch, linear_group, linear_group_ref, linear_ref, mm, mm_ref
 from llmkern.ops.loss import cross_entropy_grad_, cross_entropy_grad_ref, linear_cross_entropy, linear_cross_entropy_ref
 from llmkern.ops.quant import (
     DYNAMIC_CODE,
@@ -111,5 +111,7 @@ __all__ = [
     "linear_group",
     "linear_group_ref",
     "linear_ref",
+    "mm",
+    "mm_ref",
     "int8_linear_ref",
 ]

@@ -4,8 +4,10 @@ Made for decoding, where a bf16 weight is read from memory for a handful of rows
 matmul runs that at a fraction of the read bandwidth on CPUs without AVX512_BF16; this kernel reads each
 weight element once per call. From 32 rows of x (16 with K <= 512: batched decoding, verification,
 prefill) the product runs in outer-product form, compute-bound near the fp32 FMA rate (see
-csrc/kernels/linear.cpp). The backward (dx = dy @ W, dW = dy^T x, dbias) is torch's matmul. linear_group runs
-the linears of one input (a layer's q, k and v projections) in one call, with the same results.
+csrc/kernels/linear.cpp); fp32 over 256+ rows and at most 1024 columns (training's linears) through `mm`, whose
+products write whole vectors of y rows. The backward (dx = dy @ W, dW = dy^T x, dbias) is `mm` in fp32 over 256+
+rows, else torch's matmul. linear_group runs the linears of one input (a layer's q, k and v projections) in one
+call, with the same results.
 """
 
 from __future__ import annotations
@@ -47,6 +49,21 @@ def linear_group(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None =
     return ops().linear_group(x, list(weights), [] if biases is None else list(biases))
 
 
+def mm_ref(a: Tensor, b: Tensor) -> Tensor:
+    return a @ b
+
+
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """a [M, K] @ b [K, N] -> [M, N] in float32 on the CPU: a read in place with either stride 1 (a transposed view
+    such as dy.t() included), b when its rows are contiguous. Differentiable."""
+    return ops().mm(a, b)
+
+
+# Rows from which fp32 products take mm (and linear its mm path, for at most _MM_MAX_COLS outputs): demo-target's
+# training shapes (8192 rows, Zen 4, 2 threads) ran 178-204 GFLOP/s against torch's (MKL) 112-190 (bench/RESULTS.md).
+_MM_ROWS, _MM_MAX_COLS = 256, 1024
+
+
 @functools.cache
 def _torch_bf16_gemm() -> bool:
     """Whether torch's CPU bf16 matmul (oneDNN) has AVX512_BF16 products on this CPU."""
@@ -68,14 +85,16 @@ def _torch_fp32_gemm_is_mkl_on_amd() -> bool:
 def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
     """Whether linear(x [rows, k], W [n, k]) measured faster than torch's CPU matmul (bench/RESULTS.md): always when
     the kernels have more threads than torch (llmkern's pool in `llmkern serve`, torch's own ops on one thread);
-    else fp32 up to 16 rows (decode), and where torch's fp32 matmul is MKL on AMD also up to 256 rows of wide outputs
-    (n >= 2048: an output head, 1.13-2.45x on Zen 4); fp16 always; bf16 always without AVX512_BF16 (torch's bf16
+    else fp32 up to 16 rows (decode), from 256 rows with at most 1024 outputs (training's linears, through mm:
+    1.13-1.50x torch's on demo-target's shapes, Zen 4; 0.9-1.17x on other shapes there), and where torch's fp32 matmul
+    is MKL on AMD also up to 256 rows of wide outputs (n >= 2048: an output head, 1.13-2.45x on Zen 4); fp16 always; bf16 always without AVX512_BF16 (torch's bf16
     GEMM is then 2-8x slower), and with it below 128 rows, or below 32 when k >= 1024 (beyond, oneDNN's bf16 GEMM was
     1.04-1.45x faster on Zen 4)."""
     if kernel_threads() > torch.get_num_threads():
         return True
     if dtype == torch.float32:
-        return rows <= 16 or (rows <= 256 and n >= 2048 and _torch_fp32_gemm_is_mkl_on_amd())
+        return (rows <= 16 or (rows >= _MM_ROWS and n <= _MM_MAX_COLS)
+                or (rows <= 256 and n >= 2048 and _torch_fp32_gemm_is_mkl_on_amd()))
     if dtype == torch.bfloat16 and _torch_bf16_gemm():
         return rows < (32 if k >= 1024 else 128)
     return True
@@ -83,8 +102,11 @@ def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
 
 def _grads(x: Tensor, weight: Tensor, dy: Tensor, need_x: bool, need_weight: bool, need_bias: bool):
     """linear's backward: dx = dy @ W, dW = dy^T x, dbias = the sum of dy's rows (None where not needed)."""
-    rows = dy.reshape(-1, dy.shape[-1])
-    return (dy @ weight if need_x else None, rows.t() @ x.reshape(-1, x.shape[-1]) if need_weight else None,
+    rows, x_rows = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    if dy.dtype == torch.float32 and dy.device.type == "cpu" and rows.shape[0] >= _MM_ROWS:
+        return (mm(rows, weight).view(*dy.shape[:-1], weight.shape[1]) if need_x else None,
+                mm(rows.t(), x_rows) if need_weight else None, rows.sum(0) if need_bias else None)
+    return (dy @ weight if need_x else None, rows.t() @ x_rows if need_weight else None,
             rows.sum(0) if need_bias else None)
 
 
@@ -94,6 +116,21 @@ def _per_item(need, n: int) -> list[bool]:
 
 
 def _register() -> None:
+    @torch.library.register_fake("llmkern::mm")
+    def _(a, b):
+        check_same_device("a", a, b=b)
+        return a.new_empty(a.shape[0], b.shape[1])
+
+    def setup_mm(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward_mm(ctx, dc):
+        a, b = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad
+        return mm(dc, b.t()) if need_a else None, mm(a.t(), dc) if need_b else None
+
+    torch.library.register_autograd("llmkern::mm", backward_mm, setup_context=setup_mm)
+
     @torch.library.register_fake("llmkern::linear")
     def _(x, weight, bias=None):
         check_same_device("x", x, weight=weight, bias=bias)
@@ -106,8 +143,9 @@ def _register() -> None:
 
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        need_x, need_weight, need_bias = ctx.needs_input_grad
-        return _grads(x, weight, dy, need_x, need_weight, ctx.has_bias and need_bias)
+        # Called as linear(x, weight), needs_input_grad has no bias entry.
+        need_x, need_weight, *need_bias = ctx.needs_input_grad
+        return _grads(x, weight, dy, need_x, need_weight, ctx.has_bias and any(need_bias))
 
     torch.library.register_autograd("llmkern::linear", backward, setup_context=setup)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkern.ops import linear, linear_group, linear_group_ref, linear_ref
+from llmkern.ops import linear, linear_group, linear_group_ref, linear_ref, mm, mm_ref
 from tests.helpers import DTYPES, assert_close_derived, grads, strided
 
 # (M, N, K). Dot form (M < 16, or < 32 with K > 512; over bf16 pairs, K even, M < 16, or < 128 with K > 512): GEMV
@@ -11,10 +11,12 @@ from tests.helpers import DTYPES, assert_close_derived, grads, strided
 # masked last 32 of the pair path), K = 1. Outer form (fp32, bf16, fp16): 1-4 vectors of x rows with a partial last
 # one, several x panels (64 rows on AVX-512, 32 on AVX2 and scalar) with a partial last one, weight tiles of 24 rows
 # with a tail, K in equal chunks of at most 512 (and K = 512). Either side of the bf16 pair rule: 12 x 1030, 24 x 2050
-# and 65 x 1100 (dot over pairs, outer in fp32 from 32 rows), 128 x 514 (outer).
+# and 65 x 1100 (dot over pairs, outer in fp32 from 32 rows), 128 x 514 (outer). fp32 from 256 rows with at most 1024
+# columns: W^T through mm (a partial last vector of columns, n = 1024), wider stays outer (1030).
 SHAPES = [(1, 1, 1), (1, 5, 7), (2, 17, 33), (3, 64, 100), (4, 33, 4097), (5, 18, 256), (6, 23, 130), (7, 64, 129),
           (7, 45, 66), (8, 50, 600), (9, 26, 1025), (10, 9, 1030), (12, 21, 1030), (16, 40, 64), (16, 30, 512),
-          (17, 25, 257), (24, 11, 2050), (33, 19, 300), (64, 24, 31), (65, 49, 1100), (128, 9, 514), (130, 7, 70)]
+          (17, 25, 257), (24, 11, 2050), (33, 19, 300), (64, 24, 31), (65, 49, 1100), (128, 9, 514), (130, 7, 70),
+          (256, 30, 70), (300, 1024, 33), (257, 1030, 40)]
 
 
 def check(x, w, b):
@@ -35,6 +37,7 @@ def test_strided_and_batched(cpu_isa, dtype):
     w = torch.randn(9, 80).to(dtype)[:, 5:75]            # a column slice: row stride 80
     check(x, w, torch.randn(9).to(dtype))
     check(strided(torch.randn(40, 70).to(dtype)), w, torch.randn(9).to(dtype))  # the outer form (M >= 32)
+    check(strided(torch.randn(300, 70).to(dtype)), w, torch.randn(9).to(dtype))  # fp32: mm
     check(torch.randn(2, 3, 70).to(dtype), w, None)      # leading dims flatten into rows
     assert linear(torch.randn(2, 0, 70).to(dtype), w).shape == (2, 0, 9)
 
@@ -52,9 +55,10 @@ def test_large_values_do_not_overflow_bf16_accumulation():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward(dtype):
-    x, w, b = torch.randn(5, 3, 40).to(dtype), torch.randn(24, 40).to(dtype), torch.randn(24).to(dtype)
-    dy = torch.randn(5, 3, 24).to(dtype)
+@pytest.mark.parametrize("lead", [(5, 3), (20, 16)])  # fp32 over 256+ rows: dx and dW through mm
+def test_backward(dtype, lead):
+    x, w, b = torch.randn(*lead, 40).to(dtype), torch.randn(24, 40).to(dtype), torch.randn(24).to(dtype)
+    dy = torch.randn(*lead, 24).to(dtype)
     got = grads(linear, [x, w, b], [dy])
     want = grads(linear_ref, [t.double() for t in (x, w, b)], [dy.double()])
     torch_ = grads(F.linear, [x, w, b], [dy])
@@ -65,6 +69,20 @@ def test_backward(dtype):
 def test_gradcheck_float64():
     x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in [(3, 7), (5, 7), (5,)])
     assert torch.autograd.gradcheck(linear, (x, w, b))
+    assert torch.autograd.gradcheck(linear, (x, w))  # no bias: its backward sees two inputs
+
+
+@pytest.mark.parametrize("rows", [3, 300])
+def test_backward_without_bias(rows):
+    x, w = torch.randn(rows, 40, requires_grad=True), torch.randn(6, 40, requires_grad=True)
+    linear(x, w).square().sum().backward()
+    x2, w2 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    linear_ref(x2, w2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad, w2.grad.float(), rtol=1e-4, atol=1e-4)
+    x.grad = w.grad = None
+    linear(x, w).sum().backward()  # dy: an expanded tensor (strides 0)
+    torch.testing.assert_close(w.grad, x.detach().sum(0).expand(6, 40), rtol=1e-4, atol=1e-3)
 
 
 def test_opcheck():
@@ -159,3 +177,51 @@ BAD = [
 def test_bad_input(name, call, message):
     with pytest.raises((ValueError, RuntimeError, TypeError), match=message):
         call()
+
+
+# mm: whole vectors of columns and a partial last one, several tiles of rows and columns (tiles of at most 192 x 512,
+# 256 columns beyond), k in passes of 256 (k = 600: three), k = 0 (zeros), single rows and columns.
+MM_SHAPES = [(1, 1, 1), (7, 5, 3), (1, 300, 33), (300, 1, 33), (13, 16, 600), (200, 100, 257), (385, 530, 20),
+             (6, 1100, 9), (3, 4, 0)]
+
+
+def check_mm(a, b):
+    assert_close_derived(mm(a, b), mm_ref(a.double(), b.double()), mm_ref(a, b))
+
+
+@pytest.mark.parametrize("m,n,k", MM_SHAPES)
+def test_mm_matches_reference(cpu_isa, m, n, k):
+    check_mm(torch.randn(m, k), torch.randn(k, n))
+
+
+def test_mm_layouts(cpu_isa):
+    a, b = torch.randn(70, 300), torch.randn(70, 90)
+    check_mm(a.t(), b)                                   # a column-major (dy^T): read in place
+    check_mm(strided(torch.randn(300, 70)), strided(b))  # rows further apart than contiguous
+    check_mm(a.t()[::2], b)                              # neither stride 1: copied
+    check_mm(torch.randn(300, 90), b.t())                # b column-major: copied
+    check_mm(torch.randn(300, 70), torch.randn(70, 1).expand(70, 3))  # b's rows: one element, stride 0
+
+
+def test_mm_backward():
+    a, b, dc = torch.randn(300, 40), torch.randn(40, 33), torch.randn(300, 33)
+    got, want, torch_ = grads(mm, [a, b], [dc]), grads(mm_ref, [a.double(), b.double()], [dc.double()]), grads(
+        mm_ref, [a, b], [dc])
+    for name, g, g64, gt in zip(["da", "db"], got, want, torch_):
+        assert_close_derived(g, g64, gt, name=name)
+
+
+def test_mm_opcheck():
+    torch.library.opcheck(torch.ops.llmkern.mm, (torch.randn(30, 20, requires_grad=True), torch.randn(20, 17)))
+    torch.library.opcheck(torch.ops.llmkern.mm, (torch.randn(20, 30).t(), torch.randn(20, 17, requires_grad=True)))
+
+
+@pytest.mark.parametrize("a,b,match", [
+    (torch.randn(3, 4).bfloat16(), torch.randn(4, 5), "a: expected float32"),
+    (torch.randn(3, 4), torch.randn(4, 5).double(), "b: expected float32"),
+    (torch.randn(12), torch.randn(12, 5), "a: expected 2 dimensions"),
+    (torch.randn(3, 4), torch.randn(5, 5), r"b: expected \[K, N\] with K = 4"),
+])
+def test_mm_bad_inputs(a, b, match):
+    with pytest.raises(RuntimeError, match=match):
+        mm(a, b)
