@@ -27,8 +27,7 @@ Tensor mm(const Tensor& a, const Tensor& b) {
   const Tensor bv = b.stride(1) == 1 || b.size(1) == 1 ? b : b.contiguous();
   MatmulParams p;
   p.m = a.size(0), p.n = b.size(1), p.k = a.size(1);
-  p.a = av.data_ptr<float>(), p.a_rs = av.stride(0), p.a_ks = av.stride(1);
-  if (p.a_ks != 1) p.a_rs = 1;  // a column-major view: rows adjacent (a size-1 dim's stride is arbitrary)
+  p.a = av.data_ptr<float>(), p.a_rs = av.stride(0), p.a_ks = av.stride(1);  // a_rs == 1: column-major (dy^T)
   p.b = bv.data_ptr<float>(), p.ldb = bv.stride(0);
   p.c = out.data_ptr<float>(), p.ldc = p.n;
   matmul_kernel(p);

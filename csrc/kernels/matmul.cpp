@@ -72,7 +72,8 @@ void matmul_kernel(const MatmulParams& p) {
   const int64_t threads = max_threads(), per = (threads + cols - 1) / cols;
   const int64_t rows_wanted = (p.m + kMaxTileM - 1) / kMaxTileM;
   const int64_t row_tiles = (rows_wanted + per - 1) / per * per;
-  const int64_t tm = std::max<int64_t>(attn::kMR, ((p.m + row_tiles - 1) / row_tiles + attn::kMR - 1) / attn::kMR * attn::kMR);
+  const int64_t rows = (p.m + row_tiles - 1) / row_tiles;
+  const int64_t tm = std::max<int64_t>(attn::kMR, (rows + attn::kMR - 1) / attn::kMR * attn::kMR);
   const int64_t rt = (p.m + tm - 1) / tm;
   parallel_for(0, rt * cols, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {

@@ -87,9 +87,9 @@ def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
     the kernels have more threads than torch (llmkern's pool in `llmkern serve`, torch's own ops on one thread);
     else fp32 up to 16 rows (decode), from 256 rows with at most 1024 outputs (training's linears, through mm:
     1.13-1.50x torch's on demo-target's shapes, Zen 4; 0.9-1.17x on other shapes there), and where torch's fp32 matmul
-    is MKL on AMD also up to 256 rows of wide outputs (n >= 2048: an output head, 1.13-2.45x on Zen 4); fp16 always; bf16 always without AVX512_BF16 (torch's bf16
-    GEMM is then 2-8x slower), and with it below 128 rows, or below 32 when k >= 1024 (beyond, oneDNN's bf16 GEMM was
-    1.04-1.45x faster on Zen 4)."""
+    is MKL on AMD also up to 256 rows of wide outputs (n >= 2048: an output head, 1.13-2.45x on Zen 4); fp16 always;
+    bf16 always without AVX512_BF16 (torch's bf16 GEMM is then 2-8x slower), and with it below 128 rows, or below 32
+    when k >= 1024 (beyond, oneDNN's bf16 GEMM was 1.04-1.45x faster on Zen 4)."""
     if kernel_threads() > torch.get_num_threads():
         return True
     if dtype == torch.float32:

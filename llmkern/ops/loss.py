@@ -7,8 +7,9 @@ each chunk's logits give its loss and, at once, its gradient softmax - onehot, w
 d(hidden) and accumulated into d(weight); only those two gradients are kept for the backward. The matmuls are
 torch's (the same ones the unfused head runs), except on the CPU a chunk's logits where ops.linear measured faster
 (linear_beats_torch) and, with a float32 weight, the chunk's two gradient products (ops.mm: 1.25x / 1.32x torch's
-at 256 x 8192 x 320 on Zen 4; demo-target's training step 1.04x faster, 9 of 10 alternating steps). On the CPU a chunk's loss and gradient come from one compiled op, cross_entropy_grad_ (three
-passes over the cached chunk, one exp per logit); elsewhere from PyTorch ops.
+at 256 x 8192 x 320 on Zen 4; demo-target's training step 1.04x faster, 9 of 10 alternating steps). On the CPU a
+chunk's loss and gradient come from one compiled op, cross_entropy_grad_ (three passes over the cached chunk, one
+exp per logit); elsewhere from PyTorch ops.
 """
 
 from __future__ import annotations
