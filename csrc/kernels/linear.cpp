@@ -301,20 +301,31 @@ void run_matmul(const LinearParams& p) {
     });
 }
 
-// k = 0 never gets here (ops/linear.h writes the bias).
+// The dot or the outer form for every part.
 template <typename T>
-void run(const LinearGroup& g) {
+void run_forms(const LinearGroup& g) {
   const LinearParams& p = g.parts[0];
-  if constexpr (std::is_same_v<T, float>)
-    if (p.m >= kMatmulRows &&
-        std::all_of(g.parts, g.parts + g.count, [](const LinearParams& q) { return q.n <= kMatmulMaxCols; })) {
-      for (int i = 0; i < g.count; ++i) run_matmul(g.parts[i]);
-      return;
-    }
   if (!outer_form<T>(p.m, p.k)) return run_dot<T>(g);
   if constexpr (attn::kPairProducts<T>)
     if (p.k % 2 == 0) return run_outer<T, attn::Bf16Pair>(g);
   if constexpr (!std::is_same_v<T, double>) run_outer<T>(g);
+}
+
+// k = 0 never gets here (ops/linear.h writes the bias). Each part takes the path its own linear call would, so a
+// group's outputs have the bits of separate calls.
+template <typename T>
+void run(const LinearGroup& g) {
+  if constexpr (std::is_same_v<T, float>)
+    if (g.parts[0].m >= kMatmulRows) {
+      std::vector<LinearParams> rest;
+      for (int i = 0; i < g.count; ++i) {
+        if (g.parts[i].n <= kMatmulMaxCols) run_matmul(g.parts[i]);
+        else rest.push_back(g.parts[i]);
+      }
+      if (!rest.empty()) run_forms<T>({rest.data(), int(rest.size())});
+      return;
+    }
+  run_forms<T>(g);
 }
 
 }  // namespace

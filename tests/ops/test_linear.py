@@ -99,15 +99,16 @@ def test_compiled_matches_eager():
 
 # linear_group: the parts of one x, each with the bits of its own linear call, in both forms (the dot form over 1-15
 # rows, 5-8 rows as one block over bf16 pairs; the outer form from 16), parts whose rows end inside a tile (k and v
-# of 24-row outer tiles, 16-row dot tiles), strided x, biases.
-GROUP_ROWS = [1, 3, 6, 16, 33, 130]
+# of 24-row outer tiles, 16-row dot tiles), strided x, biases; fp32 from 256 rows, where parts of at most 1024 rows
+# take mm and wider ones the outer form.
+GROUP_ROWS = [1, 3, 6, 16, 33, 130, 257]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", GROUP_ROWS)
 def test_linear_group_equals_separate_calls(cpu_isa, dtype, m):
     x = strided(torch.randn(m, 66).to(dtype)) if m % 2 else torch.randn(m, 66).to(dtype)
-    weights = [torch.randn(n, 66).to(dtype) for n in (40, 7, 25)]
+    weights = [torch.randn(n, 66).to(dtype) for n in (40, 7, 1030 if m > 256 else 25)]
     for biases in (None, [torch.randn(w.shape[0]).to(dtype) for w in weights]):
         got = linear_group(x, weights, biases)
         for y, w, b in zip(got, weights, biases or [None] * 3):
