@@ -161,13 +161,14 @@ static inline void gemm_cols(int m, int nvec, int kdim, const TA* a, int64_t as,
 // rescaling of O^T, for free). Leading dimensions ldb, ldc are in elements.
 // k runs in chunks whose B panel (chunk x NR vectors) stays in L1 next to A and C: 64 rows when B's rows are
 // at most 256 bytes, else 32 (rows 512 bytes apart cover only half the L1 sets: 64 of them would fill every way
-// of those sets; measured on AVX-512 at head dim 128: 1.2x over one pass of 64).
+// of those sets; measured on AVX-512 at head dim 128: 1.2x over one pass of 64). k_pass > 0 sets the chunk instead
+// (the fp32 matmul's B strips come from L2: kernels/matmul.cpp).
 template <typename V, bool ACC, typename TA, typename TB>
 static inline void gemm(int m, int n, int kdim, const TA* a, int64_t a_rs, int64_t a_ks,
                         const TB* b, int64_t ldb, typename V::value_type* c, int64_t ldc,
-                        const typename V::value_type* c_scale = nullptr) {
+                        const typename V::value_type* c_scale = nullptr, int k_pass = 0) {
   const bool cols = a_rs == 1;  // else a_ks == 1
-  const int kc = ldb * int64_t(sizeof(TB)) <= 256 ? 64 : 32;
+  const int kc = k_pass > 0 ? k_pass : ldb * int64_t(sizeof(TB)) <= 256 ? 64 : 32;
   for (int k0 = 0; k0 == 0 || k0 < kdim; k0 += kc) {  // once at least: an overwrite with kdim = 0 zeroes C
     const int kn = std::min(kc, kdim - k0);
     const bool acc = ACC || k0 > 0;

@@ -1,12 +1,12 @@
 // fp32 C = A B (kernels/matmul.h), compiled once per CPU ISA, from the register-blocked products of attention's
-// tiles (attn::gemm_cols: MR rows of A broadcast against NR vectors of a B row), over C tiles in parallel.
+// tiles (attn::gemm: MR rows of A broadcast against NR vectors of a B row), over C tiles in parallel.
 //
 // Each tile's k runs in passes of kKc with its MR x NR accumulators in registers throughout a pass: a block's B strip
 // (kKc x NR vectors, 64 KB) is read from L2 while its MR rows of A stay in L1, and C is loaded and stored once a pass.
-// attn::gemm's L1-sized passes (32 columns here) cost a C load and store every 32 FMAs a register: on demo-target's
-// training shapes (Zen 4, 2 threads) 150-170 GFLOP/s against 185-210 with passes of 256 (512: the same; whole k:
-// 100 on k = 8192). Tiles are large when k is long (the weight gradient, k = the batch's tokens), so a pass's A and B
-// chunks serve many blocks: 160 x 320 tiles ran dy^T x at 167-185 GFLOP/s against 124-141 with 96 x 128.
+// attn::gemm's default L1-sized passes (32 columns here) cost a C load and store every 32 FMAs a register: on
+// demo-target's training shapes (Zen 4, 2 threads) 150-170 GFLOP/s against 185-210 with passes of 256 (512: the same;
+// whole k: 100 on k = 8192). Tiles are large when k is long (the weight gradient, k = the batch's tokens), so a
+// pass's A and B chunks serve many blocks: 160 x 320 tiles ran dy^T x at 167-185 GFLOP/s against 124-141 with 96 x 128.
 #include "kernels/matmul.h"
 
 #include <algorithm>
@@ -26,31 +26,15 @@ constexpr int kKc = 256;             // columns of k per pass
 constexpr int64_t kMaxTileM = 192;   // rows of C per tile at most
 constexpr int64_t kMaxTileN = 512;   // columns of C per tile at most (wider C: tiles of 256)
 
-// C [m, n] = A B for n a multiple of W (B may be a padded scratch).
-void product(int m, int n, int k, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, float* c,
-             int64_t ldc) {
-  const bool cols = a_rs == 1;  // A's k-th column is MR adjacent floats; else each row is contiguous
-  for (int k0 = 0; k0 == 0 || k0 < k; k0 += kKc) {  // once at least: k = 0 zeroes C
-    const int kn = std::min(kKc, k - k0);
-    const float* ak = a + k0 * a_ks;
-    const float* bk = b + k0 * ldb;
-    if (k0 == 0) {
-      if (cols) attn::gemm_cols<V, false, attn::kCols>(m, n / W, kn, ak, a_ks, bk, ldb, c, ldc, nullptr);
-      else attn::gemm_cols<V, false, attn::kRows>(m, n / W, kn, ak, a_rs, bk, ldb, c, ldc, nullptr);
-    } else {
-      if (cols) attn::gemm_cols<V, true, attn::kCols>(m, n / W, kn, ak, a_ks, bk, ldb, c, ldc, nullptr);
-      else attn::gemm_cols<V, true, attn::kRows>(m, n / W, kn, ak, a_rs, bk, ldb, c, ldc, nullptr);
-    }
-  }
-}
-
 // C rows [i0, i1) x columns [j0, j1): whole vectors in place, a last partial vector through a zero-padded copy of
 // B's last columns and a scratch C.
 void tile(const MatmulParams& p, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   const int m = int(i1 - i0);
   const float* a = p.a + i0 * p.a_rs;
   const int64_t whole = (j1 - j0) / W * W, rest = j1 - j0 - whole;
-  if (whole) product(m, int(whole), int(p.k), a, p.a_rs, p.a_ks, p.b + j0, p.ldb, p.c + i0 * p.ldc + j0, p.ldc);
+  if (whole)
+    attn::gemm<V, false>(m, int(whole), int(p.k), a, p.a_rs, p.a_ks, p.b + j0, p.ldb, p.c + i0 * p.ldc + j0, p.ldc,
+                         nullptr, kKc);
   if (!rest) return;
   attn::Scratch<float> bt(size_t(std::max<int64_t>(p.k, 1) * W)), ct(size_t(m * W));
   for (int64_t l = 0; l < p.k; ++l) {
@@ -58,7 +42,7 @@ void tile(const MatmulParams& p, int64_t i0, int64_t i1, int64_t j0, int64_t j1)
     std::memcpy(row, p.b + l * p.ldb + j0 + whole, sizeof(float) * size_t(rest));
     std::fill(row + rest, row + W, 0.f);
   }
-  product(m, W, int(p.k), a, p.a_rs, p.a_ks, bt.ptr, W, ct.ptr, W);
+  attn::gemm<V, false>(m, W, int(p.k), a, p.a_rs, p.a_ks, bt.ptr, W, ct.ptr, W, nullptr, kKc);
   for (int i = 0; i < m; ++i)
     std::memcpy(p.c + (i0 + i) * p.ldc + j0 + whole, ct.ptr + i * W, sizeof(float) * size_t(rest));
 }

@@ -59,8 +59,9 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
     return ops().mm(a, b)
 
 
-# Rows from which fp32 products take mm (and linear its mm path, for at most _MM_MAX_COLS outputs): demo-target's
-# training shapes (8192 rows, Zen 4, 2 threads) ran 178-204 GFLOP/s against torch's (MKL) 112-190 (bench/RESULTS.md).
+# Rows from which fp32 products take mm (and linear its mm path, for at most _MM_MAX_COLS outputs; the same bounds as
+# kMatmulRows / kMatmulMaxCols in csrc/kernels/linear.cpp, which routing must match): demo-target's training shapes
+# (8192 rows, Zen 4, 2 threads) ran 178-204 GFLOP/s against torch's (MKL) 112-190 (bench/RESULTS.md).
 _MM_ROWS, _MM_MAX_COLS = 256, 1024
 
 
