@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 from bench.harness import Ceilings, Config, measure, rotating_sets
 
-HEADER = ["case", "M x N x K", "llmkern ms", "torch ms", "x torch", "llmkern GFLOP/s", "% of fp32 mm"]
+HEADER = ["case", "M x N x K", "llmkern ms", "torch ms", "x torch", "llmkern GFLOP/s", "% of fp32 mm", "% FMA peak"]
 LEGEND = ("fp32, 2 * M * N * K FLOPs; forward: x [M, K] @ W[N, K]^T (llmkern.ops.linear vs F.linear); dx: dy [M, N] "
           "@ W [N, K] and dW: dy^T [N, M] @ x [M, K] (llmkern.ops.mm vs torch's @, dy^T a transposed view): "
           "demo-target's layers (hidden 320, intermediate 864, 16 x 512 tokens); medians of interleaved calls over "
-          "rotating input sets; % of fp32 mm: llmkern GFLOP/s / the matmul float32 ceiling (torch.mm 2048^3).")
+          "rotating input sets; % of fp32 mm: llmkern GFLOP/s / the matmul float32 ceiling (torch.mm 2048^3); % FMA peak: "
+          "of the float32 FMA peak ceiling (bench_fma_).")
 
 
 def shapes(cfg: Config) -> tuple[int, list[tuple[int, int]]]:
@@ -48,6 +49,7 @@ def run(cfg: Config, ceilings: Ceilings) -> list[list[str]]:
             gflops = 2 * m_ * n_ * k_ / ms["llmkern"] / 1e6
             rows.append([f"{case} {n}x{k} linear", f"{m_}x{n_}x{k_}", f"{ms['llmkern']:.2f}", f"{ms['torch']:.2f}",
                          f"{ms['torch'] / ms['llmkern']:.2f}", f"{gflops:.0f}",
-                         f"{100 * gflops / ceilings.matmul_gflops['float32']:.0f}"])
+                         f"{100 * gflops / ceilings.matmul_gflops['float32']:.0f}",
+                         f"{100 * gflops / ceilings.fma_gflops:.0f}" if ceilings.fma_gflops else "-"])
             print(f"  {case} {m_}x{n_}x{k_}: llmkern {ms['llmkern']:.2f} ms, torch {ms['torch']:.2f} ms", flush=True)
     return rows

@@ -177,6 +177,7 @@ class Ceilings:
     read_gbps: list[float]
     matmul_gflops: dict[str, float]
     threads: int
+    fma_gflops: float = 0.0  # float32 FMA peak over all threads (0: not measured)
 
     @property
     def copy(self) -> float:
@@ -206,10 +207,20 @@ def matmul_gflops(n: int, dtype: torch.dtype, cfg: Config) -> float:
     return 2 * n**3 / t["mm"].median_s / 1e9
 
 
+def fma_gflops(cfg: Config, iters: int) -> float:
+    """The float32 FMA peak: bench_fma_'s register-only FMA chains, one task per thread."""
+    out = torch.empty(torch.get_num_threads())
+    flops = []
+    t = measure({"fma": lambda i: flops.append(torch.ops.llmkern.bench_fma_(out, iters))}, reps=max(3, cfg.reps // 3),
+                warmup=1)  # fmt: skip
+    return flops[-1] / t["fma"].median_s / 1e9
+
+
 def measure_ceilings(cfg: Config) -> Ceilings:
     copy, read = bandwidth(cfg.ceiling_bytes, cfg)
     mm = {str(d).removeprefix("torch."): matmul_gflops(cfg.mm_n, d, cfg) for d in (torch.float32, torch.bfloat16)}
-    return Ceilings([copy], [read], mm, torch.get_num_threads())
+    fma = fma_gflops(cfg, 100_000 if cfg.quick else 5_000_000)  # 5M rounds: ~20 ms a call on AVX-512 at ~100 GFLOP/s
+    return Ceilings([copy], [read], mm, torch.get_num_threads(), fma)
 
 
 def remeasure_bandwidth(c: Ceilings, cfg: Config) -> None:
@@ -261,6 +272,7 @@ def format_ceilings(c: Ceilings, cfg: Config, markdown: bool = False) -> str:
         ["copy bandwidth (read + write)", f"{fmt(c.copy_gbps)} GB/s", f"bench_copy_, {buf}, start / end of run"],
         ["read bandwidth", f"{fmt(c.read_gbps)} GB/s", f"bench_read, {buf}, start / end of run"],
         *([f"matmul {d}", f"{g:.1f} GFLOP/s", f"torch.mm {cfg.mm_n}^3"] for d, g in c.matmul_gflops.items()),
+        ["float32 FMA peak", f"{c.fma_gflops:.1f} GFLOP/s", "bench_fma_: FMA chains in registers, every thread"],
         ["threads", str(c.threads), f"LLC {llc_bytes() // MiB} MiB"],
     ]
     return format_table(["ceiling", "value", "how"], rows, markdown)

@@ -153,9 +153,11 @@ TORCH_LIBRARY(llmkern, m) {
   // first maximum (its first NaN if it holds one), as torch.argmax(x, -1). CPU.
   m.def("argmax(Tensor x) -> Tensor");
 
-  // Benchmark ceilings: wide-SIMD copy and read loops over all threads (bench/harness.py).
+  // Benchmark ceilings: wide-SIMD copy and read loops and register-only FMA chains over all threads
+  // (bench/harness.py).
   m.def("bench_copy_(Tensor(a!) dst, Tensor src) -> ()");
   m.def("bench_read(Tensor src) -> float");
+  m.def("bench_fma_(Tensor(a!) out, int iters) -> int");
 }
 
 // `import llmkern._C` loads this library, which runs the registrations above.

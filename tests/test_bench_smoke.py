@@ -18,9 +18,21 @@ def test_probes_copy_and_read(cpu_isa):
     assert torch.ops.llmkern.bench_read(src) == pytest.approx(src.double().sum().item(), rel=1e-5, abs=1e-3)
 
 
+def test_probe_fma(cpu_isa):
+    out = torch.full((3,), float("nan"))  # more tasks than threads: each still writes its own entry
+    flops = torch.ops.llmkern.bench_fma_(out, 1000)
+    lanes = flops // (2 * 3 * 1000)  # chains x vector width of this ISA
+    assert lanes > 0 and flops == 2 * 3 * 1000 * lanes
+    # Every chain x -> 0.5 x + 1 has settled at exactly 2 after 1000 rounds: the sum over a task's lanes is 2 lanes.
+    assert out.tolist() == [2.0 * lanes] * 3
+    assert torch.ops.llmkern.bench_fma_(out, 0) == 0
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
+        (lambda: torch.ops.llmkern.bench_fma_(torch.empty(2), -1), "iters: expected a count >= 0"),
+        (lambda: torch.ops.llmkern.bench_fma_(torch.empty(2).double(), 1), "out: expected dtype float32"),
         (lambda: torch.ops.llmkern.bench_read(torch.randn(8, 8).t()), "src: expected a contiguous"),
         (lambda: torch.ops.llmkern.bench_read(torch.randn(8).bfloat16()), "src: expected dtype float32"),
         (lambda: torch.ops.llmkern.bench_copy_(torch.empty(3), torch.randn(4)), "src: expected the numel"),
@@ -58,7 +70,8 @@ def test_measure_primes_right_before_each_timed_call():
 def test_ceilings_and_norm_bench():
     cfg = harness.Config(**TINY)
     c = harness.measure_ceilings(cfg)
-    assert c.copy > 0 and c.read_gbps[0] > 0 and set(c.matmul_gflops) == {"float32", "bfloat16"}
+    assert c.copy > 0 and c.read_gbps[0] > 0 and set(c.matmul_gflops) == {"float32", "bfloat16"} and c.fma_gflops > 0
+    assert "float32 FMA peak" in harness.format_ceilings(c, cfg)
     rows = bench_norm.run(cfg)
     # fwd, fused in place, bwd (preallocated), bwd +alloc; for fp32 and bf16
     assert [r.op for r in rows[:4]] == ["rms_norm", "fused_add_rms_norm_", "rms_norm bwd", "rms_norm bwd +alloc"]

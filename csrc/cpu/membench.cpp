@@ -1,4 +1,4 @@
-// Benchmark ceilings on the CPU: bench_copy_ and bench_read over contiguous float32 tensors.
+// Benchmark ceilings on the CPU: bench_copy_ and bench_read over contiguous float32 tensors, and bench_fma_.
 #include "kernels/membench.h"
 #include "ops/common.h"
 
@@ -35,11 +35,25 @@ double bench_read(const Tensor& src) {
   return sum;
 }
 
+// out: float32 [tasks], one entry per parallel task, each running `iters` rounds of FMA chains -> the FLOPs done.
+int64_t bench_fma_(Tensor& out, int64_t iters) {
+  TORCH_CHECK(iters >= 0, "iters: expected a count >= 0, got ", iters);
+  FmaPeakParams p;
+  int64_t flops = 0;
+  p.out = const_cast<float*>(probe_data(out, "out"));
+  p.tasks = out.numel();
+  p.iters = iters;
+  p.flops = &flops;
+  if (p.tasks) fma_peak_kernel(p);
+  return flops;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llmkern, CPU, m) {
   m.impl("bench_copy_", &bench_copy_);
   m.impl("bench_read", &bench_read);
+  m.impl("bench_fma_", &bench_fma_);
 }
 
 }  // namespace llmkern

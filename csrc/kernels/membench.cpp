@@ -1,4 +1,5 @@
-// Copy and read loops behind bench_copy_ / bench_read, compiled once per CPU ISA (see cpu/vec/vec.h).
+// Copy, read and FMA loops behind bench_copy_ / bench_read / bench_fma_, compiled once per CPU ISA (see
+// cpu/vec/vec.h).
 #include "kernels/membench.h"
 
 #include "cpu/vec/vec.h"
@@ -17,6 +18,9 @@ constexpr int kAcc = 4;
 // Upper bound on the tasks of one read (partial sums live on the stack: no heap, no std:: templates
 // instantiated in an ISA-specific TU).
 constexpr int64_t kMaxTasks = 1024;
+// Independent FMA chains a task keeps in registers: at least the FMA latency times the FMAs issued per cycle (4 x 2
+// on Zen 4 and Skylake-X), and with the two constants within AVX2's 16 registers.
+constexpr int kFmaChains = 12;
 
 double read_range(const float* p, int64_t n) {
   V acc[kAcc];
@@ -52,6 +56,23 @@ void mem_read_kernel(const MemReadParams& p) {
   double sum = 0;
   for (int64_t t = 0; t < tasks; ++t) sum += partial[t];
   *p.sum = sum;
+}
+
+void fma_peak_kernel(const FmaPeakParams& p) {
+  parallel_for(0, p.tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const V half = V::set1(0.5f), one = V::set1(1.0f);
+      V x[kFmaChains];
+      for (int c = 0; c < kFmaChains; ++c) x[c] = V::set1(float(c));
+      for (int64_t i = 0; i < p.iters; ++i)
+#pragma GCC unroll 12
+        for (int c = 0; c < kFmaChains; ++c) x[c] = fmadd(x[c], half, one);
+      VecSum<V> sum;
+      for (const V& v : x) sum.add(v);
+      p.out[t] = sum.total();
+    }
+  });
+  *p.flops = 2 * p.tasks * p.iters * kFmaChains * V::W;
 }
 
 }  // namespace LLMKERN_ISA
