@@ -31,16 +31,25 @@ def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False,
         raise ValueError(f"{name} must be in {interval}, got {value}")
 
 
-def _check_int(name: str, value, lo: int | None = None):
+_INT64_MAX = 2**63 - 1
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing the logits by one overflows float32.
+_GREEDY_TEMPERATURE = 1e-5
+
+
+def _check_int(name: str, value, lo: int | None = None, hi: int = _INT64_MAX):
+    """An int in [lo, hi]; hi defaults to int64's largest, as the values end up in int64 tensors."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {value!r}")
     if lo is not None and value < lo:
         raise ValueError(f"{name} must be >= {lo}, got {value}")
+    if value > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value}")
 
 
 @dataclass
 class SamplingParams:
-    """How one request picks its tokens (vLLM's names and defaults; greedy is temperature=0).
+    """How one request picks its tokens (vLLM's names and defaults; greedy is temperature=0, which a temperature
+    below 1e-5 becomes, as in vLLM).
 
     n: completions per prompt (the server shares their prompt). top_k: 0 or -1 keeps every token.
     stop: strings that end the output (excluded from it unless include_stop_str_in_output).
@@ -71,14 +80,16 @@ class SamplingParams:
     def __post_init__(self):
         _check_int("n", self.n, lo=1)
         _check_number("temperature", self.temperature, 0.0, math.inf, hi_open=True)
+        if self.temperature < _GREEDY_TEMPERATURE:
+            self.temperature = 0.0
         _check_number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _check_int("top_k", self.top_k, lo=-1)
         _check_number("min_p", self.min_p, 0.0, 1.0)
         _check_number("repetition_penalty", self.repetition_penalty, 0.0, math.inf, lo_open=True, hi_open=True)
         _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        if self.seed is not None:
-            _check_int("seed", self.seed)
+        if self.seed is not None:  # torch.Generator.manual_seed's range
+            _check_int("seed", self.seed, lo=-(2**63), hi=2**64 - 1)
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, lo=1)
         if self.logprobs is not None:

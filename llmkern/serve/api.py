@@ -347,8 +347,19 @@ def _prompt_ids(tokenizer, prompt) -> list[tuple[str | None, list[int]]]:
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt")
+    for p in prompt:  # JSON may carry lone surrogates (escaped halves of a pair): not text a tokenizer takes
+        if isinstance(p, str) and not _is_utf8(p):
+            raise APIError(400, "prompt: not valid Unicode text (a lone surrogate escape)", param="prompt")
     # Token ids are checked by the engine (empty, outside the model's vocabulary, too long).
     return [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompt]
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def create_completion(state: ServerState, body: CompletionRequest) -> Response:
@@ -410,6 +421,10 @@ def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
                        "server with --chat-template FILE or use /v1/completions", param="messages")
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                 for m in body.messages]
+    for i, m in enumerate(messages):
+        if not _is_utf8(m["content"]):
+            raise APIError(400, f"messages[{i}].content: not valid Unicode text (a lone surrogate escape)",
+                           param="messages")
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                              chat_template=state.chat_template)

@@ -219,9 +219,10 @@ class Engine:
         if self.scheduler.num_waiting_requests >= self.config.max_waiting:
             raise QueueFullError(f"the server is busy: {self.config.max_waiting} requests are waiting already")
         request = Request(request_id, ids, params)
+        seq = self._new_sequence(request, 0, sample_seeds(params)[0])  # before the request counts as running
         self.requests[request_id] = request
         self.totals.prompt_tokens += len(ids)
-        self.scheduler.add(self._new_sequence(request, 0, sample_seeds(params)[0]))
+        self.scheduler.add(seq)
 
     def _new_sequence(self, request: Request, index: int, seed: int | None) -> Sequence:
         params = dataclasses.replace(request.params, seed=seed)

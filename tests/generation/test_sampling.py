@@ -17,7 +17,7 @@ from transformers.generation.logits_process import (
 )
 
 from llmkern.generation import SamplingParams, make_generator, probabilities, sample
-from llmkern.generation.sampling import apply_penalties, compute_logprobs
+from llmkern.generation.sampling import apply_penalties, compute_logprobs, sample_seeds
 
 VOCAB = 1000
 
@@ -180,10 +180,27 @@ def test_bf16_logits_are_processed_in_fp32():
     ({"seed": 1.5}, "seed"), ({"max_tokens": 0}, "max_tokens"), ({"stop": ["ok", ""]}, r"stop\[1\]"),
     ({"stop_token_ids": [3, -1]}, r"stop_token_ids\[1\]"), ({"ignore_eos": "yes"}, "ignore_eos"),
     ({"logprobs": -1}, "logprobs"), ({"n": 0}, "n"),
+    # beyond the int64 tensors the values end in (seeds: torch.Generator.manual_seed's range)
+    ({"top_k": 2**63}, "top_k"), ({"stop_token_ids": [2**63]}, r"stop_token_ids\[0\]"), ({"seed": 2**64}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
 ])
 def test_bad_params_name_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+def test_extreme_ints_and_tiny_temperatures_sample():
+    logits = torch.randn(3, VOCAB)
+    big = [SamplingParams(top_k=2**63 - 1, seed=2**64 - 1), SamplingParams(seed=-(2**63), n=2)]
+    assert sample(logits[:2], big, generators=[make_generator(p) for p in big]).shape == (2,)
+    assert sample_seeds(big[1])[0] == -(2**63)
+    # Below 1e-5 a temperature is greedy (vLLM's rule): dividing logits by it would overflow float32 (1e-40) or
+    # round the divisor to 0 (1e-300).
+    for t in (1e-6, 1e-40, 1e-300):
+        params = SamplingParams(temperature=t)
+        assert params.greedy and params.temperature == 0.0
+        assert torch.equal(sample(logits, [params] * 3), logits.argmax(-1))
+    assert not SamplingParams(temperature=1e-5).greedy
 
 
 def test_params_normalize_stop():

@@ -38,6 +38,9 @@ BAD_REQUESTS = [
     ("/v1/completions", json.dumps({**GOOD, "logit_bias": {"5": 100}}), 400, "logit_bias"),
     ("/v1/completions", json.dumps({**GOOD, "top_p": 0}), 400, "top_p"),
     ("/v1/completions", json.dumps({**GOOD, "stop": [""]}), 400, "stop"),
+    ("/v1/completions", json.dumps({**GOOD, "top_k": 2**63}), 400, "top_k"),  # killed the engine thread once
+    ("/v1/completions", json.dumps({**GOOD, "seed": 2**64}), 400, "seed"),  # left a request running once
+    ("/v1/completions", json.dumps({**GOOD, "prompt": "Hi \ud83d"}), 400, "prompt"),  # JSON's lone surrogate
     ("/v1/completions", json.dumps({**GOOD, "model": "other"}), 404, "does not exist"),
     ("/v1/completions", json.dumps({"model": SERVED_NAME}), 400, "prompt"),
     ("/v1/chat/completions", json.dumps({**CHAT, "messages": []}), 400, "messages"),
@@ -45,6 +48,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", json.dumps({**CHAT, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400, "messages"),
     ("/v1/chat/completions", json.dumps({**CHAT, "max_tokens": 120}), 400, "maximum context length"),
+    ("/v1/chat/completions", json.dumps({**CHAT, "messages": [{"role": "user", "content": "\udc00"}]}), 400,
+     "messages[0].content"),
     ("/v1/chat/completions", json.dumps({**CHAT, "top_logprobs": 2}), 400, "top_logprobs"),
     ("/v1/chat/completions", json.dumps({**CHAT, "tools": [{"type": "function"}]}), 400, "tools"),
     ("/v1/nothing", "{}", 404, "Not Found"),
