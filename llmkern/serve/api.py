@@ -419,7 +419,7 @@ def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     if state.chat_template is None and tokenizer.chat_template is None:
         raise APIError(400, "this model has no chat template (none in its tokenizer_config.json); start the "
                        "server with --chat-template FILE or use /v1/completions", param="messages")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+    messages = [{"role": m.template_role(), "content": m.text(), **({"name": m.name} if m.name else {})}
                 for m in body.messages]
     for i, m in enumerate(messages):
         if not _is_utf8(m["content"]):
@@ -438,6 +438,9 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     tokenizer = state.engine.tokenizer
     ids = _chat_prompt(state, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if body.max_completion_tokens is not None and body.max_completion_tokens < 1:  # else named max_tokens below
+        raise APIError(400, f"max_completion_tokens must be >= 1, got {body.max_completion_tokens}",
+                       param="max_completion_tokens")
     if max_tokens is None:  # vLLM: whatever room the model length leaves (at least 1: the engine then explains)
         max_tokens = max(1, state.engine.max_model_len - len(ids))
     top_n = body.top_logprobs or 0

@@ -104,9 +104,14 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    def template_role(self) -> str:
+        """The role the chat template sees: OpenAI's "developer" messages are the system messages of its newer
+        models, and chat templates know only "system"."""
+        return "system" if self.role == "developer" else self.role
 
     def text(self) -> str:
         """The content as one string: text parts joined by newlines, as vLLM does."""

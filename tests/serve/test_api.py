@@ -51,6 +51,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", json.dumps({**CHAT, "messages": [{"role": "user", "content": "\udc00"}]}), 400,
      "messages[0].content"),
     ("/v1/chat/completions", json.dumps({**CHAT, "top_logprobs": 2}), 400, "top_logprobs"),
+    ("/v1/chat/completions", json.dumps({**CHAT, "max_completion_tokens": 0}), 400, "max_completion_tokens must"),
     ("/v1/chat/completions", json.dumps({**CHAT, "tools": [{"type": "function"}]}), 400, "tools"),
     ("/v1/nothing", "{}", 404, "Not Found"),
 ]
@@ -176,6 +177,18 @@ def test_loading_and_draining_answer_503():
     r = client.post("/v1/completions", json=GOOD)
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
     assert TestClient(build_app(SimpleNamespace(healthy=False), SERVED_NAME)).get("/health").status_code == 503
+
+
+def test_developer_messages_are_system_messages(http):
+    def chat(*messages):
+        body = {**CHAT, "temperature": 0, "messages": [{"role": r, "content": c} for r, c in messages]}
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"], r.json()["choices"][0]["message"]["content"]
+
+    as_system = chat(("system", "Be brief."), ("user", "Hi"))
+    assert chat(("developer", "Be brief."), ("user", "Hi")) == as_system
+    assert chat(("user", "Hi"))[0] < as_system[0]
 
 
 def test_chat_template_file_and_none(tiny_checkpoint, http, tiny_server):
