@@ -92,8 +92,8 @@ class _QuantLinear(nn.Module):
             else:
                 with torch.no_grad():
                     self.bias.copy_(own["bias"])
-        known = set(self._to_sd()) | {"bias"}
-        unexpected_keys.extend(prefix + k for k in own if k not in known and (self.bias is not None or k != "bias"))
+        known = set(self._to_sd()) | ({"bias"} if self.bias is not None else set())
+        unexpected_keys.extend(prefix + k for k in own if k not in known)
 
     def _set_buffers(self, **tensors):
         for name, t in tensors.items():

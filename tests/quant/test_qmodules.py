@@ -105,6 +105,10 @@ def test_load_state_dict_errors():
         NF4Linear.from_linear(make_linear(k=64)).load_state_dict(sd)
     with pytest.raises(RuntimeError, match="Unexpected key.*extra"):
         q.load_state_dict({**sd, "extra": torch.zeros(1)})
+    for cls in (NF4Linear, Int4Linear, Int8Linear):  # a bias the layer has no place for is not dropped silently
+        no_bias = cls.from_linear(make_linear(k=256, bias=False))
+        with pytest.raises(RuntimeError, match='Unexpected key.*"bias"'):
+            no_bias.load_state_dict({**no_bias.state_dict(), "bias": torch.zeros(80)})
     i4 = Int4Linear.from_linear(make_linear(), group_size=64)
     with pytest.raises(RuntimeError, match="group_size must be one of .*got 96"):
         i4.load_state_dict({**i4.state_dict(), "scales": i4.scales[:, :2].contiguous()})
