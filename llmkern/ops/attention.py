@@ -161,6 +161,16 @@ def _cos_sin_cache(rotary_cos: Tensor, rotary_sin: Tensor) -> Tensor:
     return torch.cat((rotary_cos, rotary_sin), dim=-1).float().contiguous()
 
 
+def _check_append_room(cache_seqlens: Tensor, seqlen_new: int, capacity: int) -> None:
+    # Before anything is written: a sequence grown past its cache row would overwrite the next row's keys.
+    if cache_seqlens.numel() == 0:
+        return
+    lo, hi = (int(x) for x in cache_seqlens.aminmax())
+    if lo < 0 or hi + seqlen_new > capacity:
+        raise ValueError(f"cache_seqlens: appending {seqlen_new} token(s) needs values in [0, {capacity - seqlen_new}] "
+                         f"(the cache holds {capacity} per sequence), got values in [{lo}, {hi}]")
+
+
 def _append_kv(k, v, k_cache, v_cache, positions, cache_batch_idx, block_table):
     """Writes k/v [batch, seqlen_new, heads_k, d] at positions [batch, seqlen_new] of each sequence."""
     b = positions.shape[0]
@@ -197,10 +207,12 @@ def flash_attn_with_kvcache(
 ):
     """Decode / chunked prefill over a KV cache, flash-attn's contract (inference: no autograd).
 
-    q [batch, seqlen_q, heads, d]; k_cache/v_cache [batch_cache, seqlen_cache, heads_k, d], or paged
-    [num_blocks, block_size, heads_k, d] with block_table [batch, max_blocks] int32. cache_seqlens (int or
-    int32 [batch]): keys already in each sequence's cache (None: the whole cache). k/v [batch, seqlen_new,
-    heads_k, d]: appended in place at cache_seqlens before attending. rotary_cos/sin [seqlen_ro,
+    q [batch, seqlen_q, heads, d]; k_cache/v_cache [batch_cache, seqlen_cache, heads_k, d] (sequence b in row b,
+    batch_cache >= batch, or in row cache_batch_idx[b]), or paged [num_blocks, block_size, heads_k, d] with
+    block_table [batch, max_blocks] int32. cache_seqlens (int or int32 [batch]): keys already in each sequence's
+    cache (None: the whole cache). k/v [batch, seqlen_new, heads_k, d]: appended in place at cache_seqlens before
+    attending (ValueError, before any write, when a sequence has no room; not checked under torch.compile,
+    where it would cost a graph break). rotary_cos/sin [seqlen_ro,
     rotary_dim / 2]: rotate k at its new positions and q at cache_seqlens + i (causal or local) or at
     cache_seqlens (otherwise); rotary_interleaved: GPT-J pairs, else NeoX halves. cache_batch_idx [batch]
     int32: the cache row of each sequence (non-paged). num_splits: split-K chunks (0: chosen).
@@ -219,9 +231,15 @@ def flash_attn_with_kvcache(
         raise ValueError("cache_seqlens: required to append k/v or apply rotary (where does each sequence end?)")
     left, right = _window(causal, window_size)
     cos_sin = None if rotary_cos is None else _cos_sin_cache(rotary_cos, rotary_sin)
+    seqlen_k = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    if block_table is None and cache_batch_idx is None and k_cache.shape[0] > batch:
+        # flash-attn: sequence b is cache row b, rows past q's batch unused (a cache sized for the largest batch).
+        cache_batch_idx = torch.arange(batch, dtype=torch.int32, device=q.device)
     seqused = cache_seqlens
     if k is not None:
         seqlen_new = k.shape[1]
+        if not torch.compiler.is_compiling():  # reading the lengths would break a compiled graph
+            _check_append_room(cache_seqlens, seqlen_new, seqlen_k)
         positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=q.device)
         if cos_sin is not None:
             k = apply_rotary_emb(k, positions, cos_sin, is_neox=not rotary_interleaved)
@@ -231,7 +249,6 @@ def flash_attn_with_kvcache(
         offsets = torch.arange(seqlen_q, device=q.device) if (causal or left >= 0 or right >= 0) else 0
         positions = cache_seqlens.long()[:, None] + offsets
         q = apply_rotary_emb(q, positions.expand(batch, seqlen_q).contiguous(), cos_sin, is_neox=not rotary_interleaved)
-    seqlen_k = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
     out, lse = ops().flash_attn_fwd(
         q, k_cache, v_cache, None, None, seqused, cache_batch_idx, block_table, alibi_slopes, seqlen_q, seqlen_k,
         _scale(q, softmax_scale), left, right, softcap, num_splits,

@@ -380,6 +380,34 @@ def test_kvcache_batch_idx(device):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("append", [False, True])
+def test_kvcache_larger_than_the_batch(device, append):
+    """A cache of more rows than q's batch (one sized for the largest batch): sequence b is row b, as in flash-attn;
+    the rows past the batch are neither read nor written."""
+    q, k, v = qkv(2, 2, 40, 4, 2, 32, torch.float32, device)
+    k_new, v_new = (rand(2, 2, 2, 32, device=device) if append else None for _ in range(2))
+    big_k, big_v = rand(5, 40, 2, 32, device=device), rand(5, 40, 2, 32, device=device)
+    big_k[:2], big_v[:2] = k, v
+    spare = big_k[2:].clone(), big_v[2:].clone()
+    seqlens = torch.tensor([30, 17], dtype=torch.int32, device=device)
+    out = lk.flash_attn_with_kvcache(q, big_k, big_v, k_new, v_new, cache_seqlens=seqlens, causal=True)
+    want = lk.flash_attn_with_kvcache(q, k, v, k_new, v_new, cache_seqlens=seqlens, causal=True)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert torch.equal(big_k[:2], k) and torch.equal(big_v[:2], v)  # the same appends as the exact-size cache's
+    assert torch.equal(big_k[2:], spare[0]) and torch.equal(big_v[2:], spare[1])
+
+
+def test_kvcache_append_compiles_fullgraph():
+    q, k, v = qkv(2, 1, 40, 4, 2, 32, torch.float32)
+    k_new, v_new = rand(2, 1, 2, 32), rand(2, 1, 2, 32)
+    seqlens = torch.tensor([30, 17], dtype=torch.int32)
+    caches = [(k.clone(), v.clone()) for _ in range(2)]
+    step = lambda kc, vc: lk.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=seqlens)  # noqa: E731
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(*caches[0])
+    torch.testing.assert_close(out, step(*caches[1]), rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(*caches))  # the same in-place appends
+
+
 def test_write_kv_cache(device):
     k, v = rand(6, 2, 59, device=device), rand(6, 2, 59, device=device)
     k_cache, v_cache = rand(4, 3, 2, 59, device=device), rand(4, 3, 2, 59, device=device)
@@ -472,6 +500,16 @@ def test_bad_cache_input():
         lk.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=seqlens, block_table=bad)
     with pytest.raises(RuntimeError, match="seqused_k: value 33"):
         lk.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=seqlens + 1, block_table=table)
+    # An append past a sequence's room is refused before anything is written (it would run into the next row).
+    rows_k, rows_v = k.clone(), v.clone()
+    for lens, cache_k, cache_v, kw in [([31, 20], rows_k, rows_v, {}), ([20, -1], rows_k, rows_v, {}),
+                                       ([31, 20], cache, cache.clone(), {"block_table": table})]:
+        before = cache_k.clone(), cache_v.clone()
+        with pytest.raises(ValueError, match=r"cache_seqlens: appending 2 token\(s\) needs values in \[0, 30\]"):
+            lk.flash_attn_with_kvcache(q, cache_k, cache_v, k[:, :2], v[:, :2], **kw,
+                                       cache_seqlens=torch.tensor(lens, dtype=torch.int32))  # fmt: skip
+        for now, then in zip((cache_k, cache_v), before):  # (a paged cache's unused slots are NaN)
+            torch.testing.assert_close(now, then, rtol=0, atol=0, equal_nan=True)
     with pytest.raises(IndexError, match="slot_mapping: value 400"):
         lk.write_kv_cache(k[0, :2], v[0, :2], cache, cache.clone(), torch.tensor([3, 400]))
     with pytest.raises(TypeError, match="slot_mapping: expected dtype int64"):
