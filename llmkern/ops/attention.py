@@ -246,7 +246,10 @@ def flash_attn_with_kvcache(
         _append_kv(k, v, k_cache, v_cache, positions, cache_batch_idx, block_table)
         seqused = (cache_seqlens + seqlen_new).to(torch.int32)
     if cos_sin is not None:
-        offsets = torch.arange(seqlen_q, device=q.device) if (causal or left >= 0 or right >= 0) else 0
+        # Query i sits at cache_seqlens + i when the mask depends on it (causal or local), as flash-attn's kernel
+        # decides: a window side as wide as the cache is unbounded there.
+        local = causal or 0 <= left < seqlen_k or 0 <= right < seqlen_k
+        offsets = torch.arange(seqlen_q, device=q.device) if local else 0
         positions = cache_seqlens.long()[:, None] + offsets
         q = apply_rotary_emb(q, positions.expand(batch, seqlen_q).contiguous(), cos_sin, is_neox=not rotary_interleaved)
     out, lse = ops().flash_attn_fwd(

@@ -369,6 +369,21 @@ def test_kvcache_rotary(device, interleaved):
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("window, local", [((-1, -1), False), ((-1, 5), True), ((-1, 40), False), ((100, 100), False)])
+def test_kvcache_rotary_query_positions(window, local):
+    """Queries rotate at cache_seqlens + i only when the mask is local; flash-attn's kernel takes a window side as
+    wide as the cache (40 here) for unbounded, so such a window rotates every query at cache_seqlens."""
+    q, k, v = qkv(2, 3, 40, 4, 2, 32, torch.float32)
+    cache = rope_cos_sin_cache(32, 64)
+    seqlens = torch.tensor([7, 20], dtype=torch.int32)
+    out = lk.flash_attn_with_kvcache(q, k, v, rotary_cos=cache[:, :16], rotary_sin=cache[:, 16:],
+                                     cache_seqlens=seqlens, window_size=window)  # fmt: skip
+    pos = seqlens.long()[:, None] + (torch.arange(3) if local else torch.zeros(3, dtype=torch.long))
+    q_rot = rotary_embedding_ref(q, pos, cache, is_neox=False)
+    want = lk.flash_attn_with_kvcache(q_rot, k, v, cache_seqlens=seqlens, window_size=window)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
 def test_kvcache_batch_idx(device):
     q, k, v = qkv(2, 1, 50, 4, 4, 32, torch.float32, device)
     big_k, big_v = rand(5, 50, 4, 32, device=device), rand(5, 50, 4, 32, device=device)
