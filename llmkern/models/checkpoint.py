@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -87,11 +88,20 @@ def _check(files: dict[str, Path], expected: dict[str, tuple[int, ...] | None], 
         got = tuple(f.get_slice(name).get_shape())
         if shape is not None and got != shape:
             raise ValueError(f"{file}: tensor {name!r} has shape {list(got)}, the config needs {list(shape)}")
-    tied = "lm_head.weight"  # a tied head's copy in the file is ignored, as transformers does
+    tied = "lm_head.weight"  # a tied head's copy in the file (equal to the embeddings: load_model checks)
     extra = [n for n in files if n not in expected and n != tied and not n.endswith(_IGNORED_SUFFIXES)]
     if extra:
         raise ValueError(f"{files[extra[0]]}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all; "
                          f"a quantized checkpoint needs quantization_config in config.json)")
+
+
+def _stored_head_differs(files: dict[str, Path], handles: dict[Path, object]) -> bool:
+    """Whether the checkpoint holds an output head other than its embeddings (a tied model saves none, or a copy)."""
+    names = ("lm_head.weight", "model.embed_tokens.weight")
+    if not all(n in files for n in names):
+        return False
+    head, embed = (handles.setdefault(files[n], _open(files[n])).get_tensor(n) for n in names)
+    return head.shape != embed.shape or not torch.equal(head, embed)
 
 
 def _drop_pages(t: torch.Tensor) -> None:
@@ -180,12 +190,16 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     prequant = read_quantization_config(config.extra, str(path / "config.json"))
     if prequant is not None and quant is not None:
         raise ValueError(f"quant: {path} is already a {prequant.method} checkpoint; pass quant=None")
+    files = _weight_files(path)
+    handles: dict[Path, object] = {}
+    if config.tie_word_embeddings and _stored_head_differs(files, handles):
+        warnings.warn(f"{files['lm_head.weight']}: 'lm_head.weight' differs from 'model.embed_tokens.weight' although "
+                      f"config.json ties them: loading them untied, as transformers does", stacklevel=2)
+        config = config.with_(tie_word_embeddings=False)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     if isinstance(prequant, LlmkernFormat):
         prequant.quantize_meta_model(model, str(path / "config.json"))
-    files = _weight_files(path)
-    handles: dict[Path, object] = {}
     expected = _expected(model)
     gptq_awq = isinstance(prequant, PrequantizedFormat)
     qlinears = _prequantized_linears(model, files, prequant, expected) if gptq_awq else []

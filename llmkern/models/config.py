@@ -179,13 +179,25 @@ _HF_KEYS = {"model_type", "architectures", "vocab_size", "hidden_size", "interme
             "hidden_act"}  # fmt: skip
 
 
+# transformers' class defaults for keys a config.json may leave out, where a family's differ from the generic
+# fallbacks below (num_key_value_heads: the head count; head_dim: hidden / heads; max_position_embeddings: 2048).
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"num_key_value_heads": 8, "sliding_window": 4096, "max_position_embeddings": 131072},
+    "qwen2": {"num_key_value_heads": 32, "sliding_window": 4096, "max_position_embeddings": 32768},
+    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "sliding_window": 4096, "max_position_embeddings": 32768},
+}
+
+
 def _hf_fields(model_type: str, d: dict) -> dict[str, Any]:
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act: only 'silu' (SwiGLU) is supported, got {d['hidden_act']!r}")
+    d = {**_FAMILY_DEFAULTS.get(model_type, {}), **d}
     heads = d["num_attention_heads"]
     theta, scaling, _ = rope_parameters(d)  # llama-family configs have no partial rotary
     layers = d["num_hidden_layers"]
-    sliding, layer_types = d.get("sliding_window"), None
+    # Llama has no sliding window in transformers: a stray key in its config.json is not one.
+    sliding, layer_types = None if model_type == "llama" else d.get("sliding_window"), None
     if model_type in ("qwen2", "qwen3"):
         sliding = sliding if d.get("use_sliding_window", False) else None
         if sliding is not None:

@@ -180,6 +180,24 @@ def test_wrong_shape_names_file_and_tensor(ckpt):
         load_model(ckpt)
 
 
+def test_a_tied_config_with_its_own_head_in_the_file_loads_untied_as_transformers_does(hf_checkpoints, tmp_path):
+    """qwen2 ties its embeddings; a file holding an lm_head.weight of other values keeps that head (transformers:
+    "we will NOT tie them"), with a warning. A copy equal to the embeddings stays tied."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoints["qwen2"][1], dst)
+    tensors = load_file(dst / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(dst)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    _rewrite(dst, lambda t: t.update({"lm_head.weight": torch.randn_like(t["lm_head.weight"])}))
+    with pytest.warns(UserWarning, match="lm_head.weight' differs .* loading them untied"):
+        model = load_model(dst)
+    hf = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert rel_err(_logits(model), _logits(hf)) < 1e-5
+
+
 def test_missing_and_unexpected_tensors(ckpt):
     name = "model.layers.0.mlp.up_proj.weight"
     _rewrite(ckpt, lambda t: t.pop(name))

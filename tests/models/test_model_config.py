@@ -56,6 +56,31 @@ def test_qwen2_sliding_window_only_when_enabled_and_on_upper_layers():
     assert [cfg.window(i) for i in range(2)] == [(-1, -1), (6, 0)]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("key", ["num_key_value_heads", "head_dim", "sliding_window", "max_position_embeddings"])
+def test_a_missing_key_takes_transformers_default(arch, key):
+    """A config.json without the key reads as transformers' config class of that family reads it (qwen2/qwen3: 32
+    kv heads; qwen3: head_dim 128; mistral, and qwen with use_sliding_window: a 4096-token window)."""
+    d = HF_CONFIGS[arch]().to_dict()
+    if arch in ("qwen2", "qwen3"):
+        d.update(use_sliding_window=True, sliding_window=7, max_window_layers=0, layer_types=None)
+    if key == "num_key_value_heads":  # as many heads as qwen's default kv heads (32), so the config is valid
+        d.update(num_attention_heads=32, hidden_size=128)
+    d.pop(key, None)
+    hf = AutoConfig.for_model(**d)
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg.num_kv_heads == hf.num_key_value_heads
+    assert cfg.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    assert cfg.sliding_window == (None if arch == "llama" else hf.sliding_window)
+    assert cfg.max_position_embeddings == hf.max_position_embeddings
+
+
+def test_llama_ignores_a_stray_sliding_window():
+    """transformers' Llama has no sliding window: the key in a llama config.json changes nothing."""
+    d = HF_CONFIGS["llama"]().to_dict()
+    assert ModelConfig.from_hf_dict({**d, "sliding_window": 4}) == ModelConfig.from_hf_dict(d)
+
+
 def test_unknown_model_type_names_file_and_value(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**HF_CONFIGS["llama"]().to_dict(), "model_type": "gpt2"}))
