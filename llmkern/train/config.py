@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 from llmkern.models.config import ModelConfig
@@ -39,8 +40,23 @@ class PretrainConfig:
         for name in ("max_steps", "seq_len", "micro_batch_tokens", "grad_accum", "val_every", "eval_every",
                      "eval_tokens", "checkpoint_every", "spike_window", "max_spikes"):  # fmt: skip
             v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            if not (_is_int(v) and v > 0):
                 raise ValueError(f"PretrainConfig.{name}: expected a positive int, got {v!r}")
+        for name in ("warmup_steps", "seed"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"PretrainConfig.{name}: expected an int, got {getattr(self, name)!r}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "spike_factor"):  # NaN would pass every test
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"PretrainConfig.{name}: expected a finite number, got {v!r}")
+        if not (isinstance(self.betas, tuple) and len(self.betas) == 2
+                and all(not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"PretrainConfig.betas: expected two numbers in [0, 1), got {self.betas!r}")
+        if not isinstance(self.bf16, bool):
+            raise ValueError(f"PretrainConfig.bf16: expected a bool, got {self.bf16!r}")
+        if self.val_every < 2:
+            raise ValueError(f"PretrainConfig.val_every: expected >= 2 (every val_every-th file is held out, so 1 "
+                             f"would leave nothing to train on), got {self.val_every}")
         if self.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"PretrainConfig.seq_len: {self.seq_len} exceeds the model's max_position_embeddings "
                              f"{self.model.max_position_embeddings}")
@@ -63,6 +79,10 @@ class PretrainConfig:
         """JSON-ready (the model as its config.json dict)."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
         return {"model": self.model.to_hf_dict(), **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 VOCAB = 8192

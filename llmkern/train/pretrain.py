@@ -31,6 +31,12 @@ from llmkern.train.config import PretrainConfig, preset
 from llmkern.train.data import (BOS, EOS, PAD, PackedStream, encode_documents, read_texts, save_tokenizer,
                                 split_files, stdlib_files, train_tokenizer, unigram_loss)
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
 
 class SpikeGuard:
     """Skips a step whose loss is not finite or exceeds `factor` x the mean of the last `window` accepted losses
@@ -94,6 +100,9 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
                  resume: bool = False, corpus_root: str | Path | None = None):
         self.cfg, self.out = cfg, Path(out_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out: {self.out} is a file, not a run directory")
+        self._restore_interrupted_save()
         if not resume and (self.out / "checkpoint").exists():
             raise ValueError(f"{self.out} already holds a run's checkpoint: pass --resume (resume=True) to continue "
                              "it, or choose another output directory")
@@ -101,7 +110,7 @@ class Pretrainer:
         torch.manual_seed(cfg.seed)
         files = stdlib_files(corpus_root)[: cfg.max_files]
         train_files, val_files = split_files(files, cfg.val_every)
-        self.tokenizer = self._tokenizer(tokenizer_dir, train_files)
+        self.tokenizer = self._tokenizer(tokenizer_dir, train_files, resume)
         self.train_docs = encode_documents(self.tokenizer, read_texts(train_files))
         self.eval_batches = eval_batches(encode_documents(self.tokenizer, read_texts(val_files)), cfg)
         self.stream = PackedStream(self.train_docs, cfg.micro_batch_tokens, cfg.seq_len, cfg.seed)
@@ -115,17 +124,21 @@ class Pretrainer:
         self.step, self.elapsed = 0, 0.0
         self.log_file = self.out / "log.jsonl"
         if resume:
-            self._load_checkpoint(check_config=True)
-            self._truncate_log(self.step)
+            self._truncate_log(self._load_checkpoint(check_config=True))
         else:
             self.log_file.unlink(missing_ok=True)
             self._save_checkpoint()  # a rollback target from the start
 
     # ---- tokenizer ----
-    def _tokenizer(self, tokenizer_dir, train_files) -> Tokenizer:
+    def _tokenizer(self, tokenizer_dir, train_files, resume: bool) -> Tokenizer:
         """The given tokenizer, the run's own (a resume), or a new one trained on the training split."""
         own = self.out / "tokenizer"
         source = Path(tokenizer_dir) if tokenizer_dir is not None else own
+        if resume and (own / "tokenizer.json").is_file():  # a resumed run keeps the token ids it was trained on
+            if source != own and any(_read_or_none(source / n) != _read_or_none(own / n) for n in TOKENIZER_FILES):
+                raise ValueError(f"--tokenizer: {source} is not the run's tokenizer ({own}); a resumed run keeps its "
+                                 "own (omit --tokenizer)")
+            source = own
         if not (source / "tokenizer.json").is_file():
             if tokenizer_dir is not None:
                 raise FileNotFoundError(f"--tokenizer: {source / 'tokenizer.json'} does not exist")
@@ -133,7 +146,7 @@ class Pretrainer:
                            self.cfg.model.max_position_embeddings)
         elif source != own:
             own.mkdir(exist_ok=True)
-            for name in ("tokenizer.json", "tokenizer_config.json"):
+            for name in TOKENIZER_FILES:
                 shutil.copy(source / name, own / name)
         tok = Tokenizer.from_file(str(own / "tokenizer.json"))
         if tok.get_vocab_size() > self.cfg.model.vocab_size or tok.token_to_id(EOS) is None:
@@ -206,22 +219,37 @@ class Pretrainer:
         return unigram_loss(self.train_docs, self.eval_batches, self.cfg.model.vocab_size)
 
     # ---- checkpoints ----
+    def _checkpoint_dirs(self) -> tuple[Path, Path, Path]:
+        return self.out / "checkpoint.tmp", self.out / "checkpoint", self.out / "checkpoint.old"
+
     def _save_checkpoint(self) -> None:
-        """checkpoint/ is replaced whole (written aside, then renamed), so a crash never leaves half of one."""
-        tmp, final, old = self.out / "checkpoint.tmp", self.out / "checkpoint", self.out / "checkpoint.old"
+        """checkpoint/ is replaced whole (written aside, then renamed), so a crash never leaves half of one; a crash
+        between the renames leaves the previous one as checkpoint.old (_restore_interrupted_save)."""
+        tmp, final, old = self._checkpoint_dirs()
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(self.model, tmp)
         torch.save({"step": self.step, "elapsed": self.elapsed, "data_position": self.stream.position,
                     "optimizer": self.optimizer.state_dict(), "guard": self.guard.state_dict(),
                     "rng": torch.get_rng_state(), "config": self.cfg.as_dict(),
+                    "log_bytes": self.log_file.stat().st_size if self.log_file.exists() else 0,
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},
                    tmp / "state.pt")
         if final.exists():
+            shutil.rmtree(old, ignore_errors=True)  # what a crash while deleting it left
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
 
-    def _load_checkpoint(self, check_config: bool) -> None:
+    def _restore_interrupted_save(self) -> None:
+        """A save interrupted between its renames left no checkpoint/ but the previous one as checkpoint.old: put it
+        back (before anything else looks for the run's checkpoint)."""
+        tmp, final, old = self._checkpoint_dirs()
+        if not final.exists() and (old / "state.pt").is_file():
+            old.rename(final)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _load_checkpoint(self, check_config: bool) -> dict:
+        """Restores the last checkpoint; returns its state.pt."""
         ckpt = self.out / "checkpoint"
         if not (ckpt / "state.pt").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}")
@@ -230,7 +258,8 @@ class Pretrainer:
             diff = sorted(k for k in state["config"] if state["config"][k] != self.cfg.as_dict().get(k))
             raise ValueError(f"--resume: {ckpt} was written with a different config (differs in {diff})")
         missing, unexpected = self.model.load_state_dict(load_file(ckpt / SINGLE_FILE), strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:
+        tied = {"lm_head.weight"} if self.cfg.model.tie_word_embeddings else set()  # the file has no tied copy
+        if unexpected or set(missing) - tied:
             raise ValueError(f"{ckpt / SINGLE_FILE}: missing {missing}, unexpected {unexpected}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.guard.load_state_dict(state["guard"])
@@ -240,6 +269,7 @@ class Pretrainer:
         self.step, self.elapsed = state["step"], state["elapsed"]
         if check_config:  # a rollback keeps reading forward: the batches that spiked are skipped
             self.stream.position = state["data_position"]
+        return state
 
     def _rollback(self) -> None:
         position = self.stream.position
@@ -252,11 +282,17 @@ class Pretrainer:
         with self.log_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def _truncate_log(self, step: int) -> None:
-        """On resume: drop what was logged after the checkpoint (those steps run again)."""
-        if self.log_file.is_file():
-            rows = [r for r in self.log_file.read_text().splitlines() if json.loads(r)["step"] <= step]
-            self.log_file.write_text("".join(r + "\n" for r in rows))
+    def _truncate_log(self, state: dict) -> None:
+        """On resume: drop what was logged after the checkpoint was written (that work runs again, spikes and the
+        step-0 evaluation included). Checkpoints from before log_bytes existed: the rows of later steps."""
+        if not self.log_file.is_file():
+            return
+        if "log_bytes" in state:
+            with self.log_file.open("r+b") as f:
+                f.truncate(state["log_bytes"])
+            return
+        rows = [r for r in self.log_file.read_text().splitlines() if json.loads(r)["step"] <= state["step"]]
+        self.log_file.write_text("".join(r + "\n" for r in rows))
 
     def _finish(self) -> dict:
         """Export model/ (bf16 Hugging Face checkpoint, tokenizer, generation_config.json) and summary.json."""
@@ -264,7 +300,7 @@ class Pretrainer:
         model = LlamaForCausalLM(self.cfg.model)
         model.load_state_dict(self.model.state_dict())
         save_pretrained(model.to(torch.bfloat16), export)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
+        for name in TOKENIZER_FILES:
             shutil.copy(self.out / "tokenizer" / name, export / name)
         ids = {"bos_token_id": self.tokenizer.token_to_id(BOS), "eos_token_id": self.tokenizer.token_to_id(EOS),
                "pad_token_id": self.tokenizer.token_to_id(PAD)}

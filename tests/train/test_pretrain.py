@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -40,27 +41,39 @@ def test_training_lowers_the_held_out_loss_and_exports_a_loadable_model(tmp_path
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
-def test_resume_continues_exactly_where_it_stopped(tmp_path, tokenizer_dir, monkeypatch):
+def _stable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("tokens_per_s", "elapsed_s")}  # timings differ run to run
+
+
+@pytest.mark.parametrize("crash_at", [1, 6])
+def test_resume_continues_exactly_where_it_stopped(tmp_path, tokenizer_dir, monkeypatch, crash_at):
+    """A crash after step 1 (resumed from the step-0 checkpoint) or 6 (from step 4's); a corrupt batch right after
+    step 4's checkpoint spikes in every run: the resumed run's whole log equals the uninterrupted one's."""
     straight = tmp_path / "straight"
-    Pretrainer(CFG, straight, tokenizer_dir).train(progress=False)
+    trainer = Pretrainer(CFG, straight, tokenizer_dir)
+    _inject(trainer, monkeypatch, {4})
+    trainer.train(progress=False)
 
     crashed = tmp_path / "crashed"
     trainer = Pretrainer(CFG, crashed, tokenizer_dir)
+    _inject(trainer, monkeypatch, {4})
     real = trainer.forward_backward
 
-    def crash_at_step_6():  # after the checkpoint of step 4: steps 5 and 6 are lost and run again
-        if trainer.step == 6:
+    def crash():  # steps after the last checkpoint are lost and run again
+        if trainer.step == crash_at:
             raise KeyboardInterrupt
         return real()
 
-    monkeypatch.setattr(trainer, "forward_backward", crash_at_step_6)
+    monkeypatch.setattr(trainer, "forward_backward", crash)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(progress=False)
-    Pretrainer(CFG, crashed, tokenizer_dir, resume=True).train(progress=False)
+    resumed = Pretrainer(CFG, crashed, tokenizer_dir, resume=True)
+    _inject(resumed, monkeypatch, {4})
+    summary = resumed.train(progress=False)
 
-    assert [r["loss"] for r in _rows(crashed)] == [r["loss"] for r in _rows(straight)]  # bit for bit
-    assert [r["step"] for r in _rows(crashed)] == list(range(1, CFG.max_steps + 1))
-    assert _rows(crashed, "val_loss") == _rows(straight, "val_loss")
+    logs = [[_stable(json.loads(r)) for r in (out / "log.jsonl").read_text().splitlines()] for out in (crashed, straight)]
+    assert logs[0] == logs[1]  # losses bit for bit, one step-0 evaluation, one spike
+    assert [r["step"] for r in _rows(crashed)] == list(range(1, CFG.max_steps + 1)) and summary["spikes"] == 1
 
 
 def test_resume_refuses_a_different_config_or_a_missing_checkpoint(tmp_path, tokenizer_dir):
@@ -73,6 +86,49 @@ def test_resume_refuses_a_different_config_or_a_missing_checkpoint(tmp_path, tok
     with pytest.raises(ValueError, match="already holds a run's checkpoint"):  # a forgotten --resume loses nothing
         Pretrainer(CFG, tmp_path, tokenizer_dir)
     assert (tmp_path / "checkpoint" / "model.safetensors").read_bytes() == before
+    # Another tokenizer on resume is refused before anything is written (the run's token ids stay its own).
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(tokenizer_dir, other)
+    (other / "tokenizer_config.json").write_text("{}")
+    own = (tmp_path / "tokenizer" / "tokenizer_config.json").read_bytes()
+    with pytest.raises(ValueError, match="--tokenizer: .* is not the run's tokenizer"):
+        Pretrainer(CFG.with_(max_steps=2), tmp_path, other, resume=True)
+    assert (tmp_path / "tokenizer" / "tokenizer_config.json").read_bytes() == own
+    Pretrainer(CFG.with_(max_steps=2), tmp_path, tokenizer_dir, resume=True)  # the same one is fine
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="--out: .* is a file"):
+        Pretrainer(CFG, tmp_path / "file", tokenizer_dir)
+
+
+def test_a_save_interrupted_between_its_renames_keeps_the_last_checkpoint(tmp_path, tokenizer_dir):
+    """checkpoint/ -> checkpoint.old, then checkpoint.tmp -> checkpoint/: a crash in between leaves no checkpoint/.
+    The next start puts checkpoint.old back (a resume continues from it, a new run is refused); a half-deleted
+    checkpoint.old left by a crash after the second rename does not block later saves."""
+    Pretrainer(CFG.with_(max_steps=4), tmp_path, tokenizer_dir).train(progress=False)
+    before = (tmp_path / "checkpoint" / "model.safetensors").read_bytes()
+    shutil.copytree(tmp_path / "checkpoint", tmp_path / "checkpoint.tmp")
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
+    with pytest.raises(ValueError, match="already holds a run's checkpoint"):
+        Pretrainer(CFG, tmp_path, tokenizer_dir)
+    assert (tmp_path / "checkpoint" / "model.safetensors").read_bytes() == before
+    assert not (tmp_path / "checkpoint.old").exists() and not (tmp_path / "checkpoint.tmp").exists()
+    (tmp_path / "checkpoint.old").mkdir()
+    (tmp_path / "checkpoint.old" / "model.safetensors").write_text("half deleted")
+    trainer = Pretrainer(CFG.with_(max_steps=4), tmp_path, tokenizer_dir, resume=True)
+    assert trainer.step == 4
+    trainer._save_checkpoint()
+    assert not (tmp_path / "checkpoint.old").exists() and (tmp_path / "checkpoint" / "state.pt").is_file()
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"spike_factor": float("nan")}, "spike_factor: expected a finite number"), ({"lr": math.inf}, "lr: expected a"),
+    ({"lr": True}, "lr: expected a"), ({"warmup_steps": 2.5}, "warmup_steps: expected an int"),
+    ({"val_every": 1}, "val_every: expected >= 2"), ({"betas": (0.9, 1.5)}, r"betas: expected two numbers in \[0, 1\)"),
+    ({"bf16": 1}, "bf16: expected a bool"), ({"grad_accum": 0}, "grad_accum: expected a positive int"),
+])
+def test_config_validation_names_the_field(change, match):
+    with pytest.raises(ValueError, match=f"PretrainConfig.{match}"):
+        CFG.with_(**change)
 
 
 def _inject(trainer, monkeypatch, spiked_steps, times=1):
