@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -88,10 +89,17 @@ class GenerationStream:
         self.output: GenerationOutput | None = None
 
     def __iter__(self) -> Iterator[str]:
-        for _, text in self._events:
-            if text:
-                yield text
+        try:
+            for _, text in self._events:
+                if text:
+                    yield text
+        finally:  # a loop left early (break, an exception) ends the request here: its KV blocks come back
+            self._events.close()
         self.output = self._outputs[0]
+
+    def close(self) -> None:
+        """Ends the request now (an iterator kept half-read holds its KV blocks until then)."""
+        self._events.close()
 
 
 class LLM:
@@ -155,18 +163,22 @@ class LLM:
         return GenerationStream(self._run(requests, outputs), outputs)
 
     def chat(self, messages, params: SamplingParams | Sequence | None = None, *,
-             on_text: Callable[[int, str], None] | None = None, **template_kwargs) -> list[GenerationOutput]:
+             on_text: Callable[[int, str], None] | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, **template_kwargs) -> list[GenerationOutput]:
         """Generate the assistant's reply to a conversation ([{"role": ..., "content": ...}, ...]) or to each
-        of a list of conversations, rendered by the tokenizer's chat template."""
-        return self.generate(None, params, prompt_token_ids=self.chat_token_ids(messages, **template_kwargs),
-                             on_text=on_text)
+        of a list of conversations, rendered by the tokenizer's chat template. As vLLM's LLM.chat:
+        add_generation_prompt=False, continue_final_message=True continues the conversation's last message."""
+        ids = self.chat_token_ids(messages, add_generation_prompt, continue_final_message, **template_kwargs)
+        return self.generate(None, params, prompt_token_ids=ids, on_text=on_text)
 
-    def chat_token_ids(self, messages, **template_kwargs) -> list[list[int]]:
+    def chat_token_ids(self, messages, add_generation_prompt: bool = True, continue_final_message: bool = False,
+                       **template_kwargs) -> list[list[int]]:
         """The prompt token ids of a conversation, or of each of a list of conversations."""
         if self.tokenizer is None:
             raise ValueError("chat: this LLM has no tokenizer")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, **template_kwargs)
+        return [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                   continue_final_message=continue_final_message, **template_kwargs)
                 for c in conversations]
 
     # ---- requests ----
@@ -181,7 +193,7 @@ class LLM:
             texts = [prompts] if isinstance(prompts, str) else list(prompts)
             ids = self.tokenizer.encode_batch(texts)
         else:
-            texts, ids = [None] * len(prompt_token_ids), [list(map(int, p)) for p in prompt_token_ids]
+            texts, ids = [None] * len(prompt_token_ids), [_token_ids(i, p) for i, p in enumerate(prompt_token_ids)]
         if not ids:
             raise ValueError("generate: no prompts given")
         if params is None or isinstance(params, SamplingParams):
@@ -209,6 +221,9 @@ class LLM:
         """Runs the requests to their ends through the engine, filling `outputs` (one per prompt and sample) and
         yielding (output index, text piece) as text appears."""
         engine, handles = self.engine, {}
+        if engine.has_unfinished_requests():  # their outputs would come back here, to no one
+            raise RuntimeError("generate: a stream of this LLM is still open (read part-way): iterate it to its end "
+                               "or close() it first")
         for prompt_index, (text, ids, params) in enumerate(requests):
             request_id = f"llm-{next(self._request_ids)}"
             engine.add_request(request_id, ids, params)
@@ -235,6 +250,16 @@ class LLM:
         for first, request in handles.values():
             for seq in request.seqs:
                 outputs[first + seq.index].prefill_s, outputs[first + seq.index].decode_s = seq.prefill_s, seq.decode_s
+
+
+def _token_ids(i: int, prompt) -> list[int]:
+    """prompt_token_ids[i] as a list of ints (not floats or bools, which int() would quietly turn into ids)."""
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    if isinstance(prompt, (numbers.Number, str)) or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+        raise ValueError(f"prompt_token_ids[{i}]: expected a sequence of int token ids, got {prompt!r:.80}")
+    return [int(t) for t in prompt]
 
 
 def _engine_config(block_size: int, max_prefill_tokens: int, options: dict) -> EngineConfig:

@@ -109,6 +109,31 @@ def test_stream_and_callback_pieces_make_the_text(llm):
     assert ["".join(got.get(i, [])) for i in range(3)] == [o.text for o in outs]
 
 
+def test_a_stream_left_early_frees_its_request(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    free = llm.engine.kv.num_free_blocks
+    for _ in (stream := llm.stream(PROMPTS[1], params)):
+        break
+    assert not llm.engine.has_unfinished_requests() and llm.engine.kv.num_free_blocks == free
+    assert stream.output is None  # it did not finish
+    half = iter(llm.stream(PROMPTS[1], params))
+    next(half)  # kept half-read: its request runs on until closed
+    with pytest.raises(RuntimeError, match="a stream of this LLM is still open"):
+        llm.generate(PROMPTS[1], params)
+    half.close()
+    assert len(llm.generate(PROMPTS[1], params)[0].token_ids) == 24
+
+
+def test_chat_continues_the_final_message(llm):
+    messages = [{"role": "user", "content": "Hello, world!"}, {"role": "assistant", "content": "Hello"}]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    out = llm.chat(messages, params, add_generation_prompt=False, continue_final_message=True)[0]
+    want = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                             tokenize=True)
+    assert out.prompt_token_ids == want
+    assert want != llm.chat_token_ids(messages)[0]  # the default renders a new assistant turn
+
+
 def test_chat_renders_the_template(llm):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world!"}]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -132,6 +157,9 @@ def test_bad_inputs_raise_clear_errors(checkpoint, llm, tmp_path):
         llm.generate(None, GREEDY, prompt_token_ids=[[1, 640]])
     with pytest.raises(ValueError, match="leaving no room"):
         llm.generate(None, GREEDY, prompt_token_ids=[[1] * 128])
+    for bad in ([[5.9, 7.2]], [[True, 5]], [5, 7]):  # int() would take floats and bools for ids
+        with pytest.raises(ValueError, match=r"prompt_token_ids\[0\]: expected a sequence of int token ids"):
+            llm.generate(None, GREEDY, prompt_token_ids=bad)
     with pytest.raises(ValueError, match="stream: n > 1 gives several outputs"):
         llm.stream("x", SamplingParams(n=2))
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):

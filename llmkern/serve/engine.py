@@ -244,6 +244,9 @@ class Engine:
                 self.scheduler.finish(seq)
                 seq.stream.finish_reason = "abort"
                 deltas.append(SampleDelta(seq.index, "", [], None if seq.logprobs is None else [], "abort"))
+        logprobs = None if request.params.logprobs is None else []
+        for index in range(len(request.seqs), request.params.n):  # samples the prompt's prefill had yet to fork
+            deltas.append(SampleDelta(index, "", [], logprobs, "abort"))
         self._aborted.append(RequestOutput(request_id, deltas, True, len(request.prompt_ids),
                                            request.num_cached_tokens))
 

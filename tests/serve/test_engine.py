@@ -145,6 +145,13 @@ def test_abort_frees_blocks_and_ends_the_request(checkpoint, prompts):
     assert engine.stats().kv_cache_usage == 0.0
     engine.abort_request("b")  # finished already: ignored
     assert not engine.has_unfinished_requests()
+    # n samples aborted in their prompt's prefill (before the other n - 1 fork from the first): each one ends.
+    engine = make_engine(checkpoint, max_num_batched_tokens=4)
+    engine.add_request("n", prompts[1], SamplingParams(n=3, max_tokens=4))
+    engine.step()
+    engine.abort_request("n")
+    deltas = [d for o in engine.step() for d in o.deltas]
+    assert sorted((d.index, d.finish_reason) for d in deltas) == [(0, "abort"), (1, "abort"), (2, "abort")]
 
 
 def test_stop_conditions_and_logprobs(checkpoint, prompts, reference):
