@@ -7,7 +7,9 @@ eviction order: a freed block goes to the back, and a sequence's blocks are free
 ends of prompts are evicted before their beginnings (which more requests share).
 
 Prefix caching (vLLM's automatic prefix caching): a full block whose tokens are all computed gets a key, the
-hash of its tokens chained with the key of the block before it, so equal keys mean equal prefixes. A freed
+SHA-256 of its tokens chained with the key of the block before it, so equal keys mean equal prefixes (Python's
+hash() is not enough: a client could craft token blocks whose hashes collide and read another request's cache,
+vLLM's CVE-2025-25183). A freed
 block keeps its key and stays findable until it is handed out again (LRU eviction of unreferenced blocks).
 A new sequence takes the cached blocks of its longest cached prefix, leaving at least its last token to be
 computed (its logits pick the next token). Sequences share blocks by reference count (prefix hits, and the n
@@ -16,6 +18,8 @@ samples of one prompt); writing into a shared block first copies it (copy_on_wri
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -28,8 +32,8 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.block_key: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # key -> block id
+        self.block_key: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # key -> block id
         self.prefix_queries = 0  # prompt tokens looked up, and how many of them were found (the hit rate)
         self.prefix_hits = 0
 
@@ -49,15 +53,17 @@ class KVCacheManager:
 
     # ---- prefix keys ----
 
-    def block_keys(self, token_ids: Sequence[int], num_blocks: int, known: Sequence[int] = ()) -> list[int]:
+    def block_keys(self, token_ids: Sequence[int], num_blocks: int, known: Sequence[bytes] = ()) -> list[bytes]:
         """The keys of the first num_blocks full blocks of token_ids; `known`: keys already computed for a prefix."""
         keys = list(known[:num_blocks])
         bs = self.block_size
         for b in range(len(keys), num_blocks):
-            keys.append(hash((keys[-1] if keys else None, tuple(token_ids[b * bs : (b + 1) * bs]))))
+            h = hashlib.sha256(keys[-1] if keys else b"")
+            h.update(array("q", token_ids[b * bs : (b + 1) * bs]).tobytes())
+            keys.append(h.digest())
         return keys
 
-    def find_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    def find_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[bytes]]:
         """(block ids, keys) of the longest cached prefix of token_ids, whole blocks only, leaving the last token
         out. Nothing is acquired yet: pass the ids to acquire()."""
         if not self.enable_prefix_caching:
@@ -75,7 +81,7 @@ class KVCacheManager:
         self.prefix_queries += num_tokens
         self.prefix_hits += num_hit_tokens
 
-    def cache_blocks(self, blocks: Sequence[int], keys: Sequence[int]) -> None:
+    def cache_blocks(self, blocks: Sequence[int], keys: Sequence[bytes]) -> None:
         """Make full, computed blocks findable under their keys (a key already cached keeps its block)."""
         if not self.enable_prefix_caching:
             return

@@ -49,7 +49,7 @@ class Sequence:
     stream: OutputStream
     generator: torch.Generator | None
     blocks: list[int] = field(default_factory=list)
-    block_keys: list[int] = field(default_factory=list)  # prefix-cache keys of its first full, computed blocks
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full, computed blocks
     num_computed: int = 0
     draft_computed: int = 0  # tokens in the draft model's cache (speculative decoding with a draft model)
     logprobs: list | None = None
