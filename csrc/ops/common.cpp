@@ -34,6 +34,12 @@ void check_no_partial_overlap(const Tensor& out, const char* name, const Tensor&
               ": expected memory disjoint from ", in_name, "'s or exactly the same (in place); it partially overlaps");
 }
 
+void check_disjoint(const Tensor& a, const char* name, const Tensor& b, const char* b_name) {
+  const auto status = at::get_overlap_status(a, b);
+  TORCH_CHECK(status != at::MemOverlapStatus::Partial && status != at::MemOverlapStatus::Full, name,
+              ": expected memory disjoint from ", b_name, "'s (both are written), they overlap");
+}
+
 void check_device(const Tensor& t, const char* name, c10::DeviceType device) {
   TORCH_CHECK(t.device().type() == device, name, ": expected a ", c10::DeviceTypeName(device),
               " tensor, got one on ", t.device());

@@ -24,6 +24,8 @@ void check_same_shape(const Tensor& t, const char* name, const Tensor& ref, cons
 // from it, but must not overlap it shifted. Same test as ATen's out= ops (at::assert_no_partial_overlap):
 // exact for dense tensors, and layouts too costly to compare are let through.
 void check_no_partial_overlap(const Tensor& out, const char* name, const Tensor& in, const char* in_name);
+// Two outputs written in place: no memory shared at all (the same test, exact overlap refused too).
+void check_disjoint(const Tensor& a, const char* name, const Tensor& b, const char* b_name);
 
 void check_device(const Tensor& t, const char* name, c10::DeviceType device);
 

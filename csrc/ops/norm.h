@@ -63,6 +63,7 @@ struct NormOps {
     Rows xr = as_rows(x, "x");
     RmsNormParams p = params(x, xr, weight, eps, weight_offset);
     check_same_shape(out, "out", x, "x");
+    check_no_partial_overlap(out, "out", x, "x");
     Rows outr = as_rows(out, "out", /*writable=*/true);
     p.out = outr.data();
     p.out_stride = outr.stride;
@@ -101,6 +102,7 @@ struct NormOps {
     RmsNormParams p = params(x, xr, weight, eps, weight_offset);
     Rows rr = as_rows(residual, "residual", /*writable=*/true);
     set_residual(p, x, residual, rr);
+    check_disjoint(residual, "residual", x, "x");  // both written: x + residual to one, its norm to the other
     p.out = xr.data();
     p.out_stride = xr.stride;
     p.residual_out = rr.data();
@@ -121,6 +123,8 @@ struct NormOps {
                 " tensor returned by the forward, got ", rstd.scalar_type(), " ", rstd.sizes());
     check_device(rstd, "rstd", Backend::device);
     check_same_shape(dx, "dx", x, "x");
+    check_no_partial_overlap(dx, "dx", x, "x");
+    check_no_partial_overlap(dx, "dx", dy, "dy");
     TORCH_CHECK(dweight.has_value() == weight.has_value(), "dweight: expected a tensor exactly when weight is given",
                 " (weight is ", weight ? "given" : "None", ")");
     Rows dyr = as_rows(dy, "dy"), dxr = as_rows(dx, "dx", /*writable=*/true);
@@ -140,6 +144,7 @@ struct NormOps {
     Rows dresr;
     if (dresidual) {
       check_same_shape(*dresidual, "dresidual", x, "x");
+      check_no_partial_overlap(dx, "dx", *dresidual, "dresidual");
       dresr = as_rows(*dresidual, "dresidual");
       p.dresidual = dresr.data();
       p.dresidual_stride = dresr.stride;

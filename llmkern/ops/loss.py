@@ -67,6 +67,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: 
         raise ValueError(f"bias: expected [{weight.shape[0]}], got {tuple(bias.shape)}")
     if chunk_rows is None:
         chunk_rows = max(16, CHUNK_BYTES // (4 * weight.shape[0]))
+    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows: expected a positive int (rows per chunk of logits), got {chunk_rows!r}")
     divisor = (targets != ignore_index).sum() if num_items is None else num_items
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, divisor, chunk_rows)
 

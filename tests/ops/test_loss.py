@@ -106,6 +106,8 @@ def test_model_loss_without_logits_equals_the_logits_path():
     (dict(hidden=torch.randn(4, 8), weight=torch.randn(10, 8), targets=torch.zeros(4, dtype=torch.int32)), "targets"),
     (dict(hidden=torch.randn(4, 8), weight=torch.randn(10, 8), targets=torch.zeros(4, dtype=torch.long),
           bias=torch.zeros(9)), "bias"),
+    *((dict(hidden=torch.randn(4, 8), weight=torch.randn(10, 8), targets=torch.zeros(4, dtype=torch.long),
+            chunk_rows=bad), "chunk_rows: expected a positive int") for bad in (0, -1, 2.5)),  # -1 returned 0
 ])  # fmt: skip
 def test_bad_inputs(args, match):
     with pytest.raises(ValueError, match=match):

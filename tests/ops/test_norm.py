@@ -203,6 +203,14 @@ BAD = [
     ("dweight", lambda: bwd_out(dweight=torch.empty(8, dtype=torch.float64)), "dweight: expected the dtype of x"),
     ("rstd", lambda: bwd_out(rstd=torch.ones(3, dtype=torch.float64)), r"rstd: expected the \[3\] Float tensor"),
     ("dy", lambda: bwd_out(dy=torch.ones(3, 7)), "dy: expected the shape of x"),
+    # outputs overlapping inputs shifted (a row apart), or two in-place outputs sharing memory
+    ("out", lambda: (b := torch.randn(4, 8), lk.rms_norm(b[:-1], None, out=b[1:])), "out: expected memory disjoint"),
+    ("residual", lambda: (b := torch.randn(4, 8), lk.fused_add_rms_norm_(b[:-1], b[1:])),
+     "residual: expected memory disjoint from x's"),
+    ("residual", lambda: (x := torch.randn(3, 8), lk.fused_add_rms_norm_(x, x)), "residual: expected memory disjoint"),
+    ("dx", lambda: (b := torch.randn(4, 8), bwd_out(dx=b[1:], x=b[:-1])), "dx: expected memory disjoint from x's"),
+    ("dx", lambda: (b := torch.randn(4, 8), bwd_out(dx=b[1:], dy=b[:-1])), "dx: expected memory disjoint from dy's"),
+    ("dx", lambda: (b := torch.randn(4, 8), bwd_out(dx=b[1:], dresidual=b[:-1])), "dx: expected memory disjoint"),
 ]
 
 
