@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, FileNotFoundError) as e:  # bad flags: one line, no traceback
             print(f"llmkern serve: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:  # Ctrl-C before the model was loaded (after, the server drains and exits 0)
+            print(file=sys.stderr)
+            raise SystemExit(130) from None
     elif args.command == "generate":
         try:
             raise SystemExit(run_generate(args))

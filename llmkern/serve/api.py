@@ -171,18 +171,14 @@ class EngineRun:
         self.aengine = state.aengine
         self.timer: RequestTimer = state.metrics.timer()
         self.n = params.n
-        self.unfinished: dict[str, set[int]] = {}  # engine request id -> its samples still generating
         self.prompt_tokens = sum(len(ids) for ids in prompts)
         self.completion_tokens = 0
-        self.streams = []
+        ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         try:
-            for i, ids in enumerate(prompts):
-                rid = f"{request_id}-{i}"
-                self.streams.append(self.aengine.add_request(rid, ids, params))
-                self.unfinished[rid] = set(range(params.n))
+            self.streams = self.aengine.add_requests(list(zip(ids, prompts)), params)
         except Exception as e:
-            self.abort()
             raise engine_error(e) from None
+        self.unfinished: dict[str, set[int]] = {rid: set(range(params.n)) for rid in ids}  # samples still going
 
     def abort(self) -> None:
         """Aborts what is still generating (its final outputs will not be read: count them here)."""

@@ -93,22 +93,36 @@ class AsyncEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         """Check and queue a request. Raises ValueError (a bad request), QueueFullError, EngineStoppedError or
         EngineDeadError at once."""
+        return self.add_requests([(request_id, prompt_token_ids)], params)[0]
+
+    def add_requests(self, requests: list[tuple[str, list[int]]], params: SamplingParams) -> list[RequestStream]:
+        """add_request for (request id, prompt token ids) pairs sharing params, admitted all or none (an HTTP
+        request's prompts): QueueFullError when they do not all fit in the waiting queue now, ValueError when
+        they never could."""
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped on an error: {self.error!r}")
         if not self.accepting:
             raise EngineStoppedError("the server is shutting down")
         engine = self.engine
-        engine.check_request(prompt_token_ids, params)
+        for _, ids in requests:
+            engine.check_request(ids, params)
+        limit = engine.config.max_waiting
+        if len(requests) > limit:
+            raise ValueError(f"prompt: {len(requests)} prompts in one request exceed the server's waiting queue "
+                             f"({limit} requests, --max-waiting)")
         with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request_id: {request_id!r} is already running")
-            if engine.scheduler.num_waiting_requests + len(self._new) >= engine.config.max_waiting:
-                raise QueueFullError(f"the server is busy: {engine.config.max_waiting} requests are waiting already")
-            stream = RequestStream()
-            self._streams[request_id] = stream
-            self._new.append((request_id, list(prompt_token_ids), params))
+            for request_id, _ in requests:
+                if request_id in self._streams:
+                    raise ValueError(f"request_id: {request_id!r} is already running")
+            if engine.scheduler.num_waiting_requests + len(self._new) + len(requests) > limit:
+                raise QueueFullError(f"the server is busy: {limit} requests are waiting already")
+            streams = []
+            for request_id, ids in requests:
+                streams.append(RequestStream())
+                self._streams[request_id] = streams[-1]
+                self._new.append((request_id, list(ids), params))
             self._wake.notify()
-        return stream
+        return streams
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (a client went away); its blocks are freed before the next step."""

@@ -6,7 +6,7 @@
 
 The socket opens before the model loads (/health answers 503 until it is ready). SIGTERM (or Ctrl-C) drains:
 new requests get 503, running ones finish for up to --shutdown-timeout seconds (the rest are aborted), then the
-process exits 0. A second signal exits at once.
+process exits 0. A second signal aborts what still runs and exits at once (by that signal).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import re
+import threading
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -118,6 +119,29 @@ def engine_config(args):
                         enable_prefix_caching=not args.no_prefix_caching, **_speculation(args, is_demo))
 
 
+async def _in_daemon_thread(fn):
+    """fn() on a daemon thread: unlike asyncio.to_thread's executor, which the event loop's exit waits for, a signal
+    during a long model load then exits at once."""
+    loop, done = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
+
+    def settle(result, error):
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(result)
+
+    def work():
+        try:
+            result, error = fn(), None
+        except BaseException as e:
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: the server stopped meanwhile
+            pass
+
+    threading.Thread(target=work, name="llmkern-load", daemon=True).start()
+    return await done
+
+
 def server_class():
     """DrainingServer (a function, so `llmkern --help` does not import uvicorn)."""
     import uvicorn
@@ -128,7 +152,8 @@ def server_class():
         """uvicorn, plus: the model loads after the socket opens (`load()` returns the Engine, on a worker
         thread; its AsyncEngine then starts on this event loop, where its streams are read), and the first
         SIGTERM/SIGINT drains the engine before uvicorn's own shutdown (which then finds no request left and exits
-        without re-raising the signal, so the exit status is 0). A second signal exits at once."""
+        without re-raising the signal, so the exit status is 0). A second signal aborts the running requests and
+        exits at once."""
 
         def __init__(self, config, state, load, shutdown_timeout: float):
             super().__init__(config)
@@ -150,7 +175,7 @@ def server_class():
 
         async def _load(self):
             try:
-                engine = await asyncio.to_thread(self.load)
+                engine = await _in_daemon_thread(self.load)
             except Exception as e:
                 if isinstance(e, (ValueError, FileNotFoundError)):  # a bad model or setting: the message says it
                     log.error("cannot serve: %s", e)
@@ -165,7 +190,13 @@ def server_class():
             log.info("ready: serving %r", self.state.served_model_name)
 
         def handle_exit(self, sig, frame):
-            if self.draining or self.loop is None or self.state.aengine is None:
+            if self.draining:  # a second signal: abort what still runs and exit without waiting for it
+                log.info("signal %d again: aborting the running requests, exiting now", sig)
+                super().handle_exit(sig, frame)  # uvicorn re-raises it at exit (status 128 + signal)
+                self.force_exit = True
+                self.loop.call_soon_threadsafe(lambda: self._spawn(self.state.aengine.shutdown(0)))
+                return
+            if self.loop is None or self.state.aengine is None:
                 return super().handle_exit(sig, frame)
             self.draining = True
             self.state.accepting = False
@@ -197,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     config = engine_config(args)
     dtype = check_dtype_and_quant(args)
     threads = engine_threads(args.threads)
-    if args.shutdown_timeout < 0:
+    if not args.shutdown_timeout >= 0:  # NaN too
         raise ValueError(f"--shutdown-timeout: expected >= 0, got {args.shutdown_timeout}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port: expected 0..65535, got {args.port}")

@@ -4,6 +4,7 @@ serving, /health, /metrics, /v1/models, disconnects abort their requests, and SI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -209,15 +210,17 @@ def test_chat_template_file_and_none(tiny_checkpoint, http, tiny_server):
     assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
 
 
-def test_sigterm_drains_the_streaming_request_then_exits_0(tiny_checkpoint, tmp_path):
-    # A longer context than the tiny model's 128 positions, so the request is still streaming at SIGTERM.
+@contextlib.contextmanager
+def _long_context_server(tiny_checkpoint, tmp_path):
+    """`llmkern serve` in a subprocess on the tiny model given 2048 positions (a long stream outlasts a signal):
+    yields (process, url); killed at the end if still running."""
     model = tmp_path / "tiny-long"
     model.mkdir()
     for f in Path(tiny_checkpoint[1]).iterdir():
         (model / f.name).symlink_to(f)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").unlink()
-    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
     port = free_port()
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "llmkern.cli", "serve", "--model", str(model), "--port",
@@ -233,31 +236,45 @@ def test_sigterm_drains_the_streaming_request_then_exits_0(tiny_checkpoint, tmp_
                 return False
 
         wait_until(healthy, timeout_s=60, what="the server to load")
-        body = {"prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
-        texts, finish = [], None
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            for line in lines:
-                if line:
-                    proc.send_signal(signal.SIGTERM)
-                    texts.append(json.loads(line[6:])["choices"][0]["text"])
-                    break
-            for line in lines:
-                if line.startswith("data: {"):
-                    choice = json.loads(line[6:])["choices"][0]
-                    texts.append(choice["text"])
-                    finish = choice["finish_reason"] or finish
-                elif line:
-                    assert line == "data: [DONE]"
-        assert finish == "length"
-        assert proc.wait(timeout=60) == 0
+        yield proc, url
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _stream_with_signals(url, proc, log, signals, max_tokens=200) -> str | None:
+    """A stream of max_tokens; at its first piece the signals are sent, each once the server has logged the one
+    before (two quick signals of one kind reach Python as one). -> its last finish_reason."""
+    body = {"prompt": "Hello", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    finish = None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for i, sig in enumerate(signals):
+                    proc.send_signal(sig)
+                    wait_until(lambda i=i: log.read_text().count(f"signal {sig:d}") > i, what="the signal's log line")
+                signals = ()
+                finish = json.loads(line[6:])["choices"][0]["finish_reason"] or finish
+            elif line:
+                assert line == "data: [DONE]"
+    return finish
+
+
+def test_sigterm_drains_the_streaming_request_then_exits_0(tiny_checkpoint, tmp_path):
+    with _long_context_server(tiny_checkpoint, tmp_path) as (proc, url):
+        assert _stream_with_signals(url, proc, tmp_path / "server.log", [signal.SIGTERM]) == "length"
+        assert proc.wait(timeout=60) == 0
     assert "draining" in (tmp_path / "server.log").read_text()
+
+
+def test_a_second_signal_aborts_the_running_requests_and_exits(tiny_checkpoint, tmp_path):
+    with _long_context_server(tiny_checkpoint, tmp_path) as (proc, url):
+        assert _stream_with_signals(url, proc, tmp_path / "server.log", [signal.SIGTERM] * 2, max_tokens=2000) == "abort"
+        assert proc.wait(timeout=60) == -signal.SIGTERM  # it drained nothing: it ends by the signal
+    assert "exiting now" in (tmp_path / "server.log").read_text()
 
 
 def _serve_args(*argv):
@@ -309,10 +326,36 @@ def test_serve_threads_default_to_torchs(monkeypatch):
 def test_serve_command_rejects_bad_flags_in_one_line(capsys):
     from llmkern.cli import main
 
+    for flags, message in [(["--kv-cache-memory", "12X"], "--kv-cache-memory"),
+                           (["--shutdown-timeout", "nan"], "--shutdown-timeout: expected >= 0")]:  # NaN: no drain
+        with pytest.raises(SystemExit) as exit:
+            main(["serve", *flags])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and f"llmkern serve: error: {message}" in err and "Traceback" not in err
+
+
+def test_ctrl_c_while_loading_exits_130_without_waiting_for_the_load(monkeypatch, capsys):
+    import asyncio
+    import threading
+
+    from llmkern.cli import main
+    from llmkern.serve import server
+
+    def load():  # runs on a daemon thread, which the event loop's exit does not wait for
+        assert threading.current_thread().daemon
+        return 7
+
+    assert asyncio.run(server._in_daemon_thread(load)) == 7
+    with pytest.raises(ZeroDivisionError):
+        asyncio.run(server._in_daemon_thread(lambda: 1 / 0))
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server, "run", interrupted)
     with pytest.raises(SystemExit) as exit:
-        main(["serve", "--kv-cache-memory", "12X"])
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and "llmkern serve: error: --kv-cache-memory" in err and "Traceback" not in err
+        main(["serve"])
+    assert exit.value.code == 130 and "Traceback" not in capsys.readouterr().err
 
 
 def test_unexpected_errors_are_a_generic_500(http, tiny_server, monkeypatch):

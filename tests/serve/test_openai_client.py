@@ -164,6 +164,10 @@ def test_full_waiting_queue_gives_429(tiny_checkpoint):
         assert chunks[-1].choices[0].finish_reason == "length"
         wait_until(lambda: idle(server.aengine), what="the engine to be idle")
         assert client.completions.create(model=SERVED_NAME, prompt="Hello", max_tokens=2).choices
+        # A request's prompts are admitted together: more than the queue holds is a 400, never a 429 to retry.
+        with pytest.raises(openai.BadRequestError, match="2 prompts in one request exceed the server's waiting"):
+            client.completions.create(model=SERVED_NAME, prompt=["Hello", "Hi"], max_tokens=2)
+        assert idle(server.aengine)
     finally:
         gate.close()
         server.close()
