@@ -9,6 +9,9 @@ matching llmkern.quant module (NF4Linear: bitsandbytes' keys; Int4Linear; Int8Li
 module name, so `quantize_(model, config)` + `load_state_dict` reads the result. Int4 weights whose
 in_features is not divisible by the group size are left as they are (a warning names them).
 
+The result is written into a sibling directory (.DST.quantizing) and moved into place whole, so an interrupted run
+leaves the source as it was and no partial output; --out must be new or an empty directory.
+
 config.json gains
     "quantization_config": {"quant_method": "llmkern", "format": "nf4" | "int4" | "int8",
                             "block_size": 64, "double_quant": true,          # nf4
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -110,7 +112,14 @@ def convert_checkpoint(src, out=None, config=None, include: str = LINEAR_PATTERN
     config = NF4Config() if config is None else config
     src = Path(src)
     dst = Path(out) if out is not None else src
+    try:
+        re.compile(include)
+    except re.error as e:
+        raise ValueError(f"--include: not a regular expression ({e}): {include!r}") from None
     cfg_path = src / "config.json"
+    if _original(src).exists():
+        raise ValueError(f"{_original(src)} exists: an in-place conversion of {src} stopped while swapping the "
+                         "directories (the original is there); move it back or away first")
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{src} has no config.json")
     model_cfg = json.loads(cfg_path.read_text())
@@ -125,52 +134,91 @@ def convert_checkpoint(src, out=None, config=None, include: str = LINEAR_PATTERN
         raise FileNotFoundError(f"{src} has no *.safetensors files")
     size_before = _dir_size(src)
     in_place = dst.resolve() == src.resolve()
-    dst.mkdir(parents=True, exist_ok=True)
-    if not in_place:  # tokenizer, generation config, ...: copied as they are
-        for f in src.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", INDEX_NAME):
-                shutil.copy2(f, dst / f.name)
+    if not in_place and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"--out: {dst} exists and is not an empty directory (the converter writes a checkpoint of "
+                         "its own, never into another)")
+    # Everything is written into a sibling directory first and moved into place whole (finish()), so an
+    # interrupted run leaves either the old directory or the new one, never a mix that loads.
+    stage = dst.parent / f".{dst.name}.quantizing"
+    shutil.rmtree(stage, ignore_errors=True)  # what an interrupted run left
+    stage.mkdir(parents=True)
+    for f in src.iterdir():  # tokenizer, generation config, ...: copied as they are
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", INDEX_NAME):
+            shutil.copy2(f, stage / f.name)
 
-    total_layers = 0
-    for shard in shards:
-        with safe_open(src / shard, "pt") as f:
-            total_layers += sum(_is_linear(k, f.get_slice(k), include) for k in f.keys())
-    modules, skipped, weight_map, total_size = [], [], {}, 0
-    bar = tqdm(total=total_layers, desc=f"quantizing to {_quant_config_dict(config, [])['format']}", unit="layer",
-               disable=not progress)
-    for shard in shards:
-        out_tensors = {}
-        with safe_open(src / shard, "pt") as f:
-            metadata = f.metadata() or {"format": "pt"}
-            for name in f.keys():
-                if not _is_linear(name, f.get_slice(name), include):
-                    out_tensors[name] = f.get_tensor(name)
-                    continue
-                module = name[: -len(".weight")]
-                t = f.get_tensor(name)
-                why = config.unsupported(torch.nn.Linear(t.shape[1], t.shape[0], device="meta"))
-                if why is not None:
-                    warnings.warn(f"llmkern.quant: not quantizing {module!r} ({why})", stacklevel=2)
-                    skipped.append(module)
-                    out_tensors[name] = t
-                    continue
-                out_tensors.update(_quantize_tensor(module, t, config))
-                modules.append(module)
-                bar.update(1)
-        tmp = dst / (shard + ".tmp")
-        save_file(out_tensors, tmp, metadata=metadata)
-        os.replace(tmp, dst / shard)
-        weight_map.update({k: shard for k in out_tensors})
-        total_size += sum(t.numel() * t.element_size() for t in out_tensors.values())
-    bar.close()
+    try:
+        total_layers = 0
+        for shard in shards:
+            with safe_open(src / shard, "pt") as f:
+                total_layers += sum(_is_linear(k, f.get_slice(k), include) for k in f.keys())
+        modules, skipped, weight_map, total_size = [], [], {}, 0
+        bar = tqdm(total=total_layers, desc=f"quantizing to {_quant_config_dict(config, [])['format']}", unit="layer",
+                   disable=not progress)
+        for shard in shards:
+            out_tensors = {}
+            with safe_open(src / shard, "pt") as f:
+                metadata = f.metadata() or {"format": "pt"}
+                for name in f.keys():
+                    if name.endswith(_QUANTIZED_SUFFIXES):
+                        raise ValueError(f"{src / shard}: tensor {name!r} is already quantized (a checkpoint changed by "
+                                         "a run that did not finish?)")
+                    if not _is_linear(name, f.get_slice(name), include):
+                        out_tensors[name] = f.get_tensor(name)
+                        continue
+                    module = name[: -len(".weight")]
+                    t = f.get_tensor(name)
+                    why = config.unsupported(torch.nn.Linear(t.shape[1], t.shape[0], device="meta"))
+                    if why is not None:
+                        warnings.warn(f"llmkern.quant: not quantizing {module!r} ({why})", stacklevel=2)
+                        skipped.append(module)
+                        out_tensors[name] = t
+                        continue
+                    out_tensors.update(_quantize_tensor(module, t, config))
+                    modules.append(module)
+                    bar.update(1)
+            save_file(out_tensors, stage / shard, metadata=metadata)
+            weight_map.update({k: shard for k in out_tensors})
+            total_size += sum(t.numel() * t.element_size() for t in out_tensors.values())
+        bar.close()
 
-    if index is not None:
-        index = dict(index, weight_map=dict(sorted(weight_map.items())),
-                     metadata=dict(index.get("metadata", {}), total_size=total_size))
-        (dst / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    model_cfg["quantization_config"] = _quant_config_dict(config, sorted(modules))
-    (dst / "config.json").write_text(json.dumps(model_cfg, indent=2, sort_keys=True) + "\n")
+        if index is not None:
+            index = dict(index, weight_map=dict(sorted(weight_map.items())),
+                         metadata=dict(index.get("metadata", {}), total_size=total_size))
+            (stage / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        model_cfg["quantization_config"] = _quant_config_dict(config, sorted(modules))
+        (stage / "config.json").write_text(json.dumps(model_cfg, indent=2, sort_keys=True) + "\n")
+    except BaseException:  # an error or Ctrl-C: nothing half-written stays behind
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _finish(stage, dst, in_place)
     return {"size_before": size_before, "size_after": _dir_size(dst), "modules": modules, "skipped": skipped}
+
+
+# Tensor names only a quantized module writes (NF4Linear / Int4Linear / Int8Linear, GPTQ / AWQ).
+_QUANTIZED_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
+                       ".scales", ".qweight", ".qzeros", ".g_idx")
+
+
+def _original(src: Path) -> Path:
+    """Where an in-place conversion puts the original while the converted directory takes its name."""
+    return src.parent / f".{src.name}.original"
+
+
+def _finish(stage: Path, dst: Path, in_place: bool) -> None:
+    """Moves the finished stage directory to dst. In place: the original steps aside (_original), the stage takes
+    its name, the original's sub-directories move over, then it is deleted."""
+    if not in_place:
+        if dst.exists():
+            dst.rmdir()  # empty (checked before writing)
+        stage.rename(dst)
+        return
+    old = _original(dst)
+    dst.rename(old)
+    stage.rename(dst)
+    for entry in old.iterdir():
+        if entry.is_dir():
+            entry.rename(dst / entry.name)
+    shutil.rmtree(old)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m llmkern.quant") -> int:
@@ -183,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         r = convert_checkpoint(args.src, args.out, config, include=args.include, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a directory that cannot be read or written
         print(f"error: {e}", file=sys.stderr)
         return 2
     mb = 1024 * 1024

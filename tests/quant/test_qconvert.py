@@ -114,3 +114,55 @@ def test_convert_refuses_conv1d_models(tmp_path, capsys):
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
     assert convert_main([str(tmp_path / "gpt2"), "--format", "nf4", "--no-progress"]) == 2
     assert "stores its linear weights transposed" in capsys.readouterr().err
+
+
+def test_an_interrupted_conversion_leaves_the_source_as_it_was(tmp_path, monkeypatch, capsys):
+    """Everything is written aside and moved into place whole: a crash mid-way leaves the source as it was (in place
+    included) and no output that loads; the next run converts it."""
+    import safetensors.torch
+
+    src = tmp_path / "ckpt"
+    tiny_llama_dir(src, shard=True)
+    (src / "original").mkdir()
+    (src / "original" / "params.json").write_text("{}")  # a sub-directory (Meta's original weights) is kept
+    before = {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()}
+    real, calls = safetensors.torch.save_file, []
+
+    def crash_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_on_second_shard)
+    for out in (None, tmp_path / "new"):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            convert_main([str(src), *(["--out", str(out)] if out else []), "--format", "nf4", "--no-progress"])
+        assert {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()} == before
+        assert out is None or not out.exists()
+    monkeypatch.undo()
+    assert convert_main([str(src), "--format", "nf4", "--no-progress"]) == 0
+    assert "quantization_config" in json.loads((src / "config.json").read_text())
+    assert (src / "original" / "params.json").exists() and not list(tmp_path.glob(".*"))
+
+
+def test_bad_outputs_and_half_converted_inputs_are_refused(tmp_path, capsys):
+    src = tmp_path / "src"
+    tiny_llama_dir(src, shard=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "model.safetensors.index.json").write_text("{}")  # an earlier output: never mixed into
+    (tmp_path / "file").write_text("")
+    for out in ("full", "file"):
+        assert convert_main([str(src), "--out", str(tmp_path / out), "--format", "nf4", "--no-progress"]) == 2
+        assert "exists and is not an empty directory" in capsys.readouterr().err
+    assert convert_main([str(src), "--out", str(tmp_path / "o"), "--format", "nf4", "--include", "(", "--no-progress"]) == 2
+    assert "--include: not a regular expression" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    # A shard quantized by hand (or by a run of an older version that stopped half-way) without the config saying so.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.scales"] = torch.ones(160, 1)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    assert convert_main([str(src), "--format", "nf4", "--no-progress"]) == 2
+    assert "'model.layers.0.mlp.up_proj.scales' is already quantized" in capsys.readouterr().err
