@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import numbers
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 from llmkern.generation import GenerationConfig, SamplingParams, TokenLogprob, Tokenizer, sample_seeds  # noqa: F401
 from llmkern.serve.config import EngineConfig
-from llmkern.serve.engine import Engine
+from llmkern.serve.engine import Engine, token_id_list
 
 # Spellings accepted for dtype (the CLI passes these strings through).
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -94,7 +93,7 @@ class GenerationStream:
                 if text:
                     yield text
         finally:  # a loop left early (break, an exception) ends the request here: its KV blocks come back
-            self._events.close()
+            self.close()
         self.output = self._outputs[0]
 
     def close(self) -> None:
@@ -193,7 +192,8 @@ class LLM:
             texts = [prompts] if isinstance(prompts, str) else list(prompts)
             ids = self.tokenizer.encode_batch(texts)
         else:
-            texts, ids = [None] * len(prompt_token_ids), [_token_ids(i, p) for i, p in enumerate(prompt_token_ids)]
+            texts = [None] * len(prompt_token_ids)
+            ids = [token_id_list(p, f"prompt_token_ids[{i}]") for i, p in enumerate(prompt_token_ids)]
         if not ids:
             raise ValueError("generate: no prompts given")
         if params is None or isinstance(params, SamplingParams):
@@ -250,16 +250,6 @@ class LLM:
         for first, request in handles.values():
             for seq in request.seqs:
                 outputs[first + seq.index].prefill_s, outputs[first + seq.index].decode_s = seq.prefill_s, seq.decode_s
-
-
-def _token_ids(i: int, prompt) -> list[int]:
-    """prompt_token_ids[i] as a list of ints (not floats or bools, which int() would quietly turn into ids)."""
-    if isinstance(prompt, torch.Tensor):
-        prompt = prompt.tolist()
-    if isinstance(prompt, (numbers.Number, str)) or not all(
-            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
-        raise ValueError(f"prompt_token_ids[{i}]: expected a sequence of int token ids, got {prompt!r:.80}")
-    return [int(t) for t in prompt]
 
 
 def _engine_config(block_size: int, max_prefill_tokens: int, options: dict) -> EngineConfig:

@@ -105,10 +105,6 @@ def _quant_config_dict(config, modules: list[str]) -> dict:
 def convert_checkpoint(src, out=None, config=None, include: str = LINEAR_PATTERN, progress: bool = True) -> dict:
     """Quantize checkpoint directory src into out (in place when out is None or src). Returns
     {"size_before", "size_after", "modules", "skipped"} (sizes in bytes of the *.safetensors files)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
     config = NF4Config() if config is None else config
     src = Path(src)
     dst = Path(out) if out is not None else src
@@ -137,7 +133,7 @@ def convert_checkpoint(src, out=None, config=None, include: str = LINEAR_PATTERN
     if not in_place and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ValueError(f"--out: {dst} exists and is not an empty directory (the converter writes a checkpoint of "
                          "its own, never into another)")
-    # Everything is written into a sibling directory first and moved into place whole (finish()), so an
+    # Everything is written into a sibling directory first and moved into place whole (_finish), so an
     # interrupted run leaves either the old directory or the new one, never a mix that loads.
     stage = dst.parent / f".{dst.name}.quantizing"
     shutil.rmtree(stage, ignore_errors=True)  # what an interrupted run left
@@ -147,51 +143,62 @@ def convert_checkpoint(src, out=None, config=None, include: str = LINEAR_PATTERN
             shutil.copy2(f, stage / f.name)
 
     try:
-        total_layers = 0
-        for shard in shards:
-            with safe_open(src / shard, "pt") as f:
-                total_layers += sum(_is_linear(k, f.get_slice(k), include) for k in f.keys())
-        modules, skipped, weight_map, total_size = [], [], {}, 0
-        bar = tqdm(total=total_layers, desc=f"quantizing to {_quant_config_dict(config, [])['format']}", unit="layer",
-                   disable=not progress)
-        for shard in shards:
-            out_tensors = {}
-            with safe_open(src / shard, "pt") as f:
-                metadata = f.metadata() or {"format": "pt"}
-                for name in f.keys():
-                    if name.endswith(_QUANTIZED_SUFFIXES):
-                        raise ValueError(f"{src / shard}: tensor {name!r} is already quantized (a checkpoint changed by "
-                                         "a run that did not finish?)")
-                    if not _is_linear(name, f.get_slice(name), include):
-                        out_tensors[name] = f.get_tensor(name)
-                        continue
-                    module = name[: -len(".weight")]
-                    t = f.get_tensor(name)
-                    why = config.unsupported(torch.nn.Linear(t.shape[1], t.shape[0], device="meta"))
-                    if why is not None:
-                        warnings.warn(f"llmkern.quant: not quantizing {module!r} ({why})", stacklevel=2)
-                        skipped.append(module)
-                        out_tensors[name] = t
-                        continue
-                    out_tensors.update(_quantize_tensor(module, t, config))
-                    modules.append(module)
-                    bar.update(1)
-            save_file(out_tensors, stage / shard, metadata=metadata)
-            weight_map.update({k: shard for k in out_tensors})
-            total_size += sum(t.numel() * t.element_size() for t in out_tensors.values())
-        bar.close()
-
-        if index is not None:
-            index = dict(index, weight_map=dict(sorted(weight_map.items())),
-                         metadata=dict(index.get("metadata", {}), total_size=total_size))
-            (stage / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        model_cfg["quantization_config"] = _quant_config_dict(config, sorted(modules))
-        (stage / "config.json").write_text(json.dumps(model_cfg, indent=2, sort_keys=True) + "\n")
+        modules, skipped = _write_quantized(src, shards, index, model_cfg, config, include, stage, progress)
     except BaseException:  # an error or Ctrl-C: nothing half-written stays behind
         shutil.rmtree(stage, ignore_errors=True)
         raise
     _finish(stage, dst, in_place)
     return {"size_before": size_before, "size_after": _dir_size(dst), "modules": modules, "skipped": skipped}
+
+
+def _write_quantized(src: Path, shards: list[str], index: dict | None, model_cfg: dict, config, include: str,
+                     stage: Path, progress: bool) -> tuple[list[str], list[str]]:
+    """The quantized shards, index and config.json of src, written into stage. -> (modules, skipped)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    total_layers = 0
+    for shard in shards:
+        with safe_open(src / shard, "pt") as f:
+            total_layers += sum(_is_linear(k, f.get_slice(k), include) for k in f.keys())
+    modules, skipped, weight_map, total_size = [], [], {}, 0
+    bar = tqdm(total=total_layers, desc=f"quantizing to {_quant_config_dict(config, [])['format']}", unit="layer",
+               disable=not progress)
+    for shard in shards:
+        out_tensors = {}
+        with safe_open(src / shard, "pt") as f:
+            metadata = f.metadata() or {"format": "pt"}
+            for name in f.keys():
+                if name.endswith(_QUANTIZED_SUFFIXES):
+                    raise ValueError(f"{src / shard}: tensor {name!r} is already quantized (a checkpoint changed by "
+                                     "a run that did not finish?)")
+                if not _is_linear(name, f.get_slice(name), include):
+                    out_tensors[name] = f.get_tensor(name)
+                    continue
+                module = name[: -len(".weight")]
+                t = f.get_tensor(name)
+                why = config.unsupported(torch.nn.Linear(t.shape[1], t.shape[0], device="meta"))
+                if why is not None:
+                    warnings.warn(f"llmkern.quant: not quantizing {module!r} ({why})", stacklevel=3)
+                    skipped.append(module)
+                    out_tensors[name] = t
+                    continue
+                out_tensors.update(_quantize_tensor(module, t, config))
+                modules.append(module)
+                bar.update(1)
+        save_file(out_tensors, stage / shard, metadata=metadata)
+        weight_map.update({k: shard for k in out_tensors})
+        total_size += sum(t.numel() * t.element_size() for t in out_tensors.values())
+    bar.close()
+
+    if index is not None:
+        index = dict(index, weight_map=dict(sorted(weight_map.items())),
+                     metadata=dict(index.get("metadata", {}), total_size=total_size))
+        (stage / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    model_cfg["quantization_config"] = _quant_config_dict(config, sorted(modules))
+    (stage / "config.json").write_text(json.dumps(model_cfg, indent=2, sort_keys=True) + "\n")
+    return modules, skipped
 
 
 # Tensor names only a quantized module writes (NF4Linear / Int4Linear / Int8Linear, GPTQ / AWQ).

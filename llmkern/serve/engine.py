@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import time
 from pathlib import Path
 
@@ -83,6 +84,17 @@ class _NoText:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return ""
+
+
+def token_id_list(ids, name: str = "prompt_token_ids") -> list[int]:
+    """A prompt's token ids (a sequence or tensor of ints) as a list of ints; ValueError for anything else, floats
+    and bools included, which int() would quietly turn into ids."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    if isinstance(ids, (numbers.Number, str)) or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+        raise ValueError(f"{name}: expected a sequence of int token ids, got {ids!r:.80}")
+    return [int(t) for t in ids]
 
 
 def available_memory(device: torch.device) -> int:
@@ -214,7 +226,7 @@ class Engine:
         """Queue a request (ValueError for a bad one, QueueFullError when max_waiting requests wait already)."""
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
-        ids = [int(t) for t in prompt_token_ids]
+        ids = token_id_list(prompt_token_ids)
         params = self.check_request(ids, params)
         if self.scheduler.num_waiting_requests >= self.config.max_waiting:
             raise QueueFullError(f"the server is busy: {self.config.max_waiting} requests are waiting already")

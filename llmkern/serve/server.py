@@ -122,7 +122,8 @@ def engine_config(args):
 async def _in_daemon_thread(fn):
     """fn() on a daemon thread: unlike asyncio.to_thread's executor, which the event loop's exit waits for, a signal
     during a long model load then exits at once."""
-    loop, done = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
 
     def settle(result, error):
         if not done.done():

@@ -46,11 +46,10 @@ class PretrainConfig:
             if not _is_int(getattr(self, name)):
                 raise ValueError(f"PretrainConfig.{name}: expected an int, got {getattr(self, name)!r}")
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "spike_factor"):  # NaN would pass every test
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"PretrainConfig.{name}: expected a finite number, got {v!r}")
+            if not _is_finite(getattr(self, name)):
+                raise ValueError(f"PretrainConfig.{name}: expected a finite number, got {getattr(self, name)!r}")
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2
-                and all(not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+                and all(_is_finite(b) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"PretrainConfig.betas: expected two numbers in [0, 1), got {self.betas!r}")
         if not isinstance(self.bf16, bool):
             raise ValueError(f"PretrainConfig.bf16: expected a bool, got {self.bf16!r}")
@@ -83,6 +82,11 @@ class PretrainConfig:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v) -> bool:
+    """A finite int or float (not a bool)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 VOCAB = 8192
