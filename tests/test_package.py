@@ -64,9 +64,9 @@ def test_cpu_isa_env_forces_a_path():
 
 
 def test_cpu_isa_bad_names_are_clear_errors():
-    with pytest.raises(ValueError, match="expected one of scalar, avx2, avx512, avx512bf16, got 'sse9'"):
+    with pytest.raises(ValueError, match="expected one of scalar, avx2, avx512, avx512bf16, amx, got 'sse9'"):
         lk.set_cpu_isa("sse9")
-    missing = [isa for isa in ("scalar", "avx2", "avx512", "avx512bf16") if isa not in lk.supported_cpu_isas()]
+    missing = [isa for isa in ("scalar", "avx2", "avx512", "avx512bf16", "amx") if isa not in lk.supported_cpu_isas()]
     for isa in missing:
         with pytest.raises(ValueError, match="not supported by this CPU"):
             lk.set_cpu_isa(isa)
@@ -75,7 +75,7 @@ def test_cpu_isa_bad_names_are_clear_errors():
 def test_cpu_isa_env_unknown_is_clear_error_at_first_use():
     proc = run_python("import llmkern.ops as lk; lk.cpu_isa()", LLMKERN_CPU_ISA="sse9")
     assert proc.returncode != 0
-    assert "expected one of scalar, avx2, avx512, avx512bf16, got 'sse9'" in proc.stderr
+    assert "expected one of scalar, avx2, avx512, avx512bf16, amx, got 'sse9'" in proc.stderr
 
 
 def test_extension_links_openmp_so_parallel_for_is_parallel():

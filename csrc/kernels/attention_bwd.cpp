@@ -29,6 +29,9 @@
 #include "kernels/attention_tile.h"
 #include "kernels/parallel.h"
 #include "kernels/prefetch.h"
+#if defined(LLMKERN_ISA_AMX)
+#include "cpu/vec/amx.h"
+#endif
 
 namespace llmkern {
 namespace LLMKERN_ISA {
@@ -106,11 +109,12 @@ struct Work {
   attn::Scratch<A> ps, ds;                // [kMq][kNk]: P, dP then dS
   attn::Scratch<A> dsb;                   // dS as bf16 rows (the bf16 pair path)
   attn::Scratch<A> lse, delta;            // [kMq]
+  attn::Scratch<A> qtp, dotp;             // Q^T, dO^T as rows of query pairs [Dp][kMq / 2] (the AMX path)
   explicit Work(int Dp)
       : kb(size_t(kBlockKeys) * Dp), kt(size_t(kBlockKeys) * Dp), vt(size_t(kBlockKeys) * Dp),
         dkb(size_t(kBlockKeys) * Dp), dvb(size_t(kBlockKeys) * Dp), qp(size_t(kMq) * Dp), dop(size_t(kMq) * Dp),
         dqt(size_t(kMq) * Dp), ps(size_t(kMq) * kNk), ds(size_t(kMq) * kNk), dsb(size_t(kMq) * kNk / 2), lse(kMq),
-        delta(kMq) {}
+        delta(kMq), qtp(size_t(Dp) * kMq / 2), dotp(size_t(Dp) * kMq / 2) {}
 };
 
 template <typename T>
@@ -125,6 +129,15 @@ struct Bwd {
   // pairs of query rows [kMq / 2][kNk]; dsb: dS as bf16 rows [kMq][kNk].
   static constexpr bool kPairs = attn::kPairProducts<T>;
   using Pair = attn::Bf16Pair;
+  // With AMX (the amx build) the five pair products run on the tiles (amx::gemm): Dp is padded to whole tiles of
+  // 16 pairs (zero pairs past D), dK^T and dV^T tiles have Dp rows, and dV^T / dK^T take dO^T and Q^T as rows of
+  // query pairs (qtp, dotp: transposed once per query tile).
+#if defined(LLMKERN_ISA_AMX)
+  static constexpr bool kTiles = kPairs;
+#else
+  static constexpr bool kTiles = false;
+#endif
+  static int pad_head(int D) { return kTiles ? (D + 31) / 32 * 32 : attn::padded<V>(D); }
 
   const AttnBwdParams& p;
   const AttnParams& f;
@@ -158,6 +171,12 @@ struct Bwd {
         for (auto* buf : {&w.qp, &w.dop})
           interleave_rows(bf16_row(*buf, 2 * i), 2 * i + 1 < mq ? bf16_row(*buf, 2 * i + 1) : nullptr, D, Dp,
                           &query_pairs(*buf)[int64_t(i) * Dp].bits);
+#endif
+#if defined(LLMKERN_ISA_AMX)
+    if constexpr (kTiles)
+      for (auto [buf, t] : {std::pair{&w.qp, &w.qtp}, std::pair{&w.dop, &w.dotp}})
+        amx::transpose_words(&query_pairs(*buf)->bits, (mq + 1) / 2, Dp, Dp, reinterpret_cast<uint32_t*>(t->ptr),
+                             kMq / 2);
 #endif
   }
 
@@ -223,8 +242,14 @@ struct Bwd {
     }
   }
 
+  // Rows of a dK^T / dV^T tile.
+  int grad_rows() const { return kTiles ? Dp : D; }
+
   // ---- one (key tile, query tile) pair: keys [j0, j0 + nk) (tile jt of the block), queries [i0, i0 + mq) ----
   void pair(Work<A>& w, const Seq& s, const Band& bd, A slope, int jt, int j0, int nk, int i0, int mq) const {
+#if defined(LLMKERN_ISA_AMX)
+    if constexpr (kTiles) return pair_of_tiles(w, s, bd, slope, jt, j0, nk, i0, mq);
+#endif
 #if defined(LLMKERN_ISA_AVX512BF16)
     if constexpr (kPairs) return pair_of_pairs(w, s, bd, slope, jt, j0, nk, i0, mq);
 #endif
@@ -264,6 +289,37 @@ struct Bwd {
     attn::gemm<V, true>(mq, Dp, nh, dSrows, kNk / 2, 1, K, Dp, w.dqt.ptr, Dp);  // dQ += dS K
   }
 
+#if defined(LLMKERN_ISA_AMX)
+  // pair on the tiles (kTiles): the pair path's products as amx::gemm, on whole tiles. Rows past mq (Q, dO, dS)
+  // only feed rows of S, dP and dQ that nothing reads; P and dS pair rows past the last query pair are zeroed, as
+  // are K's pair rows past the tile's keys (pack_key_pairs).
+  void pair_of_tiles(Work<A>& w, const Seq& s, const Band& bd, A slope, int jt, int j0, int nk, int i0, int mq) const {
+    using U = uint32_t;
+    const U *Q = reinterpret_cast<const U*>(w.qp.ptr), *dO = reinterpret_cast<const U*>(w.dop.ptr);
+    const U* KT = reinterpret_cast<const U*>(w.kt.ptr) + int64_t(jt) * Dp / 2 * kNk;
+    const U* VT = reinterpret_cast<const U*>(w.vt.ptr) + int64_t(jt) * Dp / 2 * kNk;
+    const U* K = reinterpret_cast<const U*>(w.kb.ptr) + int64_t(jt) * kNk / 2 * Dp;
+    const int m16 = (mq + 15) / 16 * 16, mh = (mq + 1) / 2, mh16 = (mh + 15) / 16 * 16;
+    amx::gemm(m16, kNk, Dp / 2, Q, Dp / 2, KT, kNk, w.ps.ptr, kNk, false);   // S = Q K^T (unscaled)
+    amx::gemm(m16, kNk, Dp / 2, dO, Dp / 2, VT, kNk, w.ds.ptr, kNk, false);  // dP = dO V^T
+    softmax_grad(w, s, bd, slope, j0, nk, i0, mq);
+    T* dsb = reinterpret_cast<T*>(w.dsb.ptr);
+    for (int ii = 0; ii < mq; ++ii) attn::store_row<V>(w.ds.ptr + ii * kNk, kNk, dsb + ii * kNk);
+    for (A* x : {w.ps.ptr, w.ds.ptr}) {
+      pair_up_rows(x, mq, kNk);  // P and dS rows (2i, 2i + 1) to pair row i, then zero pair rows to a whole tile
+      std::memset(x + int64_t(mh) * kNk, 0, sizeof(A) * size_t(mh16 - mh) * kNk);
+    }
+    const int64_t rows = grad_rows();
+    A* dVT = w.dvb.ptr + int64_t(jt) * rows * kNk;
+    A* dKT = w.dkb.ptr + int64_t(jt) * rows * kNk;
+    const U *Pp = reinterpret_cast<const U*>(w.ps.ptr), *dSp = reinterpret_cast<const U*>(w.ds.ptr);
+    const U *dOT = reinterpret_cast<const U*>(w.dotp.ptr), *QT = reinterpret_cast<const U*>(w.qtp.ptr);
+    amx::gemm(Dp, kNk, mh16, dOT, kMq / 2, Pp, kNk, dVT, kNk, true);  // dV^T += dO^T P
+    amx::gemm(Dp, kNk, mh16, QT, kMq / 2, dSp, kNk, dKT, kNk, true);  // dK^T += Q^T dS
+    amx::gemm(m16, Dp, kNk / 2, reinterpret_cast<const U*>(dsb), kNk / 2, K, Dp, w.dqt.ptr, Dp, true);  // dQ += dS K
+  }
+#endif
+
   // pack_keys on the bf16 pair path: K^T and V^T as pairs of the head dimension, K rows interleaved by key pairs.
   void pack_key_pairs(Work<A>& w, int b, int kvh, const Seq& s, int kb0, int nkb) const {
     constexpr int W = 16;
@@ -284,6 +340,11 @@ struct Bwd {
         transpose_pairs(vrows, D, &VT[j0].bits, kNk);
         for (int t = 0; t < W && j0 + t < nk; t += 2)
           interleave_rows(krows[t], krows[t + 1], D, Dp, &K[int64_t(j0 + t) / 2 * Dp].bits);
+      }
+      if constexpr (kTiles) {  // the tiles read whole tiles: zero pair rows past D (K^T, V^T) and past nk (K)
+        const int dh = (D + 1) / 2, nh = (nk + 1) / 2;
+        for (Pair* x : {KT, VT}) std::memset(x + int64_t(dh) * kNk, 0, sizeof(Pair) * size_t(Dp / 2 - dh) * kNk);
+        std::memset(K + int64_t(nh) * Dp, 0, sizeof(Pair) * size_t(kNk / 2 - nh) * Dp);
       }
     }
   }
@@ -337,8 +398,8 @@ struct Bwd {
       }
     }
     const size_t tiles = size_t(nkb + kNk - 1) / kNk;
-    std::fill_n(w.dkb.ptr, tiles * D * kNk, A(0));
-    std::fill_n(w.dvb.ptr, tiles * D * kNk, A(0));
+    std::fill_n(w.dkb.ptr, tiles * grad_rows() * kNk, A(0));
+    std::fill_n(w.dvb.ptr, tiles * grad_rows() * kNk, A(0));
   }
 
   void block(Work<A>& w, int b, int kvh, const Seq& s, const Band& bd, int kb0, int nkb, A* dqbuf) const {
@@ -374,8 +435,8 @@ struct Bwd {
     for (int jt = 0; jt * kNk < nkb; ++jt) {
       const int nk = std::min(kNk, nkb - jt * kNk);
       const int64_t row0 = s.k0 + kb0 + jt * kNk;
-      store_tile(w, w.dvb.ptr + int64_t(jt) * D * kNk, nk, p.dv, b, row0, kvh);
-      store_tile(w, w.dkb.ptr + int64_t(jt) * D * kNk, nk, p.dk, b, row0, kvh);
+      store_tile(w, w.dvb.ptr + int64_t(jt) * grad_rows() * kNk, nk, p.dv, b, row0, kvh);
+      store_tile(w, w.dkb.ptr + int64_t(jt) * grad_rows() * kNk, nk, p.dk, b, row0, kvh);
     }
   }
 
@@ -446,7 +507,7 @@ void attn_bwd(const AttnBwdParams& p) {
   using A = typename V::value_type;
   const AttnParams& f = p.fwd;
   write_delta<T>(p);
-  const int D = f.head_dim, Dp = attn::padded<V>(D);
+  const int D = f.head_dim, Dp = Bwd<T>::pad_head(D);
   const int G = f.nheads / f.nheads_k;
   const int64_t groups = int64_t(f.batch) * f.nheads_k;
   const int threads = std::max(1, max_threads());
@@ -469,6 +530,10 @@ void attn_bwd(const AttnBwdParams& p) {
   int64_t next = 0;
   parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     Work<A> w(Dp);
+#if defined(LLMKERN_ISA_AMX)
+    struct NoTiles {};
+    [[maybe_unused]] std::conditional_t<Bwd<T>::kTiles, amx::TileScope, NoTiles> tiles;
+#endif
     for (;;) {
       const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
       if (t >= ntasks) break;

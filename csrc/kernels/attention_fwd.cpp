@@ -26,6 +26,9 @@
 #include "kernels/attention_tile.h"
 #include "kernels/parallel.h"
 #include "kernels/prefetch.h"
+#if defined(LLMKERN_ISA_AMX)
+#include "cpu/vec/amx.h"
+#endif
 
 namespace llmkern {
 namespace LLMKERN_ISA {
@@ -186,26 +189,47 @@ struct TiledTask {
 
   // With pair products (attn::kPairProducts) K Q^T runs over pairs of the head dimension and V^T P^T over pairs of
   // keys. Scores are scaled after the product (q stays exact) and P is rounded to bf16 for the second, as
-  // PyTorch's bf16 attention rounds it. Buffers then hold pairs: qt [dp / 2][mp], kt [kNk][dp / 2],
-  // vt [kNk / 2][dp], P in s [kNk / 2][mp].
+  // PyTorch's bf16 attention rounds it. Buffers then hold pairs: qt [dp / 2][mp], kt [kKeys][dp / 2],
+  // vt [kKeys / 2][dp], P in s [kKeys / 2][mp].
   static constexpr bool kPairs = attn::kPairProducts<T>;
   using Pair = attn::Bf16Pair;
+  // With AMX (the amx build) both pair products run on the tiles (amx::gemm): the head dimension is padded to
+  // whole tiles of 16 pairs, and O^T += V^T P^T takes V^T as rows of key pairs: packed once per task (pvt), or
+  // transposed per key tile into vtt when the task's keys are not packed.
+#if defined(LLMKERN_ISA_AMX)
+  static constexpr bool kTiles = kPairs;
+#else
+  static constexpr bool kTiles = false;
+#endif
+  static int pad_head(int d) { return kTiles ? (d + 31) / 32 * 32 : padded<V>(d); }
+  // Keys per tile: 128 on the tiles (O^T's C tiles are loaded and stored once per key tile: 74 / 83 / 80 ms for
+  // 128 / 64 / 256 keys at issue 3's bf16 prefill, in one process), else kNk.
+  static constexpr int kKeys = kTiles ? 128 : kNk;
+  // The tile product cannot scale O^T's columns as it loads them (vdpbf16ps's gemm does, for free), so with
+  // kTiles that rescaling is a pass over O^T of its own, and a query's running max m moves only when a score
+  // exceeds it by more than this (FlashAttention-3's lazy rescaling): P <= e^8 and l stay far inside fp32's
+  // range, P's bf16 rounding is relative either way, and most key tiles then skip the pass.
+  static constexpr A kLazyMax = A(8);
 
   const AttnParams& p;
   int d, dp;
-  A *qt, *kt, *vt, *s, *o, *m, *l, *alpha, *pos;  // scratch, see size()
+  A *qt, *kt, *vt, *s, *o, *m, *l, *alpha, *pos, *vtt;  // scratch, see size()
   // Keys [pj0, pj0 + pn) of the current kv head packed as fp32 rows [pn][dp] (pk, pv), or pn = 0.
   const A *pk = nullptr, *pv = nullptr;
   int64_t pj0 = 0, pn = 0;
+  const uint32_t* pvt = nullptr;  // kTiles: the packed keys' V^T, dp rows of pvt_ld key pairs
+  int64_t pvt_ld = 0;
 
   static int64_t size(int d) {
-    const int64_t dp = padded<V>(d), mp = padded<V>(kMq);
-    return dp * mp + 2 * kNk * dp + kNk * mp + dp * mp + 4 * mp;
+    const int64_t dp = pad_head(d), mp = padded<V>(kMq);
+    return dp * mp + 2 * kKeys * dp + kKeys * mp + dp * mp + 4 * mp + (kTiles ? dp * kKeys / 2 : 0);
   }
-  TiledTask(const AttnParams& p_, A* buf) : p(p_), d(p_.head_dim), dp(padded<V>(p_.head_dim)) {
+  // Extra room the task's key pack needs beyond 2 rows of dp per key (see pack_vt).
+  static int64_t pack_extra(int d) { return kTiles ? (kKeys + 64) * int64_t(pad_head(d)) : 0; }
+  TiledTask(const AttnParams& p_, A* buf) : p(p_), d(p_.head_dim), dp(pad_head(p_.head_dim)) {
     const int64_t mp = padded<V>(kMq);
-    qt = buf, kt = qt + dp * mp, vt = kt + kNk * dp, s = vt + kNk * dp, o = s + kNk * mp;
-    m = o + dp * mp, l = m + mp, alpha = l + mp, pos = alpha + mp;
+    qt = buf, kt = qt + dp * mp, vt = kt + kKeys * dp, s = vt + kKeys * dp, o = s + kKeys * mp;
+    m = o + dp * mp, l = m + mp, alpha = l + mp, pos = alpha + mp, vtt = pos + mp;
   }
 
   void run(const Seq& sq, int h, int i0, int mq) {
@@ -228,25 +252,33 @@ struct TiledTask {
     // Packed value pairs start at pj0: a tile starts at an even offset from it (an extra key before jlo is
     // outside every query's window, so mask gives it probability 0).
     const int64_t jstart = kPairs && packed ? jlo - (jlo - pj0) % 2 : jlo;
-    for (int64_t j0 = jstart; j0 <= jhi; j0 += kNk) {
-      const int nk = int(std::min<int64_t>(kNk, jhi + 1 - j0));
+    for (int64_t j0 = jstart; j0 <= jhi; j0 += kKeys) {
+      const int nk = int(std::min<int64_t>(kKeys, jhi + 1 - j0));
       if constexpr (kPairs) {
         const Pair *kq = reinterpret_cast<Pair*>(kt), *vq = reinterpret_cast<Pair*>(vt);
         if (packed) kq = reinterpret_cast<const Pair*>(pk) + (j0 - pj0) * (dp / 2),
                     vq = reinterpret_cast<const Pair*>(pv) + (j0 - pj0) / 2 * dp;
         else kv.load_pairs(j0, nk, dp, jhi, 0, reinterpret_cast<Pair*>(kt), reinterpret_cast<Pair*>(vt));
+#if defined(LLMKERN_ISA_AMX)
+        amx::gemm((nk + 15) / 16 * 16, mp, dp / 2, words(kq), dp / 2, words(qt), mp, s, mp, false);
+#else
         attn::gemm<V, false>(nk, mp, (d + 1) / 2, kq, dp / 2, 1, reinterpret_cast<const Pair*>(qt), mp, s, mp);
+#endif
         scale_scores(nk, mp);
         scores_to_probs(sq, i0, mq, mp, j0, nk, slope);
         const int np = (nk + 1) / 2;
         pair_up_rows(s, nk, mp);  // P^T rows (2j, 2j + 1) to pair row j
+#if defined(LLMKERN_ISA_AMX)
+        tile_pv(j0 == jstart, packed, j0, np, vq, mp);
+#else
         const Pair* pt = reinterpret_cast<const Pair*>(s);
         if (j0 == jstart) attn::gemm<V, false>(d, mp, np, vq, 1, dp, pt, mp, o, mp);
         else attn::gemm<V, true>(d, mp, np, vq, 1, dp, pt, mp, o, mp, alpha);
+#endif
       } else {
         const A *kt_ = kt, *vt_ = vt;
         if (packed) kt_ = pk + (j0 - pj0) * dp, vt_ = pv + (j0 - pj0) * dp;
-        else kv.template load<V>(j0, nk, dp, kNk, kt, vt, jhi, 0);
+        else kv.template load<V>(j0, nk, dp, kKeys, kt, vt, jhi, 0);
         attn::gemm<V, false>(nk, mp, d, kt_, dp, 1, qt, mp, s, mp);  // S^T = K Q^T
         scores_to_probs(sq, i0, mq, mp, j0, nk, slope);
         // O^T = O^T diag(alpha) + V^T P^T (V read transposed); the first key tile writes O^T.
@@ -270,6 +302,46 @@ struct TiledTask {
     }
   }
 
+  template <typename X>
+  static auto words(X* x) {
+    using U = std::conditional_t<std::is_const_v<X>, const uint32_t, uint32_t>;
+    return reinterpret_cast<U*>(x);
+  }
+
+#if defined(LLMKERN_ISA_AMX)
+  // O^T (+)= V^T P^T on the tiles for one key tile of np key pairs (P^T's pair rows in s); O^T's columns are
+  // scaled by alpha first, unless this is the first key tile (which overwrites O^T).
+  void tile_pv(bool first, bool packed, int64_t j0, int np, const Pair* vq, int mp) {
+    const int kp = (np + 15) / 16 * 16;
+    uint32_t* pt = words(s);
+    std::memset(pt + int64_t(np) * mp, 0, sizeof(uint32_t) * size_t(kp - np) * mp);  // whole tiles of pairs
+    const uint32_t* vtp = words(vtt);
+    int64_t ld = kKeys / 2;
+    if (packed) vtp = pvt + (j0 - pj0) / 2, ld = pvt_ld;
+    else amx::transpose_words(words(vq), np, dp, dp, words(vtt), ld);
+    if (!first)
+      for (int c = 0; c < mp; c += W) {
+        bool moved = false;
+        for (int t = 0; t < W; ++t) moved |= alpha[c + t] != A(1);
+        if (!moved) continue;
+        const V a = V::load(alpha + c);
+        for (int e = 0; e < dp; ++e) (V::load(o + int64_t(e) * mp + c) * a).store(o + int64_t(e) * mp + c);
+      }
+    amx::gemm(dp, mp, kp, vtp, ld, pt, mp, o, mp, !first);
+  }
+
+  // The packed keys' V^T (pvt) from their value pairs (pv: (n + 1) / 2 rows of dp pairs), placed after them:
+  // dp rows of key pairs, zero past the last one so that a key tile may read whole tiles from any even key.
+  void pack_vt(int64_t n) {
+    const int64_t np = (n + 1) / 2, np16 = (np + 15) / 16 * 16;
+    pvt_ld = np16 + kKeys / 2;
+    uint32_t* dst = words(const_cast<A*>(pv)) + np * dp;
+    amx::transpose_words(words(pv), int(np), dp, dp, dst, pvt_ld);
+    for (int e = 0; e < dp; ++e) std::memset(dst + e * pvt_ld + np16, 0, sizeof(uint32_t) * size_t(kKeys / 2));
+    pvt = dst;
+  }
+#endif
+
   // Softcap, alibi, mask and the online softmax: S^T becomes P^T (alpha, m, l updated).
   void scores_to_probs(const Seq& sq, int i0, int mq, int mp, int64_t j0, int nk, A slope) {
     if (p.softcap > 0.f) softcap_scores<V>(s, int64_t(nk) * mp, A(p.softcap));
@@ -290,7 +362,11 @@ struct TiledTask {
       const T* rows[16];
       for (int t = 0; t < 16; ++t)
         rows[t] = c0 + t < mq ? row_at<const T>(p.q, sq.b, sq.q_start + i0 + c0 + t, h) : nullptr;
-      transpose_pairs(rows, d, reinterpret_cast<uint32_t*>(qt) + c0, mp);
+      transpose_pairs(rows, d, words(qt) + c0, mp);
+    }
+    if constexpr (kTiles) {  // the tiles read all dp / 2 rows
+      const int rows = (d + 1) / 2;
+      std::memset(words(qt) + int64_t(rows) * mp, 0, sizeof(uint32_t) * size_t(dp / 2 - rows) * mp);
     }
   }
 
@@ -342,6 +418,12 @@ struct TiledTask {
     for (int g = 0; g < G; ++g) mx[g] = V::load(m + c + g * W), sum[g] = V::zero();
     for (int jj = 0; jj < nk; ++jj)
       for (int g = 0; g < G; ++g) mx[g] = max(mx[g], V::load(s + int64_t(jj) * mp + c + g * W));
+    // kTiles: a running max moves only when a score passes it by more than kLazyMax (see there).
+    if constexpr (kTiles)
+      for (int g = 0; g < G; ++g) {
+        const V old = V::load(m + c + g * W);
+        mx[g] = V::select_gt(mx[g], old + V::set1(kLazyMax), mx[g], old);
+      }
     // A column with no visible key so far keeps m = -inf; subtracting `lowest` then gives exp(-inf) = 0.
     for (int g = 0; g < G; ++g) mu[g] = max(mx[g], lowest);
     for (int jj = 0; jj < nk; ++jj)
@@ -353,7 +435,9 @@ struct TiledTask {
       }
     for (int g = 0; g < G; ++g) {
       const int cg = c + g * W;
-      const V a = exp(V::load(m + cg) - mu[g]);
+      const V old = V::load(m + cg);
+      V a = exp(old - mu[g]);
+      if constexpr (kTiles) a = V::select_gt(mu[g], old, a, V::set1(A(1)));  // exactly 1 where m stays
       fmadd(V::load(l + cg), a, sum[g]).store(l + cg);
       mx[g].store(m + cg);
       a.store(alpha + cg);
@@ -390,10 +474,14 @@ void run_tiled(const AttnParams& p) {
   // Enough chunks for ~4 tasks per thread.
   const int want = int(std::clamp<int64_t>((4 * threads + heads - 1) / heads, 1, ntiles));
   const int per_chunk = (ntiles + want - 1) / want, nchunks = (ntiles + per_chunk - 1) / per_chunk;
-  const int64_t dp = padded<typename TT::V>(p.head_dim);
+  const int64_t dp = TT::pad_head(p.head_dim);
   const int64_t pack_keys = std::min<int64_t>(std::max(p.seqlen_k, 1), kPackBytes / (2 * dp * int64_t(sizeof(A))));
   parallel_for(0, heads * nchunks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch<A> buf(TT::size(p.head_dim)), pack(size_t(2 * pack_keys * dp));
+    Scratch<A> buf(TT::size(p.head_dim)), pack(size_t(2 * pack_keys * dp + TT::pack_extra(p.head_dim)));
+#if defined(LLMKERN_ISA_AMX)
+    struct NoTiles {};
+    [[maybe_unused]] std::conditional_t<TT::kTiles, amx::TileScope, NoTiles> tiles;
+#endif
     TT task(p, buf.ptr);
     for (int64_t t = t0; t < t1; ++t) {
       const int k = int(t % nchunks), hk = int(t / nchunks % p.nheads_k), b = int(t / nchunks / p.nheads_k);
@@ -412,6 +500,9 @@ void run_tiled(const AttnParams& p) {
           task.pv = pack.ptr + n * dp / 2;
           auto* pairs = reinterpret_cast<typename TT::Pair*>(pack.ptr);
           kv.load_pairs(jlo, n, int(dp), jhi, 4, pairs, pairs + n * dp / 2);
+#if defined(LLMKERN_ISA_AMX)
+          if constexpr (TT::kTiles) task.pack_vt(n);
+#endif
         } else {
           task.pv = pack.ptr + n * dp;
           kv.template load<typename TT::V>(jlo, n, int(dp), n, pack.ptr, pack.ptr + n * dp, jhi, 4);

@@ -1,5 +1,5 @@
-"""Which CPU ISA path the kernels use (scalar, avx2, avx512, avx512bf16; LLMKERN_CPU_ISA sets it at start-up), and
-which threads run them (the parallel backend)."""
+"""Which CPU ISA path the kernels use (scalar, avx2, avx512, avx512bf16, amx; LLMKERN_CPU_ISA sets it at
+start-up), and which threads run them (the parallel backend)."""
 
 from __future__ import annotations
 

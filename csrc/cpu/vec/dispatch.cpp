@@ -5,8 +5,32 @@
 #include <iterator>
 #include <stdexcept>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace llmkern {
 namespace {
+
+#if defined(__x86_64__) || defined(_M_X64)
+// AMX-TILE and AMX-BF16 (CPUID.(7, 0):EDX bits 24 and 22), usable once Linux grants this process the tile data
+// state (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; without it the first tile instruction faults).
+bool amx_usable() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return false;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool granted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
+#else
+  return false;
+#endif
+}
+#endif
 
 bool cpu_supports(CpuIsa isa) {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -21,6 +45,7 @@ bool cpu_supports(CpuIsa isa) {
     case CpuIsa::avx512bf16:
       return cpu_supports(CpuIsa::avx512) && __builtin_cpu_supports("avx512bf16") &&
              __builtin_cpu_supports("avx512vnni");
+    case CpuIsa::amx: return cpu_supports(CpuIsa::avx512bf16) && amx_usable();
   }
   return false;
 #else
@@ -29,7 +54,7 @@ bool cpu_supports(CpuIsa isa) {
 }
 
 // Every path, narrowest first.
-constexpr CpuIsa kIsas[] = {CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512, CpuIsa::avx512bf16};
+constexpr CpuIsa kIsas[] = {CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512, CpuIsa::avx512bf16, CpuIsa::amx};
 
 CpuIsa parse_isa(const std::string& name) {
   std::string names;
@@ -72,6 +97,7 @@ void set_cpu_isa(const std::string& name) { active().store(int(checked(parse_isa
 
 const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::amx: return "amx";
     case CpuIsa::avx512bf16: return "avx512bf16";
     case CpuIsa::avx512: return "avx512";
     case CpuIsa::avx2: return "avx2";

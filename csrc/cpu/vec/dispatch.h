@@ -7,8 +7,9 @@
 namespace llmkern {
 
 // avx512bf16 = avx512 plus AVX512_BF16 and AVX512_VNNI (bf16 pair and int16 dot products: Cooper Lake, Sapphire
-// Rapids, Zen 4 and later).
-enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
+// Rapids, Zen 4 and later); amx = avx512bf16 plus AMX-TILE and AMX-BF16 (bf16 tile products: Sapphire Rapids and
+// later), where the OS grants the tile state.
+enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3, amx = 4 };
 
 // The path in use: the widest the CPU supports, or LLMKERN_CPU_ISA, or the last set_cpu_isa.
 CpuIsa active_cpu_isa();
@@ -26,8 +27,10 @@ std::vector<std::string> supported_cpu_isas();
   namespace avx2 { void name(const Params& p); }                    \
   namespace avx512 { void name(const Params& p); }                  \
   namespace avx512bf16 { void name(const Params& p); }              \
+  namespace amx { void name(const Params& p); }                     \
   static inline void name(const Params& p) {                        \
     switch (::llmkern::active_cpu_isa()) {                          \
+      case ::llmkern::CpuIsa::amx: return amx::name(p);             \
       case ::llmkern::CpuIsa::avx512bf16: return avx512bf16::name(p); \
       case ::llmkern::CpuIsa::avx512: return avx512::name(p);       \
       case ::llmkern::CpuIsa::avx2: return avx2::name(p);           \

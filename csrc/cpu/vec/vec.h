@@ -1,7 +1,8 @@
 // The SIMD layer seen by kernel cores. Each kernel .cpp in csrc/kernels is compiled once per ISA with
-// LLMKERN_ISA set to that ISA's namespace (scalar, avx2, avx512, avx512bf16); VecF is that ISA's float vector.
+// LLMKERN_ISA set to that ISA's namespace (scalar, avx2, avx512, avx512bf16, amx); VecF is that ISA's float vector.
 // avx512bf16 builds the avx512 code (LLMKERN_ISA_AVX512 is defined there too) plus the bf16 dot products of
-// vec_avx512bf16.h and AVX512_VNNI, which kernels use under LLMKERN_ISA_AVX512BF16.
+// vec_avx512bf16.h and AVX512_VNNI, which kernels use under LLMKERN_ISA_AVX512BF16; amx builds the avx512bf16
+// code (both macros hold) plus the tile products of amx.h, which kernels use under LLMKERN_ISA_AMX.
 #pragma once
 #include <algorithm>
 #include <cstdint>
