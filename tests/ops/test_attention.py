@@ -141,6 +141,14 @@ def test_forward_2048(d, dtype):
     check_fwd(*run_fwd(q, k, v, causal=True), q, k, v, causal=True)
 
 
+def test_forward_float64_head_dim_128(cpu_isa):
+    # The float64 path (gradcheck's) at head dim 128 on two threads: GCC 12 vectorized its k loop, which then read
+    # past the end of a thread's key pack (a segfault where the pack ended a heap). Its scale is float32: 1e-6.
+    q, k, v = qkv(2, 113, 203, 8, 2, 128, torch.float64)
+    want = attention_ref(q, k, v, causal=True)[0]
+    torch.testing.assert_close(lk.flash_attn_func(q, k, v, causal=True), want, rtol=1e-6, atol=1e-6)
+
+
 def test_forward_strided(device):
     """q, k, v as views into one fused [b, s, 3, h, d] qkv buffer, and a q with a non-unit head_dim stride."""
     qkv_buf = rand(2, 77, 3, 4, 59, device=device)
