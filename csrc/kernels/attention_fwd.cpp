@@ -264,13 +264,21 @@ struct TiledTask {
 #else
         attn::gemm<V, false>(nk, mp, (d + 1) / 2, kq, dp / 2, 1, reinterpret_cast<const Pair*>(qt), mp, s, mp);
 #endif
-        scale_scores(nk, mp);
-        scores_to_probs(sq, i0, mq, mp, j0, nk, slope);
         const int np = (nk + 1) / 2;
-        pair_up_rows(s, nk, mp);  // P^T rows (2j, 2j + 1) to pair row j
 #if defined(LLMKERN_ISA_AMX)
+        if (p.softcap > 0.f || p.alibi_slopes || !(p.scale > 0.f)) {
+          scale_scores(nk, mp);
+          scores_to_probs(sq, i0, mq, mp, j0, nk, slope);
+          pair_up_rows(s, nk, mp);  // P^T rows (2j, 2j + 1) to pair row j
+        } else {
+          mask(sq, i0, mq, mp, j0, nk);
+          softmax_to_pairs(nk, mp);
+        }
         tile_pv(j0 == jstart, packed, j0, np, vq, mp);
 #else
+        scale_scores(nk, mp);
+        scores_to_probs(sq, i0, mq, mp, j0, nk, slope);
+        pair_up_rows(s, nk, mp);  // P^T rows (2j, 2j + 1) to pair row j
         const Pair* pt = reinterpret_cast<const Pair*>(s);
         if (j0 == jstart) attn::gemm<V, false>(d, mp, np, vq, 1, dp, pt, mp, o, mp);
         else attn::gemm<V, true>(d, mp, np, vq, 1, dp, pt, mp, o, mp, alpha);
@@ -328,6 +336,65 @@ struct TiledTask {
         for (int e = 0; e < dp; ++e) (V::load(o + int64_t(e) * mp + c) * a).store(o + int64_t(e) * mp + c);
       }
     amx::gemm(dp, mp, kp, vtp, ld, pt, mp, o, mp, !first);
+  }
+
+  // The online softmax of unscaled, unmodified scores (no softcap or alibi; a positive scale), straight to P^T's
+  // pair rows: one pass for the maxima, one for exp, the sums and the bf16 pairs (scale_scores, softmax_update
+  // and pair_up_rows take three more passes over the tile). exp as 2^t, t = (s scale - m) log2 e, with a degree-5
+  // polynomial of the fraction (relative error < 3e-6, far below P's bf16 rounding).
+  void softmax_to_pairs(int nk, int mp) {
+    int c = 0;
+    for (; c + 2 * W <= mp; c += 2 * W) softmax_pairs_cols<2>(c, nk, mp);
+    if (c < mp) softmax_pairs_cols<1>(c, nk, mp);
+  }
+
+  template <int G>
+  void softmax_pairs_cols(int c, int nk, int mp) {
+    const V scale = V::set1(A(p.scale)), log2e = V::set1(A(1.4426950408889634));
+    V mx[G], mu[G], sum[G], a[G], b[G];
+    for (int g = 0; g < G; ++g) mx[g] = V::set1(-kInf<A>), sum[g] = V::zero();
+    for (int jj = 0; jj < nk; ++jj)
+      for (int g = 0; g < G; ++g) mx[g] = max(mx[g], V::load(s + int64_t(jj) * mp + c + g * W));
+    for (int g = 0; g < G; ++g) {
+      const V old = V::load(m + c + g * W);
+      mx[g] = max(old, mx[g] * scale);  // scale > 0: the maximum of the scaled scores
+      mx[g] = V::select_gt(mx[g], old + V::set1(kLazyMax), mx[g], old);
+      // A column with no visible key so far keeps m = -inf; mu = -1e30 (not `lowest`: -mu log2 e must stay finite)
+      // then gives t = -inf, i.e. 0.
+      mu[g] = max(mx[g], V::set1(A(-1e30)));
+      a[g] = scale * log2e, b[g] = V::zero() - mu[g] * log2e;  // t = s a + b
+    }
+    for (int i = 0; 2 * i < nk; ++i)
+      for (int g = 0; g < G; ++g) {
+        const int64_t col = c + g * W;
+        const V e0 = exp2_fraction(fmadd(V::load(s + int64_t(2 * i) * mp + col), a[g], b[g]));
+        const V e1 = 2 * i + 1 < nk ? exp2_fraction(fmadd(V::load(s + int64_t(2 * i + 1) * mp + col), a[g], b[g]))
+                                    : V::zero();
+        sum[g] = sum[g] + e0 + e1;
+        store_pairs(e0, e1, words(s) + int64_t(i) * mp + col);  // pair row i over row i, read before (i / 2 <= i)
+      }
+    for (int g = 0; g < G; ++g) {
+      const int cg = c + g * W;
+      const V old = V::load(m + cg);
+      const V al = V::select_gt(mu[g], old, exp2_fraction((old - mu[g]) * log2e), V::set1(A(1)));
+      fmadd(V::load(l + cg), al, sum[g]).store(l + cg);
+      mx[g].store(m + cg);
+      al.store(alpha + cg);
+    }
+  }
+
+  // 2^t for t <= ~10 (-inf and NaN-free: scores of masked keys are -inf, so t = -inf gives 0): n = round(t),
+  // 2^(t - n) by a degree-5 Taylor polynomial in (t - n) ln 2, scaled by 2^n in one vscalefps.
+  static V exp2_fraction(V t) {
+    t = max(t, V::set1(A(-200)));  // 2^-200 is 0 in float; keeps t - n finite
+    const V n = V::round_nearest(t), r = (t - n) * V::set1(A(0.6931471805599453));
+    V q = V::set1(A(1.0 / 120));
+    q = fmadd(q, r, V::set1(A(1.0 / 24)));
+    q = fmadd(q, r, V::set1(A(1.0 / 6)));
+    q = fmadd(q, r, V::set1(A(0.5)));
+    q = fmadd(q, r, V::set1(A(1)));
+    q = fmadd(q, r, V::set1(A(1)));
+    return {_mm512_scalef_ps(q.v, n.v)};
   }
 
   // The packed keys' V^T (pvt) from their value pairs (pv: (n + 1) / 2 rows of dp pairs), placed after them:

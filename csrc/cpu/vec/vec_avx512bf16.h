@@ -64,17 +64,19 @@ inline void interleave_rows(const bf16* a, const bf16* b, int n, int n_pad, uint
   }
 }
 
+// dst[c] = the pair (bf16(a[c]), bf16(b[c])) for c < 16.
+inline void store_pairs(VecAvx512 a, VecAvx512 b, uint32_t* dst) {
+  alignas(64) static constexpr uint16_t kMix[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(b.v, a.v);  // a's 16 bf16, then b's
+  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(_mm512_load_si512(kMix), ab));
+}
+
 // dst[c] = the pair (bf16(a[c]), bf16(b[c])) for c < n (a multiple of 16); a null b reads as zeros. dst may be a:
 // each 16 floats are read before their 16 pairs are written.
 inline void pair_rows(const float* a, const float* b, int n, uint32_t* dst) {
-  alignas(64) static constexpr uint16_t kMix[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i mix = _mm512_load_si512(kMix);
-  for (int c = 0; c < n; c += 16) {
-    const __m512 y = b ? _mm512_loadu_ps(b + c) : _mm512_setzero_ps();
-    const __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(y, _mm512_loadu_ps(a + c));  // a's 16 bf16, then b's
-    _mm512_storeu_si512(dst + c, _mm512_permutexvar_epi16(mix, ab));
-  }
+  for (int c = 0; c < n; c += 16)
+    store_pairs(VecAvx512::load(a + c), b ? VecAvx512::load(b + c) : VecAvx512::zero(), dst + c);
 }
 
 // Rows (2i, 2i + 1) of the fp32 tile x [rows][n] become row i of bf16 pairs (pair_rows), in place; a missing
