@@ -359,9 +359,9 @@ struct TiledTask {
       const V old = V::load(m + c + g * W);
       mx[g] = max(old, mx[g] * scale);  // scale > 0: the maximum of the scaled scores
       mx[g] = V::select_gt(mx[g], old + V::set1(kLazyMax), mx[g], old);
-      // A column with no visible key so far keeps m = -inf; mu = -1e30 (not `lowest`: -mu log2 e must stay finite)
-      // then gives t = -inf, i.e. 0.
-      mu[g] = max(mx[g], V::set1(A(-1e30)));
+      // A column with no visible key so far keeps m = -inf; mu = -1e30 there (not `lowest`: -mu log2 e must stay
+      // finite) gives t = -inf, i.e. 0.
+      mu[g] = V::select_gt(mx[g], V::set1(-kInf<A>), mx[g], V::set1(A(-1e30)));
       a[g] = scale * log2e, b[g] = V::zero() - mu[g] * log2e;  // t = s a + b
     }
     for (int i = 0; 2 * i < nk; ++i)
@@ -386,7 +386,7 @@ struct TiledTask {
   // 2^t for t <= ~10 (-inf and NaN-free: scores of masked keys are -inf, so t = -inf gives 0): n = round(t),
   // 2^(t - n) by a degree-5 Taylor polynomial in (t - n) ln 2, scaled by 2^n in one vscalefps.
   static V exp2_fraction(V t) {
-    t = max(t, V::set1(A(-200)));  // 2^-200 is 0 in float; keeps t - n finite
+    t = max(V::set1(A(-200)), t);  // 2^-200 is 0 in float; keeps t - n finite (t second: NaN stays NaN)
     const V n = V::round_nearest(t), r = (t - n) * V::set1(A(0.6931471805599453));
     V q = V::set1(A(1.0 / 120));
     q = fmadd(q, r, V::set1(A(1.0 / 24)));

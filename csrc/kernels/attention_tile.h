@@ -96,11 +96,11 @@ static inline void gemm_block(int kdim, const TA* a, int64_t as, const TB* b, in
     b += ldb;
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      auto ar_k = L == kCols ? a[r] : ar[r][k];
+      const TA* ark = L == kCols ? a + r : ar[r] + k;
       // One lane (the float64 path): GCC 12 vectorizes this k loop itself and then reads up to two k rows past
-      // its end (a fault where A ended a heap). An empty asm on the element keeps the loop scalar.
-      if constexpr (V::W == 1) asm("" : "+x"(ar_k));
-      const auto x = Op::splat(ar_k);
+      // its end (a fault where A ended a heap). An empty asm on the element's address keeps the loop scalar.
+      if constexpr (V::W == 1) asm("" : "+r"(ark));
+      const auto x = Op::splat(*ark);
 #pragma GCC unroll 8
       for (int j = 0; j < NR; ++j) acc[r][j] = Op::madd(x, bv[j], acc[r][j]);
     }

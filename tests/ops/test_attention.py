@@ -149,6 +149,16 @@ def test_forward_float64_head_dim_128(cpu_isa):
     torch.testing.assert_close(lk.flash_attn_func(q, k, v, causal=True), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_nan_key_propagates(device, dtype):
+    # A NaN in a key reaches every query that sees it, as in PyTorch (a key that silently dropped out would hide
+    # corrupted inputs, and the paged tests' NaN-filled slots rely on NaN showing); the other queries stay finite.
+    q, k, v = qkv(1, 100, 100, 4, 4, 64, dtype, device)
+    k[0, 70, 1, 5] = math.nan
+    out = lk.flash_attn_func(q, k, v, causal=True)
+    assert out[0, 70:, 1].isnan().all() and not out[0, :70].isnan().any() and not out[:, :, [0, 2, 3]].isnan().any()
+
+
 def test_forward_strided(device):
     """q, k, v as views into one fused [b, s, 3, h, d] qkv buffer, and a q with a non-unit head_dim stride."""
     qkv_buf = rand(2, 77, 3, 4, 59, device=device)
