@@ -129,7 +129,7 @@ struct Bwd {
   // pairs of query rows [kMq / 2][kNk]; dsb: dS as bf16 rows [kMq][kNk].
   static constexpr bool kPairs = attn::kPairProducts<T>;
   using Pair = attn::Bf16Pair;
-  // With AMX (the amx build) the five pair products run on the tiles (amx::gemm): Dp is padded to whole tiles of
+  // With AMX (the amx build) the five pair products run on the tiles (tmul::gemm): Dp is padded to whole tiles of
   // 16 pairs (zero pairs past D), dK^T and dV^T tiles have Dp rows, and dV^T / dK^T take dO^T and Q^T as rows of
   // query pairs (qtp, dotp: transposed once per query tile).
 #if defined(LLMKERN_ISA_AMX)
@@ -175,7 +175,7 @@ struct Bwd {
 #if defined(LLMKERN_ISA_AMX)
     if constexpr (kTiles)
       for (auto [buf, t] : {std::pair{&w.qp, &w.qtp}, std::pair{&w.dop, &w.dotp}})
-        amx::transpose_words(&query_pairs(*buf)->bits, (mq + 1) / 2, Dp, Dp, reinterpret_cast<uint32_t*>(t->ptr),
+        tmul::transpose_words(&query_pairs(*buf)->bits, (mq + 1) / 2, Dp, Dp, reinterpret_cast<uint32_t*>(t->ptr),
                              kMq / 2);
 #endif
   }
@@ -290,7 +290,7 @@ struct Bwd {
   }
 
 #if defined(LLMKERN_ISA_AMX)
-  // pair on the tiles (kTiles): the pair path's products as amx::gemm, on whole tiles. Rows past mq (Q, dO, dS)
+  // pair on the tiles (kTiles): the pair path's products as tmul::gemm, on whole tiles. Rows past mq (Q, dO, dS)
   // only feed rows of S, dP and dQ that nothing reads; P and dS pair rows past the last query pair are zeroed, as
   // are K's pair rows past the tile's keys (pack_key_pairs).
   void pair_of_tiles(Work<A>& w, const Seq& s, const Band& bd, A slope, int jt, int j0, int nk, int i0, int mq) const {
@@ -300,8 +300,8 @@ struct Bwd {
     const U* VT = reinterpret_cast<const U*>(w.vt.ptr) + int64_t(jt) * Dp / 2 * kNk;
     const U* K = reinterpret_cast<const U*>(w.kb.ptr) + int64_t(jt) * kNk / 2 * Dp;
     const int m16 = (mq + 15) / 16 * 16, mh = (mq + 1) / 2, mh16 = (mh + 15) / 16 * 16;
-    amx::gemm(m16, kNk, Dp / 2, Q, Dp / 2, KT, kNk, w.ps.ptr, kNk, false);   // S = Q K^T (unscaled)
-    amx::gemm(m16, kNk, Dp / 2, dO, Dp / 2, VT, kNk, w.ds.ptr, kNk, false);  // dP = dO V^T
+    tmul::gemm(m16, kNk, Dp / 2, Q, Dp / 2, KT, kNk, w.ps.ptr, kNk, false);   // S = Q K^T (unscaled)
+    tmul::gemm(m16, kNk, Dp / 2, dO, Dp / 2, VT, kNk, w.ds.ptr, kNk, false);  // dP = dO V^T
     softmax_grad(w, s, bd, slope, j0, nk, i0, mq);
     T* dsb = reinterpret_cast<T*>(w.dsb.ptr);
     for (int ii = 0; ii < mq; ++ii) attn::store_row<V>(w.ds.ptr + ii * kNk, kNk, dsb + ii * kNk);
@@ -314,9 +314,9 @@ struct Bwd {
     A* dKT = w.dkb.ptr + int64_t(jt) * rows * kNk;
     const U *Pp = reinterpret_cast<const U*>(w.ps.ptr), *dSp = reinterpret_cast<const U*>(w.ds.ptr);
     const U *dOT = reinterpret_cast<const U*>(w.dotp.ptr), *QT = reinterpret_cast<const U*>(w.qtp.ptr);
-    amx::gemm(Dp, kNk, mh16, dOT, kMq / 2, Pp, kNk, dVT, kNk, true);  // dV^T += dO^T P
-    amx::gemm(Dp, kNk, mh16, QT, kMq / 2, dSp, kNk, dKT, kNk, true);  // dK^T += Q^T dS
-    amx::gemm(m16, Dp, kNk / 2, reinterpret_cast<const U*>(dsb), kNk / 2, K, Dp, w.dqt.ptr, Dp, true);  // dQ += dS K
+    tmul::gemm(Dp, kNk, mh16, dOT, kMq / 2, Pp, kNk, dVT, kNk, true);  // dV^T += dO^T P
+    tmul::gemm(Dp, kNk, mh16, QT, kMq / 2, dSp, kNk, dKT, kNk, true);  // dK^T += Q^T dS
+    tmul::gemm(m16, Dp, kNk / 2, reinterpret_cast<const U*>(dsb), kNk / 2, K, Dp, w.dqt.ptr, Dp, true);  // dQ += dS K
   }
 #endif
 
@@ -532,7 +532,7 @@ void attn_bwd(const AttnBwdParams& p) {
     Work<A> w(Dp);
 #if defined(LLMKERN_ISA_AMX)
     struct NoTiles {};
-    [[maybe_unused]] std::conditional_t<Bwd<T>::kTiles, amx::TileScope, NoTiles> tiles;
+    [[maybe_unused]] std::conditional_t<Bwd<T>::kTiles, tmul::TileScope, NoTiles> tile_state;
 #endif
     for (;;) {
       const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);

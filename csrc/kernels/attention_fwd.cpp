@@ -193,7 +193,7 @@ struct TiledTask {
   // vt [kKeys / 2][dp], P in s [kKeys / 2][mp].
   static constexpr bool kPairs = attn::kPairProducts<T>;
   using Pair = attn::Bf16Pair;
-  // With AMX (the amx build) both pair products run on the tiles (amx::gemm): the head dimension is padded to
+  // With AMX (the amx build) both pair products run on the tiles (tmul::gemm): the head dimension is padded to
   // whole tiles of 16 pairs, and O^T += V^T P^T takes V^T as rows of key pairs: packed once per task (pvt), or
   // transposed per key tile into vtt when the task's keys are not packed.
 #if defined(LLMKERN_ISA_AMX)
@@ -260,7 +260,7 @@ struct TiledTask {
                     vq = reinterpret_cast<const Pair*>(pv) + (j0 - pj0) / 2 * dp;
         else kv.load_pairs(j0, nk, dp, jhi, 0, reinterpret_cast<Pair*>(kt), reinterpret_cast<Pair*>(vt));
 #if defined(LLMKERN_ISA_AMX)
-        amx::gemm((nk + 15) / 16 * 16, mp, dp / 2, words(kq), dp / 2, words(qt), mp, s, mp, false);
+        tmul::gemm((nk + 15) / 16 * 16, mp, dp / 2, words(kq), dp / 2, words(qt), mp, s, mp, false);
 #else
         attn::gemm<V, false>(nk, mp, (d + 1) / 2, kq, dp / 2, 1, reinterpret_cast<const Pair*>(qt), mp, s, mp);
 #endif
@@ -326,7 +326,7 @@ struct TiledTask {
     const uint32_t* vtp = words(vtt);
     int64_t ld = kKeys / 2;
     if (packed) vtp = pvt + (j0 - pj0) / 2, ld = pvt_ld;
-    else amx::transpose_words(words(vq), np, dp, dp, words(vtt), ld);
+    else tmul::transpose_words(words(vq), np, dp, dp, words(vtt), ld);
     if (!first)
       for (int c = 0; c < mp; c += W) {
         bool moved = false;
@@ -335,7 +335,7 @@ struct TiledTask {
         const V a = V::load(alpha + c);
         for (int e = 0; e < dp; ++e) (V::load(o + int64_t(e) * mp + c) * a).store(o + int64_t(e) * mp + c);
       }
-    amx::gemm(dp, mp, kp, vtp, ld, pt, mp, o, mp, !first);
+    tmul::gemm(dp, mp, kp, vtp, ld, pt, mp, o, mp, !first);
   }
 
   // The online softmax of unscaled, unmodified scores (no softcap or alibi; a positive scale), straight to P^T's
@@ -403,7 +403,7 @@ struct TiledTask {
     const int64_t np = (n + 1) / 2, np16 = (np + 15) / 16 * 16;
     pvt_ld = np16 + kKeys / 2;
     uint32_t* dst = words(const_cast<A*>(pv)) + np * dp;
-    amx::transpose_words(words(pv), int(np), dp, dp, dst, pvt_ld);
+    tmul::transpose_words(words(pv), int(np), dp, dp, dst, pvt_ld);
     for (int e = 0; e < dp; ++e) std::memset(dst + e * pvt_ld + np16, 0, sizeof(uint32_t) * size_t(kKeys / 2));
     pvt = dst;
   }
@@ -547,7 +547,7 @@ void run_tiled(const AttnParams& p) {
     Scratch<A> buf(TT::size(p.head_dim)), pack(size_t(2 * pack_keys * dp + TT::pack_extra(p.head_dim)));
 #if defined(LLMKERN_ISA_AMX)
     struct NoTiles {};
-    [[maybe_unused]] std::conditional_t<TT::kTiles, amx::TileScope, NoTiles> tiles;
+    [[maybe_unused]] std::conditional_t<TT::kTiles, tmul::TileScope, NoTiles> tile_state;
 #endif
     TT task(p, buf.ptr);
     for (int64_t t = t0; t < t1; ++t) {

@@ -83,6 +83,11 @@ def _torch_fp32_gemm_is_mkl_on_amd() -> bool:
         return False
 
 
+def _kernels_on_amx() -> bool:
+    """Whether the kernels run on the `amx` path now (bf16 linears on the AMX tiles)."""
+    return ops().cpu_isa() == "amx"
+
+
 def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
     """Whether linear(x [rows, k], W [n, k]) measured faster than torch's CPU matmul (bench/RESULTS.md): always when
     the kernels have more threads than torch (llmkern's pool in `llmkern serve`, torch's own ops on one thread);
@@ -90,14 +95,15 @@ def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
     1.13-1.50x torch's on demo-target's shapes, Zen 4; 0.9-1.17x on other shapes there), and where torch's fp32 matmul
     is MKL on AMD also up to 256 rows of wide outputs (n >= 2048: an output head, 1.13-2.45x on Zen 4); fp16 always;
     bf16 always without AVX512_BF16 (torch's bf16 GEMM is then 2-8x slower), and with it below 128 rows, or below 32
-    when k >= 1024 (beyond, oneDNN's bf16 GEMM was 1.04-1.45x faster on Zen 4)."""
+    when k >= 1024 (beyond, oneDNN's bf16 GEMM was 1.04-1.45x faster on Zen 4) unless the kernels run on AMX tiles
+    (the `amx` path: 1.0-1.1x oneDNN's, itself on AMX, at 128 rows, 1.6-1.9x slower from 512)."""
     if kernel_threads() > torch.get_num_threads():
         return True
     if dtype == torch.float32:
         return (rows <= 16 or (rows >= _MM_ROWS and n <= _MM_MAX_COLS)
                 or (rows <= 256 and n >= 2048 and _torch_fp32_gemm_is_mkl_on_amd()))
     if dtype == torch.bfloat16 and _torch_bf16_gemm():
-        return rows < (32 if k >= 1024 else 128)
+        return rows < (32 if k >= 1024 and not _kernels_on_amx() else 128)
     return True
 
 

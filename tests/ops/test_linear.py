@@ -42,6 +42,20 @@ def test_strided_and_batched(cpu_isa, dtype):
     assert linear(torch.randn(2, 0, 70).to(dtype), w).shape == (2, 0, 9)
 
 
+@pytest.mark.parametrize("m", [1, 3, 8, 17, 64, 65, 130])
+def test_bf16_whole_k_tiles(cpu_isa, m):
+    # k a multiple of 32: bf16 on the amx path takes the tile products (x^T packed in 16-row column groups, 64 rows a
+    # product, weight tiles of 32 rows with a partial last one copied out); strided x, a weight slice, a bias.
+    x = strided(torch.randn(m, 96).to(torch.bfloat16)) if m % 2 else torch.randn(m, 96).to(torch.bfloat16)
+    w = torch.randn(45, 100).to(torch.bfloat16)[:, 2:98]
+    check(x, w, torch.randn(45).to(torch.bfloat16) if m % 3 else None)
+    parts = [torch.randn(n, 64).to(torch.bfloat16) for n in (40, 7, 33)]
+    x = torch.randn(m, 64).to(torch.bfloat16)
+    for y, wp in zip(linear_group(x, parts), parts):
+        assert torch.equal(y, linear(x, wp))
+        assert_close_derived(y, linear_ref(x.double(), wp.double()), linear_ref(x, wp))
+
+
 def test_empty_k_gives_bias():
     b = torch.randn(5)
     assert torch.equal(linear(torch.randn(3, 0), torch.randn(5, 0), b), b.expand(3, 5))

@@ -12,7 +12,7 @@
 
 namespace llmkern {
 namespace LLMKERN_ISA {
-namespace amx {
+namespace tmul {
 
 // Palette 1 with every tile 16 rows of 64 bytes (ldtilecfg's 64-byte operand).
 struct alignas(64) TileConfig {
@@ -111,6 +111,6 @@ static inline void transpose_words(const uint32_t* src, int rows, int64_t lds, i
     }
 }
 
-}  // namespace amx
+}  // namespace tmul
 }  // namespace LLMKERN_ISA
 }  // namespace llmkern
