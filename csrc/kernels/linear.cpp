@@ -307,15 +307,19 @@ void run_matmul(const LinearParams& p) {
 #if defined(LLMKERN_ISA_AMX)
 // bf16 on the tiles (the amx build): y^T = W x^T, W's rows read in place as A tiles (16 rows x 32 columns), x^T as
 // B tiles of column pairs packed once a call (zero columns past m), C^T tiles of 32 weight rows x up to 64 of x's
-// rows transposed into y. For k a multiple of 32 (whole tiles along k) and even weight row strides. Faster than the
-// vdpbf16ps forms at every row count (Emerald Rapids, 2 threads, one process alternating, their time / the tiles':
-// 8192 x 2048 1.05x / 1.10x / 1.87x / 3.42x / 8.04x / 4.7x / 3.6x / 1.0x at 1 / 4 / 8 / 16 / 64 / 128 / 512 / 1024
-// rows, 864 x 320 1.33x / 1.54x / 1.95x / 2.74x / 2.80x at 1-64); oneDNN's bf16 GEMM (torch) is as fast at 128 rows
-// and 1.6-1.9x faster from 512 (ops/linear.py routes those to torch).
+// rows transposed into y. For k a multiple of 32 (whole tiles along k) and even weight row strides. One linear alone
+// (Emerald Rapids, 2 threads, one process alternating; the vdpbf16ps forms' time / the tiles'): 8192 x 2048 1.05x /
+// 1.10x / 1.87x / 3.42x / 8.04x / 4.7x / 3.6x / 1.0x at 1 / 4 / 8 / 16 / 64 / 128 / 512 / 1024 rows, 864 x 320 1.33x /
+// 1.54x / 1.95x / 2.74x / 2.80x at 1-64; oneDNN's bf16 GEMM (torch) is as fast at 128 rows and 1.6-1.9x faster from
+// 512 (ops/linear.py routes those to torch).
 constexpr int64_t kTileCols = 64;  // rows of x per product
+// From this many rows: below, a decode step's small linears (demo-target, one sequence) ran 1.27x slower in all on
+// the tiles than in the dot form (per-call costs: x^T's packing, scratch, the tile configuration; 16 columns of tile
+// products for one row of x).
+constexpr int64_t kTileMinRows = 8;
 
 bool tiles_fit(const LinearGroup& g) {
-  if (g.parts[0].k % 32 != 0) return false;
+  if (g.parts[0].k % 32 != 0 || g.parts[0].m < kTileMinRows) return false;
   for (int i = 0; i < g.count; ++i)
     if (g.parts[i].w_stride % 2 != 0) return false;
   return true;
@@ -328,7 +332,8 @@ void run_tiles(const LinearGroup& g) {
   attn::Scratch<U> xt(size_t(kh * mp));  // xt[i][c] = (x[c][2i], x[c][2i + 1])
   for (int64_t c0 = 0; c0 < mp; c0 += 16) {
     const bf16* rows[16];
-    for (int t = 0; t < 16; ++t) rows[t] = c0 + t < m ? static_cast<const bf16*>(px.x) + (c0 + t) * px.x_stride : nullptr;
+    for (int t = 0; t < 16; ++t)
+      rows[t] = c0 + t < m ? static_cast<const bf16*>(px.x) + (c0 + t) * px.x_stride : nullptr;
     transpose_pairs(rows, int(k), xt.ptr + c0, mp);
   }
   constexpr int64_t kRows = 32;  // weight rows per task

@@ -44,8 +44,8 @@ def test_strided_and_batched(cpu_isa, dtype):
 
 @pytest.mark.parametrize("m", [1, 3, 8, 17, 64, 65, 130])
 def test_bf16_whole_k_tiles(cpu_isa, m):
-    # k a multiple of 32: bf16 on the amx path takes the tile products (x^T packed in 16-row column groups, 64 rows a
-    # product, weight tiles of 32 rows with a partial last one copied out); strided x, a weight slice, a bias.
+    # k a multiple of 32: bf16 on the amx path takes the tile products from 8 rows (x^T packed in 16-row column groups,
+    # 64 rows a product, weight tiles of 32 rows with a partial last one copied out); strided x, a weight slice, a bias.
     x = strided(torch.randn(m, 96).to(torch.bfloat16)) if m % 2 else torch.randn(m, 96).to(torch.bfloat16)
     w = torch.randn(45, 100).to(torch.bfloat16)[:, 2:98]
     check(x, w, torch.randn(45).to(torch.bfloat16) if m % 3 else None)
