@@ -307,7 +307,8 @@ void run_matmul(const LinearParams& p) {
 #if defined(LLMKERN_ISA_AMX)
 // bf16 on the tiles (the amx build): y^T = W x^T, W's rows read in place as A tiles (16 rows x 32 columns), x^T as
 // B tiles of column pairs packed once a call (zero columns past m), C^T tiles of 32 weight rows x up to 64 of x's
-// rows transposed into y. For k a multiple of 32 (whole tiles along k) and even weight row strides. One linear alone
+// rows transposed into y. For k a multiple of 32 (whole tiles along k); weight tiles of an odd row stride (pairs
+// split across rows) or fewer than 16 rows are copied out first. One linear alone
 // (Emerald Rapids, 2 threads, one process alternating; the vdpbf16ps forms' time / the tiles'): 8192 x 2048 1.05x /
 // 1.10x / 1.87x / 3.42x / 8.04x / 4.7x / 3.6x / 1.0x at 1 / 4 / 8 / 16 / 64 / 128 / 512 / 1024 rows, 864 x 320 1.33x /
 // 1.54x / 1.95x / 2.74x / 2.80x at 1-64; oneDNN's bf16 GEMM (torch) is as fast at 128 rows and 1.6-1.9x faster from
@@ -317,12 +318,14 @@ constexpr int64_t kTileCols = 64;  // rows of x per product
 // the tiles than in the dot form (per-call costs: x^T's packing, scratch, the tile configuration; 16 columns of tile
 // products for one row of x).
 constexpr int64_t kTileMinRows = 8;
+// ... and to this many: every 32-row task streams all of x^T (from memory once it outgrows the caches), so at 1024
+// rows the tiles only matched the outer form.
+constexpr int64_t kTileMaxRows = 512;
 
+// Depends only on x's shape, so every part of a group takes the path its own call would.
 bool tiles_fit(const LinearGroup& g) {
-  if (g.parts[0].k % 32 != 0 || g.parts[0].m < kTileMinRows) return false;
-  for (int i = 0; i < g.count; ++i)
-    if (g.parts[i].w_stride % 2 != 0) return false;
-  return true;
+  const LinearParams& p = g.parts[0];
+  return p.k % 32 == 0 && p.m >= kTileMinRows && p.m <= kTileMaxRows;
 }
 
 void run_tiles(const LinearGroup& g) {
@@ -348,7 +351,7 @@ void run_tiles(const LinearGroup& g) {
       const int64_t n0 = (t - tiles.first[i]) * kRows, rows = std::min(kRows, p.n - n0);
       const bf16* w = static_cast<const bf16*>(p.w) + n0 * p.w_stride;
       int64_t ldw = p.w_stride;
-      if (rows % 16 != 0) {
+      if (rows % 16 != 0 || ldw % 2 != 0) {
         const int64_t r16 = (rows + 15) / 16 * 16;
         for (int64_t r = 0; r < r16; ++r)
           if (r < rows) std::memcpy(tail.ptr + r * k, w + r * p.w_stride, sizeof(bf16) * size_t(k));

@@ -96,14 +96,15 @@ def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
     is MKL on AMD also up to 256 rows of wide outputs (n >= 2048: an output head, 1.13-2.45x on Zen 4); fp16 always;
     bf16 always without AVX512_BF16 (torch's bf16 GEMM is then 2-8x slower), and with it below 128 rows, or below 32
     when k >= 1024 (beyond, oneDNN's bf16 GEMM was 1.04-1.45x faster on Zen 4) unless the kernels run on AMX tiles
-    (the `amx` path: 1.0-1.1x oneDNN's, itself on AMX, at 128 rows, 1.6-1.9x slower from 512)."""
+    (the `amx` path, for k a multiple of 32: 1.0-1.1x oneDNN's, itself on AMX, at 128 rows, 1.6-1.9x slower from
+    512)."""
     if kernel_threads() > torch.get_num_threads():
         return True
     if dtype == torch.float32:
         return (rows <= 16 or (rows >= _MM_ROWS and n <= _MM_MAX_COLS)
                 or (rows <= 256 and n >= 2048 and _torch_fp32_gemm_is_mkl_on_amd()))
     if dtype == torch.bfloat16 and _torch_bf16_gemm():
-        return rows < (32 if k >= 1024 and not _kernels_on_amx() else 128)
+        return rows < (32 if k >= 1024 and not (k % 32 == 0 and _kernels_on_amx()) else 128)
     return True
 
 

@@ -127,6 +127,7 @@ def test_linear_takes_the_matmul_that_measured_faster(monkeypatch):
     assert beats(torch.bfloat16, 127, 320, 512) and not beats(torch.bfloat16, 128, 320, 512)
     monkeypatch.setattr(lin_mod, "_kernels_on_amx", lambda: True)  # the kernels' bf16 linear on AMX tiles
     assert beats(torch.bfloat16, 127, 2048, 512) and not beats(torch.bfloat16, 128, 2048, 512)
+    assert not beats(torch.bfloat16, 32, 2056, 512)  # k not a multiple of 32: no tiles, oneDNN's
     monkeypatch.setattr(lin_mod, "_torch_bf16_gemm", lambda: False)
     assert beats(torch.bfloat16, 4096, 2048, 512) and beats(torch.float16, 4096, 2048, 512)
     for mkl_on_amd in (False, True):

@@ -42,14 +42,17 @@ def test_strided_and_batched(cpu_isa, dtype):
     assert linear(torch.randn(2, 0, 70).to(dtype), w).shape == (2, 0, 9)
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 17, 64, 65, 130])
+@pytest.mark.parametrize("m", [1, 3, 8, 17, 64, 65, 130, 513])
 def test_bf16_whole_k_tiles(cpu_isa, m):
-    # k a multiple of 32: bf16 on the amx path takes the tile products from 8 rows (x^T packed in 16-row column groups,
-    # 64 rows a product, weight tiles of 32 rows with a partial last one copied out); strided x, a weight slice, a bias.
+    # k a multiple of 32: bf16 on the amx path takes the tile products from 8 to 512 rows (x^T packed in 16-row column
+    # groups, 64 rows a product, weight tiles of 32 rows, a partial last one copied out); strided x, a weight slice,
+    # a bias.
     x = strided(torch.randn(m, 96).to(torch.bfloat16)) if m % 2 else torch.randn(m, 96).to(torch.bfloat16)
     w = torch.randn(45, 100).to(torch.bfloat16)[:, 2:98]
     check(x, w, torch.randn(45).to(torch.bfloat16) if m % 3 else None)
-    parts = [torch.randn(n, 64).to(torch.bfloat16) for n in (40, 7, 33)]
+    # a group whose last part has an odd row stride (its tiles are copied out) gives each part its own call's bits
+    parts = [torch.randn(40, 64).to(torch.bfloat16), torch.randn(7, 64).to(torch.bfloat16),
+             torch.randn(33, 65).to(torch.bfloat16)[:, :64]]
     x = torch.randn(m, 64).to(torch.bfloat16)
     for y, wp in zip(linear_group(x, parts), parts):
         assert torch.equal(y, linear(x, wp))
