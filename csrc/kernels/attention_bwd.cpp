@@ -14,6 +14,7 @@
 // sums over the block's key tiles locally, then over blocks into its key chunk's dq buffer: for the first
 // chunk dq itself when dq has the accumulation type (float32, float64), else a scratch buffer; a last pass
 // sums the chunks' buffers in chunk order into dq (none when dq is the only buffer).
+// On the amx build, bf16's five products run on the AMX tiles (Bwd::kTiles, cpu/vec/amx.h).
 // Tile pairs outside the causal / local window are skipped. Every sum has a fixed order, so results do not
 // depend on thread timing; tasks are handed out through an atomic counter (which thread runs a task may
 // vary, what it computes does not).

@@ -13,6 +13,7 @@
 //   query row of the GQA group, so each K/V row is read from memory once for all of them. Bandwidth-bound:
 //   floor = bytes of K and V read / read bandwidth. Splits (flash-decoding) keep both threads busy when
 //   batch * nheads_k is small; their partial (O, m, l) are combined in a fixed order (deterministic).
+// On the amx build, bf16's two tiled-path products run on the AMX tiles instead (TiledTask::kTiles, cpu/vec/amx.h).
 // Only keys inside a row block's visible band are read (unused cache slots may hold anything, NaN
 // included); keys inside the band but masked for some rows get score -inf, i.e. probability exactly 0.
 #include "kernels/attention.h"
@@ -383,8 +384,8 @@ struct TiledTask {
     }
   }
 
-  // 2^t for t <= ~10 (-inf and NaN-free: scores of masked keys are -inf, so t = -inf gives 0): n = round(t),
-  // 2^(t - n) by a degree-5 Taylor polynomial in (t - n) ln 2, scaled by 2^n in one vscalefps.
+  // 2^t for t <= ~10 (t = -inf, a masked key's, gives 0; NaN stays NaN): n = round(t), 2^(t - n) by a degree-5
+  // Taylor polynomial in (t - n) ln 2, scaled by 2^n in one vscalefps.
   static V exp2_fraction(V t) {
     t = max(V::set1(A(-200)), t);  // 2^-200 is 0 in float; keeps t - n finite (t second: NaN stays NaN)
     const V n = V::round_nearest(t), r = (t - n) * V::set1(A(0.6931471805599453));
