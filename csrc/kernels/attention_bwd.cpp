@@ -30,9 +30,6 @@
 #include "kernels/attention_tile.h"
 #include "kernels/parallel.h"
 #include "kernels/prefetch.h"
-#if defined(LLMKERN_ISA_AMX)
-#include "cpu/vec/amx.h"
-#endif
 
 namespace llmkern {
 namespace LLMKERN_ISA {
@@ -133,12 +130,7 @@ struct Bwd {
   // With AMX (the amx build) the five pair products run on the tiles (tmul::gemm): Dp is padded to whole tiles of
   // 16 pairs (zero pairs past D), dK^T and dV^T tiles have Dp rows, and dV^T / dK^T take dO^T and Q^T as rows of
   // query pairs (qtp, dotp: transposed once per query tile).
-#if defined(LLMKERN_ISA_AMX)
-  static constexpr bool kTiles = kPairs;
-#else
-  static constexpr bool kTiles = false;
-#endif
-  static int pad_head(int D) { return kTiles ? (D + 31) / 32 * 32 : attn::padded<V>(D); }
+  static constexpr bool kTiles = attn::kTileProducts<T>;
 
   const AttnBwdParams& p;
   const AttnParams& f;
@@ -508,7 +500,7 @@ void attn_bwd(const AttnBwdParams& p) {
   using A = typename V::value_type;
   const AttnParams& f = p.fwd;
   write_delta<T>(p);
-  const int D = f.head_dim, Dp = Bwd<T>::pad_head(D);
+  const int D = f.head_dim, Dp = attn::padded_head<V, T>(D);
   const int G = f.nheads / f.nheads_k;
   const int64_t groups = int64_t(f.batch) * f.nheads_k;
   const int threads = std::max(1, max_threads());
@@ -531,10 +523,7 @@ void attn_bwd(const AttnBwdParams& p) {
   int64_t next = 0;
   parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     Work<A> w(Dp);
-#if defined(LLMKERN_ISA_AMX)
-    struct NoTiles {};
-    [[maybe_unused]] std::conditional_t<Bwd<T>::kTiles, tmul::TileScope, NoTiles> tile_state;
-#endif
+    [[maybe_unused]] attn::TilesIf<Bwd<T>::kTiles> tile_state;
     for (;;) {
       const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
       if (t >= ntasks) break;

@@ -27,9 +27,6 @@
 #include "kernels/attention_tile.h"
 #include "kernels/parallel.h"
 #include "kernels/prefetch.h"
-#if defined(LLMKERN_ISA_AMX)
-#include "cpu/vec/amx.h"
-#endif
 
 namespace llmkern {
 namespace LLMKERN_ISA {
@@ -197,12 +194,7 @@ struct TiledTask {
   // With AMX (the amx build) both pair products run on the tiles (tmul::gemm): the head dimension is padded to
   // whole tiles of 16 pairs, and O^T += V^T P^T takes V^T as rows of key pairs: packed once per task (pvt), or
   // transposed per key tile into vtt when the task's keys are not packed.
-#if defined(LLMKERN_ISA_AMX)
-  static constexpr bool kTiles = kPairs;
-#else
-  static constexpr bool kTiles = false;
-#endif
-  static int pad_head(int d) { return kTiles ? (d + 31) / 32 * 32 : padded<V>(d); }
+  static constexpr bool kTiles = attn::kTileProducts<T>;
   // Keys per tile: 128 on the tiles (O^T's C tiles are loaded and stored once per key tile: 74 / 83 / 80 ms for
   // 128 / 64 / 256 keys at issue 3's bf16 prefill, in one process), else kNk.
   static constexpr int kKeys = kTiles ? 128 : kNk;
@@ -211,6 +203,8 @@ struct TiledTask {
   // exceeds it by more than this (FlashAttention-3's lazy rescaling): P <= e^8 and l stay far inside fp32's
   // range, P's bf16 rounding is relative either way, and most key tiles then skip the pass.
   static constexpr A kLazyMax = A(8);
+  // The running max after a tile whose maximum (the old m included) is mx.
+  static V lazy_max(V mx, V old) { return V::select_gt(mx, old + V::set1(kLazyMax), mx, old); }
 
   const AttnParams& p;
   int d, dp;
@@ -222,12 +216,12 @@ struct TiledTask {
   int64_t pvt_ld = 0;
 
   static int64_t size(int d) {
-    const int64_t dp = pad_head(d), mp = padded<V>(kMq);
+    const int64_t dp = attn::padded_head<V, T>(d), mp = padded<V>(kMq);
     return dp * mp + 2 * kKeys * dp + kKeys * mp + dp * mp + 4 * mp + (kTiles ? dp * kKeys / 2 : 0);
   }
   // Extra room the task's key pack needs beyond 2 rows of dp per key (see pack_vt).
-  static int64_t pack_extra(int d) { return kTiles ? (kKeys + 64) * int64_t(pad_head(d)) : 0; }
-  TiledTask(const AttnParams& p_, A* buf) : p(p_), d(p_.head_dim), dp(pad_head(p_.head_dim)) {
+  static int64_t pack_extra(int d) { return kTiles ? (kKeys + 64) * int64_t(attn::padded_head<V, T>(d)) : 0; }
+  TiledTask(const AttnParams& p_, A* buf) : p(p_), d(p_.head_dim), dp(attn::padded_head<V, T>(p_.head_dim)) {
     const int64_t mp = padded<V>(kMq);
     qt = buf, kt = qt + dp * mp, vt = kt + kKeys * dp, s = vt + kKeys * dp, o = s + kKeys * mp;
     m = o + dp * mp, l = m + mp, alpha = l + mp, pos = alpha + mp, vtt = pos + mp;
@@ -359,7 +353,7 @@ struct TiledTask {
     for (int g = 0; g < G; ++g) {
       const V old = V::load(m + c + g * W);
       mx[g] = max(old, mx[g] * scale);  // scale > 0: the maximum of the scaled scores
-      mx[g] = V::select_gt(mx[g], old + V::set1(kLazyMax), mx[g], old);
+      mx[g] = lazy_max(mx[g], old);
       // A column with no visible key so far keeps m = -inf; mu = -1e30 there (not `lowest`: -mu log2 e must stay
       // finite) gives t = -inf, i.e. 0.
       mu[g] = V::select_gt(mx[g], V::set1(-kInf<A>), mx[g], V::set1(A(-1e30)));
@@ -486,12 +480,8 @@ struct TiledTask {
     for (int g = 0; g < G; ++g) mx[g] = V::load(m + c + g * W), sum[g] = V::zero();
     for (int jj = 0; jj < nk; ++jj)
       for (int g = 0; g < G; ++g) mx[g] = max(mx[g], V::load(s + int64_t(jj) * mp + c + g * W));
-    // kTiles: a running max moves only when a score passes it by more than kLazyMax (see there).
     if constexpr (kTiles)
-      for (int g = 0; g < G; ++g) {
-        const V old = V::load(m + c + g * W);
-        mx[g] = V::select_gt(mx[g], old + V::set1(kLazyMax), mx[g], old);
-      }
+      for (int g = 0; g < G; ++g) mx[g] = lazy_max(mx[g], V::load(m + c + g * W));
     // A column with no visible key so far keeps m = -inf; subtracting `lowest` then gives exp(-inf) = 0.
     for (int g = 0; g < G; ++g) mu[g] = max(mx[g], lowest);
     for (int jj = 0; jj < nk; ++jj)
@@ -542,14 +532,11 @@ void run_tiled(const AttnParams& p) {
   // Enough chunks for ~4 tasks per thread.
   const int want = int(std::clamp<int64_t>((4 * threads + heads - 1) / heads, 1, ntiles));
   const int per_chunk = (ntiles + want - 1) / want, nchunks = (ntiles + per_chunk - 1) / per_chunk;
-  const int64_t dp = TT::pad_head(p.head_dim);
+  const int64_t dp = attn::padded_head<typename TT::V, T>(p.head_dim);
   const int64_t pack_keys = std::min<int64_t>(std::max(p.seqlen_k, 1), kPackBytes / (2 * dp * int64_t(sizeof(A))));
   parallel_for(0, heads * nchunks, 1, [&](int64_t t0, int64_t t1) {
     Scratch<A> buf(TT::size(p.head_dim)), pack(size_t(2 * pack_keys * dp + TT::pack_extra(p.head_dim)));
-#if defined(LLMKERN_ISA_AMX)
-    struct NoTiles {};
-    [[maybe_unused]] std::conditional_t<TT::kTiles, tmul::TileScope, NoTiles> tile_state;
-#endif
+    [[maybe_unused]] attn::TilesIf<TT::kTiles> tile_state;
     TT task(p, buf.ptr);
     for (int64_t t = t0; t < t1; ++t) {
       const int k = int(t % nchunks), hk = int(t / nchunks % p.nheads_k), b = int(t / nchunks / p.nheads_k);

@@ -14,8 +14,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 
 #include "cpu/vec/vec.h"
+#if defined(LLMKERN_ISA_AMX)
+#include "cpu/vec/amx.h"
+#endif
 
 namespace llmkern {
 namespace LLMKERN_ISA {
@@ -64,6 +68,22 @@ constexpr bool kPairProducts =
     std::is_same_v<T, bf16>;
 #else
     false;
+#endif
+
+// Whether those pair products run on the AMX tiles instead (tmul::gemm, the amx build). Tile products read whole
+// tiles of 16 pairs along the head dimension, so it is padded to 32 (padded_head, below); each thread's share of a
+// call holds its tile configuration in a TilesIf<true> (nothing for other types and builds).
+struct NoTiles {};
+#if defined(LLMKERN_ISA_AMX)
+template <typename T>
+constexpr bool kTileProducts = kPairProducts<T>;
+template <bool On>
+using TilesIf = std::conditional_t<On, tmul::TileScope, NoTiles>;
+#else
+template <typename T>
+constexpr bool kTileProducts = false;
+template <bool On>
+using TilesIf = NoTiles;
 #endif
 
 // A's two layouts: A(r, k) = a[r * as + k] (kRows: each row contiguous along k, read through MR row
@@ -194,6 +214,12 @@ static inline void gemm(int m, int n, int kdim, const TA* a, int64_t a_rs, int64
 template <typename V>
 constexpr int padded(int n) {
   return (n + V::W - 1) / V::W * V::W;
+}
+
+// The head dimension padded for storage type T's products: whole vectors, or whole tiles of 16 pairs on the tiles.
+template <typename V, typename T>
+int padded_head(int d) {
+  return kTileProducts<T> ? (d + 31) / 32 * 32 : padded<V>(d);
 }
 
 // dst[0, n) = float(src[0, n)) * mul, dst[n, n_pad) = 0: one row of a padded accumulation-type tile.

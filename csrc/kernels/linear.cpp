@@ -21,9 +21,6 @@
 #include "kernels/outer_gemm.h"
 #include "kernels/parallel.h"
 #include "kernels/prefetch.h"
-#if defined(LLMKERN_ISA_AMX)
-#include "cpu/vec/amx.h"
-#endif
 
 namespace llmkern {
 namespace LLMKERN_ISA {
