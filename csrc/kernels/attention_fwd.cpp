@@ -13,7 +13,8 @@
 //   query row of the GQA group, so each K/V row is read from memory once for all of them. Bandwidth-bound:
 //   floor = bytes of K and V read / read bandwidth. Splits (flash-decoding) keep both threads busy when
 //   batch * nheads_k is small; their partial (O, m, l) are combined in a fixed order (deterministic).
-// On the amx build, bf16's two tiled-path products run on the AMX tiles instead (TiledTask::kTiles, cpu/vec/amx.h).
+// On the amx build, bf16's two tiled-path products run on the AMX tiles instead (TiledTask::kTiles, cpu/vec/amx.h),
+// and the grouped path widens bf16 to fp32 FMAs (GroupTask::kBf16Dot).
 // Only keys inside a row block's visible band are read (unused cache slots may hold anything, NaN
 // included); keys inside the band but masked for some rows get score -inf, i.e. probability exactly 0.
 #include "kernels/attention.h"
@@ -621,8 +622,12 @@ struct GroupTask {
   // 7.79 -> 7.18 ms on the avx512 path (issue 3's case).
   static constexpr int kPfLines = 4, kPfDotLines = 16, kPfQuadLines = 16;  // chunk_by_key: per 4 keys and head
   // With pair products (attn::kPairProducts) q . k and P V are bf16 pair dot products (no widening). P is rounded
-  // to bf16 for P V, as PyTorch's bf16 attention rounds it; O rows are then in interleave order.
-  static constexpr bool kBf16Dot = attn::kPairProducts<T>;
+  // to bf16 for P V, as PyTorch's bf16 attention rounds it; O rows are then in interleave order. Not on the amx
+  // build: on the Xeons with AMX a vdpbf16ps takes 4 FMAs' issue slots for 2 FMAs' work (0.82 against 0.20 ns a
+  // core, independent chains), so bf16 rows widened to fp32 FMAs run faster (issue 3's decode from memory 12.4 ->
+  // 10.5 ms; 1.1-1.45x over GQA shapes, MHA even). Nor on the tiles: with 4 query rows of a tile's 16 columns, the
+  // scores and P V on AMX (chunks of 32 keys, head by head) took 13.5 ms against 11.9.
+  static constexpr bool kBf16Dot = attn::kPairProducts<T> && !attn::kTileProducts<T>;
   static_assert(!kBf16Dot || kNkp == 32, "P rows are converted to bf16 32 at a time");
 
   const AttnParams& p;
