@@ -329,13 +329,8 @@ void run_tiles(const LinearGroup& g) {
   using U = uint32_t;
   const LinearParams& px = g.parts[0];
   const int64_t m = px.m, k = px.k, mp = (m + 15) / 16 * 16, kh = k / 2;
-  attn::Scratch<U> xt(size_t(kh * mp));  // xt[i][c] = (x[c][2i], x[c][2i + 1])
-  for (int64_t c0 = 0; c0 < mp; c0 += 16) {
-    const bf16* rows[16];
-    for (int t = 0; t < 16; ++t)
-      rows[t] = c0 + t < m ? static_cast<const bf16*>(px.x) + (c0 + t) * px.x_stride : nullptr;
-    transpose_pairs(rows, int(k), xt.ptr + c0, mp);
-  }
+  attn::Scratch<U> xt(size_t(kh * mp));
+  tmul::pack_xt(static_cast<const bf16*>(px.x), m, px.x_stride, k, xt.ptr);
   constexpr int64_t kRows = 32;  // weight rows per task
   const outer::PartTiles tiles(g.count, kRows, [&](int i) { return g.parts[i].n; });
   parallel_for(0, tiles.total(), 1, [&](int64_t t0, int64_t t1) {

@@ -107,8 +107,9 @@ constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 1
 // long, and a tile's chunk of them prefetched into L1 (24 KB) is evicted before it is decoded: they go to L2. int8 had
 // no prefetch; bf16 x, in process, none / L1 / L2: M = 32 4.57-4.61 / 4.09 / 3.56-3.71 ms at 4096 x 4096, M = 64
 // 18.6 / 17.2 / 16.1 ms at 11008 x 4096.
-static void prefetch_next_chunk(const QWeight& w, int64_t r, int64_t c1) {
-  const int64_t nr = c1 < w.k ? r : r + outer::kTileRows, nc = c1 < w.k ? c1 : 0, ne = std::min(w.k, nc + kChunk);
+// tile_rows: the rows of W per task.
+static void prefetch_next_chunk(const QWeight& w, int64_t r, int64_t c1, int64_t tile_rows = outer::kTileRows) {
+  const int64_t nr = c1 < w.k ? r : r + tile_rows, nc = c1 < w.k ? c1 : 0, ne = std::min(w.k, nc + kChunk);
   if (nr >= w.n) return;
   if (w.format == QFormat::int8) {
     prefetch_l2_span(static_cast<const int8_t*>(w.data) + nr * w.k + nc, ne - nc);
@@ -211,9 +212,129 @@ static void gemm_typed(const QLinearParams& p) {
   outer::gemm<kChunk>(w.n, pn, xt.ptr, decode, store);
 }
 
+#if defined(LLMKERN_ISA_AMX)
+// bf16 x on the AMX tiles (the amx build): y^T = W x^T as in the dense linear (kernels/linear.cpp, run_tiles), each
+// task's kTileW rows of W decoded to bf16 (decode_row's pair overload: the values the vdpbf16ps GEMM multiplies) kChunk
+// columns at a time into a scratch the tiles read as A, x^T packed once a call as B tiles of column pairs, and C^T
+// (kTileW rows x all of x's rows, fp32) accumulated over the chunks, then stored through outer::store_rows.
+constexpr int64_t kTileW = 32;
+// Rows of x the tiles take: from this many (below, the int16 GEMV; gemv_rows) up to kTileMaxRows, beyond which each
+// task's pass over all of x^T (k x m bf16) per chunk outgrows L2 (the dense linear's tiles stop at 512 rows too).
+constexpr int64_t kTileMinRows = 16, kTileMaxRows = 512;
+
+static bool tiles_ok(const QLinearParams& p) {
+  return p.dtype == DType::bf16 && p.w.k % 32 == 0 && p.m >= kTileMinRows && p.m <= kTileMaxRows;
+}
+
+// The tiles' k order for a 4-bit W: each run of run_cols(w) columns holds its even columns, then its odd ones (the high
+// nibbles of its bytes, then the low ones), so a run decodes by one zero-extend, one shift or and, and one vpermw per
+// 32 values (twice the rate of decode_row's pairs); x^T is packed in the same order (permute_runs), which leaves the
+// product unchanged. Runs never straddle a group. int8 keeps the natural order (0).
+static int run_cols(const QWeight& w) { return w.format == QFormat::int8 ? 0 : w.group % 64 == 0 ? 64 : 32; }
+
+// Row r of a 4-bit W, columns [c0, c1) (multiples of the run), to bf16 in the tiles' k order: each value rounded to
+// bf16, as decode_row's pairs (and a bf16 dequantize-then-matmul) round it.
+static void decode_row_runs(const QWeight& w, int64_t r, int64_t c0, int64_t c1, bf16* dst) {
+  const __m512i low4 = _mm512_set1_epi16(15);
+  const bool wide = run_cols(w) == 64;
+  for_each_group(w, r, c0, c1, [&](const uint8_t* row, int64_t c, int64_t hi, const float* base, float s, float z) {
+    const __m512 t32 = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(base), _mm512_set1_ps(z)), _mm512_set1_ps(s));
+    const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t32));  // entries 0-15
+    const uint8_t* src = row + c / 2;
+    bf16* out = dst + (c - c0);
+    if (wide) {
+      for (int64_t n = (hi - c) / 64; n > 0; --n, src += 32, out += 64) {
+        const __m512i u = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+        _mm512_storeu_si512(out, _mm512_permutexvar_epi16(_mm512_srli_epi16(u, 4), table));
+        _mm512_storeu_si512(out + 32, _mm512_permutexvar_epi16(_mm512_and_si512(u, low4), table));
+      }
+      return;
+    }
+    for (int64_t n = (hi - c) / 32; n > 0; --n, src += 16, out += 32) {
+      const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(u, 4)),
+                                             _mm256_and_si256(u, _mm512_castsi512_si256(low4)), 1);
+      _mm512_storeu_si512(out, _mm512_permutexvar_epi16(idx, table));
+    }
+  });
+}
+
+// x's m rows (row stride ld) with each run of `run` columns rearranged into its even columns, then its odd ones (the
+// tiles' k order), into dst [m][k]; k a multiple of run.
+static void permute_runs(const bf16* x, int64_t m, int64_t ld, int64_t k, int run, bf16* dst) {
+  alignas(64) uint16_t idx[64];
+  for (int t = 0; t < run / 2; ++t) idx[t] = uint16_t(2 * t), idx[run / 2 + t] = uint16_t(2 * t + 1);
+  const __m512i lo = _mm512_load_si512(idx), hi = _mm512_load_si512(idx + 32);
+  for (int64_t i = 0; i < m; ++i) {
+    const bf16* src = x + i * ld;
+    bf16* out = dst + i * k;
+    for (int64_t c = 0; c < k; c += run) {
+      const __m512i a = _mm512_loadu_si512(src + c);
+      if (run == 32) {
+        _mm512_storeu_si512(out + c, _mm512_permutexvar_epi16(lo, a));
+        continue;
+      }
+      const __m512i b = _mm512_loadu_si512(src + c + 32);
+      _mm512_storeu_si512(out + c, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(out + c + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+
+static void gemm_tiles(const QLinearParams& p) {
+  const QWeight& w = p.w;
+  const int64_t m = p.m, mp = (m + 15) / 16 * 16;
+  Scratch<uint32_t> xt(size_t(w.k / 2 * mp));
+  const int run = run_cols(w);
+  if (run > 0) {
+    Scratch<bf16> xr(size_t(m * w.k));
+    permute_runs(static_cast<const bf16*>(p.x), m, p.x_stride, w.k, run, xr.ptr);
+    tmul::pack_xt(xr.ptr, m, w.k, w.k, xt.ptr);
+  } else {
+    tmul::pack_xt(static_cast<const bf16*>(p.x), m, p.x_stride, w.k, xt.ptr);
+  }
+  constexpr int64_t lda = kChunk + 32;  // decoded rows, bf16; 64 bytes more than 2 KB: rows do not share L1's sets
+  const bool int8 = w.format == QFormat::int8;
+  parallel_for(0, (w.n + kTileW - 1) / kTileW, 1, [&](int64_t t0, int64_t t1) {
+    tmul::TileScope scope;
+    Scratch<attn::Bf16Pair> a(size_t(kTileW * lda / 2));
+    Scratch<float> c(size_t(kTileW * mp));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileW, rows = std::min(kTileW, w.n - n0), r16 = (rows + 15) / 16 * 16;
+      for (int64_t c0 = 0; c0 < w.k; c0 += kChunk) {
+        const int64_t c1 = std::min(w.k, c0 + kChunk);
+        for (int64_t r = 0; r < r16; ++r) {
+          attn::Bf16Pair* dst = a.ptr + r * (lda / 2);
+          if (r >= rows) {  // the last tile's missing rows: zero (their outputs are not stored)
+            std::memset(dst, 0, sizeof(uint32_t) * size_t(c1 - c0) / 2);
+            continue;
+          }
+          prefetch_next_chunk(w, n0 + r, c1, kTileW);
+          if (int8) decode_row(w, n0 + r, c0, c1, dst);
+          else decode_row_runs(w, n0 + r, c0, c1, reinterpret_cast<bf16*>(dst));
+        }
+        tmul::gemm(int(r16), int(mp), int(c1 - c0) / 2, reinterpret_cast<const uint32_t*>(a.ptr), lda / 2,
+                   xt.ptr + c0 / 2 * mp, mp, c.ptr, mp, c0 > 0);
+      }
+      // store_rows takes at most outer::kTileRows rows a call: two halves.
+      for (int64_t h = 0; h < rows; h += kTileW / 2) {
+        const int64_t hr = std::min(kTileW / 2, rows - h);
+        float s[kTileW / 2];  // the int8 row scales (the 4-bit formats' scales are decoded into the weights)
+        for (int64_t j = 0; int8 && j < hr; ++j) s[j] = scale_at(w, n0 + h + j);
+        outer::store_rows(static_cast<bf16*>(p.out), p.out_stride, n0 + h, hr, 0, m, c.ptr + h * mp, mp,
+                          int8 ? s : nullptr, static_cast<const bf16*>(p.bias));
+      }
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 void qlinear_gemm(const QLinearParams& p) {
+#if defined(LLMKERN_ISA_AMX)
+  if (tiles_ok(p)) return gemm_tiles(p);
+#endif
   switch (p.dtype) {
     case DType::f32: return gemm_typed<float>(p);
     case DType::bf16:
