@@ -9,7 +9,8 @@
 // permuted k order, so the product is unchanged. int8 decodes in natural order (the scale at the end).
 //
 // bf16 x on avx512bf16: W decodes to bf16 pairs instead (decode_row's Bf16Pair overload) and the product runs over pairs, one
-// vdpbf16ps per two FMAs (4096 x 4096 int4, Zen 4, side by side: 1.47x at M = 16, 1.75x at M = 64).
+// vdpbf16ps per two FMAs (4096 x 4096 int4, Zen 4, side by side: 1.47x at M = 16, 1.75x at M = 64). On the amx build,
+// bf16 x from 8 to 512 rows runs on the AMX tiles (gemm_tiles, qlinear_tiles).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -214,13 +215,21 @@ static void gemm_typed(const QLinearParams& p) {
 
 #if defined(LLMKERN_ISA_AMX)
 // bf16 x on the AMX tiles (the amx build): y^T = W x^T as in the dense linear (kernels/linear.cpp, run_tiles), each
-// task's kTileW rows of W decoded to bf16 (decode_row's pair overload: the values the vdpbf16ps GEMM multiplies) kChunk
-// columns at a time into a scratch the tiles read as A, x^T packed once a call as B tiles of column pairs, and C^T
-// (kTileW rows x all of x's rows, fp32) accumulated over the chunks, then stored through outer::store_rows.
+// task's kTileW rows of W decoded to bf16 (the values the vdpbf16ps GEMM multiplies; 4-bit in the tiles' k order,
+// decode_row_runs) kTileChunk columns at a time into a scratch the tiles read as A, x^T packed once a call as B tiles
+// of column pairs in the same k order, and C^T (kTileW rows x all of x's rows, fp32) accumulated over the chunks,
+// then stored through outer::store_rows. Against the vdpbf16ps GEMM (which issues at half the fp32 FMA rate on these
+// Xeons), int4 bf16 on Emerald Rapids: 4096 x 4096 M = 16 5.5 -> 1.7 ms, M = 64 18.0 -> 4.0 ms.
 constexpr int64_t kTileW = 32;
-// Rows of x the tiles take: from this many (below, the int16 GEMV; gemv_rows) up to kTileMaxRows, beyond which each
-// task's pass over all of x^T (k x m bf16) per chunk outgrows L2 (the dense linear's tiles stop at 512 rows too).
-constexpr int64_t kTileMinRows = 16, kTileMaxRows = 512;
+// Columns decoded per pass. int4 bf16, in process, alternating (512 / 1024 / 2048 / 4096 / dense bf16 ms): M = 64
+// 4096 x 4096 5.02 / 4.40 / 4.34 / 4.16 / 5.78, 4096 x 11008 13.90 / 13.40 / 13.33 / 13.75 / 14.19; M = 16 4096 x 4096
+// 2.07 / 1.76 / 1.76 / 1.64 / 2.67, 4096 x 11008 5.48 / 4.75 / 4.82 / 4.89 / 7.35.
+constexpr int64_t kTileChunk = 2048;
+// Rows of x the tiles take: from this many (below, the int16 GEMV: int4 / nf4 bf16 at 4096 x 4096, in process,
+// GEMV / tiles ms: M = 4 1.07 / 1.54, 6 1.65 / 1.70, 8 2.04 / 1.74, 12 3.05 / 1.72; 11008 x 4096 M = 8 5.68 / 4.32) up
+// to kTileMaxRows, beyond which each task's pass over all of x^T (k x m bf16) outgrows L2 (the dense linear's tiles
+// stop at 512 rows too).
+constexpr int64_t kTileMinRows = 8, kTileMaxRows = 512;
 
 static bool tiles_ok(const QLinearParams& p) {
   return p.dtype == DType::bf16 && p.w.k % 32 == 0 && p.m >= kTileMinRows && p.m <= kTileMaxRows;
@@ -293,7 +302,7 @@ static void gemm_tiles(const QLinearParams& p) {
   } else {
     tmul::pack_xt(static_cast<const bf16*>(p.x), m, p.x_stride, w.k, xt.ptr);
   }
-  constexpr int64_t lda = kChunk + 32;  // decoded rows, bf16; 64 bytes more than 2 KB: rows do not share L1's sets
+  constexpr int64_t lda = kTileChunk + 32;  // decoded rows, bf16; 64 bytes past 4 KB: rows do not share L1's sets
   const bool int8 = w.format == QFormat::int8;
   parallel_for(0, (w.n + kTileW - 1) / kTileW, 1, [&](int64_t t0, int64_t t1) {
     tmul::TileScope scope;
@@ -301,8 +310,8 @@ static void gemm_tiles(const QLinearParams& p) {
     Scratch<float> c(size_t(kTileW * mp));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kTileW, rows = std::min(kTileW, w.n - n0), r16 = (rows + 15) / 16 * 16;
-      for (int64_t c0 = 0; c0 < w.k; c0 += kChunk) {
-        const int64_t c1 = std::min(w.k, c0 + kChunk);
+      for (int64_t c0 = 0; c0 < w.k; c0 += kTileChunk) {
+        const int64_t c1 = std::min(w.k, c0 + kTileChunk);
         for (int64_t r = 0; r < r16; ++r) {
           attn::Bf16Pair* dst = a.ptr + r * (lda / 2);
           if (r >= rows) {  // the last tile's missing rows: zero (their outputs are not stored)
@@ -331,10 +340,18 @@ static void gemm_tiles(const QLinearParams& p) {
 
 }  // namespace
 
-void qlinear_gemm(const QLinearParams& p) {
+bool qlinear_tiles(const QLinearParams& p) {
 #if defined(LLMKERN_ISA_AMX)
-  if (tiles_ok(p)) return gemm_tiles(p);
+  if (tiles_ok(p)) {
+    gemm_tiles(p);
+    return true;
+  }
 #endif
+  (void)p;
+  return false;
+}
+
+void qlinear_gemm(const QLinearParams& p) {
   switch (p.dtype) {
     case DType::f32: return gemm_typed<float>(p);
     case DType::bf16:

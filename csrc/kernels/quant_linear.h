@@ -56,5 +56,9 @@ static inline void prefetch_scales(const QWeight& w, int64_t g0, int64_t ng) {
 // k > 0, and for the 4-bit formats group % 32 == 0 and k % group == 0 (nf4: blocks start on row boundaries).
 void qlinear_gemm(const QLinearParams& p);
 
+// bf16 x on the amx build, 8 to 512 rows, k a multiple of 32 (and qlinear_gemm's conditions): y = x W^T on the AMX
+// tiles (quant_gemm.cpp), returning true; false (nothing done) elsewhere.
+bool qlinear_tiles(const QLinearParams& p);
+
 }  // namespace LLMKERN_ISA
 }  // namespace llmkern

@@ -280,13 +280,14 @@ def test_linear_vs_dequantize_matmul(device, m, dtype):
         check_linear(name, linear(x, bias), x, w32, bias)
 
 
-@pytest.mark.parametrize("m, dtype", [(16, torch.bfloat16), (33, torch.float32), (65, torch.bfloat16),
-                                      (128, torch.float16)])
+@pytest.mark.parametrize("m, dtype", [(8, torch.bfloat16), (16, torch.bfloat16), (33, torch.float32),
+                                      (65, torch.bfloat16), (128, torch.float16), (512, torch.bfloat16),
+                                      (513, torch.bfloat16)])
 def test_linear_many_rows(device, m, dtype):
     """The many-row (GEMM) path over several row tiles, k chunks and x panels: n and k not multiples of the tile
-    (24 rows) or the chunk (1024 columns), M not a multiple of the vector width (a partial last panel at 65);
-    int8 with a ragged k."""
-    n, k = 155, 1280
+    (24 rows; 32 on the AMX tiles) or the chunk (1024 columns; 2048 on the tiles), M not a multiple of the vector
+    width (a partial last panel at 65); the tiles' row range (8-512 on amx) and past it; int8 with a ragged k."""
+    n, k = 155, 2560
     for name, linear, w32 in formats(n, k, device):
         x = torch.randn(m, k, dtype=dtype, device=device)
         bias = torch.randn(n, dtype=dtype, device=device)
