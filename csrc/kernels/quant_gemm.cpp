@@ -271,7 +271,7 @@ static void decode_row_runs(const QWeight& w, int64_t r, int64_t c0, int64_t c1,
 // x's m rows (row stride ld) with each run of `run` columns rearranged into its even columns, then its odd ones (the
 // tiles' k order), into dst [m][k]; k a multiple of run.
 static void permute_runs(const bf16* x, int64_t m, int64_t ld, int64_t k, int run, bf16* dst) {
-  alignas(64) uint16_t idx[64];
+  alignas(64) uint16_t idx[64] = {};  // run 32 fills the first half (hi is then unused)
   for (int t = 0; t < run / 2; ++t) idx[t] = uint16_t(2 * t), idx[run / 2 + t] = uint16_t(2 * t + 1);
   const __m512i lo = _mm512_load_si512(idx), hi = _mm512_load_si512(idx + 32);
   for (int64_t i = 0; i < m; ++i) {
@@ -318,7 +318,7 @@ static void gemm_tiles(const QLinearParams& p) {
             std::memset(dst, 0, sizeof(uint32_t) * size_t(c1 - c0) / 2);
             continue;
           }
-          prefetch_next_chunk(w, n0 + r, c1, kTileW);
+          prefetch_next_chunk(w, n0 + r, c1, kTileW);  // the first kChunk columns of the row's next chunk
           if (int8) decode_row(w, n0 + r, c0, c1, dst);
           else decode_row_runs(w, n0 + r, c0, c1, reinterpret_cast<bf16*>(dst));
         }

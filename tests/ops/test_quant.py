@@ -286,12 +286,16 @@ def test_linear_vs_dequantize_matmul(device, m, dtype):
 def test_linear_many_rows(device, m, dtype):
     """The many-row (GEMM) path over several row tiles, k chunks and x panels: n and k not multiples of the tile
     (24 rows; 32 on the AMX tiles) or the chunk (1024 columns; 2048 on the tiles), M not a multiple of the vector
-    width (a partial last panel at 65); the tiles' row range (8-512 on amx) and past it; int8 with a ragged k."""
+    width (a partial last panel at 65); the tiles' row range (8-512 on amx) and past it; a last tile of at most 16
+    rows (n = 40) with a strided x; int8 with a k that is not a multiple of 32."""
     n, k = 155, 2560
     for name, linear, w32 in formats(n, k, device):
         x = torch.randn(m, k, dtype=dtype, device=device)
         bias = torch.randn(n, dtype=dtype, device=device)
         check_linear(name, linear(x, bias), x, w32, bias)
+    for name, linear, w32 in formats(40, 1024, device):
+        xs = strided(torch.randn(m, 1024, dtype=dtype, device=device))
+        check_linear(name, linear(xs, None), xs, w32, None)
     q, s = (t.to(device) for t in lk.quantize_int8(weight(67, 1531)))
     x = strided(torch.randn(m, 1531, dtype=dtype, device=device))
     check_linear("int8-k531", lk.int8_linear(x, q, s), x, lk.dequantize_int8_ref(q, s, torch.float32), None)
