@@ -332,6 +332,7 @@ void run_tiles(const LinearGroup& g) {
   attn::Scratch<U> xt(size_t(kh * mp));
   tmul::pack_xt(static_cast<const bf16*>(px.x), m, px.x_stride, k, xt.ptr);
   constexpr int64_t kRows = 32;  // weight rows per task
+  static_assert(kRows <= outer::kStoreRows);
   const outer::PartTiles tiles(g.count, kRows, [&](int i) { return g.parts[i].n; });
   parallel_for(0, tiles.total(), 1, [&](int64_t t0, int64_t t1) {
     tmul::TileScope scope;
@@ -350,18 +351,12 @@ void run_tiles(const LinearGroup& g) {
           else std::memset(tail.ptr + r * k, 0, sizeof(bf16) * size_t(k));
         w = tail.ptr, ldw = k;
       }
-      const bf16* bias = static_cast<const bf16*>(p.bias);
       for (int64_t c0 = 0; c0 < mp; c0 += kTileCols) {
         const int64_t cols = std::min(kTileCols, mp - c0);
         tmul::gemm(int((rows + 15) / 16 * 16), int(cols), int(kh), reinterpret_cast<const U*>(w), ldw / 2,
                    xt.ptr + c0, mp, ct.ptr, cols, false);
-        for (int64_t c = c0; c < std::min(m, c0 + cols); ++c) {
-          bf16* y = static_cast<bf16*>(p.y) + c * p.y_stride + n0;
-          for (int64_t r = 0; r < rows; ++r) {
-            const float v = ct.ptr[r * cols + c - c0] + (bias ? ScalarVec<float>::load(bias + n0 + r).v : 0.f);
-            ScalarVec<float>{v}.store(y + r);
-          }
-        }
+        outer::store_rows(static_cast<bf16*>(p.y), p.y_stride, n0, rows, c0, std::min(m, c0 + cols) - c0, ct.ptr,
+                          cols, nullptr, static_cast<const bf16*>(p.bias));
       }
     }
   });

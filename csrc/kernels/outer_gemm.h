@@ -188,13 +188,17 @@ static void transpose_x(const T* x, int64_t x_stride, const Panels& pn, float* x
 }
 
 
+// Most rows of W a store_rows call takes: this GEMM's tiles, and the AMX tiles' 32 (linear.cpp, quant_gemm.cpp).
+constexpr int64_t kStoreRows = 32;
+static_assert(kTileRows <= kStoreRows);
+
 // The usual store: out[r0 + i][n0 + j] = c[j * ldc + i] * scale[j] + bias[n0 + j] rounded to T (out rows ld apart;
 // scale: the tile's rows, or null for 1; bias: the whole vector, or null), output row by output row: rows of a wide
-// output are a multiple of 4 KB apart, so a column of them falls in one L1 set.
+// output are a multiple of 4 KB apart, so a column of them falls in one L1 set. rows <= kStoreRows.
 template <typename T>
 static void store_rows(T* out, int64_t ld, int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c,
                        int64_t ldc, const float* scale, const T* bias) {
-  float s[kTileRows], b[kTileRows];
+  float s[kStoreRows], b[kStoreRows];
   for (int64_t j = 0; j < rows; ++j) s[j] = scale ? scale[j] : 1.f, b[j] = bias ? to_float(bias[n0 + j]) : 0.f;
   for (int64_t i = 0; i < nr; ++i) {
     T* y = out + (r0 + i) * ld + n0;

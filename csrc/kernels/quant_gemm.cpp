@@ -221,6 +221,7 @@ static void gemm_typed(const QLinearParams& p) {
 // then stored through outer::store_rows. Against the vdpbf16ps GEMM (which issues at half the fp32 FMA rate on these
 // Xeons), int4 bf16 on Emerald Rapids: 4096 x 4096 M = 16 5.5 -> 1.7 ms, M = 64 18.0 -> 4.0 ms.
 constexpr int64_t kTileW = 32;
+static_assert(kTileW <= outer::kStoreRows);
 // Columns decoded per pass. int4 bf16, in process, alternating (512 / 1024 / 2048 / 4096 / dense bf16 ms): M = 64
 // 4096 x 4096 5.02 / 4.40 / 4.34 / 4.16 / 5.78, 4096 x 11008 13.90 / 13.40 / 13.33 / 13.75 / 14.19; M = 16 4096 x 4096
 // 2.07 / 1.76 / 1.76 / 1.64 / 2.67, 4096 x 11008 5.48 / 4.75 / 4.82 / 4.89 / 7.35.
@@ -325,14 +326,10 @@ static void gemm_tiles(const QLinearParams& p) {
         tmul::gemm(int(r16), int(mp), int(c1 - c0) / 2, reinterpret_cast<const uint32_t*>(a.ptr), lda / 2,
                    xt.ptr + c0 / 2 * mp, mp, c.ptr, mp, c0 > 0);
       }
-      // store_rows takes at most outer::kTileRows rows a call: two halves.
-      for (int64_t h = 0; h < rows; h += kTileW / 2) {
-        const int64_t hr = std::min(kTileW / 2, rows - h);
-        float s[kTileW / 2];  // the int8 row scales (the 4-bit formats' scales are decoded into the weights)
-        for (int64_t j = 0; int8 && j < hr; ++j) s[j] = scale_at(w, n0 + h + j);
-        outer::store_rows(static_cast<bf16*>(p.out), p.out_stride, n0 + h, hr, 0, m, c.ptr + h * mp, mp,
-                          int8 ? s : nullptr, static_cast<const bf16*>(p.bias));
-      }
+      float s[kTileW];  // the int8 row scales (the 4-bit formats' scales are decoded into the weights)
+      for (int64_t j = 0; int8 && j < rows; ++j) s[j] = scale_at(w, n0 + j);
+      outer::store_rows(static_cast<bf16*>(p.out), p.out_stride, n0, rows, 0, m, c.ptr, mp, int8 ? s : nullptr,
+                        static_cast<const bf16*>(p.bias));
     }
   });
 }
