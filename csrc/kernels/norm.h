@@ -21,7 +21,7 @@ struct RmsNormParams {
   int64_t residual_out_stride = 0;
   const void* weight = nullptr;  // [hidden] or nullptr
   bool weight_offset = false;
-  float eps = 1e-6f;
+  double eps = 1e-6;  // narrowed to the accumulation type by the kernel, so float64 keeps it exact
   void* out = nullptr;
   int64_t out_stride = 0;
   void* rstd = nullptr;  // [rows] accumulation type (float, double for f64) or nullptr

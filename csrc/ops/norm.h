@@ -34,7 +34,7 @@ struct NormOps {
     p.x = xr.data();
     p.x_stride = xr.stride;
     p.weight_offset = weight_offset;
-    p.eps = static_cast<float>(eps);
+    p.eps = eps;
     return p;
   }
 

@@ -73,6 +73,12 @@ def test_fused_add_rms_norm(cpu_isa, dtype, hidden, weight_kind):
     assert_close_derived(x2, want, out_t)
 
 
+def test_float64_eps_is_not_rounded_to_float32(cpu_isa):
+    # With x tiny, rstd is about 1/sqrt(eps): float32(0.1) would move it by ~7e-10, far beyond float64's error.
+    x = 1e-6 * torch.randn(3, 769, dtype=torch.float64)
+    torch.testing.assert_close(lk.rms_norm(x, None, 0.1), lk.rms_norm_ref(x, None, 0.1), rtol=1e-13, atol=0)
+
+
 @pytest.mark.parametrize("weight_kind", WEIGHTS)
 def test_gradcheck_float64(cpu_isa, weight_kind):
     x, w = make(5, 37, torch.float64, weight_kind, requires_grad=True)
