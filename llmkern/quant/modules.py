@@ -7,7 +7,9 @@ gradient; x and bias do, so LoRA adapters on top train as in QLoRA). `state_dict
   `weight.nested_quant_map` with double quant), `weight.quant_state.bitsandbytes__nf4` (JSON), `bias`.
 - Int4Linear: `weight` (uint8 [N, K/2]), `scales` [N, K/G], `zeros` (uint8 [N, K/G], asymmetric only),
   `perm` (int64 [K], GPTQ act-order only), `bias`. The group size is K / scales.shape[1].
-- Int8Linear: `weight` (int8 [N, K]), `scales` [N], `bias`.
+- Int8Linear: `weight` (int8 [N*K], the row-major codes flattened), `scales` [N], `bias`. Flat so that a loader
+  that does not know the format (transformers skips quant_method "llmkern") fails on the shape instead of
+  reading the codes as an nn.Linear weight.
 `.to(dtype)` / `.half()` move the quantized state between devices but never cast it (only the bias).
 `load_state_dict` takes the layout from the state dict (block size, double quant, group size,
 symmetric, perm may differ from the module's), checks it against in/out features and replaces the buffers
@@ -204,10 +206,14 @@ class Int8Linear(_QuantLinear):
         return F.Int8Weight(self.weight, self.scales)
 
     def _to_sd(self):
-        return {"weight": self.weight, "scales": self.scales}
+        return {"weight": self.weight.reshape(-1), "scales": self.scales}
 
     def _from_sd(self, sd):
-        return F.Int8Weight(sd["weight"], sd["scales"])
+        w, s = sd["weight"], sd["scales"]
+        if w.dim() != 1 or s.dim() != 1 or s.numel() == 0 or w.numel() % s.numel():
+            raise ValueError(f"weight {tuple(w.shape)} and scales {tuple(s.shape)} do not describe int8 rows "
+                             f"(expected weight [N*K] and scales [N])")
+        return F.Int8Weight(w.view(s.numel(), -1), s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.int8_linear(x, self.weight, self.scales, bias=self._bias_for(x))

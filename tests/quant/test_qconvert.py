@@ -90,6 +90,18 @@ def test_convert_int4_in_place_with_llmkern_cli(tmp_path, capsys):
     assert "already quantized" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+def test_transformers_refuses_converted_checkpoints(tmp_path, fmt):
+    # transformers skips quant_method "llmkern" with a warning and loads by name, so each format must store its
+    # codes under a shape nn.Linear's weight cannot take: a size-mismatch error, never codes read as weights.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tiny_llama_dir(src, shard=False)
+    group = ["--group-size", "32"] if fmt == "int4" else []
+    assert convert_main([str(src), "--out", str(dst), "--format", fmt, "--no-progress", *group]) == 0
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        transformers.AutoModelForCausalLM.from_pretrained(dst)
+
+
 def test_convert_skips_unsupported_shapes_and_bad_args(tmp_path, capsys):
     src = tmp_path / "src"
     tiny_llama_dir(src, shard=False)

@@ -112,6 +112,10 @@ def test_load_state_dict_errors():
     i4 = Int4Linear.from_linear(make_linear(), group_size=64)
     with pytest.raises(RuntimeError, match="group_size must be one of .*got 96"):
         i4.load_state_dict({**i4.state_dict(), "scales": i4.scales[:, :2].contiguous()})
+    i8 = Int8Linear.from_linear(make_linear())
+    assert i8.state_dict()["weight"].shape == (i8.out_features * i8.in_features,)
+    with pytest.raises(RuntimeError, match=r"weight \(80, 192\) and scales \(80,\) do not describe int8 rows"):
+        i8.load_state_dict({**i8.state_dict(), "weight": i8.weight})  # the [N, K] codes an nn.Linear could take
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
