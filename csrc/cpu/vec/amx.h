@@ -44,10 +44,11 @@ struct TileScope {
   TileScope& operator=(const TileScope&) = delete;
 };
 
-// C tile (i, j) of the block is tmm(2 i + j); A tiles tmm4-5, B tiles tmm6-7. Strides in bytes.
-template <int MI, int NJ>
+// C tile (i, j) of the block is tmm(2 i + j); A tiles tmm4-5, B tiles tmm6-7. Strides in bytes. step() runs after
+// each k step's products are issued (see gemm).
+template <int MI, int NJ, typename Step>
 static inline void block(int kp, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, float* c,
-                         int64_t ldc, bool acc) {
+                         int64_t ldc, bool acc, Step& step) {
   const int64_t sa = 4 * lda, sb = 4 * ldb, sc = 4 * ldc;
   float* c1 = c + 16 * ldc;
   if (acc) {
@@ -70,6 +71,7 @@ static inline void block(int kp, const uint32_t* a, int64_t lda, const uint32_t*
     if constexpr (NJ > 1) _tile_dpbf16ps(1, 4, 7);
     if constexpr (MI > 1) _tile_dpbf16ps(2, 5, 6);
     if constexpr (MI > 1 && NJ > 1) _tile_dpbf16ps(3, 5, 7);
+    step();
   }
   _tile_stored(0, c, sc);
   if constexpr (NJ > 1) _tile_stored(1, c + 16, sc);
@@ -80,20 +82,30 @@ static inline void block(int kp, const uint32_t* a, int64_t lda, const uint32_t*
 // C[m][n] (+)= sum_k A[m][k] B[k][n] over bf16 pairs (k counts pairs): a [m][lda] and b [kp][ldb] in pairs,
 // c [m][ldc] fp32; m, n and kp multiples of 16 (callers pad: zero pairs in both operands past the real k, any
 // finite rows of A past the real m, whose rows of C they then ignore). acc: add to C, else overwrite it.
+// step() runs after each of the gemm_steps(m, n, kp) k steps: vector work placed there (the next operand's
+// unpacking) executes while the tile unit works through the products just issued.
+template <typename Step>
 static inline void gemm(int m, int n, int kp, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
-                        float* c, int64_t ldc, bool acc) {
+                        float* c, int64_t ldc, bool acc, Step&& step) {
   for (int i = 0; i < m; i += 32)
     for (int j = 0; j < n; j += 32) {
       const uint32_t* ai = a + i * lda;
       float* cij = c + i * ldc + j;
       if (i + 16 < m) {
-        if (j + 16 < n) block<2, 2>(kp, ai, lda, b + j, ldb, cij, ldc, acc);
-        else block<2, 1>(kp, ai, lda, b + j, ldb, cij, ldc, acc);
+        if (j + 16 < n) block<2, 2>(kp, ai, lda, b + j, ldb, cij, ldc, acc, step);
+        else block<2, 1>(kp, ai, lda, b + j, ldb, cij, ldc, acc, step);
       } else {
-        if (j + 16 < n) block<1, 2>(kp, ai, lda, b + j, ldb, cij, ldc, acc);
-        else block<1, 1>(kp, ai, lda, b + j, ldb, cij, ldc, acc);
+        if (j + 16 < n) block<1, 2>(kp, ai, lda, b + j, ldb, cij, ldc, acc, step);
+        else block<1, 1>(kp, ai, lda, b + j, ldb, cij, ldc, acc, step);
       }
     }
+}
+
+static inline int64_t gemm_steps(int m, int n, int kp) { return int64_t((m + 31) / 32) * ((n + 31) / 32) * (kp / 16); }
+
+static inline void gemm(int m, int n, int kp, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                        float* c, int64_t ldc, bool acc) {
+  gemm(m, n, kp, a, lda, b, ldb, c, ldc, acc, [] {});
 }
 
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (32-bit words; cols a multiple of 16, rows past
