@@ -60,8 +60,9 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
 
 
 # Rows from which fp32 products take mm (and linear its mm path, for at most _MM_MAX_COLS outputs; the same bounds as
-# kMatmulRows / kMatmulMaxCols in csrc/kernels/linear.cpp, which routing must match): demo-target's training shapes
-# (8192 rows, Zen 4, 2 threads) ran 178-204 GFLOP/s against torch's (MKL) 112-190 (bench/RESULTS.md).
+# kMatmulRows / kMatmulMaxCols in csrc/kernels/linear.cpp, which routing must match) where torch's fp32 matmul is MKL
+# on AMD: demo-target's training shapes (8192 rows, Zen 4, 2 threads) ran 178-204 GFLOP/s against torch's 112-190
+# (bench/RESULTS.md). Elsewhere torch's is the faster one (see _torch_fp32_gemm_is_mkl_on_amd).
 _MM_ROWS, _MM_MAX_COLS = 256, 1024
 
 
@@ -74,7 +75,10 @@ def _torch_bf16_gemm() -> bool:
 @functools.cache
 def _torch_fp32_gemm_is_mkl_on_amd() -> bool:
     """Whether torch's CPU float32 matmul is MKL's running on an AMD CPU, where MKL takes a slower path: on Zen 4
-    75-142 GFLOP/s on small-K shapes against a 224 GFLOP/s FMA peak (bench/RESULTS.md)."""
+    75-142 GFLOP/s on small-K shapes against a 224 GFLOP/s FMA peak (bench/RESULTS.md). Only there do training's
+    large fp32 products (linear's forward, its dx and dW, the output head's chunks) take llmkern's mm: on an Intel
+    Xeon (Emerald Rapids, 2 threads) torch's ran 1.03-1.56x faster on demo-target's nine layer products and
+    1.08-1.48x on the head's."""
     if "BLAS_INFO=mkl" not in torch.__config__.show():
         return False
     try:
@@ -91,9 +95,9 @@ def _kernels_on_amx() -> bool:
 def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
     """Whether linear(x [rows, k], W [n, k]) measured faster than torch's CPU matmul (bench/RESULTS.md): always when
     the kernels have more threads than torch (llmkern's pool in `llmkern serve`, torch's own ops on one thread);
-    else fp32 up to 16 rows (decode), from 256 rows with at most 1024 outputs (training's linears, through mm:
-    1.13-1.50x torch's on demo-target's shapes, Zen 4; 0.9-1.17x on other shapes there), and where torch's fp32 matmul
-    is MKL on AMD also up to 256 rows of wide outputs (n >= 2048: an output head, 1.13-2.45x on Zen 4); fp16 always;
+    else fp32 up to 16 rows (decode) and, where torch's fp32 matmul is MKL on AMD, from 256 rows with at most 1024
+    outputs (training's linears, through mm: 1.13-1.50x torch's on demo-target's shapes, Zen 4; 0.9-1.17x on other
+    shapes there) and up to 256 rows of wide outputs (n >= 2048: an output head, 1.13-2.45x on Zen 4); fp16 always;
     bf16 always without AVX512_BF16 (torch's bf16 GEMM is then 2-8x slower), and with it below 128 rows, or below 32
     when k >= 1024 (beyond, oneDNN's bf16 GEMM was 1.04-1.45x faster on Zen 4) unless the kernels run on AMX tiles
     (the `amx` path, for k a multiple of 32: 1.0-1.1x oneDNN's, itself on AMX, at 128 rows, 1.6-1.9x slower from
@@ -101,8 +105,8 @@ def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
     if kernel_threads() > torch.get_num_threads():
         return True
     if dtype == torch.float32:
-        return (rows <= 16 or (rows >= _MM_ROWS and n <= _MM_MAX_COLS)
-                or (rows <= 256 and n >= 2048 and _torch_fp32_gemm_is_mkl_on_amd()))
+        return rows <= 16 or (_torch_fp32_gemm_is_mkl_on_amd()
+                              and (rows >= _MM_ROWS and n <= _MM_MAX_COLS or rows <= 256 and n >= 2048))
     if dtype == torch.bfloat16 and _torch_bf16_gemm():
         return rows < (32 if k >= 1024 and not (k % 32 == 0 and _kernels_on_amx()) else 128)
     return True
@@ -111,7 +115,8 @@ def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
 def _grads(x: Tensor, weight: Tensor, dy: Tensor, need_x: bool, need_weight: bool, need_bias: bool):
     """linear's backward: dx = dy @ W, dW = dy^T x, dbias = the sum of dy's rows (None where not needed)."""
     rows, x_rows = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-    if dy.dtype == torch.float32 and dy.device.type == "cpu" and rows.shape[0] >= _MM_ROWS:
+    if (dy.dtype == torch.float32 and dy.device.type == "cpu" and rows.shape[0] >= _MM_ROWS
+            and _torch_fp32_gemm_is_mkl_on_amd()):
         return (mm(rows, weight).view(*dy.shape[:-1], weight.shape[1]) if need_x else None,
                 mm(rows.t(), x_rows) if need_weight else None, rows.sum(0) if need_bias else None)
     return (dy @ weight if need_x else None, rows.t() @ x_rows if need_weight else None,

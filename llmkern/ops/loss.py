@@ -6,8 +6,9 @@ tokens of an 8k vocabulary, 4 GB at 128k), stored for the backward along with lo
 each chunk's logits give its loss and, at once, its gradient softmax - onehot, which is multiplied into
 d(hidden) and accumulated into d(weight); only those two gradients are kept for the backward. The matmuls are
 torch's (the same ones the unfused head runs), except on the CPU a chunk's logits where ops.linear measured faster
-(linear_beats_torch) and, with a float32 weight, the chunk's two gradient products (ops.mm: 1.25x / 1.32x torch's
-at 256 x 8192 x 320 on Zen 4; demo-target's training step 1.04x faster, 9 of 10 alternating steps). On the CPU a
+(linear_beats_torch) and, with a float32 weight where torch's is MKL on AMD, the chunk's two gradient products (ops.mm:
+1.25x / 1.32x torch's at 256 x 8192 x 320 on Zen 4; demo-target's training step 1.04x faster, 9 of 10 alternating
+steps; on an Intel Xeon torch's ran 1.48x / 1.08x faster). On the CPU a
 chunk's loss and gradient come from one compiled op, cross_entropy_grad_ (three passes over the cached chunk, one
 exp per logit); elsewhere from PyTorch ops.
 """
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmkern._ext import available, ops
-from llmkern.ops.linear import linear_beats_torch, mm
+from llmkern.ops.linear import _torch_fp32_gemm_is_mkl_on_amd, linear_beats_torch, mm
 
 CHUNK_BYTES = 8 << 20  # a chunk's float32 logits: well inside the L2 + L3 of one socket
 
@@ -89,7 +90,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         divisor = torch.as_tensor(divisor, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         cpu_ops = hidden.device.type == "cpu" and available()  # llmkern's compiled CPU ops
-        fp32_mm = cpu_ops and weight.dtype == torch.float32  # the chunks' gradient products through ops.mm
+        # the chunks' gradient products through ops.mm, where it beats torch's
+        fp32_mm = cpu_ops and weight.dtype == torch.float32 and _torch_fp32_gemm_is_mkl_on_amd()
         scale = divisor.reciprocal().item() if cpu_ops else None  # 1 / 0 = inf, as the unfused path divides
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,8 +74,11 @@ def test_large_values_do_not_overflow_bf16_accumulation():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lead", [(5, 3), (20, 16)])  # fp32 over 256+ rows: dx and dW through mm
-def test_backward(dtype, lead):
+@pytest.mark.parametrize("lead", [(5, 3), (20, 16)])
+@pytest.mark.parametrize("mkl_on_amd", [False, True])  # fp32 over 256+ rows: dx and dW through torch's, or mm
+def test_backward(monkeypatch, dtype, lead, mkl_on_amd):
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.linear"), "_torch_fp32_gemm_is_mkl_on_amd",
+                        lambda: mkl_on_amd)
     x, w, b = torch.randn(*lead, 40).to(dtype), torch.randn(24, 40).to(dtype), torch.randn(24).to(dtype)
     dy = torch.randn(*lead, 24).to(dtype)
     got = grads(linear, [x, w, b], [dy])
