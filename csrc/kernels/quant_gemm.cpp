@@ -221,8 +221,8 @@ static void gemm_typed(const QLinearParams& p) {
 // then stored through outer::store_rows. Against the vdpbf16ps GEMM (which issues at half the fp32 FMA rate on these
 // Xeons), int4 bf16 on Emerald Rapids: 4096 x 4096 M = 16 5.5 -> 1.7 ms, M = 64 18.0 -> 4.0 ms.
 // A 4-bit chunk is decoded while the one before it is on the tiles (between its k steps). Against decoding after the
-// products, int4 and nf4 in process, alternating, the three issue shapes twice: M = 16 0.97-1.19x (>= 1.10x in 7 of
-// 10), M = 64 0.93-1.14x (a wash), M = 8 0.98-1.01x.
+// products, int4 and nf4 in process, alternating, the three issue shapes twice: M = 16 0.97-1.19x (>= 1.10x in 8 of
+// 12), M = 64 0.93-1.14x (a wash), M = 8 0.98-1.01x.
 constexpr int64_t kTileW = 32;
 static_assert(kTileW <= outer::kStoreRows);
 // Columns decoded per pass. int4 bf16, in process, alternating (512 / 1024 / 2048 / 4096 / dense bf16 ms): M = 64
@@ -294,6 +294,62 @@ static void permute_runs(const bf16* x, int64_t m, int64_t ld, int64_t k, int ru
   }
 }
 
+constexpr int64_t kTileLd = kTileChunk + 32;  // decoded rows, bf16; 64 bytes past 4 KB: rows do not share L1's sets
+constexpr int64_t kTileBuf = kTileW * kTileLd / 2;  // one decoded chunk, in pairs
+
+static int64_t tile_rows(const QWeight& w, int64_t t) { return std::min(kTileW, w.n - t * kTileW); }
+static int64_t tile_rows16(const QWeight& w, int64_t t) { return (tile_rows(w, t) + 15) / 16 * 16; }
+
+// Row r of tile t's chunk ci into buf (kTileBuf pairs): W's row decoded and the chunk after it prefetched, or, past
+// the last tile's rows, zeros (their outputs are not stored).
+static void decode_tile_row(const QWeight& w, int64_t t, int64_t ci, int64_t r, attn::Bf16Pair* buf) {
+  const int64_t c0 = ci * kTileChunk, c1 = std::min(w.k, c0 + kTileChunk);
+  attn::Bf16Pair* dst = buf + r * (kTileLd / 2);
+  if (r >= tile_rows(w, t)) {
+    std::memset(dst, 0, sizeof(uint32_t) * size_t(c1 - c0) / 2);
+    return;
+  }
+  const int64_t row = t * kTileW + r;
+  prefetch_next_chunk(w, row, c1, kTileW);
+  if (w.format == QFormat::int8) decode_row(w, row, c0, c1, dst);
+  else decode_row_runs(w, row, c0, c1, reinterpret_cast<bf16*>(dst));
+}
+
+// Tiles [t0, t1) of W against xt (x^T packed, mp columns): the task's chunks in order, each multiplied while the one
+// after it (this tile's next chunk or the next tile's first) is decoded into the other buffer of a (2 kTileBuf).
+static void run_tile_tasks(const QLinearParams& p, const uint32_t* xt, int64_t mp, int64_t t0, int64_t t1,
+                           attn::Bf16Pair* a, float* c) {
+  const QWeight& w = p.w;
+  const bool int8 = w.format == QFormat::int8;
+  // int8 decodes after the products instead: its rows come from L2 (prefetch_next_chunk), and those reads beside
+  // the tiles' own L2 loads ran 0.89-0.97x in 7 of 9 shapes (M = 8, 16, 64), where the 4-bit formats gained.
+  const bool overlap = !int8;
+  const int64_t chunks = (w.k + kTileChunk - 1) / kTileChunk, items = (t1 - t0) * chunks;
+  for (int64_t r = 0; r < tile_rows16(w, t0); ++r) decode_tile_row(w, t0, 0, r, a);
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t t = t0 + i / chunks, ci = i % chunks, c0 = ci * kTileChunk;
+    const int64_t kp = (std::min(w.k, c0 + kTileChunk) - c0) / 2, r16 = tile_rows16(w, t);
+    attn::Bf16Pair *cur = a + (i % 2) * kTileBuf, *next = a + ((i + 1) % 2) * kTileBuf;
+    const int64_t nt = t0 + (i + 1) / chunks, nci = (i + 1) % chunks;
+    const int64_t next_rows = i + 1 < items ? tile_rows16(w, nt) : 0;
+    const int64_t steps = tmul::gemm_steps(int(r16), int(mp), int(kp));
+    int64_t step = 0, done = 0;
+    tmul::gemm(int(r16), int(mp), int(kp), reinterpret_cast<const uint32_t*>(cur), kTileLd / 2, xt + c0 / 2 * mp,
+               mp, c, mp, ci > 0, [&] {  // the next chunk's rows spread evenly over this one's k steps
+                 if (!overlap) return;
+                 const int64_t due = std::min(next_rows, (++step * next_rows + steps - 1) / steps);
+                 for (; done < due; ++done) decode_tile_row(w, nt, nci, done, next);
+               });
+    for (; done < next_rows; ++done) decode_tile_row(w, nt, nci, done, next);
+    if (ci + 1 < chunks) continue;
+    const int64_t n0 = t * kTileW, rows = tile_rows(w, t);
+    float s[kTileW];  // the int8 row scales (the 4-bit formats' scales are decoded into the weights)
+    for (int64_t j = 0; int8 && j < rows; ++j) s[j] = scale_at(w, n0 + j);
+    outer::store_rows(static_cast<bf16*>(p.out), p.out_stride, n0, rows, 0, p.m, c, mp, int8 ? s : nullptr,
+                      static_cast<const bf16*>(p.bias));
+  }
+}
+
 static void gemm_tiles(const QLinearParams& p) {
   const QWeight& w = p.w;
   const int64_t m = p.m, mp = (m + 15) / 16 * 16;
@@ -306,58 +362,11 @@ static void gemm_tiles(const QLinearParams& p) {
   } else {
     tmul::pack_xt(static_cast<const bf16*>(p.x), m, p.x_stride, w.k, xt.ptr);
   }
-  constexpr int64_t lda = kTileChunk + 32;  // decoded rows, bf16; 64 bytes past 4 KB: rows do not share L1's sets
-  constexpr int64_t kBuf = kTileW * lda / 2;  // one decoded chunk, in pairs
-  const bool int8 = w.format == QFormat::int8;
-  const int64_t chunks = (w.k + kTileChunk - 1) / kTileChunk;
-  // int8 decodes after the products instead: its rows come from L2 (prefetch_next_chunk), and those reads beside
-  // the tiles' own L2 loads ran 0.89-0.97x in 7 of 9 shapes (M = 8, 16, 64), where the 4-bit formats gained.
-  const bool overlap = !int8;
-  auto tile_rows = [&](int64_t t) { return std::min(kTileW, w.n - t * kTileW); };
   parallel_for(0, (w.n + kTileW - 1) / kTileW, 1, [&](int64_t t0, int64_t t1) {
     tmul::TileScope scope;
-    Scratch<attn::Bf16Pair> a(size_t(2 * kBuf));  // the chunk on the tiles and the next one, being decoded
+    Scratch<attn::Bf16Pair> a(size_t(2 * kTileBuf));  // the chunk on the tiles and the next one, being decoded
     Scratch<float> c(size_t(kTileW * mp));
-    // Row r of tile t's chunk ci into buf: W's rows decoded, the last tile's missing rows zero (their outputs are
-    // not stored), and the next chunk after this one prefetched.
-    auto decode = [&](int64_t t, int64_t ci, int64_t r, attn::Bf16Pair* buf) {
-      const int64_t c0 = ci * kTileChunk, c1 = std::min(w.k, c0 + kTileChunk);
-      attn::Bf16Pair* dst = buf + r * (lda / 2);
-      if (r >= tile_rows(t)) {
-        std::memset(dst, 0, sizeof(uint32_t) * size_t(c1 - c0) / 2);
-        return;
-      }
-      const int64_t row = t * kTileW + r;
-      prefetch_next_chunk(w, row, c1, kTileW);
-      if (int8) decode_row(w, row, c0, c1, dst);
-      else decode_row_runs(w, row, c0, c1, reinterpret_cast<bf16*>(dst));
-    };
-    auto rows16 = [&](int64_t t) { return (tile_rows(t) + 15) / 16 * 16; };
-    for (int64_t r = 0; r < rows16(t0); ++r) decode(t0, 0, r, a.ptr);
-    // The task's chunks in order, each multiplied while the one after it (this tile's or the next tile's first) is
-    // decoded between its k steps, so the vector decode overlaps the tile products.
-    const int64_t items = (t1 - t0) * chunks;
-    for (int64_t i = 0; i < items; ++i) {
-      const int64_t t = t0 + i / chunks, ci = i % chunks, c0 = ci * kTileChunk;
-      const int64_t kp = (std::min(w.k, c0 + kTileChunk) - c0) / 2, r16 = rows16(t);
-      attn::Bf16Pair *cur = a.ptr + (i % 2) * kBuf, *next = a.ptr + (i + 1) % 2 * kBuf;
-      const int64_t nt = t0 + (i + 1) / chunks, nci = (i + 1) % chunks, next_rows = i + 1 < items ? rows16(nt) : 0;
-      const int64_t steps = tmul::gemm_steps(int(r16), int(mp), int(kp));
-      int64_t step = 0, done = 0;
-      tmul::gemm(int(r16), int(mp), int(kp), reinterpret_cast<const uint32_t*>(cur), lda / 2, xt.ptr + c0 / 2 * mp,
-                 mp, c.ptr, mp, ci > 0, [&] {
-                   if (!overlap) return;
-                   for (const int64_t due = (++step * next_rows + steps - 1) / steps; done < due; ++done)
-                     decode(nt, nci, done, next);
-                 });
-      for (; done < next_rows; ++done) decode(nt, nci, done, next);
-      if (ci + 1 < chunks) continue;
-      const int64_t n0 = t * kTileW, rows = tile_rows(t);
-      float s[kTileW];  // the int8 row scales (the 4-bit formats' scales are decoded into the weights)
-      for (int64_t j = 0; int8 && j < rows; ++j) s[j] = scale_at(w, n0 + j);
-      outer::store_rows(static_cast<bf16*>(p.out), p.out_stride, n0, rows, 0, m, c.ptr, mp, int8 ? s : nullptr,
-                        static_cast<const bf16*>(p.bias));
-    }
+    run_tile_tasks(p, xt.ptr, mp, t0, t1, a.ptr, c.ptr);
   });
 }
 #endif

@@ -87,7 +87,11 @@ def _check(files: dict[str, Path], expected: dict[str, tuple[int, ...] | None], 
             raise ValueError(f"{file}: missing tensor {name!r} (the index maps it to this file)")
         got = tuple(f.get_slice(name).get_shape())
         if shape is not None and got != shape:
-            raise ValueError(f"{file}: tensor {name!r} has shape {list(got)}, the config needs {list(shape)}")
+            # int8 codes were stored [N, K] before they were flattened (so that transformers refuses the checkpoint)
+            old_int8 = len(shape) == 1 and len(got) == 2 and got[0] * got[1] == shape[0]
+            raise ValueError(f"{file}: tensor {name!r} has shape {list(got)}, the config needs {list(shape)}"
+                             + (" (an int8 checkpoint from an older llmkern: convert the original checkpoint again "
+                                "with `python -m llmkern.quant`)" if old_int8 else ""))
     tied = "lm_head.weight"  # a tied head's copy in the file (equal to the embeddings: load_model checks)
     extra = [n for n in files if n not in expected and n != tied and not n.endswith(_IGNORED_SUFFIXES)]
     if extra:

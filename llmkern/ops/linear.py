@@ -6,8 +6,8 @@ weight element once per call. From 32 rows of x (16 with K <= 512: batched decod
 prefill) the product runs in outer-product form, compute-bound near the fp32 FMA rate (see
 csrc/kernels/linear.cpp); fp32 over 256+ rows and at most 1024 columns (training's linears) through `mm`, whose
 products write whole vectors of y rows. The backward (dx = dy @ W, dW = dy^T x, dbias) is `mm` in fp32 over 256+
-rows, else torch's matmul. linear_group runs the linears of one input (a layer's q, k and v projections) in one
-call, with the same results.
+rows where mm_beats_torch(), else torch's matmul. linear_group runs the linears of one input (a layer's q, k and v
+projections) in one call, with the same results.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
 # Rows from which fp32 products take mm (and linear its mm path, for at most _MM_MAX_COLS outputs; the same bounds as
 # kMatmulRows / kMatmulMaxCols in csrc/kernels/linear.cpp, which routing must match) where torch's fp32 matmul is MKL
 # on AMD: demo-target's training shapes (8192 rows, Zen 4, 2 threads) ran 178-204 GFLOP/s against torch's 112-190
-# (bench/RESULTS.md). Elsewhere torch's is the faster one (see _torch_fp32_gemm_is_mkl_on_amd).
+# (bench/RESULTS.md). Elsewhere torch's is the faster one (mm_beats_torch).
 _MM_ROWS, _MM_MAX_COLS = 256, 1024
 
 
@@ -75,16 +75,21 @@ def _torch_bf16_gemm() -> bool:
 @functools.cache
 def _torch_fp32_gemm_is_mkl_on_amd() -> bool:
     """Whether torch's CPU float32 matmul is MKL's running on an AMD CPU, where MKL takes a slower path: on Zen 4
-    75-142 GFLOP/s on small-K shapes against a 224 GFLOP/s FMA peak (bench/RESULTS.md). Only there do training's
-    large fp32 products (linear's forward, its dx and dW, the output head's chunks) take llmkern's mm: on an Intel
-    Xeon (Emerald Rapids, 2 threads) torch's ran 1.03-1.56x faster on demo-target's nine layer products and
-    1.08-1.48x on the head's."""
+    75-142 GFLOP/s on small-K shapes against a 224 GFLOP/s FMA peak (bench/RESULTS.md)."""
     if "BLAS_INFO=mkl" not in torch.__config__.show():
         return False
     try:
         return "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+
+
+def mm_beats_torch() -> bool:
+    """Whether training's large fp32 products (linear's forward over 256+ rows, its dx and dW, the output head's chunk
+    products) run faster on mm than on torch's CPU matmul: only where torch's is MKL on AMD. On Zen 4 mm ran 1.13-1.50x
+    torch's there; on an Intel Xeon (Emerald Rapids, 2 threads, torch on oneDNN / MKL) torch's ran 1.03-1.56x faster
+    on demo-target's nine layer products and 1.08-1.48x on the head's (bench/RESULTS.md)."""
+    return _torch_fp32_gemm_is_mkl_on_amd()
 
 
 def _kernels_on_amx() -> bool:
@@ -105,7 +110,7 @@ def linear_beats_torch(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
     if kernel_threads() > torch.get_num_threads():
         return True
     if dtype == torch.float32:
-        return rows <= 16 or (_torch_fp32_gemm_is_mkl_on_amd()
+        return rows <= 16 or (mm_beats_torch()
                               and (rows >= _MM_ROWS and n <= _MM_MAX_COLS or rows <= 256 and n >= 2048))
     if dtype == torch.bfloat16 and _torch_bf16_gemm():
         return rows < (32 if k >= 1024 and not (k % 32 == 0 and _kernels_on_amx()) else 128)
@@ -116,7 +121,7 @@ def _grads(x: Tensor, weight: Tensor, dy: Tensor, need_x: bool, need_weight: boo
     """linear's backward: dx = dy @ W, dW = dy^T x, dbias = the sum of dy's rows (None where not needed)."""
     rows, x_rows = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
     if (dy.dtype == torch.float32 and dy.device.type == "cpu" and rows.shape[0] >= _MM_ROWS
-            and _torch_fp32_gemm_is_mkl_on_amd()):
+            and mm_beats_torch()):
         return (mm(rows, weight).view(*dy.shape[:-1], weight.shape[1]) if need_x else None,
                 mm(rows.t(), x_rows) if need_weight else None, rows.sum(0) if need_bias else None)
     return (dy @ weight if need_x else None, rows.t() @ x_rows if need_weight else None,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmkern._ext import available, ops
-from llmkern.ops.linear import _torch_fp32_gemm_is_mkl_on_amd, linear_beats_torch, mm
+from llmkern.ops.linear import linear_beats_torch, mm, mm_beats_torch
 
 CHUNK_BYTES = 8 << 20  # a chunk's float32 logits: well inside the L2 + L3 of one socket
 
@@ -91,7 +91,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         cpu_ops = hidden.device.type == "cpu" and available()  # llmkern's compiled CPU ops
         # the chunks' gradient products through ops.mm, where it beats torch's
-        fp32_mm = cpu_ops and weight.dtype == torch.float32 and _torch_fp32_gemm_is_mkl_on_amd()
+        fp32_mm = cpu_ops and weight.dtype == torch.float32 and mm_beats_torch()
         scale = divisor.reciprocal().item() if cpu_ops else None  # 1 / 0 = inf, as the unfused path divides
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]

@@ -213,7 +213,7 @@ class Int8Linear(_QuantLinear):
         if w.dim() != 1 or s.dim() != 1 or s.numel() == 0 or w.numel() % s.numel():
             raise ValueError(f"weight {tuple(w.shape)} and scales {tuple(s.shape)} do not describe int8 rows "
                              f"(expected weight [N*K] and scales [N])")
-        return F.Int8Weight(w.view(s.numel(), -1), s)
+        return F.Int8Weight(w.view(s.numel(), w.numel() // s.numel()), s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.int8_linear(x, self.weight, self.scales, bias=self._bias_for(x))

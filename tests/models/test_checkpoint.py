@@ -116,6 +116,16 @@ def test_llmkern_quantized_checkpoint_loads_as_quantizing_at_load_time(tmp_path,
     assert rel_err(_logits(bf16).float(), _logits(model)) <= 2 * dense_err
     with pytest.raises(ValueError, match="already a llmkern checkpoint"):
         load_model(tmp_path / "q", quant=fmt)
+    if fmt == "int8":  # the layout an older llmkern wrote: refused with what to do about it
+        from safetensors.torch import load_file, save_file
+
+        file = next((tmp_path / "q").glob("*.safetensors"))
+        state = load_file(file)
+        name = "model.layers.0.self_attn.q_proj.weight"
+        state[name] = state[name].view(q_proj.out_features, q_proj.in_features)
+        save_file(state, file, metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=r"an int8 checkpoint from an older llmkern: convert the original"):
+            load_model(tmp_path / "q")
 
 
 @pytest.mark.parametrize("change, match", [

@@ -134,7 +134,7 @@ def test_linear_takes_the_matmul_that_measured_faster(monkeypatch):
         monkeypatch.setattr(lin_mod, "_torch_fp32_gemm_is_mkl_on_amd", lambda v=mkl_on_amd: v)
         assert beats(torch.float32, 16, 64, 64) and not beats(torch.float32, 17, 64, 64)
         assert beats(torch.float32, 256, 320, 8192) == mkl_on_amd and not beats(torch.float32, 257, 320, 8192)
-        assert beats(torch.float32, 8192, 320, 864) == mkl_on_amd  # training's linears: mm only where MKL is slow
+        assert beats(torch.float32, 8192, 320, 864) == mkl_on_amd  # training's linears: mm where MKL is slow
     # Either way the module computes x @ W.T + b.
     lin = llama.Linear(64, 24).to(torch.bfloat16)
     x = torch.randn(130, 64, dtype=torch.bfloat16)

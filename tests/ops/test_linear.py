@@ -74,11 +74,8 @@ def test_large_values_do_not_overflow_bf16_accumulation():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lead", [(5, 3), (20, 16)])
-@pytest.mark.parametrize("mkl_on_amd", [False, True])  # fp32 over 256+ rows: dx and dW through torch's, or mm
-def test_backward(monkeypatch, dtype, lead, mkl_on_amd):
-    monkeypatch.setattr(importlib.import_module("llmkern.ops.linear"), "_torch_fp32_gemm_is_mkl_on_amd",
-                        lambda: mkl_on_amd)
+@pytest.mark.parametrize("lead", [(5, 3), (20, 16)])  # fp32 over 256+ rows: dx and dW through mm where it beats torch
+def test_backward(dtype, lead):
     x, w, b = torch.randn(*lead, 40).to(dtype), torch.randn(24, 40).to(dtype), torch.randn(24).to(dtype)
     dy = torch.randn(*lead, 24).to(dtype)
     got = grads(linear, [x, w, b], [dy])
@@ -86,6 +83,12 @@ def test_backward(monkeypatch, dtype, lead, mkl_on_amd):
     torch_ = grads(F.linear, [x, w, b], [dy])
     for name, g, g64, gt in zip(["dx", "dweight", "dbias"], got, want, torch_):
         assert_close_derived(g, g64, gt, name=name)
+
+
+@pytest.mark.parametrize("mm_beats_torch", [False, True])
+def test_fp32_backward_through_mm_or_torch(monkeypatch, mm_beats_torch):
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.linear"), "mm_beats_torch", lambda: mm_beats_torch)
+    test_backward(torch.float32, (20, 16))
 
 
 def test_gradcheck_float64():

@@ -65,12 +65,16 @@ def test_torch_path_matches_reference(monkeypatch, n, h, v, chunk, dtype):
 
 @pytest.mark.parametrize("llmkern_gemm", [False, True])
 def test_wide_head_through_either_matmul(monkeypatch, llmkern_gemm):
-    # Where torch's fp32 matmul is MKL on AMD the chunks' logits of a wide head come from ops.linear: same results.
+    # Where torch's fp32 matmul is MKL on AMD the chunks' logits of a wide head come from ops.linear and their
+    # gradient products from ops.mm: same results.
     monkeypatch.setattr(importlib.import_module("llmkern.ops.linear"), "_torch_fp32_gemm_is_mkl_on_amd",
                         lambda: llmkern_gemm)
+    loss_mod, mm_calls = importlib.import_module("llmkern.ops.loss"), []
+    monkeypatch.setattr(loss_mod, "mm", lambda a, b: mm_calls.append(1) or lk.mm(a, b))
     hidden, weight, targets, b = _inputs(45, 24, 2053, torch.float32, True)
     fused = lambda x, w, b: lk.linear_cross_entropy(x, w, targets, b, chunk_rows=20)  # noqa: E731 (> 16 rows)
     _check_against_reference(fused, [hidden, weight, b], targets)
+    assert bool(mm_calls) == llmkern_gemm
 
 
 def test_bf16_gradients_within_twice_torch_error(torch_device):

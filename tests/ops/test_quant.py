@@ -301,6 +301,24 @@ def test_linear_many_rows(device, m, dtype):
     check_linear("int8-k531", lk.int8_linear(x, q, s), x, lk.dequantize_int8_ref(q, s, torch.float32), None)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m", [8, 48])
+def test_linear_tile_tasks(device, threads, m):
+    """The AMX tiles' task pipeline (each chunk decoded while the one before it is on the tiles): one or two
+    threads, so tasks of several weight tiles, three chunks of which the last is short (64 columns), a last tile of
+    8 rows after full ones; every format, groups of 32 included. Other paths take the same shapes."""
+    n, k = 5 * 32 + 8, 2 * 2048 + 64
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, linear, w32 in formats(n, k, device):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+            bias = torch.randn(n, dtype=torch.bfloat16, device=device)
+            check_linear(name, linear(x, bias), x, w32, bias)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 3, 6, 16])
 def test_linear_activation_outliers(device, m, dtype):
@@ -361,13 +379,14 @@ def test_linear_nf4_other_codes(device, m, scale):
     check_linear("nf4-code", y, x, w32, None)
 
 
-@pytest.mark.parametrize("m", [1, 4, 16])
-def test_linear_nan_poisons(device, m):
+@pytest.mark.parametrize("m, dtype", [(1, torch.float32), (4, torch.float32), (16, torch.float32),
+                                      (16, torch.bfloat16), (48, torch.bfloat16)])  # bf16: the AMX tiles
+def test_linear_nan_poisons(device, m, dtype):
     """A NaN in x makes its row of the output NaN (the int16 GEMV falls back to fp32 for it); a NaN scale
     or absmax makes its output column NaN; the rest stays finite."""
     n, k = 8, 256
     w = weight(n, k)
-    x = torch.randn(m, k, device=device)
+    x = torch.randn(m, k, device=device, dtype=dtype)
     x[0, 5] = float("nan")
     packed, absmax = (t.to(device) for t in lk.quantize_nf4(w, 64))
     absmax[3 * (k // 64) + 1] = float("nan")  # a block of row 3

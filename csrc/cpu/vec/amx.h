@@ -45,12 +45,14 @@ struct TileScope {
 };
 
 // C tile (i, j) of the block is tmm(2 i + j); A tiles tmm4-5, B tiles tmm6-7. Strides in bytes. step() runs after
-// each k step's products are issued (see gemm).
+// each k step's products are issued (see gemm). GCC's tile intrinsics are asm statements without a memory operand,
+// so compiler barriers order them after the stores that wrote the operands and before the reads of C.
 template <int MI, int NJ, typename Step>
 static inline void block(int kp, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, float* c,
                          int64_t ldc, bool acc, Step& step) {
   const int64_t sa = 4 * lda, sb = 4 * ldb, sc = 4 * ldc;
   float* c1 = c + 16 * ldc;
+  asm volatile("" ::: "memory");
   if (acc) {
     _tile_loadd(0, c, sc);
     if constexpr (NJ > 1) _tile_loadd(1, c + 16, sc);
@@ -77,13 +79,15 @@ static inline void block(int kp, const uint32_t* a, int64_t lda, const uint32_t*
   if constexpr (NJ > 1) _tile_stored(1, c + 16, sc);
   if constexpr (MI > 1) _tile_stored(2, c1, sc);
   if constexpr (MI > 1 && NJ > 1) _tile_stored(3, c1 + 16, sc);
+  asm volatile("" ::: "memory");
 }
 
 // C[m][n] (+)= sum_k A[m][k] B[k][n] over bf16 pairs (k counts pairs): a [m][lda] and b [kp][ldb] in pairs,
 // c [m][ldc] fp32; m, n and kp multiples of 16 (callers pad: zero pairs in both operands past the real k, any
 // finite rows of A past the real m, whose rows of C they then ignore). acc: add to C, else overwrite it.
 // step() runs after each of the gemm_steps(m, n, kp) k steps: vector work placed there (the next operand's
-// unpacking) executes while the tile unit works through the products just issued.
+// unpacking) executes while the tile unit works through the products just issued. The tiles hold live state
+// meanwhile: step() must not execute tile instructions or call anything that may (oneDNN, torch, parallel_for).
 template <typename Step>
 static inline void gemm(int m, int n, int kp, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
                         float* c, int64_t ldc, bool acc, Step&& step) {
@@ -101,7 +105,9 @@ static inline void gemm(int m, int n, int kp, const uint32_t* a, int64_t lda, co
     }
 }
 
-static inline int64_t gemm_steps(int m, int n, int kp) { return int64_t((m + 31) / 32) * ((n + 31) / 32) * (kp / 16); }
+static inline int64_t gemm_steps(int m, int n, int kp) {
+  return int64_t((m + 31) / 32) * ((n + 31) / 32) * ((kp + 15) / 16);
+}
 
 static inline void gemm(int m, int n, int kp, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
                         float* c, int64_t ldc, bool acc) {
