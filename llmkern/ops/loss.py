@@ -3,14 +3,14 @@
 A language model's logits are the largest activation of training ([tokens, vocab] in float32: 268 MB for 8192
 tokens of an 8k vocabulary, 4 GB at 128k), stored for the backward along with log_softmax's output. This op
 (Liger-Kernel's FusedLinearCrossEntropy, arXiv:2410.10989) walks the tokens in chunks whose logits stay in cache:
-each chunk's logits give its loss and, at once, its gradient softmax - onehot, which is multiplied into
-d(hidden) and accumulated into d(weight); only those two gradients are kept for the backward. The matmuls are
-torch's (the same ones the unfused head runs), except on the CPU a chunk's logits where ops.linear measured faster
-(linear_beats_torch) and, with a float32 weight where torch's is MKL on AMD, the chunk's two gradient products (ops.mm:
-1.25x / 1.32x torch's at 256 x 8192 x 320 on Zen 4; demo-target's training step 1.04x faster, 9 of 10 alternating
-steps; on an Intel Xeon torch's ran 1.48x / 1.08x faster). On the CPU a
-chunk's loss and gradient come from one compiled op, cross_entropy_grad_ (three passes over the cached chunk, one
-exp per logit); elsewhere from PyTorch ops.
+each chunk's logits give its loss and, at once, its gradient softmax - onehot, which is multiplied into d(hidden)
+and accumulated into d(weight); only those two gradients are kept for the backward. The matmuls are torch's (the
+same ones the unfused head runs), except on the CPU a chunk's logits where ops.linear measured faster
+(linear_beats_torch) and, with a float32 weight where torch's is MKL on AMD, the chunk's two gradient products
+(ops.mm: 1.25x / 1.32x torch's at 256 x 8192 x 320 on Zen 4; demo-target's training step 1.04x faster, 9 of 10
+alternating steps; on an Intel Xeon torch's ran 1.48x / 1.08x faster). On the CPU a chunk's loss and gradient come
+from one compiled op, cross_entropy_grad_ (three passes over the cached chunk, one exp per logit); elsewhere from
+PyTorch ops.
 """
 
 from __future__ import annotations
