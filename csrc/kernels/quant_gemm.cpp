@@ -108,9 +108,9 @@ constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 1
 // long, and a tile's chunk of them prefetched into L1 (24 KB) is evicted before it is decoded: they go to L2. int8 had
 // no prefetch; bf16 x, in process, none / L1 / L2: M = 32 4.57-4.61 / 4.09 / 3.56-3.71 ms at 4096 x 4096, M = 64
 // 18.6 / 17.2 / 16.1 ms at 11008 x 4096.
-// tile_rows: the rows of W per task.
-static void prefetch_next_chunk(const QWeight& w, int64_t r, int64_t c1, int64_t tile_rows = outer::kTileRows) {
-  const int64_t nr = c1 < w.k ? r : r + tile_rows, nc = c1 < w.k ? c1 : 0, ne = std::min(w.k, nc + kChunk);
+// task_rows: the rows of W per task.
+static void prefetch_next_chunk(const QWeight& w, int64_t r, int64_t c1, int64_t task_rows = outer::kTileRows) {
+  const int64_t nr = c1 < w.k ? r : r + task_rows, nc = c1 < w.k ? c1 : 0, ne = std::min(w.k, nc + kChunk);
   if (nr >= w.n) return;
   if (w.format == QFormat::int8) {
     prefetch_l2_span(static_cast<const int8_t*>(w.data) + nr * w.k + nc, ne - nc);
@@ -321,9 +321,6 @@ static void run_tile_tasks(const QLinearParams& p, const uint32_t* xt, int64_t m
                            attn::Bf16Pair* a, float* c) {
   const QWeight& w = p.w;
   const bool int8 = w.format == QFormat::int8;
-  // int8 decodes after the products instead: its rows come from L2 (prefetch_next_chunk), and those reads beside
-  // the tiles' own L2 loads ran 0.89-0.97x in 7 of 9 shapes (M = 8, 16, 64), where the 4-bit formats gained.
-  const bool overlap = !int8;
   const int64_t chunks = (w.k + kTileChunk - 1) / kTileChunk, items = (t1 - t0) * chunks;
   for (int64_t r = 0; r < tile_rows16(w, t0); ++r) decode_tile_row(w, t0, 0, r, a);
   for (int64_t i = 0; i < items; ++i) {
@@ -336,7 +333,9 @@ static void run_tile_tasks(const QLinearParams& p, const uint32_t* xt, int64_t m
     int64_t step = 0, done = 0;
     tmul::gemm(int(r16), int(mp), int(kp), reinterpret_cast<const uint32_t*>(cur), kTileLd / 2, xt + c0 / 2 * mp,
                mp, c, mp, ci > 0, [&] {  // the next chunk's rows spread evenly over this one's k steps
-                 if (!overlap) return;
+                 // int8 decodes after the products instead: its rows come from L2 (prefetch_next_chunk), and those
+                 // reads beside the tiles' own L2 loads ran 0.89-0.97x in 7 of 9 shapes (M = 8, 16, 64).
+                 if (int8) return;
                  const int64_t due = std::min(next_rows, (++step * next_rows + steps - 1) / steps);
                  for (; done < due; ++done) decode_tile_row(w, nt, nci, done, next);
                });

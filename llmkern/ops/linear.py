@@ -59,10 +59,8 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
     return ops().mm(a, b)
 
 
-# Rows from which fp32 products take mm (and linear its mm path, for at most _MM_MAX_COLS outputs; the same bounds as
-# kMatmulRows / kMatmulMaxCols in csrc/kernels/linear.cpp, which routing must match) where torch's fp32 matmul is MKL
-# on AMD: demo-target's training shapes (8192 rows, Zen 4, 2 threads) ran 178-204 GFLOP/s against torch's 112-190
-# (bench/RESULTS.md). Elsewhere torch's is the faster one (mm_beats_torch).
+# Rows from which fp32 products take mm where mm_beats_torch() (and linear its mm path, for at most _MM_MAX_COLS
+# outputs; the same bounds as kMatmulRows / kMatmulMaxCols in csrc/kernels/linear.cpp, which routing must match).
 _MM_ROWS, _MM_MAX_COLS = 256, 1024
 
 
