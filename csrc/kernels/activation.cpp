@@ -15,26 +15,9 @@ namespace {
 
 template <Activation A> using ActTag = std::integral_constant<Activation, A>;
 
-#if defined(LLMKERN_ISA_AVX512)
-// exp(-z) in ~10 vector ops instead of Cephes' ~24: 2^x with x = -z log2e, n = round(x), 2^(x - n) by
-// a degree-5 Taylor polynomial (relative error ~3e-6 with the rounding of x), 2^n applied by vscalefps,
-// which also gives exact inf / 0 beyond the float range (x is clamped only so that +-inf - n is not NaN;
-// NaN passes through min/max as their first operand). Used only for 16-bit outputs, whose rounding
-// (2^-8 / 2^-11 relative) swamps its error: the exp is what makes bf16 compute-bound on AVX-512 (one FMA
-// port on this class of cores), while float32 keeps the ~1 ulp Cephes exp.
-inline VecAvx512 exp_neg_fast(VecAvx512 z) {
-  __m512 x = _mm512_mul_ps(z.v, _mm512_set1_ps(-1.44269504088896341f));
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(256.f)), _mm512_set1_ps(-256.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
-  __m512 p = _mm512_set1_ps(1.3333558146e-3f);  // ln2^k / k!
-  for (float c : {9.6181291076e-3f, 5.5504108665e-2f, 2.4022650696e-1f, 6.9314718056e-1f, 1.f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return {_mm512_scalef_ps(p, n)};
-}
-#endif
-
-// Whether storage type T on vector Vv takes the fast path: 16-bit outputs on AVX-512.
+// Whether storage type T on vector Vv takes the fast path: 16-bit outputs on AVX-512, whose rounding swamps
+// exp2_fast's error. The exp is what makes bf16 compute-bound on AVX-512 (one FMA port on some of these cores);
+// float32 keeps the ~1 ulp Cephes exp.
 template <typename T, typename Vv>
 constexpr bool kFast =
 #if defined(LLMKERN_ISA_AVX512)
@@ -47,7 +30,7 @@ constexpr bool kFast =
 template <typename T, typename Vv>
 inline Vv exp_neg(Vv z) {
 #if defined(LLMKERN_ISA_AVX512)
-  if constexpr (kFast<T, Vv>) return exp_neg_fast(z);
+  if constexpr (kFast<T, Vv>) return exp2_fast(z * Vv::set1(-1.44269504088896341f));
 #endif
   return exp(Vv::zero() - z);
 }

@@ -363,8 +363,8 @@ struct TiledTask {
     for (int i = 0; 2 * i < nk; ++i)
       for (int g = 0; g < G; ++g) {
         const int64_t col = c + g * W;
-        const V e0 = exp2_fraction(fmadd(V::load(s + int64_t(2 * i) * mp + col), a[g], b[g]));
-        const V e1 = 2 * i + 1 < nk ? exp2_fraction(fmadd(V::load(s + int64_t(2 * i + 1) * mp + col), a[g], b[g]))
+        const V e0 = exp2_fast(fmadd(V::load(s + int64_t(2 * i) * mp + col), a[g], b[g]));
+        const V e1 = 2 * i + 1 < nk ? exp2_fast(fmadd(V::load(s + int64_t(2 * i + 1) * mp + col), a[g], b[g]))
                                     : V::zero();
         sum[g] = sum[g] + e0 + e1;
         store_pairs(e0, e1, words(s) + int64_t(i) * mp + col);  // pair row i over row i, read before (i / 2 <= i)
@@ -372,26 +372,13 @@ struct TiledTask {
     for (int g = 0; g < G; ++g) {
       const int cg = c + g * W;
       const V old = V::load(m + cg);
-      const V al = V::select_gt(mu[g], old, exp2_fraction((old - mu[g]) * log2e), V::set1(A(1)));
+      const V al = V::select_gt(mu[g], old, exp2_fast((old - mu[g]) * log2e), V::set1(A(1)));
       fmadd(V::load(l + cg), al, sum[g]).store(l + cg);
       mx[g].store(m + cg);
       al.store(alpha + cg);
     }
   }
 
-  // 2^t for t <= ~10 (t = -inf, a masked key's, gives 0; NaN stays NaN): n = round(t), 2^(t - n) by a degree-5
-  // Taylor polynomial in (t - n) ln 2, scaled by 2^n in one vscalefps.
-  static V exp2_fraction(V t) {
-    t = max(V::set1(A(-200)), t);  // 2^-200 is 0 in float; keeps t - n finite (t second: NaN stays NaN)
-    const V n = V::round_nearest(t), r = (t - n) * V::set1(A(0.6931471805599453));
-    V q = V::set1(A(1.0 / 120));
-    q = fmadd(q, r, V::set1(A(1.0 / 24)));
-    q = fmadd(q, r, V::set1(A(1.0 / 6)));
-    q = fmadd(q, r, V::set1(A(0.5)));
-    q = fmadd(q, r, V::set1(A(1)));
-    q = fmadd(q, r, V::set1(A(1)));
-    return {_mm512_scalef_ps(q.v, n.v)};
-  }
 
   // The packed keys' V^T (pvt) from their value pairs (pv: (n + 1) / 2 rows of dp pairs), placed after them:
   // dp rows of key pairs, zero past the last one so that a key tile may read whole tiles from any even key.
