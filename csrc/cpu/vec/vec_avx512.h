@@ -27,8 +27,15 @@ struct VecAvx512 {
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
   }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
+  // Rounded to nearest even, NaN lanes quiet NaNs. On the avx512bf16 builds by vcvtneps2bf16 (2 uops against the
+  // 9 of bf16_round and the narrowing: bf16 silu_and_mul, compute-bound on Intel cores, 1.11x from memory and 1.25x
+  // in cache, side by side), which flushes denormals (|x| < 2^-126) to zero.
   void store(bf16* p) const {
+#if defined(LLMKERN_ISA_AVX512BF16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+#else
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round(v), 16)));
+#endif
   }
   // The fp32 bits rounded to nearest even in the upper 16 bits (the bf16); NaN lanes become quiet NaNs (same as
   // to_bf16 in dtype.h).
