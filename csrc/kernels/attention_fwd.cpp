@@ -379,7 +379,6 @@ struct TiledTask {
     }
   }
 
-
   // The packed keys' V^T (pvt) from their value pairs (pv: (n + 1) / 2 rows of dp pairs), placed after them:
   // dp rows of key pairs, zero past the last one so that a key tile may read whole tiles from any even key.
   void pack_vt(int64_t n) {
