@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "cpu/vec/vec.h"
 #include "kernels/parallel.h"
+#include "kernels/prefetch.h"
 
 namespace llmkern {
 namespace LLMKERN_ISA {
@@ -63,19 +65,24 @@ inline Vv gelu_arg_grad(Vv g) {
 }
 
 // Splits [rows, d] into (row, column-chunk) tasks so that a few long rows (1-token decode) still spread
-// over the threads, and calls fn(row, col0, ncols) for each. Chunks start at multiples of kChunk, so
-// only a row's last chunk has a scalar tail.
+// over the threads, and calls fn(task, next) for each, next being the thread's following task (n = 0 if
+// none). Chunks start at multiples of kChunk, so only a row's last chunk has a scalar tail.
 constexpr int64_t kChunk = 1024;
+
+struct Task {
+  int64_t r, c0, n;  // row, first column, columns
+};
 
 template <typename Fn>
 void for_each_task(int64_t rows, int64_t d, int64_t bytes_per_col, Fn&& fn) {
   const int64_t chunks = (d + kChunk - 1) / kChunk;
   const int64_t grain = grain_for(std::min(d, kChunk) * bytes_per_col);
+  const auto task = [&](int64_t t) {
+    const int64_t r = t / chunks, c0 = (t % chunks) * kChunk;
+    return Task{r, c0, std::min(kChunk, d - c0)};
+  };
   parallel_for(0, rows * chunks, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r = t / chunks, c0 = (t % chunks) * kChunk;
-      fn(r, c0, std::min(kChunk, d - c0));
-    }
+    for (int64_t t = t0; t < t1; ++t) fn(task(t), t + 1 < t1 ? task(t + 1) : Task{0, 0, 0});
   });
 }
 
@@ -86,15 +93,39 @@ inline auto at(Ptr base, int64_t stride, int64_t r, int64_t c) {
   return static_cast<Elem*>(base) + r * stride + c;
 }
 
+// The next task's pieces of N inputs, prefetched into L1 a line at a time by line(i), called for each vector i of
+// the current task (all of them unless the current piece is a row's shorter last): the pieces are a few KB each,
+// too short for the hardware prefetcher to ramp up on. silu_and_mul 4096 x 22016, side by side: 1.20x in bf16,
+// 1.24x in fp32.
+template <typename T, int N>
+struct NextInputs {
+  const char* in[N];
+  int64_t bytes;  // of each piece
+  void line(int64_t i) const {
+    const int64_t off = i * int64_t(sizeof(T));
+    if (off % 64 == 0 && off < bytes)
+      for (const char* p : in) prefetch_l1(p + off);
+  }
+};
+
+template <typename T, typename... Ops>
+NextInputs<T, sizeof...(Ops)> next_inputs(const Task& next, const Ops&... ops) {
+  return {{reinterpret_cast<const char*>(at<T>(ops.first, ops.second, next.r, next.c0))...},
+          next.n * int64_t(sizeof(T))};
+}
+
 template <typename T, Activation A>
 void fwd(const ActMulParams& p) {
   using V = typename VecFor<T>::type;
-  for_each_task(p.rows, p.d, 3 * sizeof(T), [&](int64_t r, int64_t c0, int64_t n) {
+  for_each_task(p.rows, p.d, 3 * sizeof(T), [&](Task task, Task next) {
+    const auto [r, c0, n] = task;
     const T* gate = at<T>(p.gate, p.gate_stride, r, c0);
     const T* up = at<T>(p.up, p.up_stride, r, c0);
     T* out = at<T>(p.out, p.out_stride, r, c0);
+    const auto ahead = next_inputs<T>(next, std::pair{p.gate, p.gate_stride}, std::pair{p.up, p.up_stride});
     for_each_chunk<V>(n, [&](auto v, int64_t i) {
       using Vv = decltype(v);
+      ahead.line(i);
       Vv g = Vv::load(gate + i);
       (g * sigmoid<T>(sig_arg<A>(g)) * Vv::load(up + i)).store(out + i);
     });
@@ -105,14 +136,18 @@ void fwd(const ActMulParams& p) {
 template <typename T, Activation A>
 void bwd(const ActMulBwdParams& p) {
   using V = typename VecFor<T>::type;
-  for_each_task(p.rows, p.d, 5 * sizeof(T), [&](int64_t r, int64_t c0, int64_t n) {
+  for_each_task(p.rows, p.d, 5 * sizeof(T), [&](Task task, Task next) {
+    const auto [r, c0, n] = task;
     const T* dy = at<T>(p.dy, p.dy_stride, r, c0);
     const T* gate = at<T>(p.gate, p.gate_stride, r, c0);
     const T* up = at<T>(p.up, p.up_stride, r, c0);
     T* dgate = at<T>(p.dgate, p.dgate_stride, r, c0);
     T* dup = at<T>(p.dup, p.dup_stride, r, c0);
+    const auto ahead = next_inputs<T>(next, std::pair{p.dy, p.dy_stride}, std::pair{p.gate, p.gate_stride},
+                                      std::pair{p.up, p.up_stride});
     for_each_chunk<V>(n, [&](auto v, int64_t i) {
       using Vv = decltype(v);
+      ahead.line(i);
       Vv g = Vv::load(gate + i), gy = Vv::load(dy + i);
       // 1 - s as e / (1 + e) = e s, e = exp(-z): 1 - s would cancel where s ~ 1 (it is below float's ulp
       // of 1 from g ~ 17 for silu, ~5 for gelu_tanh), costing act' its relative accuracy there. Where e
