@@ -99,6 +99,11 @@ void bwd_rows(const RmsNormBwdParams& p, int64_t r0, int64_t r1, typename NormRo
   A rstd[kMaxTile], c[kMaxTile];
   for (int64_t t0 = r0; t0 < r1; t0 += tile) {
     const int64_t nr = std::min(tile, r1 - t0);
+    // The next tile's dy and x rows are prefetched into L1 during this tile's second pass, a line of each per row
+    // and vector, as fwd_rows does for the next row (4096 x 4096 with dx's allocation 1.04-1.05x, side by side).
+    const int64_t next_nr = std::min(tile, r1 - t0 - nr);
+    const T* next_dy = next_nr ? static_cast<const T*>(p.dy) + (t0 + nr) * p.dy_stride : nullptr;
+    const T* next_x = next_nr ? static_cast<const T*>(p.x) + (t0 + nr) * p.x_stride : nullptr;
     for (int64_t k = 0; k < nr; ++k) {
       const int64_t r = t0 + k;
       dy[k] = static_cast<const T*>(p.dy) + r * p.dy_stride;
@@ -117,6 +122,12 @@ void bwd_rows(const RmsNormBwdParams& p, int64_t r0, int64_t r1, typename NormRo
       using Vv = decltype(v);
       const Vv w = row.template scale<Vv>(i);
       Vv dw = Vv::zero();
+      const int64_t off = i * int64_t(sizeof(T));
+      if (off % 64 == 0)
+        for (int64_t k = 0; k < next_nr; ++k) {
+          prefetch_l1(reinterpret_cast<const char*>(next_dy + k * p.dy_stride) + off);
+          prefetch_l1(reinterpret_cast<const char*>(next_x + k * p.x_stride) + off);
+        }
       for (int64_t k = 0; k < nr; ++k) {
         Vv g = Vv::load(dy[k] + i), xv = Vv::load(x[k] + i);
         Vv d = g * w * Vv::set1(rstd[k]) - Vv::set1(c[k]) * xv;
