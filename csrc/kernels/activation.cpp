@@ -82,7 +82,10 @@ void for_each_task(int64_t rows, int64_t d, int64_t bytes_per_col, Fn&& fn) {
     return Task{r, c0, std::min(kChunk, d - c0)};
   };
   parallel_for(0, rows * chunks, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) fn(task(t), t + 1 < t1 ? task(t + 1) : Task{0, 0, 0});
+    for (Task cur = task(t0), next; t0 < t1; cur = next) {
+      next = ++t0 < t1 ? task(t0) : Task{0, 0, 0};
+      fn(cur, next);
+    }
   });
 }
 
@@ -99,19 +102,16 @@ inline auto at(Ptr base, int64_t stride, int64_t r, int64_t c) {
 // bf16, 1.21-1.24x in fp32.
 template <typename T, int N>
 struct NextInputs {
-  const char* in[N];
+  const T* in[N];
   int64_t bytes;  // of each piece
   void line(int64_t i) const {
-    const int64_t off = i * int64_t(sizeof(T));
-    if (off % 64 == 0 && off < bytes)
-      for (const char* p : in) prefetch_l1(p + off);
+    for (const T* p : in) prefetch_l1_along(p, bytes, i);
   }
 };
 
 template <typename T, typename... Ops>
 NextInputs<T, sizeof...(Ops)> next_inputs(const Task& next, const Ops&... ops) {
-  return {{reinterpret_cast<const char*>(at<T>(ops.first, ops.second, next.r, next.c0))...},
-          next.n * int64_t(sizeof(T))};
+  return {{at<T>(ops.first, ops.second, next.r, next.c0)...}, next.n * int64_t(sizeof(T))};
 }
 
 template <typename T, Activation A>

@@ -336,8 +336,8 @@ struct TiledTask {
 
   // The online softmax of unscaled, unmodified scores (no softcap or alibi; a positive scale), straight to P^T's
   // pair rows: one pass for the maxima, one for exp, the sums and the bf16 pairs (scale_scores, softmax_update
-  // and pair_up_rows take three more passes over the tile). exp as 2^t, t = (s scale - m) log2 e, with a degree-5
-  // polynomial of the fraction (relative error < 3e-6, far below P's bf16 rounding).
+  // and pair_up_rows take three more passes over the tile). exp as 2^t, t = (s scale - m) log2 e, by exp2_fast
+  // (relative error ~3e-6, far below P's bf16 rounding).
   void softmax_to_pairs(int nk, int mp) {
     int c = 0;
     for (; c + 2 * W <= mp; c += 2 * W) softmax_pairs_cols<2>(c, nk, mp);

@@ -25,4 +25,13 @@ static inline void prefetch_l2_span(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) prefetch_l2(static_cast<const char*>(p) + o);
 }
 
+// The line of element i of a row of T at p (`bytes` long) into L1, when i starts a line inside the row. Called for
+// each vector (or element) i of a pass over another row of T, it brings p's row in alongside, a line per 64 bytes
+// the pass advances.
+template <typename T>
+static inline void prefetch_l1_along(const T* p, int64_t bytes, int64_t i) {
+  const int64_t off = i * int64_t(sizeof(T));
+  if (off % 64 == 0 && off < bytes) prefetch_l1(reinterpret_cast<const char*>(p) + off);
+}
+
 }  // namespace llmkern
