@@ -17,15 +17,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Ceilings, Config, measure, rotating_sets
+from bench.harness import Ceilings, Config, matmul_call, measure, rotating_sets
 
 HEADER = ["case", "dtype", "llmkern ms", "sdpa ms", "x sdpa", "GFLOP/s", "% matmul", "GB/s", "% read BW"]
-LEGEND = ("GFLOP/s: flash-attn's FLOP count / llmkern time; % matmul: of the torch.mm rate in that dtype (ceilings "
-          "below); decode GB/s: k/v cache bytes read / llmkern time; % read BW: of bench_read over as many bytes, "
-          "timed interleaved; huge pages: the caches (paged, and SDPA's contiguous copy) and the probe on "
-          "transparent huge pages, as the serving engine allocates its KV cache; x sdpa: SDPA time / llmkern time "
-          "(medians of interleaved calls); fwd peak memory: resident memory the forward adds over its inputs "
-          "(VmHWM), output included.")
+LEGEND = ("GFLOP/s: flash-attn's FLOP count / llmkern time; % matmul: of the torch.mm rate in that dtype (the "
+          "ceilings' n^3 product, timed interleaved with the row's calls: on AMX its rate moves with the host's "
+          "phase as the attention's does); decode GB/s: k/v cache bytes read / llmkern time; % read BW: of "
+          "bench_read over as many bytes, timed interleaved; huge pages: the caches (paged, and SDPA's contiguous "
+          "copy) and the probe on transparent huge pages, as the serving engine allocates its KV cache; x sdpa: SDPA "
+          "time / llmkern time (medians of interleaved calls); fwd peak memory: resident memory the forward adds "
+          "over its inputs (VmHWM), output included.")
 
 
 @dataclasses.dataclass
@@ -55,7 +56,7 @@ def shapes(cfg: Config) -> tuple[Prefill, Decode, list[int]]:
     return Prefill(), Decode(), [2048, 4096, 8192]
 
 
-def prefill_rows(p: Prefill, dtype: torch.dtype, cfg: Config, ceilings: Ceilings) -> list[list[str]]:
+def prefill_rows(p: Prefill, dtype: torch.dtype, cfg: Config) -> list[list[str]]:
     from llmkern.ops import flash_attn_func
 
     lk = torch.ops.llmkern
@@ -71,9 +72,11 @@ def prefill_rows(p: Prefill, dtype: torch.dtype, cfg: Config, ceilings: Ceilings
 
     s = rotating_sets(make, 10 * p.batch * p.seqlen * p.heads * p.head_dim * dtype.itemsize, cfg)
     pick = lambda i: s[i % len(s)]  # noqa: E731
+    mm, mm_flops = matmul_call(cfg.mm_n, dtype)
     fwd = measure({
         "llmkern": lambda i: flash_attn_func(*pick(i)[:3], causal=True),
         "sdpa": lambda i: F.scaled_dot_product_attention(*(t.detach() for t in pick(i)[6:9]), is_causal=True),
+        "mm": mm,
     }, reps=cfg.reps, warmup=max(cfg.warmup, len(s)), budget_s=cfg.budget_s)  # fmt: skip
 
     def ours_bwd(i):
@@ -84,17 +87,19 @@ def prefill_rows(p: Prefill, dtype: torch.dtype, cfg: Config, ceilings: Ceilings
         *_, dout, qt, kt, vt, graph = pick(i)
         return torch.autograd.grad(graph, (qt, kt, vt), dout.transpose(1, 2), retain_graph=True)
 
-    bwd = measure({"llmkern": ours_bwd, "sdpa": sdpa_bwd}, reps=cfg.reps, warmup=max(cfg.warmup, len(s)),
+    bwd = measure({"llmkern": ours_bwd, "sdpa": sdpa_bwd, "mm": mm}, reps=cfg.reps, warmup=max(cfg.warmup, len(s)),
                   budget_s=cfg.budget_s)  # fmt: skip
     name = f"prefill causal b{p.batch} h{p.heads} d{p.head_dim} s{p.seqlen}"
-    mm = ceilings.matmul_gflops[str(dtype).removeprefix("torch.")]
-    return [flop_row(f"{name} fwd", dtype, fwd, p.flops(), mm), flop_row(f"{name} bwd", dtype, bwd, 2.5 * p.flops(), mm)]
+    return [flop_row(f"{name} fwd", dtype, fwd, p.flops(), mm_flops),
+            flop_row(f"{name} bwd", dtype, bwd, 2.5 * p.flops(), mm_flops)]
 
 
-def flop_row(case, dtype, times, flops, matmul_gflops) -> list[str]:
+def flop_row(case, dtype, times, flops, mm_flops) -> list[str]:
+    """times: llmkern's, SDPA's and the interleaved torch.mm's (mm_flops each)."""
     ms, base = times["llmkern"].median_s * 1e3, times["sdpa"].median_s * 1e3
-    gflops = flops / ms / 1e6
-    print(f"  {case} {dtype}: llmkern {ms:.1f} ms, sdpa {base:.1f} ms", flush=True)
+    gflops, matmul_gflops = flops / ms / 1e6, mm_flops / times["mm"].median_s / 1e9
+    print(f"  {case} {dtype}: llmkern {ms:.1f} ms, sdpa {base:.1f} ms, torch.mm {matmul_gflops:.0f} GFLOP/s",
+          flush=True)
     return [case, str(dtype).removeprefix("torch."), f"{ms:.2f}", f"{base:.2f}", f"{base / ms:.2f}", f"{gflops:.1f}",
             f"{100 * gflops / matmul_gflops:.0f}", "-", "-"]  # fmt: skip
 
@@ -184,7 +189,7 @@ def run(cfg: Config, ceilings: Ceilings) -> list[list[str]]:
     prefill, decode, mem_seqlens = shapes(cfg)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        rows += prefill_rows(prefill, dtype, cfg, ceilings)
+        rows += prefill_rows(prefill, dtype, cfg)
     rows += [decode_row(decode, torch.bfloat16, cfg, huge) for huge in (False, True)]
     rows += memory_rows(prefill, mem_seqlens)
     return rows

@@ -199,12 +199,18 @@ def bandwidth(nbytes: int, cfg: Config) -> tuple[float, float]:
     return 2 * n * 4 / t["copy"].median_s / 1e9, n * 4 / t["read"].median_s / 1e9
 
 
-def matmul_gflops(n: int, dtype: torch.dtype, cfg: Config) -> float:
+def matmul_call(n: int, dtype: torch.dtype) -> tuple[Callable[[int], Any], float]:
+    """A torch.mm of two n x n matrices (into a preallocated output) as a measure() fn, and its FLOPs."""
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     c = torch.empty(n, n, dtype=dtype)
-    t = measure({"mm": lambda i: torch.mm(a, b, out=c)}, reps=max(3, cfg.reps // 3), warmup=1)
-    return 2 * n**3 / t["mm"].median_s / 1e9
+    return (lambda i: torch.mm(a, b, out=c)), 2 * n**3
+
+
+def matmul_gflops(n: int, dtype: torch.dtype, cfg: Config) -> float:
+    mm, flops = matmul_call(n, dtype)
+    t = measure({"mm": mm}, reps=max(3, cfg.reps // 3), warmup=1)
+    return flops / t["mm"].median_s / 1e9
 
 
 def fma_gflops(cfg: Config, iters: int) -> float:
