@@ -349,6 +349,19 @@ def test_paged_decode_features(device, sq, hk, feature, dtype):
     check_fwd(out, lse, q, k, v, **kw)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sq,g", [(1, 3), (1, 5), (1, 6), (1, 7), (2, 5), (3, 3)])
+def test_paged_decode_group_rows(device, sq, g, dtype):
+    """GQA groups whose query rows (sq * g) are not whole blocks of 4: 3, 5, 6, 7, 9 and 10 rows per kv head take the
+    grouped path's smaller row blocks (causal, one kv head, 203 keys)."""
+    q, k, v = qkv(2, sq, 203, g, 1, 64, dtype, device)
+    k_cache, v_cache, table = paged_cache(k, v, [203, 203], 16)
+    seqlens = torch.tensor([203, 203], dtype=torch.int32, device=device)
+    out, lse = lk.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table, causal=True,
+                                         return_softmax_lse=True)  # fmt: skip
+    check_fwd(out, lse, q, k, v, causal=True)
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_kvcache_append_then_attend(device, paged):
     """Appending new k/v at cache_seqlens then attending equals attending over the concatenated cache."""
