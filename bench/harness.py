@@ -199,7 +199,7 @@ def bandwidth(nbytes: int, cfg: Config) -> tuple[float, float]:
     return 2 * n * 4 / t["copy"].median_s / 1e9, n * 4 / t["read"].median_s / 1e9
 
 
-def matmul_call(n: int, dtype: torch.dtype) -> tuple[Callable[[int], Any], float]:
+def matmul_call(n: int, dtype: torch.dtype) -> tuple[Callable[[int], Any], int]:
     """A torch.mm of two n x n matrices (into a preallocated output) as a measure() fn, and its FLOPs."""
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
