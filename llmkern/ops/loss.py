@@ -77,16 +77,21 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, divisor, chunk_rows):
-        with torch.autocast(hidden.device.type, enabled=False):  # the dtypes given; gradients kept in float32
-            return _LinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, ignore_index, divisor, chunk_rows)
+        # Under autocast the products run in its dtype, as F.linear's would; logits, loss and dweight stay float32.
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        with torch.autocast(device, enabled=False):
+            return _LinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, ignore_index, divisor, chunk_rows,
+                                                dtype)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, targets, ignore_index, divisor, chunk_rows):
-        need_grad, hidden_dtype = ctx.needs_input_grad, hidden.dtype
-        hidden = hidden.to(weight.dtype)
-        dhidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_grad[0] else None
+    def _forward(ctx, hidden, weight, bias, targets, ignore_index, divisor, chunk_rows, dtype):
+        need_grad, hidden_dtype, weight_dtype = ctx.needs_input_grad, hidden.dtype, weight.dtype
         dweight = torch.zeros_like(weight, dtype=torch.float32) if need_grad[1] else None
         dbias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and need_grad[2] else None
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        dhidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_grad[0] else None
         divisor = torch.as_tensor(divisor, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         cpu_ops = hidden.device.type == "cpu" and available()  # llmkern's compiled CPU ops
@@ -115,6 +120,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if dweight is not None:
                 if fp32_mm:
                     dweight += mm(grad.t(), h)
+                elif dtype.itemsize == 2:  # as torch's backward of a 16-bit linear: the product in its dtype
+                    dweight += torch.mm(grad.t().to(dtype), h)
                 else:
                     dweight.addmm_(grad.t(), h.float())
             if dhidden is not None:
@@ -123,7 +130,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     torch.mm(grad.to(weight.dtype), weight, out=dhidden[start:start + chunk_rows])
         ctx.save_for_backward(dhidden, dweight, dbias)
-        ctx.dtypes = (hidden_dtype, weight.dtype)
+        ctx.dtypes = (hidden_dtype, weight_dtype)
         return loss / divisor
 
     @staticmethod
