@@ -10,7 +10,9 @@ same ones the unfused head runs), except on the CPU a chunk's logits where ops.l
 (ops.mm: 1.25x / 1.32x torch's at 256 x 8192 x 320 on Zen 4; demo-target's training step 1.04x faster, 9 of 10
 alternating steps; on an Intel Xeon torch's ran 1.48x / 1.08x faster). On the CPU a chunk's loss and gradient come
 from one compiled op, cross_entropy_grad_ (three passes over the cached chunk, one exp per logit); elsewhere from
-PyTorch ops.
+PyTorch ops. Under autocast the products run in its dtype, as the unfused head's F.linear would (demo-target's bf16
+training step: 1568 -> 1101 ms alternating in one process, its head 917 -> 201 ms); 16-bit products return 16-bit
+chunks of dweight, summed in float32.
 """
 
 from __future__ import annotations
