@@ -152,6 +152,9 @@ TORCH_LIBRARY(llmkern, m) {
   // Greedy token selection (Python face: llmkern/ops/sampling.py): x [..., n] -> int64 [...], the index of each row's
   // first maximum (its first NaN if it holds one), as torch.argmax(x, -1). CPU.
   m.def("argmax(Tensor x) -> Tensor");
+  // Sampling's top-k then top-p filter: logits [rows, vocab] float32 get -inf where removed; top_k int64 [rows] (<= 0:
+  // none), top_p float32 [rows] in (0, 1] (1: none). Ties with a cut's value are kept. CPU.
+  m.def("top_k_top_p_(Tensor(a!) logits, Tensor top_k, Tensor top_p) -> ()");
 
   // Benchmark ceilings: wide-SIMD copy and read loops and register-only FMA chains over all threads
   // (bench/harness.py).

@@ -1,4 +1,4 @@
-// Greedy token selection: kernel parameters and CPU entry point.
+// Token selection: greedy argmax and the top-k / top-p filter of sampling; kernel parameters and CPU entry points.
 // out[r] = the index of the largest element of row r of x [rows, cols] (row stride `stride` elements, unit stride
 // along cols), the first one on ties; a row holding NaN gives its first NaN, as torch.argmax does. cols >= 1.
 #pragma once
@@ -16,5 +16,18 @@ struct ArgmaxParams {
 };
 
 LLMKERN_DECLARE_CPU_KERNEL(argmax_kernel, ArgmaxParams)
+
+// Top-k then top-p (transformers' TopKLogitsWarper then TopPLogitsWarper) on float32 logits x [rows, cols] in place:
+// removed tokens become -inf. Top-k keeps the values >= the k-th largest; top-p then keeps, in the top-k-filtered
+// softmax, every value whose strictly larger values hold less than top_p of the probability. Ties with a boundary
+// value are kept (a sort would break them arbitrarily). A row holding NaN is left as it is.
+struct TopKTopPParams {
+  int64_t rows = 0, cols = 0, stride = 0;
+  float* x = nullptr;
+  const int64_t* top_k = nullptr;  // [rows]; <= 0 or >= cols: no top-k
+  const float* top_p = nullptr;    // [rows], in (0, 1]; 1: no top-p
+};
+
+LLMKERN_DECLARE_CPU_KERNEL(top_k_top_p_kernel, TopKTopPParams)
 
 }  // namespace llmkern

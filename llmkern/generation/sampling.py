@@ -8,8 +8,9 @@ vLLM's `apply_penalties`. temperature == 0 is greedy: the argmax of the penalize
 CPU a compiled pass, ~20x torch.argmax over 16 rows of bf16 logits).
 Sampling is by inverse CDF with one uniform number per row, drawn from the request's own torch.Generator when it
 has a seed, so a seeded request's tokens depend only on its seed and its own logits, never on the other rows.
-Top-k and top-p work on the top-k candidates of each row instead of sorting the whole vocabulary (a 128k sort
-costs more than the rest of the sampler together); the result is the same as transformers' full sort.
+Top-k and top-p do not sort the whole vocabulary (a 128k sort costs more than the rest of the sampler together): on
+the CPU llmkern.ops.top_k_top_p_ finds both cuts from a histogram of each row; elsewhere they work on each row's
+top-k candidates. The result is the same as transformers' full sort.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmkern.ops.sampling import argmax
+from llmkern._ext import available
+from llmkern.ops.sampling import argmax, top_k_top_p_, top_k_top_p_ref
 
 
 def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
@@ -209,25 +211,13 @@ TOP_P_CANDIDATES = 1024
 _NEG_INF = float("-inf")
 
 
-def _dense_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """transformers' TopKLogitsWarper then TopPLogitsWarper on whole rows (a full sort)."""
-    vocab = logits.shape[1]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
-    sorted_logits, order = logits.sort(dim=-1, descending=False)
-    kth = sorted_logits.gather(1, (vocab - k)[:, None])
-    logits = logits.masked_fill(logits < kth, _NEG_INF)  # ties with the k-th value are kept
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, _NEG_INF)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = (cumulative <= (1 - top_p)[:, None]) & (top_p < 1.0)[:, None]
-    remove[:, -1] = False
-    return logits.masked_fill(remove.scatter(1, order, remove), _NEG_INF)
-
-
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Top-k then top-p with transformers' semantics (its order, ties with the k-th value kept, the ascending
-    cumulative-probability rule of top-p), computed on each row's n most likely candidates: a row whose kept
-    tokens are all candidates is rebuilt from them; the others (top-p needing more than the candidates, or ties
-    running past them) take the full sort."""
+    cumulative-probability rule of top-p). On the CPU the compiled filter; elsewhere computed on each row's n most
+    likely candidates: a row whose kept tokens are all candidates is rebuilt from them; the others (top-p needing
+    more than the candidates, or ties running past them) take the full sort."""
+    if logits.device.type == "cpu" and available():
+        return top_k_top_p_(logits.to(torch.float32, copy=True), top_k, top_p.float())
     batch, vocab = logits.shape
     use_k, use_p = top_k > 0, top_p < 1.0
     k = torch.where(use_k, top_k.clamp(max=vocab), vocab)
@@ -266,7 +256,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     out[rows] = out[rows].scatter(1, order[rows], values[rows].masked_fill(~keep[rows], _NEG_INF))
     rows = dense.nonzero()[:, 0]
     if rows.numel():
-        out[rows] = _dense_top_k_top_p(logits[rows], top_k[rows], top_p[rows])
+        out[rows] = top_k_top_p_ref(logits[rows], top_k[rows], top_p[rows])
     return out
 
 

@@ -1,8 +1,14 @@
-"""Greedy token selection: the argmax over the vocabulary of a step's logits.
+"""Token selection: the argmax over the vocabulary of a step's logits (greedy), and the top-k / top-p filter of
+sampling.
 
 torch.argmax on the CPU reduces one element at a time (~250 us for 16 rows of an 8k vocabulary in bf16 on Zen 4, a
 tenth of a 16-sequence decode step of the demo model); the CPU kernel keeps a running maximum and its index per
 vector lane, with torch.argmax's answer on ties (the first maximum) and on NaN (the first NaN).
+
+top_k_top_p_ is transformers' TopKLogitsWarper then TopPLogitsWarper without sorting the row: each cut is a threshold
+found from a histogram of the row's values (csrc/kernels/sampling.cpp). 16 rows of 8192 float32 logits, top_p 0.95:
+~0.27 ms against ~3.4 ms for torch's topk-candidates path (in process, 2 threads), which made a sampled 16-sequence
+decode step of the demo model 3x a greedy one.
 """
 
 from __future__ import annotations
@@ -26,11 +32,38 @@ def argmax(x: Tensor) -> Tensor:
     return ops().argmax(x)
 
 
+def top_k_top_p_ref(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """transformers' TopKLogitsWarper then TopPLogitsWarper on rows of logits [B, V] (a full sort), per-row top_k
+    int64 [B] (<= 0: none) and top_p [B] (1: none); removed tokens are -inf."""
+    vocab = logits.shape[1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    kth = sorted_logits.gather(1, (vocab - k)[:, None])
+    logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value are kept
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = (cumulative <= (1 - top_p)[:, None]) & (top_p < 1.0)[:, None]
+    remove[:, -1] = False
+    return logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
+def top_k_top_p_(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """top_k_top_p_ref in place on float32 logits [B, V] (unit stride along V) on the CPU; returns logits. top_k
+    int64 [B], top_p float32 [B] in (0, 1]. Where the reference's sort would break a tie with a cut's value
+    arbitrarily, every token of the tie is kept. A row holding NaN is left as it is."""
+    ops().top_k_top_p_(logits, top_k, top_p)
+    return logits
+
+
 def _register() -> None:
     @torch.library.register_fake("llmkern::argmax")
     def _(x):
         torch._check(x.dim() >= 1 and x.shape[-1] != 0, lambda: "x: expected a non-empty last dim")
         return x.new_empty(x.shape[:-1], dtype=torch.int64)
+
+    @torch.library.register_fake("llmkern::top_k_top_p_")
+    def _(logits, top_k, top_p):
+        return None
 
 
 if available():

@@ -16,7 +16,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from llmkern._ext import available
 from llmkern.generation import SamplingParams, make_generator, probabilities, sample
+from llmkern.generation import sampling
 from llmkern.generation.sampling import apply_penalties, compute_logprobs, sample_seeds
 
 VOCAB = 1000
@@ -77,8 +79,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["cpu-kernel", "torch-candidates"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_probabilities_match_transformers_processors(case):
+def test_probabilities_match_transformers_processors(case, compiled, monkeypatch):
+    # Top-k / top-p through the compiled CPU filter, and through the torch path other devices take.
+    monkeypatch.setattr(sampling, "available", lambda: compiled and available())
     vocab, scale, rows = CASES[case]
     logits, prompts, outputs = random_case(len(rows), vocab=vocab, scale=scale)
     ours = probabilities(logits, rows, prompts, outputs)
