@@ -9,8 +9,9 @@
 //
 // Top-k / top-p: both cuts are a threshold on the row's values, found without sorting the row. The k-th largest is
 // the largest value v with count(>= v) >= k; top-p's cut is the largest v with mass(>= v) >= top_p * total (mass:
-// exp(x - max), summed in double). A histogram of the row over 4096 bins of the values' order-preserving bit keys
-// (the sign, exponent and 3 mantissa bits) finds the bin holding the cut; only that bin's values are sorted. Top-p
+// exp(x - max), summed in double). Two radix levels over the values' order-preserving bit keys (histograms of 2048
+// bins: the top 11 bits, then the next 11 of the bin holding the cut) find the few values sharing the cut's top 22
+// bits; only those are sorted. Top-p
 // first drops the values whose mass is below (1 - top_p) / n of the total (together they hold less than the 1 - top_p
 // that top-p removes, so top-p removes each of them), which leaves a few candidates in a peaked distribution. ~4
 // passes over the row; no sort of it.
@@ -82,43 +83,77 @@ void run(const ArgmaxParams& p) {
   });
 }
 
-constexpr int kBinBits = 12;  // bins of the values' keys: the sign, the exponent and 3 mantissa bits
+constexpr int kBinBits = 11;  // bins a level: 2048 (the first: the sign, the exponent and 2 mantissa bits)
+constexpr int kBins = 1 << kBinBits;
 
 // Larger floats have larger keys (-0 just below +0).
-inline uint32_t bin_of(float v) {
+inline uint32_t key_of(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof(u));
-  return (u & 0x80000000u ? ~u : u | 0x80000000u) >> (32 - kBinBits);
+  return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
+inline float value_of(uint32_t key) {
+  const uint32_t u = key & 0x80000000u ? key & 0x7fffffffu : ~key;
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
 }
 
-// The largest of values v[0, n) whose weight at or above it reaches need: weight(> t) < need <= weight(>= t), with
-// weights w (nullptr: 1 each); -inf when all of them together fall short (rounding).
-float cut(const float* v, const float* w, int64_t n, double need, std::vector<std::pair<float, float>>& bin) {
-  std::vector<double> hist(size_t(1) << kBinBits, 0.0);
-  for (int64_t i = 0; i < n; ++i) hist[bin_of(v[i])] += w ? w[i] : 1.0;
-  int b = int(hist.size()) - 1;
-  double above = 0;  // weight of the bins above b
-  for (; b >= 0 && above + hist[b] < need; --b) above += hist[b];
-  if (b < 0) return -std::numeric_limits<float>::infinity();
-  bin.clear();
-  for (int64_t i = 0; i < n; ++i)
-    if (bin_of(v[i]) == uint32_t(b)) bin.emplace_back(v[i], w ? w[i] : 1.f);
-  std::sort(bin.begin(), bin.end(), [](const auto& a, const auto& c) { return a.first > c.first; });
-  for (size_t i = 0; i < bin.size();) {  // equal values (ties) together
-    double tie = 0;
-    size_t j = i;
-    for (; j < bin.size() && bin[j].first == bin[i].first; ++j) tie += bin[j].second;
-    if (above + tie >= need) return bin[i].first;
-    above += tie, i = j;
-  }
-  // rounding between the histogram's and these sums: keep the whole bin
-  return bin.empty() ? -std::numeric_limits<float>::infinity() : bin.back().first;
-}
+using Item = std::pair<uint32_t, float>;  // (key, weight)
 
 struct Scratch {
   std::vector<float> e, cv, cw;
-  std::vector<std::pair<float, float>> bin;
+  std::vector<double> hist;  // 2 x kBins: even and odd items apart, so adds to one bin do not wait for each other
+  std::vector<Item> items, last;
 };
+
+// One radix level: histograms the weights of items get(i) (i < n) by key bits [shift, shift + kBinBits) and walks the
+// bins down from the top, adding each bin's weight to `above` while the total stays below need. Returns the bin that
+// reaches need (its weight not added), or -1 when all of them together fall short (rounding).
+template <typename Get>
+int level(int64_t n, Get get, int shift, double need, double& above, std::vector<double>& hist) {
+  hist.assign(2 * kBins, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const Item it = get(i);
+    hist[(i & 1) * kBins + ((it.first >> shift) & (kBins - 1))] += it.second;
+  }
+  for (int b = kBins - 1; b >= 0; --b) {
+    const double h = hist[b] + hist[kBins + b];
+    if (above + h >= need) return b;
+    above += h;
+  }
+  return -1;
+}
+
+// The largest of values v[0, n) whose weight at or above it reaches need: weight(> t) < need <= weight(>= t), with
+// weights w (nullptr: 1 each); -inf when all of them together fall short (rounding). Two radix levels of 11 key bits
+// narrow the values to those sharing the cut's top 22 bits, which are sorted.
+float cut(const float* v, const float* w, int64_t n, double need, Scratch& s) {
+  constexpr int kShift1 = 32 - kBinBits, kShift2 = 32 - 2 * kBinBits;
+  double above = 0;  // weight of the values above the current bin
+  const int b1 = level(n, [&](int64_t i) { return Item(key_of(v[i]), w ? w[i] : 1.f); }, kShift1, need, above, s.hist);
+  if (b1 < 0) return -std::numeric_limits<float>::infinity();
+  s.items.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = key_of(v[i]);
+    if (int(key >> kShift1) == b1) s.items.emplace_back(key, w ? w[i] : 1.f);
+  }
+  const int b2 = level(int64_t(s.items.size()), [&](int64_t i) { return s.items[i]; }, kShift2, need, above, s.hist);
+  if (b2 < 0)  // rounding between the two levels' sums: keep the whole first-level bin
+    return value_of(std::min_element(s.items.begin(), s.items.end())->first);
+  s.last.clear();
+  for (const Item& it : s.items)
+    if (int((it.first >> kShift2) & (kBins - 1)) == b2) s.last.push_back(it);
+  std::sort(s.last.begin(), s.last.end(), [](const Item& a, const Item& c) { return a.first > c.first; });
+  for (size_t i = 0; i < s.last.size();) {  // equal values (ties) together
+    double tie = 0;
+    size_t j = i;
+    for (; j < s.last.size() && s.last[j].first == s.last[i].first; ++j) tie += s.last[j].second;
+    if (above + tie >= need) return value_of(s.last[i].first);
+    above += tie, i = j;
+  }
+  return value_of(s.last.back().first);  // rounding again: keep the whole bin
+}
 
 // x[i] = -inf where x[i] < t.
 void drop_below(float* x, int64_t n, float t) {
@@ -144,7 +179,7 @@ void row_top_k_top_p(float* x, int64_t n, int64_t k, float top_p, Scratch& s) {
   float m = reduce_max(mv, kNegInf), nan_sum = nan.reduce_add();
   for (; i < n; ++i) m = std::max(m, x[i]), nan_sum += x[i] != x[i] ? x[i] : 0.f;
   if (std::isnan(nan_sum)) return;
-  if (k > 0 && k < n) drop_below(x, n, cut(x, nullptr, n, double(k), s.bin));
+  if (k > 0 && k < n) drop_below(x, n, cut(x, nullptr, n, double(k), s));
   if (!(top_p < 1.f) || !std::isfinite(m)) return;  // an infinite max: softmax is NaN, top-p removes nothing
   s.e.resize(size_t(n));
   VecSum<V> sum;
@@ -158,13 +193,17 @@ void row_top_k_top_p(float* x, int64_t n, int64_t k, float top_p, Scratch& s) {
   s.cv.resize(size_t(n)), s.cw.resize(size_t(n));
   const float lo = std::max(floor, std::numeric_limits<float>::min());
   int64_t nc = 0;
-  double total[2] = {0, 0};  // in double, as the histogram sums the candidates: the cut at 0.999 is 1e-7 away
-  for (int64_t j = 0; j < n; ++j) {  // branch-free: whether a token qualifies is a coin flip to the predictor
+  // The total in double, as the histograms sum the candidates (the cut at top_p 0.999 is ~1e-7 of it away); two sums
+  // in registers, so the adds do not wait for each other.
+  double t0 = 0, t1 = 0;
+  const auto take = [&](int64_t j) {  // branch-free: whether a token qualifies is a coin flip to the predictor
     s.cv[nc] = x[j], s.cw[nc] = s.e[j];
     nc += s.e[j] >= lo;
-    total[j & 1] += s.e[j];
-  }
-  drop_below(x, n, cut(s.cv.data(), s.cw.data(), nc, double(top_p) * (total[0] + total[1]), s.bin));
+  };
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) take(j), take(j + 1), t0 += s.e[j], t1 += s.e[j + 1];
+  if (j < n) take(j), t0 += s.e[j];
+  drop_below(x, n, cut(s.cv.data(), s.cw.data(), nc, double(top_p) * (t0 + t1), s));
 }
 
 }  // namespace
