@@ -155,6 +155,9 @@ TORCH_LIBRARY(llmkern, m) {
   // Sampling's top-k then top-p filter: logits [rows, vocab] float32 get -inf where removed; top_k int64 [rows] (<= 0:
   // none), top_p float32 [rows] in (0, 1] (1: none). Ties with a cut's value are kept. CPU.
   m.def("top_k_top_p_(Tensor(a!) logits, Tensor top_k, Tensor top_p) -> ()");
+  // One token per row: temperature (0: argmax), top-k, top-p, min-p, then the inverse CDF at u float32 [rows]; logits
+  // float32 [rows, vocab] are scratch (overwritten). -> int64 [rows]. CPU.
+  m.def("sample_(Tensor(a!) logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor u) -> Tensor");
 
   // Benchmark ceilings: wide-SIMD copy and read loops and register-only FMA chains over all threads
   // (bench/harness.py).

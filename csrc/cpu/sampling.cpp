@@ -1,6 +1,8 @@
-// Token selection on the CPU: the sampler's argmax and its top-k / top-p filter.
+// Token selection on the CPU: the sampler's argmax, its top-k / top-p filter and its whole draw (sample_).
 #include "kernels/sampling.h"
 #include "ops/common.h"
+
+#include <limits>
 
 namespace llmkern {
 namespace {
@@ -23,33 +25,69 @@ Tensor argmax(const Tensor& x) {
   return out;
 }
 
-// logits [rows, vocab] float32 (unit stride along vocab), top_k int64 [rows], top_p float32 [rows] in (0, 1]: removed
-// tokens become -inf in place (kernels/sampling.h).
-void top_k_top_p_(Tensor& logits, const Tensor& top_k, const Tensor& top_p) {
+// A float32 [rows] tensor of per-row values in [lo, hi] (hi excluded when hi_open), contiguous; NaN refused.
+Tensor row_values(const Tensor& v, const char* name, int64_t rows, float lo, float hi, bool hi_open) {
+  check_device(v, name, c10::DeviceType::CPU);
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == rows && v.scalar_type() == at::kFloat,
+              name, ": expected float32 [", rows, "], got ", v.scalar_type(), " ", v.sizes());
+  Tensor c = v.contiguous();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float x = c.data_ptr<float>()[r];
+    TORCH_CHECK(x >= lo && (hi_open ? x < hi : x <= hi), name, ": expected values in [", lo, ", ", hi,
+                hi_open ? ")" : "]", ", got ", x, " in row ", r);
+  }
+  return c;
+}
+
+// The filter's parameters for logits [rows, vocab] float32 (unit stride along vocab, written in place), top_k int64
+// [rows], top_p float32 [rows] in (0, 1]. The tensors they point into stay alive with logits, top_k and top_p.
+TopKTopPParams filter_params(Tensor& logits, const Tensor& top_k, const Tensor& top_p) {
   check_device(logits, "logits", c10::DeviceType::CPU);
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat,
               "logits: expected float32 [rows, vocab], got ", logits.scalar_type(), " ", logits.sizes());
   const int64_t rows = logits.size(0);
-  TORCH_CHECK(top_k.dim() == 1 && top_k.size(0) == rows && top_k.scalar_type() == at::kLong,
-              "top_k: expected int64 [", rows, "], got ", top_k.scalar_type(), " ", top_k.sizes());
-  TORCH_CHECK(top_p.dim() == 1 && top_p.size(0) == rows && top_p.scalar_type() == at::kFloat,
-              "top_p: expected float32 [", rows, "], got ", top_p.scalar_type(), " ", top_p.sizes());
   check_device(top_k, "top_k", c10::DeviceType::CPU);
-  check_device(top_p, "top_p", c10::DeviceType::CPU);
-  const Tensor k = top_k.contiguous(), pp = top_p.contiguous();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float v = pp.data_ptr<float>()[r];
-    TORCH_CHECK(v > 0.f && v <= 1.f, "top_p: expected values in (0, 1], got ", v, " in row ", r);
-  }
+  TORCH_CHECK(top_k.dim() == 1 && top_k.size(0) == rows && top_k.scalar_type() == at::kLong && top_k.is_contiguous(),
+              "top_k: expected int64 [", rows, "] with unit stride, got ", top_k.scalar_type(), " ", top_k.sizes());
+  const Tensor p = row_values(top_p, "top_p", rows, 0.f, 1.f, false);
+  TORCH_CHECK(p.data_ptr() == top_p.data_ptr(), "top_p: expected a contiguous tensor");
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(p.data_ptr<float>()[r] > 0.f, "top_p: expected values in (0, 1], got 0 in row ", r);
   const Rows xr = as_rows(logits, "logits", /*writable=*/true);
-  TopKTopPParams p;
-  p.rows = xr.rows;
-  p.cols = xr.cols;
-  p.stride = xr.stride;
-  p.x = static_cast<float*>(xr.data());
-  p.top_k = k.data_ptr<int64_t>();
-  p.top_p = pp.data_ptr<float>();
-  if (p.rows && p.cols) top_k_top_p_kernel(p);
+  TopKTopPParams f;
+  f.rows = xr.rows;
+  f.cols = xr.cols;
+  f.stride = xr.stride;
+  f.x = static_cast<float*>(xr.data());
+  f.top_k = top_k.data_ptr<int64_t>();
+  f.top_p = top_p.data_ptr<float>();
+  return f;
+}
+
+// Removed tokens of logits become -inf in place (kernels/sampling.h).
+void top_k_top_p_(Tensor& logits, const Tensor& top_k, const Tensor& top_p) {
+  const TopKTopPParams f = filter_params(logits, top_k, top_p);
+  if (f.rows && f.cols) top_k_top_p_kernel(f);
+}
+
+// logits [rows, vocab] float32 (scratch, overwritten), temperature / top_p / min_p / u float32 [rows], top_k int64
+// [rows] -> int64 [rows] (kernels/sampling.h).
+Tensor sample_(Tensor& logits, const Tensor& temperature, const Tensor& top_k, const Tensor& top_p,
+               const Tensor& min_p, const Tensor& u) {
+  TopKTopPParams f = filter_params(logits, top_k, top_p);
+  const int64_t rows = f.rows;
+  SampleParams p;
+  Tensor t = row_values(temperature, "temperature", rows, 0.f, std::numeric_limits<float>::infinity(), false);
+  Tensor mp = row_values(min_p, "min_p", rows, 0.f, 1.f, false);
+  Tensor uu = row_values(u, "u", rows, 0.f, 1.f, true);
+  Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  p.filter = f;
+  p.temperature = t.data_ptr<float>();
+  p.min_p = mp.data_ptr<float>();
+  p.u = uu.data_ptr<float>();
+  p.out = out.data_ptr<int64_t>();
+  if (rows) sample_kernel(p);
+  return out;
 }
 
 }  // namespace
@@ -57,6 +95,7 @@ void top_k_top_p_(Tensor& logits, const Tensor& top_k, const Tensor& top_p) {
 TORCH_LIBRARY_IMPL(llmkern, CPU, m) {
   m.impl("argmax", &argmax);
   m.impl("top_k_top_p_", &top_k_top_p_);
+  m.impl("sample_", &sample_);
 }
 
 }  // namespace llmkern

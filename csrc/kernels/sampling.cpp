@@ -206,10 +206,54 @@ void row_top_k_top_p(float* x, int64_t n, int64_t k, float top_p, Scratch& s) {
   drop_below(x, n, cut(s.cv.data(), s.cw.data(), nc, double(top_p) * (t0 + t1), s));
 }
 
+// The token sample_kernel draws from row x (see kernels/sampling.h).
+int64_t row_sample(float* x, int64_t n, float t, int64_t k, float top_p, float min_p, float u, Scratch& s) {
+  using V = VecF;
+  if (t == 0.f) return row_argmax(x, n);
+  for_each_chunk<V>(n, [&](auto v, int64_t i) {
+    using Vv = decltype(v);
+    (Vv::load(x + i) / Vv::set1(t)).store(x + i);  // divided, as transformers' TemperatureLogitsWarper does
+  });
+  row_top_k_top_p(x, n, k, top_p, s);
+  V mv = V::set1(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) mv = max(mv, V::load(x + i));
+  float m = reduce_max(mv, -std::numeric_limits<float>::infinity());
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  // exp(x - max): the probabilities up to their sum; min-p drops those below min_p of the largest (exp(0) = 1).
+  s.e.resize(size_t(n));
+  for_each_chunk<V>(n, [&](auto v, int64_t j) {
+    using Vv = decltype(v);
+    const Vv e = exp(Vv::load(x + j) - Vv::set1(m));
+    Vv::select_gt(Vv::set1(min_p), e, Vv::zero(), e).store(s.e.data() + j);
+  });
+  double total = 0;
+  for (int64_t j = 0; j < n; ++j) total += s.e[j];
+  if (!(total > 0) || !std::isfinite(total)) return row_argmax(x, n);  // NaN (its first one), or an infinite max
+  const double target = double(u) * total;
+  double cum = 0;
+  int64_t last = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (s.e[j] == 0.f) continue;
+    cum += s.e[j], last = j;
+    if (cum > target) return j;
+  }
+  return last;  // u * total rounded up to the total: the last token with probability > 0
+}
+
 }  // namespace
 
 void argmax_kernel(const ArgmaxParams& p) {
   visit_dtype(p.dtype, [&](auto t) { run<decltype(t)>(p); });
+}
+
+void sample_kernel(const SampleParams& p) {
+  const TopKTopPParams& f = p.filter;
+  parallel_for(0, f.rows, grain_for(4 * f.cols * int64_t(sizeof(float))), [&](int64_t r0, int64_t r1) {
+    Scratch s;
+    for (int64_t r = r0; r < r1; ++r)
+      p.out[r] = row_sample(f.x + r * f.stride, f.cols, p.temperature[r], f.top_k[r], f.top_p[r], p.min_p[r], p.u[r], s);
+  });
 }
 
 void top_k_top_p_kernel(const TopKTopPParams& p) {

@@ -30,4 +30,18 @@ struct TopKTopPParams {
 
 LLMKERN_DECLARE_CPU_KERNEL(top_k_top_p_kernel, TopKTopPParams)
 
+// One token per row of float32 logits x [rows, cols] (overwritten: scratch), as transformers' warpers and an inverse
+// CDF draw pick it: temperature 0 gives the row's argmax (ties: the first; NaN: the first NaN). Otherwise x / t, top-k,
+// top-p (as top_k_top_p_kernel), min-p (drops the tokens whose probability is below min_p times the largest), then
+// the first token whose cumulative probability exceeds u times the total. A row holding NaN gives its first NaN.
+struct SampleParams {
+  TopKTopPParams filter;             // x and the per-row top_k, top_p
+  const float* temperature = nullptr;  // [rows], >= 0
+  const float* min_p = nullptr;        // [rows], in [0, 1]; 0: no min-p
+  const float* u = nullptr;            // [rows], in [0, 1)
+  int64_t* out = nullptr;              // [rows]
+};
+
+LLMKERN_DECLARE_CPU_KERNEL(sample_kernel, SampleParams)
+
 }  // namespace llmkern

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmkern._ext import available
-from llmkern.ops.sampling import argmax, top_k_top_p_, top_k_top_p_ref
+from llmkern.ops.sampling import argmax, sample_, top_k_top_p_, top_k_top_p_ref
 
 
 def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
@@ -292,19 +292,25 @@ def probabilities(logits, params, prompt_ids=None, output_ids=None) -> torch.Ten
     return probs
 
 
+def _uniforms(batch: int, generators: Sequence[torch.Generator | None] | None, device) -> torch.Tensor:
+    """One U[0, 1) number per row [batch]: from the row's generator, else from torch's global one."""
+    generators = generators or [None] * batch
+    if len(generators) != batch:
+        raise ValueError(f"generators: one per row expected ({batch}), got {len(generators)}")
+    u = torch.rand(batch, device=device)  # from the global generator: kept by the unseeded rows
+    for r, g in enumerate(generators):
+        if g is not None:
+            u[r] = torch.rand(1, generator=g, device=device)[0]
+    return u
+
+
 def sample_from_probabilities(probs: torch.Tensor, generators: Sequence[torch.Generator | None] | None = None):
     """One token per row of `probs` [B, V] by inverse CDF: the first token whose cumulative probability exceeds
     u * total, u ~ U[0, 1) drawn from the row's generator (torch's global one when None). One random number per
     row, so a seeded row's draw depends on nothing but its seed and its own probabilities; zero-probability tokens
     are never picked."""
-    batch, vocab = probs.shape
-    generators = generators or [None] * batch
-    if len(generators) != batch:
-        raise ValueError(f"generators: one per row expected ({batch}), got {len(generators)}")
-    u = torch.rand(batch, 1, device=probs.device)  # from the global generator: kept by the unseeded rows
-    for r, g in enumerate(generators):
-        if g is not None:
-            u[r] = torch.rand(1, generator=g, device=probs.device)
+    vocab = probs.shape[1]
+    u = _uniforms(probs.shape[0], generators, probs.device)[:, None]
     cdf = probs.cumsum(dim=-1)
     tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=vocab - 1)[:, 0]
     # u * total can round up to the total: then take the last token with probability > 0.
@@ -318,8 +324,19 @@ def sample_from_probabilities(probs: torch.Tensor, generators: Sequence[torch.Ge
 def sample(logits, params, prompt_ids=None, output_ids=None, generators=None) -> torch.Tensor:
     """Next token ids [B] (int64) for logits [B, V]: argmax of the penalized logits for greedy rows, a draw from
     `probabilities` for the others. prompt_ids / output_ids: each row's previous tokens (lists or 1-D tensors),
-    needed by the penalties. generators: each row's generator from make_generator (None entries: global RNG)."""
-    return sample_with_probabilities(logits, params, prompt_ids, output_ids, generators)[0]
+    needed by the penalties. generators: each row's generator from make_generator (None entries: global RNG).
+    On the CPU the warpers and the draw are one compiled op (llmkern.ops.sample_), with the same uniform numbers."""
+    if logits.device.type != "cpu" or not available() or all(p.greedy for p in params):
+        return sample_with_probabilities(logits, params, prompt_ids, output_ids, generators)[0]
+    x = apply_penalties(logits, params, prompt_ids, output_ids)  # new fp32 logits unless they were already
+    if x is logits or not x.is_contiguous():  # the op writes them; the caller's logits are never modified
+        x = x.clone(memory_format=torch.contiguous_format)
+    if generators is not None:  # greedy rows draw nothing, so their generators do not advance
+        generators = [None if p.greedy else g for p, g in zip(params, generators)]
+    device = x.device
+    return sample_(x, _row_values(params, "temperature", device), _row_values(params, "top_k", device, torch.long),
+                   _row_values(params, "top_p", device), _row_values(params, "min_p", device),
+                   _uniforms(len(params), generators, device))
 
 
 def sample_with_probabilities(logits, params, prompt_ids=None, output_ids=None, generators=None):

@@ -46,11 +46,12 @@ from llmkern.ops.rope import (
     rotary_embedding_,
     rotary_embedding_ref,
 )
-from llmkern.ops.sampling import argmax, argmax_ref, top_k_top_p_, top_k_top_p_ref
+from llmkern.ops.sampling import argmax, argmax_ref, sample_, top_k_top_p_, top_k_top_p_ref
 
 __all__ = [
     "argmax",
     "argmax_ref",
+    "sample_",
     "top_k_top_p_",
     "top_k_top_p_ref",
     "cross_entropy_grad_",

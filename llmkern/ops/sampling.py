@@ -8,7 +8,8 @@ vector lane, with torch.argmax's answer on ties (the first maximum) and on NaN (
 top_k_top_p_ is transformers' TopKLogitsWarper then TopPLogitsWarper without sorting the row: each cut is a threshold
 found from a histogram of the row's values (csrc/kernels/sampling.cpp). 16 rows of 8192 float32 logits, top_p 0.95:
 ~0.27 ms against ~3.4 ms for torch's topk-candidates path (in process, 2 threads), which made a sampled 16-sequence
-decode step of the demo model 3x a greedy one.
+decode step of the demo model 3x a greedy one. sample_ is the whole draw of a sampled row in one op: temperature,
+the filter, min-p and the inverse CDF.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def top_k_top_p_(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return logits
 
 
+def sample_(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, u: Tensor) -> Tensor:
+    """One token per row of float32 logits [B, V] (scratch: overwritten) on the CPU, int64 [B]: temperature 0 gives
+    the argmax; otherwise logits / temperature, top_k_top_p_, min-p (transformers' MinPLogitsWarper), then the first
+    token whose cumulative probability exceeds u times the total (u in [0, 1): an inverse CDF draw). Per-row float32
+    temperature >= 0, top_p in (0, 1], min_p in [0, 1], u in [0, 1), and int64 top_k. A row holding NaN gives its
+    first NaN."""
+    return ops().sample_(logits, temperature, top_k, top_p, min_p, u)
+
+
 def _register() -> None:
     @torch.library.register_fake("llmkern::argmax")
     def _(x):
@@ -64,6 +74,10 @@ def _register() -> None:
     @torch.library.register_fake("llmkern::top_k_top_p_")
     def _(logits, top_k, top_p):
         return None
+
+    @torch.library.register_fake("llmkern::sample_")
+    def _(logits, temperature, top_k, top_p, min_p, u):
+        return logits.new_empty(logits.shape[:1], dtype=torch.int64)
 
 
 if available():

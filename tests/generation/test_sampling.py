@@ -3,6 +3,7 @@ greedy = argmax, same seed same tokens, rows independent of each other, draws fo
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -154,6 +155,21 @@ def test_same_seed_same_tokens_independent_of_batch():
     order = [5, 2, 4]
     moved = run_seeded([s[order] for s in steps], [params[i] for i in order], [0])
     assert torch.equal(moved[:, 0], first[:, 3])
+
+
+def test_compiled_draw_equals_the_torch_path(monkeypatch):
+    # On the CPU sample() draws in one compiled op (ops.sample_) with the same uniform numbers as the torch path:
+    # the same tokens, seeded rows and unseeded ones alike.
+    for seed, (vocab, scale) in enumerate([(1000, 3.0), (5000, 8.0), (5000, 0.5), (8192, 2.0)]):
+        logits, prompts, outputs = random_case(len(ROWS), seed=seed, vocab=vocab, scale=scale)
+        params = [dataclasses.replace(p, seed=100 * seed + i if i % 2 else None) for i, p in enumerate(ROWS)]
+        tokens, before = [], logits.clone()
+        for compiled in (True, False):
+            monkeypatch.setattr(sampling, "available", lambda: compiled and available())
+            torch.manual_seed(seed)
+            tokens.append(sample(logits, params, prompts, outputs, generators=[make_generator(p) for p in params]))
+        assert torch.equal(tokens[0], tokens[1])
+        assert torch.equal(logits, before)  # the op draws on a copy of the caller's logits
 
 
 def test_draws_follow_the_distribution():
