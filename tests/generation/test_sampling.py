@@ -170,6 +170,8 @@ def test_compiled_draw_equals_the_torch_path(monkeypatch):
             tokens.append(sample(logits, params, prompts, outputs, generators=[make_generator(p) for p in params]))
         assert torch.equal(tokens[0], tokens[1])
         assert torch.equal(logits, before)  # the op draws on a copy of the caller's logits
+    sample(logits, [SamplingParams(top_p=0.9)] * len(logits))  # no penalty: no new logits before the op's copy
+    assert torch.equal(logits, before)
 
 
 def test_draws_follow_the_distribution():
