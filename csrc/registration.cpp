@@ -157,6 +157,10 @@ TORCH_LIBRARY(llmkern, m) {
   m.def("top_k_top_p_(Tensor(a!) logits, Tensor top_k, Tensor top_p) -> ()");
   // One token per row: temperature (0: argmax), top-k, top-p, min-p, then the inverse CDF at u float32 [rows]; logits
   // float32 [rows, vocab] are scratch (overwritten). -> int64 [rows]. CPU.
+  // Repetition, frequency and presence penalties on logits float32 [rows, vocab] in place, from the token histories
+  // ids int64 [T] (row r: ids[offsets[r], offsets[r + 1]), its output tokens from output_start[r]). CPU.
+  m.def("apply_penalties_(Tensor(a!) logits, Tensor ids, Tensor offsets, Tensor output_start, Tensor repetition,"
+        " Tensor frequency, Tensor presence) -> ()");
   m.def("sample_(Tensor(a!) logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor u) -> Tensor");
 
   // Benchmark ceilings: wide-SIMD copy and read loops and register-only FMA chains over all threads

@@ -1,8 +1,10 @@
-// Token selection on the CPU: the sampler's argmax, its top-k / top-p filter and its whole draw (sample_).
+// Token selection on the CPU: the sampler's argmax, penalties, top-k / top-p filter and its whole draw (sample_).
 #include "kernels/sampling.h"
 #include "ops/common.h"
 
+#include <algorithm>
 #include <limits>
+#include <string>
 
 namespace llmkern {
 namespace {
@@ -90,9 +92,55 @@ Tensor sample_(Tensor& logits, const Tensor& temperature, const Tensor& top_k, c
   return out;
 }
 
+// logits [rows, vocab] float32 in place; ids int64 [T] with offsets int64 [rows + 1] (row r's history) and output_start
+// int64 [rows]; repetition (> 0), frequency, presence float32 [rows] (kernels/sampling.h).
+void apply_penalties_(Tensor& logits, const Tensor& ids, const Tensor& offsets, const Tensor& output_start,
+                      const Tensor& repetition, const Tensor& frequency, const Tensor& presence) {
+  check_device(logits, "logits", c10::DeviceType::CPU);
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat,
+              "logits: expected float32 [rows, vocab], got ", logits.scalar_type(), " ", logits.sizes());
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  const auto check_long = [&](const Tensor& t, const char* name, int64_t n) {
+    check_device(t, name, c10::DeviceType::CPU);
+    TORCH_CHECK(t.dim() == 1 && (n < 0 || t.size(0) == n) && t.scalar_type() == at::kLong && t.is_contiguous(),
+                name, ": expected int64 [", n < 0 ? "T" : std::to_string(n), "] with unit stride, got ",
+                t.scalar_type(), " ", t.sizes());
+  };
+  check_long(ids, "ids", -1);
+  check_long(offsets, "offsets", rows + 1);
+  check_long(output_start, "output_start", rows);
+  const int64_t *id = ids.data_ptr<int64_t>(), *off = offsets.data_ptr<int64_t>(), *os = output_start.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[rows] <= ids.size(0), "offsets: expected 0 first and at most ", ids.size(0), " last");
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(off[r] <= os[r] && os[r] <= off[r + 1], "offsets, output_start: row ", r, " expects offsets[r] <= ",
+                "output_start[r] <= offsets[r + 1], got ", off[r], ", ", os[r], ", ", off[r + 1]);
+  if (off[rows] > 0) {
+    const auto [lo, hi] = std::minmax_element(id, id + off[rows]);
+    TORCH_CHECK_VALUE(*lo >= 0 && *hi < vocab, "token ids must be in [0, ", vocab, ") (the logits' vocabulary), got ",
+                      *lo, "..", *hi);
+  }
+  Tensor rep = row_values(repetition, "repetition", rows, 0.f, std::numeric_limits<float>::infinity(), false);
+  Tensor freq = row_values(frequency, "frequency", rows, -std::numeric_limits<float>::max(),
+                           std::numeric_limits<float>::max(), false);
+  Tensor pres = row_values(presence, "presence", rows, -std::numeric_limits<float>::max(),
+                           std::numeric_limits<float>::max(), false);
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(rep.data_ptr<float>()[r] > 0.f, "repetition: expected values > 0, got 0 in row ", r);
+  const Rows xr = as_rows(logits, "logits", /*writable=*/true);
+  PenaltyParams p;
+  p.rows = xr.rows;
+  p.cols = xr.cols;
+  p.stride = xr.stride;
+  p.x = static_cast<float*>(xr.data());
+  p.ids = id, p.offsets = off, p.output_start = os;
+  p.repetition = rep.data_ptr<float>(), p.frequency = freq.data_ptr<float>(), p.presence = pres.data_ptr<float>();
+  if (rows && vocab) penalties_kernel(p);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llmkern, CPU, m) {
+  m.impl("apply_penalties_", &apply_penalties_);
   m.impl("argmax", &argmax);
   m.impl("top_k_top_p_", &top_k_top_p_);
   m.impl("sample_", &sample_);

@@ -256,6 +256,27 @@ void sample_kernel(const SampleParams& p) {
   });
 }
 
+void penalties_kernel(const PenaltyParams& p) {
+  parallel_for(0, p.rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<int32_t> count(size_t(p.cols), 0);  // per token: seen (repetition), then its output count
+    for (int64_t r = r0; r < r1; ++r) {
+      float* x = p.x + r * p.stride;
+      const int64_t *ids = p.ids + p.offsets[r], *end = p.ids + p.offsets[r + 1], *out = p.ids + p.output_start[r];
+      const float rep = p.repetition[r], freq = p.frequency[r], pres = p.presence[r];
+      if (rep != 1.f) {
+        for (const int64_t* t = ids; t < end; ++t)
+          if (!count[*t]) count[*t] = 1, x[*t] = x[*t] < 0.f ? x[*t] * rep : x[*t] / rep;  // as transformers'
+        for (const int64_t* t = ids; t < end; ++t) count[*t] = 0;
+      }
+      if (freq != 0.f || pres != 0.f) {
+        for (const int64_t* t = out; t < end; ++t) ++count[*t];
+        for (const int64_t* t = out; t < end; ++t)  // each distinct token once; its count then reset
+          if (count[*t]) x[*t] = x[*t] - freq * float(count[*t]) - pres, count[*t] = 0;
+      }
+    }
+  });
+}
+
 void top_k_top_p_kernel(const TopKTopPParams& p) {
   parallel_for(0, p.rows, grain_for(4 * p.cols * int64_t(sizeof(float))), [&](int64_t r0, int64_t r1) {
     Scratch s;

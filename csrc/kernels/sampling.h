@@ -44,4 +44,17 @@ struct SampleParams {
 
 LLMKERN_DECLARE_CPU_KERNEL(sample_kernel, SampleParams)
 
+// Penalties on float32 logits x [rows, cols] in place, from each row's token history ids[offsets[r], offsets[r + 1])
+// (ids in [0, cols)), whose output tokens start at output_start[r]. transformers' repetition penalty over every
+// distinct token of the history (x / penalty where x > 0, x * penalty otherwise), then vLLM's frequency and presence
+// penalties over the output tokens (x - frequency * count - presence).
+struct PenaltyParams {
+  int64_t rows = 0, cols = 0, stride = 0;
+  float* x = nullptr;
+  const int64_t *ids = nullptr, *offsets = nullptr, *output_start = nullptr;  // offsets [rows + 1]
+  const float *repetition = nullptr, *frequency = nullptr, *presence = nullptr;  // [rows]
+};
+
+LLMKERN_DECLARE_CPU_KERNEL(penalties_kernel, PenaltyParams)
+
 }  // namespace llmkern

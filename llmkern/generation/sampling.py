@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmkern._ext import available
-from llmkern.ops.sampling import argmax, sample_, top_k_top_p_, top_k_top_p_ref
+from llmkern.ops.sampling import apply_penalties_, argmax, sample_, top_k_top_p_, top_k_top_p_ref
 
 
 def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
@@ -185,6 +185,8 @@ def apply_penalties(logits, params, prompt_ids=None, output_ids=None) -> torch.T
     prompt_ids, output_ids = prompt_ids or empty, output_ids or empty
     if not any(p.penalized for p in params):
         return logits.float()
+    if logits.device.type == "cpu" and available():
+        return _compiled_penalties(logits, params, prompt_ids, output_ids)
     repetition = [p.repetition_penalty != 1.0 for p in params]
     counted = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
     flat = logits.float().flatten().clone()  # the caller's logits are never modified
@@ -203,6 +205,23 @@ def apply_penalties(logits, params, prompt_ids=None, output_ids=None) -> torch.T
         presence = _row_values(params, "presence_penalty", flat.device)[rows]
         flat[pos] = flat[pos] - frequency * counts - presence  # vLLM: the frequency term first, then presence
     return flat.view(batch, vocab)
+
+
+def _compiled_penalties(logits, params, prompt_ids, output_ids) -> torch.Tensor:
+    """apply_penalties through llmkern.ops.apply_penalties_: each penalized row's history as one flat id list."""
+    ids, offsets, starts = [], [0], []
+    for prompt, output, p in zip(prompt_ids, output_ids, params):
+        if p.repetition_penalty != 1.0:  # the prompt counts for the repetition penalty only
+            ids += _as_list(prompt)
+        starts.append(len(ids))
+        if p.penalized:
+            ids += _as_list(output)
+        offsets.append(len(ids))
+    x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return apply_penalties_(x, as_long(ids), as_long(offsets), as_long(starts),
+                            *(_row_values(params, name, x.device) for name in
+                              ("repetition_penalty", "frequency_penalty", "presence_penalty")))
 
 
 # Top-p first looks for its nucleus among this many most likely tokens, and sorts the whole row only when they

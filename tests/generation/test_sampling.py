@@ -117,6 +117,22 @@ def test_presence_and_frequency_penalties_match_vllm_formula():
     assert not torch.equal(got[0], logits[0])
 
 
+def test_compiled_penalties_equal_the_torch_path(monkeypatch):
+    # ops.apply_penalties_ (the CPU path) against the PyTorch index code (other devices), bit for bit; rows with
+    # each penalty alone, all of them, none, and histories given as tensors.
+    rows = [SamplingParams(repetition_penalty=1.3), SamplingParams(frequency_penalty=0.7),
+            SamplingParams(presence_penalty=-0.4), SamplingParams(), SamplingParams(repetition_penalty=0.8,
+            frequency_penalty=-1.1, presence_penalty=1.5), SamplingParams(repetition_penalty=1.1, presence_penalty=0.2)]
+    logits, prompts, outputs = random_case(len(rows), seed=3, vocab=300)
+    prompts[5] = torch.tensor(prompts[5])
+    out = []
+    for compiled in (True, False):
+        monkeypatch.setattr(sampling, "available", lambda: compiled and available())
+        out.append(apply_penalties(logits, rows, prompts, outputs))
+    assert torch.equal(out[0], out[1])
+    assert not torch.equal(out[0], logits) and torch.equal(out[0][3], logits[3])
+
+
 def test_greedy_is_argmax_of_penalized_logits():
     logits, prompts, outputs = random_case(4, seed=2)
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=5.0),

@@ -1,5 +1,6 @@
 """llmkern.ops.sample_, the sampler's whole draw in one op, on every CPU path: an inverse CDF over transformers'
-warped distribution (probabilities() in float64 is the reference), argmax at temperature 0, bad inputs named."""
+warped distribution (probabilities() in float64 is the reference), argmax at temperature 0, bad inputs named. And
+apply_penalties_'s contract (its values: tests/generation/test_sampling.py, against the PyTorch path)."""
 
 import pytest
 import torch
@@ -81,3 +82,40 @@ def _args(**change):
 def test_bad_input(change, match):
     with pytest.raises(RuntimeError, match=match):
         lk.sample_(**_args(**change))
+
+
+def _penalty_args(**change):
+    args = dict(logits=torch.randn(2, 9), ids=torch.tensor([1, 2, 2, 8, 0]), offsets=torch.tensor([0, 3, 5]),
+                output_start=torch.tensor([1, 4]), repetition=torch.tensor([1.2, 1.0]),
+                frequency=torch.tensor([0.5, 0.0]), presence=torch.tensor([0.0, -0.3]))
+    return {**args, **change}
+
+
+def test_penalties_by_hand():
+    x = torch.tensor([[2.0, -1.0, 3.0, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    # row 0: history [1, 2, 2], outputs [2, 2]; row 1: history [3, 3, 0], outputs [3, 3, 0]
+    lk.apply_penalties_(x, torch.tensor([1, 2, 2, 3, 3, 0]), torch.tensor([0, 3, 6]), torch.tensor([1, 3]),
+                        torch.tensor([2.0, 1.0]), torch.tensor([0.5, 0.25]), torch.tensor([0.1, 1.0]))
+    want = torch.tensor([[2.0, -2.0, 1.5 - 0.5 * 2 - 0.1, 0.5], [1.0 - 0.25 - 1.0, 1.0, 1.0, 1.0 - 0.5 - 1.0]])
+    assert torch.equal(x, want)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(ids=torch.tensor([1, 2, 9, 8, 0])), ValueError, "token ids must be in \\[0, 9\\)"),
+    (dict(ids=torch.tensor([1, 2, -1, 8, 0])), ValueError, "token ids must be in"),
+    (dict(ids=torch.tensor([1, 2, 2, 8, 0], dtype=torch.int32)), RuntimeError, "ids: expected int64"),
+    (dict(offsets=torch.tensor([0, 3])), RuntimeError, "offsets: expected int64 \\[3\\]"),
+    (dict(offsets=torch.tensor([0, 3, 6])), RuntimeError, "offsets: expected 0 first and at most 5 last"),
+    (dict(output_start=torch.tensor([4, 4])), RuntimeError, "output_start"),
+    (dict(repetition=torch.tensor([0.0, 1.0])), RuntimeError, "repetition: expected values > 0"),
+    (dict(presence=torch.tensor([0.0, float("nan")])), RuntimeError, "presence: expected values in"),
+    (dict(logits=torch.randn(2, 9, dtype=torch.bfloat16)), RuntimeError, "logits: expected float32"),
+])
+def test_penalties_bad_input(change, error, match):
+    with pytest.raises(error, match=match):
+        lk.apply_penalties_(**_penalty_args(**change))
+
+
+def test_penalties_opcheck():
+    a = _penalty_args()
+    torch.library.opcheck(ops.apply_penalties_, tuple(a.values()))
