@@ -131,6 +131,9 @@ def test_compiled_penalties_equal_the_torch_path(monkeypatch):
         out.append(apply_penalties(logits, rows, prompts, outputs))
     assert torch.equal(out[0], out[1])
     assert not torch.equal(out[0], logits) and torch.equal(out[0][3], logits[3])
+    # a first decode step: no output tokens yet, so frequency and presence have no history at all
+    empty = apply_penalties(logits[:2], rows[1:3], prompts[:2], [[], []])
+    assert torch.equal(empty, logits[:2])
 
 
 def test_greedy_is_argmax_of_penalized_logits():
