@@ -27,7 +27,8 @@ HEADER = ["case", "tokens/step", "llmkern tok/s", "transformers tok/s", "x trans
           "transformers ms/step", "llmkern peak MiB (+train)", "transformers peak MiB (+train)"]
 LEGEND = ("demo-target preset (llama, hidden 320, 4 layers, 5 heads, 1 kv head, intermediate 864, vocab 8192, untied "
           "embeddings: 9.55M parameters), fp32 and under bf16 autocast (the trainer's --bf16: the forward in bf16, "
-          "weights and AdamW in fp32, on both sides), batch of 16 sequences x 512 random token ids. A step: forward + mean loss (llmkern: "
+          "weights and AdamW in fp32, on both sides), batch of 16 sequences x 512 random token ids. "
+          "A step: forward + mean loss (llmkern: "
           "fused head + cross entropy, no logits stored) + backward + "
           "clip_grad_norm_(1.0) + AdamW + zero_grad; median of alternating steps after 2 warm-up steps each. "
           "transformers: LlamaForCausalLM (its default sdpa attention) with llmkern's initial weights. Peak MiB: "

@@ -109,7 +109,8 @@ void apply_penalties_(Tensor& logits, const Tensor& ids, const Tensor& offsets, 
   check_long(ids, "ids", -1);
   check_long(offsets, "offsets", rows + 1);
   check_long(output_start, "output_start", rows);
-  const int64_t *id = ids.data_ptr<int64_t>(), *off = offsets.data_ptr<int64_t>(), *os = output_start.data_ptr<int64_t>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t *off = offsets.data_ptr<int64_t>(), *os = output_start.data_ptr<int64_t>();
   TORCH_CHECK(off[0] == 0 && off[rows] <= ids.size(0), "offsets: expected 0 first and at most ", ids.size(0), " last");
   for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK(off[r] <= os[r] && os[r] <= off[r + 1], "offsets, output_start: row ", r, " expects offsets[r] <= ",

@@ -82,19 +82,23 @@ def test_infinities_nan_rows_and_strided_rows(cpu_isa):
 
 
 def test_opcheck():
-    torch.library.opcheck(ops.top_k_top_p_, (torch.randn(3, 37), torch.tensor([0, 4, 1]), torch.tensor([0.9, 1.0, 0.5])))
+    args = (torch.randn(3, 37), torch.tensor([0, 4, 1]), torch.tensor([0.9, 1.0, 0.5]))
+    torch.library.opcheck(ops.top_k_top_p_, args)
+
+
+K2, P2 = torch.zeros(2, dtype=torch.long), torch.ones(2)
 
 
 @pytest.mark.parametrize("args, match", [
-    ((torch.randn(2, 9, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.long), torch.ones(2)), "logits: expected float32"),
+    ((torch.randn(2, 9, dtype=torch.bfloat16), K2, P2), "logits: expected float32"),
     ((torch.randn(9), torch.zeros(1, dtype=torch.long), torch.ones(1)), "logits: expected float32 \\[rows, vocab\\]"),
-    ((torch.randn(9, 2).t(), torch.zeros(2, dtype=torch.long), torch.ones(2)), "logits"),
-    ((torch.randn(2, 9), torch.zeros(2, dtype=torch.int32), torch.ones(2)), "top_k: expected int64 \\[2\\]"),
-    ((torch.randn(2, 9), torch.zeros(3, dtype=torch.long), torch.ones(2)), "top_k: expected int64 \\[2\\]"),
-    ((torch.randn(2, 9), torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.float64)), "top_p: expected float32"),
-    ((torch.randn(2, 9), torch.zeros(2, dtype=torch.long), torch.tensor([0.5, 0.0])), "top_p: expected values in"),
-    ((torch.randn(2, 9), torch.zeros(2, dtype=torch.long), torch.tensor([1.5, 0.5])), "top_p: expected values in"),
-    ((torch.randn(2, 9), torch.zeros(2, dtype=torch.long), torch.tensor([float("nan"), 0.5])), "top_p: expected values"),
+    ((torch.randn(9, 2).t(), K2, P2), "logits"),
+    ((torch.randn(2, 9), torch.zeros(2, dtype=torch.int32), P2), "top_k: expected int64 \\[2\\]"),
+    ((torch.randn(2, 9), torch.zeros(3, dtype=torch.long), P2), "top_k: expected int64 \\[2\\]"),
+    ((torch.randn(2, 9), K2, torch.ones(2, dtype=torch.float64)), "top_p: expected float32"),
+    ((torch.randn(2, 9), K2, torch.tensor([0.5, 0.0])), "top_p: expected values in"),
+    ((torch.randn(2, 9), K2, torch.tensor([1.5, 0.5])), "top_p: expected values in"),
+    ((torch.randn(2, 9), K2, torch.tensor([float("nan"), 0.5])), "top_p: expected values"),
 ])
 def test_bad_input(args, match):
     with pytest.raises(RuntimeError, match=match):
