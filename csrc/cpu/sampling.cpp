@@ -27,35 +27,42 @@ Tensor argmax(const Tensor& x) {
   return out;
 }
 
-// A float32 [rows] tensor of per-row values in [lo, hi] (hi excluded when hi_open), contiguous; NaN refused.
-Tensor row_values(const Tensor& v, const char* name, int64_t rows, float lo, float hi, bool hi_open) {
+// Which ends of a per-row value range are open.
+enum class Ends { kClosed, kLowOpen, kHighOpen };
+
+// A float32 [rows] tensor of per-row values in the range lo..hi (ends as given), contiguous; NaN refused.
+Tensor row_values(const Tensor& v, const char* name, int64_t rows, float lo, float hi, Ends ends = Ends::kClosed) {
   check_device(v, name, c10::DeviceType::CPU);
   TORCH_CHECK(v.dim() == 1 && v.size(0) == rows && v.scalar_type() == at::kFloat,
               name, ": expected float32 [", rows, "], got ", v.scalar_type(), " ", v.sizes());
   Tensor c = v.contiguous();
+  const bool lo_open = ends == Ends::kLowOpen, hi_open = ends == Ends::kHighOpen;
   for (int64_t r = 0; r < rows; ++r) {
     const float x = c.data_ptr<float>()[r];
-    TORCH_CHECK(x >= lo && (hi_open ? x < hi : x <= hi), name, ": expected values in [", lo, ", ", hi,
-                hi_open ? ")" : "]", ", got ", x, " in row ", r);
+    TORCH_CHECK((lo_open ? x > lo : x >= lo) && (hi_open ? x < hi : x <= hi), name, ": expected values in ",
+                lo_open ? "(" : "[", lo, ", ", hi, hi_open ? ")" : "]", ", got ", x, " in row ", r);
   }
   return c;
 }
 
-// The filter's parameters for logits [rows, vocab] float32 (unit stride along vocab, written in place), top_k int64
-// [rows], top_p float32 [rows] in (0, 1]. The tensors they point into stay alive with logits, top_k and top_p.
-TopKTopPParams filter_params(Tensor& logits, const Tensor& top_k, const Tensor& top_p) {
+// logits: float32 [rows, vocab] with unit stride along vocab, written in place.
+Rows logits_rows(Tensor& logits) {
   check_device(logits, "logits", c10::DeviceType::CPU);
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat,
               "logits: expected float32 [rows, vocab], got ", logits.scalar_type(), " ", logits.sizes());
-  const int64_t rows = logits.size(0);
+  return as_rows(logits, "logits", /*writable=*/true);
+}
+
+// The filter's parameters for logits_rows(logits), top_k int64 [rows], top_p float32 [rows] in (0, 1]. The tensors
+// they point into stay alive with logits, top_k and top_p.
+TopKTopPParams filter_params(Tensor& logits, const Tensor& top_k, const Tensor& top_p) {
+  const Rows xr = logits_rows(logits);
   check_device(top_k, "top_k", c10::DeviceType::CPU);
-  TORCH_CHECK(top_k.dim() == 1 && top_k.size(0) == rows && top_k.scalar_type() == at::kLong && top_k.is_contiguous(),
-              "top_k: expected int64 [", rows, "] with unit stride, got ", top_k.scalar_type(), " ", top_k.sizes());
-  const Tensor p = row_values(top_p, "top_p", rows, 0.f, 1.f, false);
+  TORCH_CHECK(top_k.dim() == 1 && top_k.size(0) == xr.rows && top_k.scalar_type() == at::kLong &&
+              top_k.is_contiguous(), "top_k: expected int64 [", xr.rows, "] with unit stride, got ",
+              top_k.scalar_type(), " ", top_k.sizes());
+  const Tensor p = row_values(top_p, "top_p", xr.rows, 0.f, 1.f, Ends::kLowOpen);
   TORCH_CHECK(p.data_ptr() == top_p.data_ptr(), "top_p: expected a contiguous tensor");
-  for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK(p.data_ptr<float>()[r] > 0.f, "top_p: expected values in (0, 1], got 0 in row ", r);
-  const Rows xr = as_rows(logits, "logits", /*writable=*/true);
   TopKTopPParams f;
   f.rows = xr.rows;
   f.cols = xr.cols;
@@ -79,9 +86,9 @@ Tensor sample_(Tensor& logits, const Tensor& temperature, const Tensor& top_k, c
   TopKTopPParams f = filter_params(logits, top_k, top_p);
   const int64_t rows = f.rows;
   SampleParams p;
-  Tensor t = row_values(temperature, "temperature", rows, 0.f, std::numeric_limits<float>::infinity(), false);
-  Tensor mp = row_values(min_p, "min_p", rows, 0.f, 1.f, false);
-  Tensor uu = row_values(u, "u", rows, 0.f, 1.f, true);
+  const Tensor t = row_values(temperature, "temperature", rows, 0.f, std::numeric_limits<float>::infinity());
+  const Tensor mp = row_values(min_p, "min_p", rows, 0.f, 1.f);
+  const Tensor uu = row_values(u, "u", rows, 0.f, 1.f, Ends::kHighOpen);
   Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
   p.filter = f;
   p.temperature = t.data_ptr<float>();
@@ -96,10 +103,8 @@ Tensor sample_(Tensor& logits, const Tensor& temperature, const Tensor& top_k, c
 // int64 [rows]; repetition (> 0), frequency, presence float32 [rows] (kernels/sampling.h).
 void apply_penalties_(Tensor& logits, const Tensor& ids, const Tensor& offsets, const Tensor& output_start,
                       const Tensor& repetition, const Tensor& frequency, const Tensor& presence) {
-  check_device(logits, "logits", c10::DeviceType::CPU);
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat,
-              "logits: expected float32 [rows, vocab], got ", logits.scalar_type(), " ", logits.sizes());
-  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  const Rows xr = logits_rows(logits);
+  const int64_t rows = xr.rows, vocab = xr.cols;
   const auto check_long = [&](const Tensor& t, const char* name, int64_t n) {
     check_device(t, name, c10::DeviceType::CPU);
     TORCH_CHECK(t.dim() == 1 && (n < 0 || t.size(0) == n) && t.scalar_type() == at::kLong && t.is_contiguous(),
@@ -120,17 +125,13 @@ void apply_penalties_(Tensor& logits, const Tensor& ids, const Tensor& offsets, 
     TORCH_CHECK_VALUE(*lo >= 0 && *hi < vocab, "token ids must be in [0, ", vocab, ") (the logits' vocabulary), got ",
                       *lo, "..", *hi);
   }
-  Tensor rep = row_values(repetition, "repetition", rows, 0.f, std::numeric_limits<float>::infinity(), false);
-  Tensor freq = row_values(frequency, "frequency", rows, -std::numeric_limits<float>::max(),
-                           std::numeric_limits<float>::max(), false);
-  Tensor pres = row_values(presence, "presence", rows, -std::numeric_limits<float>::max(),
-                           std::numeric_limits<float>::max(), false);
-  for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK(rep.data_ptr<float>()[r] > 0.f, "repetition: expected values > 0, got 0 in row ", r);
-  const Rows xr = as_rows(logits, "logits", /*writable=*/true);
+  constexpr float kInf = std::numeric_limits<float>::infinity(), kMax = std::numeric_limits<float>::max();
+  const Tensor rep = row_values(repetition, "repetition", rows, 0.f, kInf, Ends::kLowOpen);
+  const Tensor freq = row_values(frequency, "frequency", rows, -kMax, kMax);
+  const Tensor pres = row_values(presence, "presence", rows, -kMax, kMax);
   PenaltyParams p;
-  p.rows = xr.rows;
-  p.cols = xr.cols;
+  p.rows = rows;
+  p.cols = vocab;
   p.stride = xr.stride;
   p.x = static_cast<float*>(xr.data());
   p.ids = id, p.offsets = off, p.output_start = os;

@@ -107,7 +107,7 @@ def test_penalties_by_hand():
     (dict(offsets=torch.tensor([0, 3])), RuntimeError, "offsets: expected int64 \\[3\\]"),
     (dict(offsets=torch.tensor([0, 3, 6])), RuntimeError, "offsets: expected 0 first and at most 5 last"),
     (dict(output_start=torch.tensor([4, 4])), RuntimeError, "output_start"),
-    (dict(repetition=torch.tensor([0.0, 1.0])), RuntimeError, "repetition: expected values > 0"),
+    (dict(repetition=torch.tensor([0.0, 1.0])), RuntimeError, "repetition: expected values in \\(0, inf\\]"),
     (dict(presence=torch.tensor([0.0, float("nan")])), RuntimeError, "presence: expected values in"),
     (dict(logits=torch.randn(2, 9, dtype=torch.bfloat16)), RuntimeError, "logits: expected float32"),
 ])
