@@ -161,6 +161,10 @@ TORCH_LIBRARY(llmkern, m) {
   // ids int64 [T] (row r: ids[offsets[r], offsets[r + 1]), its output tokens from output_start[r]). CPU.
   m.def("apply_penalties_(Tensor(a!) logits, Tensor ids, Tensor offsets, Tensor output_start, Tensor repetition,"
         " Tensor frequency, Tensor presence) -> ()");
+  // log_softmax(logits [rows, vocab]) at tokens int64 [rows], each token's rank (1 = the most likely) and the num_top
+  // largest log-probabilities, descending, with their ids: (float32 [rows], int64 [rows], float32 [rows, num_top],
+  // int64 [rows, num_top]). CPU.
+  m.def("logprobs(Tensor logits, Tensor tokens, int num_top) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("sample_(Tensor(a!) logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor u) -> Tensor");
 
   // Benchmark ceilings: wide-SIMD copy and read loops and register-only FMA chains over all threads

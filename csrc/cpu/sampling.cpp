@@ -1,10 +1,11 @@
-// Token selection on the CPU: the sampler's argmax, penalties, top-k / top-p filter and its whole draw (sample_).
+// Token selection on the CPU: the sampler's argmax, penalties, top-k / top-p filter, whole draw (sample_) and logprobs.
 #include "kernels/sampling.h"
 #include "ops/common.h"
 
 #include <algorithm>
 #include <limits>
 #include <string>
+#include <tuple>
 
 namespace llmkern {
 namespace {
@@ -139,9 +140,41 @@ void apply_penalties_(Tensor& logits, const Tensor& ids, const Tensor& offsets, 
   if (rows && vocab) penalties_kernel(p);
 }
 
+// logits [rows, vocab] (float32, bfloat16 or float16; unit stride along vocab), tokens int64 [rows] ->
+// (token_logprob float32 [rows], rank int64 [rows], top float32 [rows, num_top], top_ids int64 [rows, num_top]).
+std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& tokens, int64_t num_top) {
+  check_device(logits, "logits", c10::DeviceType::CPU);
+  check_device(tokens, "tokens", c10::DeviceType::CPU);
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "logits: expected [rows, vocab] with vocab >= 1, got ",
+              logits.sizes());
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) == rows && tokens.scalar_type() == at::kLong,
+              "tokens: expected int64 [", rows, "], got ", tokens.scalar_type(), " ", tokens.sizes());
+  TORCH_CHECK(num_top >= 0 && num_top <= vocab, "num_top: expected 0..", vocab, ", got ", num_top);
+  const Tensor t = tokens.contiguous();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t id = t.data_ptr<int64_t>()[r];
+    TORCH_CHECK_INDEX(id >= 0 && id < vocab, "tokens: expected ids in [0, ", vocab, "), got ", id, " in row ", r);
+  }
+  LogprobParams p;
+  p.dtype = kernel_dtype(logits, "logits");
+  const Rows xr = as_rows(logits, "logits");
+  const auto f32 = logits.options().dtype(at::kFloat), i64 = logits.options().dtype(at::kLong);
+  Tensor lp = at::empty({rows}, f32), rank = at::empty({rows}, i64);
+  Tensor top = at::empty({rows, num_top}, f32), top_ids = at::empty({rows, num_top}, i64);
+  p.rows = rows, p.cols = vocab, p.stride = xr.stride, p.num_top = num_top;
+  p.x = xr.data();
+  p.tokens = t.data_ptr<int64_t>();
+  p.token_logprob = lp.data_ptr<float>(), p.rank = rank.data_ptr<int64_t>();
+  p.top = top.data_ptr<float>(), p.top_ids = top_ids.data_ptr<int64_t>();
+  if (rows) logprobs_kernel(p);
+  return {lp, rank, top, top_ids};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llmkern, CPU, m) {
+  m.impl("logprobs", &logprobs);
   m.impl("apply_penalties_", &apply_penalties_);
   m.impl("argmax", &argmax);
   m.impl("top_k_top_p_", &top_k_top_p_);

@@ -244,7 +244,73 @@ int64_t row_sample(float* x, int64_t n, float t, int64_t k, float top_p, float m
   return last;  // u * total rounded up to the total: the last token with probability > 0
 }
 
+// compute_logprobs of one row (kernels/sampling.h): two vector passes for the log-sum-exp, one for the rank, and a
+// selection of the num_top largest in which only vectors holding a value above the current num_top-th are looked at
+// lane by lane.
+template <typename T>
+void row_logprobs(const T* x, int64_t n, int64_t token, int64_t num_top, float* token_lp, int64_t* rank, float* top,
+                  int64_t* top_ids) {
+  using V = typename VecFor<T>::type;
+  using A = typename V::value_type;
+  constexpr int W = V::W;
+  const auto at = [&](int64_t i) { return float(ScalarVec<A>::load(x + i).v); };
+  V mv = V::set1(-std::numeric_limits<A>::infinity());
+  int64_t i = 0;
+  for (; i + W <= n; i += W) mv = max(mv, V::load(x + i));
+  float m = float(reduce_max(mv, -std::numeric_limits<A>::infinity()));
+  for (; i < n; ++i) m = std::max(m, at(i));
+  VecSum<V> sum;
+  for_each_chunk<V>(n, [&](auto v, int64_t j) {
+    using Vv = decltype(v);
+    sum.add(exp(Vv::load(x + j) - Vv::set1(A(m))));
+  });
+  const float logs = std::log(float(sum.total()));
+  const auto lp = [&](float v) { return (v - m) - logs; };  // as log_softmax rounds it
+  const float t = lp(at(token));
+  VecSum<V> above;  // counts up to 2^24 per lane exactly
+  for_each_chunk<V>(n, [&](auto v, int64_t j) {
+    using Vv = decltype(v);
+    const Vv l = (Vv::load(x + j) - Vv::set1(A(m))) - Vv::set1(A(logs));
+    above.add(Vv::select_gt(l, Vv::set1(A(t)), Vv::set1(A(1)), Vv::zero()));
+  });
+  *token_lp = t, *rank = int64_t(above.total()) + 1;
+  if (num_top == 0) return;
+  // the num_top largest values so far, descending, and their indices; a later tie never displaces an earlier one
+  int64_t filled = 0;
+  const auto insert = [&](float v, int64_t j) {
+    if (filled == num_top && !(v > top[num_top - 1])) return;
+    int64_t k = std::min(filled, num_top - 1);
+    for (; k > 0 && v > top[k - 1]; --k) top[k] = top[k - 1], top_ids[k] = top_ids[k - 1];
+    top[k] = v, top_ids[k] = j;
+    filled = std::min(filled + 1, num_top);
+  };
+  i = 0;
+  alignas(64) A lanes[W];
+  for (; i + W <= n; i += W) {
+    const V v = V::load(x + i);
+    if (filled == num_top && !(reduce_max(v, -std::numeric_limits<A>::infinity()) > top[num_top - 1])) continue;
+    v.store(lanes);
+    for (int l = 0; l < W; ++l) insert(float(lanes[l]), i + l);
+  }
+  for (; i < n; ++i) insert(at(i), i);
+  for (int64_t k = 0; k < filled; ++k) top[k] = lp(top[k]);
+  for (int64_t k = filled; k < num_top; ++k) top[k] = -std::numeric_limits<float>::infinity(), top_ids[k] = 0;
+}
+
+template <typename T>
+void run_logprobs(const LogprobParams& p) {
+  parallel_for(0, p.rows, grain_for(3 * p.cols * int64_t(sizeof(T))), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      row_logprobs(static_cast<const T*>(p.x) + r * p.stride, p.cols, p.tokens[r], p.num_top, p.token_logprob + r,
+                   p.rank + r, p.top + r * p.num_top, p.top_ids + r * p.num_top);
+  });
+}
+
 }  // namespace
+
+void logprobs_kernel(const LogprobParams& p) {
+  visit_dtype(p.dtype, [&](auto t) { run_logprobs<decltype(t)>(p); });
+}
 
 void argmax_kernel(const ArgmaxParams& p) {
   visit_dtype(p.dtype, [&](auto t) { run<decltype(t)>(p); });

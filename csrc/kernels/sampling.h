@@ -57,4 +57,20 @@ struct PenaltyParams {
 
 LLMKERN_DECLARE_CPU_KERNEL(penalties_kernel, PenaltyParams)
 
+// Log-probabilities of chosen tokens, as log_softmax(x) gives them ((x - max) - log(sum(exp(x - max))) in float32),
+// with each token's rank (1 + the number of larger log-probabilities) and the row's num_top largest, descending
+// (ties: the lower index first).
+struct LogprobParams {
+  DType dtype;
+  int64_t rows = 0, cols = 0, stride = 0, num_top = 0;
+  const void* x = nullptr;
+  const int64_t* tokens = nullptr;  // [rows], in [0, cols)
+  float* token_logprob = nullptr;   // [rows]
+  int64_t* rank = nullptr;          // [rows]
+  float* top = nullptr;             // [rows, num_top]
+  int64_t* top_ids = nullptr;       // [rows, num_top]
+};
+
+LLMKERN_DECLARE_CPU_KERNEL(logprobs_kernel, LogprobParams)
+
 }  // namespace llmkern

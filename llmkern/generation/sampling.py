@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmkern._ext import available
-from llmkern.ops.sampling import apply_penalties_, argmax, sample_, top_k_top_p_, top_k_top_p_ref
+from llmkern.ops.sampling import apply_penalties_, argmax, logprobs, sample_, top_k_top_p_, top_k_top_p_ref
 
 
 def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
@@ -393,10 +393,14 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
         raise ValueError(
             f"logits [B, V] and token_ids [B] expected, got {tuple(logits.shape)} and {tuple(token_ids.shape)}"
         )
-    logprobs = logits.float().log_softmax(dim=-1)
-    token = logprobs.gather(1, token_ids[:, None].long())[:, 0]
-    rank = (logprobs > token[:, None]).sum(dim=-1) + 1
-    top, top_ids = logprobs.topk(min(num_top, logits.shape[1]), dim=-1)
+    num_top = min(num_top, logits.shape[1])
+    if logits.device.type == "cpu" and available():  # one compiled pass per row, no [B, V] log_softmax
+        x = logits if logits.dtype in (torch.float32, torch.bfloat16, torch.float16) else logits.float()
+        return Logprobs(*logprobs(x, token_ids.long(), num_top))
+    lp = logits.float().log_softmax(dim=-1)
+    token = lp.gather(1, token_ids[:, None].long())[:, 0]
+    rank = (lp > token[:, None]).sum(dim=-1) + 1
+    top, top_ids = lp.topk(num_top, dim=-1)
     return Logprobs(token, rank, top, top_ids)
 
 

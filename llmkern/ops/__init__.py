@@ -46,12 +46,21 @@ from llmkern.ops.rope import (
     rotary_embedding_,
     rotary_embedding_ref,
 )
-from llmkern.ops.sampling import apply_penalties_, argmax, argmax_ref, sample_, top_k_top_p_, top_k_top_p_ref
+from llmkern.ops.sampling import (
+    apply_penalties_,
+    argmax,
+    argmax_ref,
+    logprobs,
+    sample_,
+    top_k_top_p_,
+    top_k_top_p_ref,
+)
 
 __all__ = [
     "apply_penalties_",
     "argmax",
     "argmax_ref",
+    "logprobs",
     "sample_",
     "top_k_top_p_",
     "top_k_top_p_ref",

@@ -10,7 +10,8 @@ found from a histogram of the row's values (csrc/kernels/sampling.cpp). 16 rows 
 ~0.27 ms against ~3.4 ms for torch's topk-candidates path (in process, 2 threads), which made a sampled 16-sequence
 decode step of the demo model 3x a greedy one. sample_ is the whole draw of a sampled row in one op: temperature,
 the filter, min-p and the inverse CDF; apply_penalties_ the repetition, frequency and presence penalties (~1 ms of
-Python list and index work a 16-sequence step before).
+Python list and index work a 16-sequence step before); logprobs the chosen tokens' log-probabilities, ranks and top
+alternatives without a [B, V] log_softmax.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ def apply_penalties_(logits: Tensor, ids: Tensor, offsets: Tensor, output_start:
     return logits
 
 
+def logprobs(logits: Tensor, tokens: Tensor, num_top: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """log_softmax(logits [B, V]) at tokens (int64 [B]) on the CPU, in one pass per row with no [B, V] output:
+    (token log-probabilities float32 [B], ranks int64 [B] (1 = the most likely), the num_top largest log-probabilities
+    float32 [B, num_top] descending, their ids int64 [B, num_top]; ties: the lower id first). logits float32,
+    bfloat16 or float16, computed in float32 as log_softmax((x - max) - log(sum(exp(x - max))))."""
+    return ops().logprobs(logits, tokens, num_top)
+
+
 def sample_(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, u: Tensor) -> Tensor:
     """One token per row of float32 logits [B, V] (scratch: overwritten) on the CPU, int64 [B]: temperature 0 gives
     the argmax; otherwise logits / temperature, top_k_top_p_, min-p (transformers' MinPLogitsWarper), then the first
@@ -90,6 +99,12 @@ def _register() -> None:
     @torch.library.register_fake("llmkern::apply_penalties_")
     def _(logits, ids, offsets, output_start, repetition, frequency, presence):
         return None
+
+    @torch.library.register_fake("llmkern::logprobs")
+    def _(logits, tokens, num_top):
+        rows = logits.shape[0]
+        return (logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.int64),
+                logits.new_empty(rows, num_top, dtype=torch.float32), logits.new_empty(rows, num_top, dtype=torch.int64))
 
     @torch.library.register_fake("llmkern::sample_")
     def _(logits, temperature, top_k, top_p, min_p, u):
