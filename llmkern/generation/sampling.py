@@ -10,7 +10,8 @@ Sampling is by inverse CDF with one uniform number per row, drawn from the reque
 has a seed, so a seeded request's tokens depend only on its seed and its own logits, never on the other rows.
 Top-k and top-p do not sort the whole vocabulary (a 128k sort costs more than the rest of the sampler together): on
 the CPU llmkern.ops.top_k_top_p_ finds both cuts from a histogram of each row; elsewhere they work on each row's
-top-k candidates. The result is the same as transformers' full sort.
+top-k candidates. The result is the same as transformers' full sort (which breaks ties with a cut's value
+arbitrarily: the compiled filter keeps them all). Penalties, the draw and logprobs are compiled ops on the CPU too.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Token selection: the argmax over the vocabulary of a step's logits (greedy), and the top-k / top-p filter of
-sampling.
+"""Token selection: the argmax over the vocabulary of a step's logits (greedy), and the sampler's compiled pieces
+(the top-k / top-p filter, the whole draw, penalties, logprobs), CPU ops.
 
 torch.argmax on the CPU reduces one element at a time (~250 us for 16 rows of an 8k vocabulary in bf16 on Zen 4, a
 tenth of a 16-sequence decode step of the demo model); the CPU kernel keeps a running maximum and its index per
