@@ -131,16 +131,21 @@ int level(int64_t n, Get get, int shift, double need, double& above, std::vector
 // The largest of values v[0, n) whose weight at or above it reaches need: weight(> t) < need <= weight(>= t), with
 // weights w (nullptr: 1 each); -inf when all of them together fall short (rounding). Two radix levels of 11 key bits
 // narrow the values to those sharing the cut's top 22 bits, which are sorted.
+template <bool kWeighted>
 float cut(const float* v, const float* w, int64_t n, double need, Scratch& s) {
   constexpr int kShift1 = 32 - kBinBits, kShift2 = 32 - 2 * kBinBits;
+  const auto weight = [w](int64_t i) { return kWeighted ? w[i] : 1.f; };
   double above = 0;  // weight of the values above the current bin
-  const int b1 = level(n, [&](int64_t i) { return Item(key_of(v[i]), w ? w[i] : 1.f); }, kShift1, need, above, s.hist);
+  const int b1 = level(n, [&](int64_t i) { return Item(key_of(v[i]), weight(i)); }, kShift1, need, above, s.hist);
   if (b1 < 0) return -std::numeric_limits<float>::infinity();
-  s.items.clear();
-  for (int64_t i = 0; i < n; ++i) {
+  s.items.resize(size_t(n));
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {  // branch-free, as the candidates in the top-p pass
     const uint32_t key = key_of(v[i]);
-    if (int(key >> kShift1) == b1) s.items.emplace_back(key, w ? w[i] : 1.f);
+    s.items[m] = Item(key, weight(i));
+    m += int(key >> kShift1) == b1;
   }
+  s.items.resize(size_t(m));
   const int b2 = level(int64_t(s.items.size()), [&](int64_t i) { return s.items[i]; }, kShift2, need, above, s.hist);
   if (b2 < 0)  // rounding between the two levels' sums: keep the whole first-level bin
     return value_of(std::min_element(s.items.begin(), s.items.end())->first);
@@ -182,7 +187,7 @@ void row_top_k_top_p(float* x, int64_t n, int64_t k, float top_p, Scratch& s) {
   float m = reduce_max(mv, kNegInf), nan_sum = nan.reduce_add();
   for (; i < n; ++i) m = std::max(m, x[i]), nan_sum += x[i] != x[i] ? x[i] : 0.f;
   if (std::isnan(nan_sum)) return;
-  if (k > 0 && k < n) drop_below(x, n, cut(x, nullptr, n, double(k), s));
+  if (k > 0 && k < n) drop_below(x, n, cut<false>(x, nullptr, n, double(k), s));
   if (!(top_p < 1.f) || !std::isfinite(m)) return;  // an infinite max: softmax is NaN, top-p removes nothing
   s.e.resize(size_t(n));
   VecSum<V> sum;
@@ -206,7 +211,7 @@ void row_top_k_top_p(float* x, int64_t n, int64_t k, float top_p, Scratch& s) {
   int64_t j = 0;
   for (; j + 2 <= n; j += 2) take(j), take(j + 1), t0 += s.e[j], t1 += s.e[j + 1];
   if (j < n) take(j), t0 += s.e[j];
-  drop_below(x, n, cut(s.cv.data(), s.cw.data(), nc, double(top_p) * (t0 + t1), s));
+  drop_below(x, n, cut<true>(s.cv.data(), s.cw.data(), nc, double(top_p) * (t0 + t1), s));
 }
 
 // The token sample_kernel draws from row x (see kernels/sampling.h).
