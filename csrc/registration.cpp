@@ -149,14 +149,12 @@ TORCH_LIBRARY(llmkern, m) {
   // float64 logits). CPU.
   m.def("cross_entropy_grad_(Tensor(a!) logits, Tensor targets, float scale, int ignore_index) -> Tensor");
 
-  // Greedy token selection (Python face: llmkern/ops/sampling.py): x [..., n] -> int64 [...], the index of each row's
+  // Token selection (Python face: llmkern/ops/sampling.py). Greedy: x [..., n] -> int64 [...], the index of each row's
   // first maximum (its first NaN if it holds one), as torch.argmax(x, -1). CPU.
   m.def("argmax(Tensor x) -> Tensor");
   // Sampling's top-k then top-p filter: logits [rows, vocab] float32 get -inf where removed; top_k int64 [rows] (<= 0:
   // none), top_p float32 [rows] in (0, 1] (1: none). Ties with a cut's value are kept. CPU.
   m.def("top_k_top_p_(Tensor(a!) logits, Tensor top_k, Tensor top_p) -> ()");
-  // One token per row: temperature (0: argmax), top-k, top-p, min-p, then the inverse CDF at u float32 [rows]; logits
-  // float32 [rows, vocab] are scratch (overwritten). -> int64 [rows]. CPU.
   // Repetition, frequency and presence penalties on logits float32 [rows, vocab] in place, from the token histories
   // ids int64 [T] (row r: ids[offsets[r], offsets[r + 1]), its output tokens from output_start[r]). CPU.
   m.def("apply_penalties_(Tensor(a!) logits, Tensor ids, Tensor offsets, Tensor output_start, Tensor repetition,"
@@ -165,6 +163,8 @@ TORCH_LIBRARY(llmkern, m) {
   // largest log-probabilities, descending, with their ids: (float32 [rows], int64 [rows], float32 [rows, num_top],
   // int64 [rows, num_top]). CPU.
   m.def("logprobs(Tensor logits, Tensor tokens, int num_top) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One token per row: temperature (0: argmax), top-k, top-p, min-p, then the inverse CDF at u float32 [rows]; logits
+  // float32 [rows, vocab] are scratch (overwritten). -> int64 [rows]. CPU.
   m.def("sample_(Tensor(a!) logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor u) -> Tensor");
 
   // Benchmark ceilings: wide-SIMD copy and read loops and register-only FMA chains over all threads

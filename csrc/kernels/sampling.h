@@ -1,4 +1,4 @@
-// Token selection: greedy argmax and the top-k / top-p filter of sampling; kernel parameters and CPU entry points.
+// Token selection (greedy argmax) and sampling's compiled pieces: kernel parameters and CPU entry points.
 // out[r] = the index of the largest element of row r of x [rows, cols] (row stride `stride` elements, unit stride
 // along cols), the first one on ties; a row holding NaN gives its first NaN, as torch.argmax does. cols >= 1.
 #pragma once
@@ -46,7 +46,7 @@ LLMKERN_DECLARE_CPU_KERNEL(sample_kernel, SampleParams)
 
 // Penalties on float32 logits x [rows, cols] in place, from each row's token history ids[offsets[r], offsets[r + 1])
 // (ids in [0, cols)), whose output tokens start at output_start[r]. transformers' repetition penalty over every
-// distinct token of the history (x / penalty where x > 0, x * penalty otherwise), then vLLM's frequency and presence
+// distinct token of the history (x * penalty where x < 0, x / penalty otherwise), then vLLM's frequency and presence
 // penalties over the output tokens (x - frequency * count - presence).
 struct PenaltyParams {
   int64_t rows = 0, cols = 0, stride = 0;
