@@ -62,8 +62,8 @@ def apply_penalties_(logits: Tensor, ids: Tensor, offsets: Tensor, output_start:
                      frequency: Tensor, presence: Tensor) -> Tensor:
     """Penalties on float32 logits [B, V] in place on the CPU (returns logits), from each row's token history
     ids[offsets[r]:offsets[r + 1]] (int64, ids in [0, V): a ValueError otherwise) whose output tokens start at
-    output_start[r]: transformers' repetition penalty over every distinct token of the history (logit / penalty
-    where positive, * penalty otherwise), then vLLM's frequency and presence penalties over the output tokens
+    output_start[r]: transformers' repetition penalty over every distinct token of the history (logit * penalty
+    where negative, / penalty otherwise), then vLLM's frequency and presence penalties over the output tokens
     (logit - frequency * count - presence). Per-row float32 repetition (> 0; 1: none), frequency, presence."""
     ops().apply_penalties_(logits, ids, offsets, output_start, repetition, frequency, presence)
     return logits
