@@ -174,7 +174,8 @@ void drop_below(float* x, int64_t n, float t) {
   });
 }
 
-void row_top_k_top_p(float* x, int64_t n, int64_t k, float top_p, Scratch& s) {
+// Filters row x in place; returns its max (which the filter keeps), or NaN for a row holding NaN (left as it is).
+float row_top_k_top_p(float* x, int64_t n, int64_t k, float top_p, Scratch& s) {
   using V = VecF;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   V mv = V::set1(kNegInf), nan = V::zero();
@@ -186,9 +187,9 @@ void row_top_k_top_p(float* x, int64_t n, int64_t k, float top_p, Scratch& s) {
   }
   float m = reduce_max(mv, kNegInf), nan_sum = nan.reduce_add();
   for (; i < n; ++i) m = std::max(m, x[i]), nan_sum += x[i] != x[i] ? x[i] : 0.f;
-  if (std::isnan(nan_sum)) return;
+  if (std::isnan(nan_sum)) return nan_sum;
   if (k > 0 && k < n) drop_below(x, n, cut<false>(x, nullptr, n, double(k), s));
-  if (!(top_p < 1.f) || !std::isfinite(m)) return;  // an infinite max: softmax is NaN, top-p removes nothing
+  if (!(top_p < 1.f) || !std::isfinite(m)) return m;  // an infinite max: softmax is NaN, top-p removes nothing
   s.e.resize(size_t(n));
   VecSum<V> sum;
   for_each_chunk<V>(n, [&](auto v, int64_t j) {
@@ -212,6 +213,7 @@ void row_top_k_top_p(float* x, int64_t n, int64_t k, float top_p, Scratch& s) {
   for (; j + 2 <= n; j += 2) take(j), take(j + 1), t0 += s.e[j], t1 += s.e[j + 1];
   if (j < n) take(j), t0 += s.e[j];
   drop_below(x, n, cut<true>(s.cv.data(), s.cw.data(), nc, double(top_p) * (t0 + t1), s));
+  return m;
 }
 
 // The token sample_kernel draws from row x (see kernels/sampling.h).
@@ -222,12 +224,7 @@ int64_t row_sample(float* x, int64_t n, float t, int64_t k, float top_p, float m
     using Vv = decltype(v);
     (Vv::load(x + i) / Vv::set1(t)).store(x + i);  // divided, as transformers' TemperatureLogitsWarper does
   });
-  row_top_k_top_p(x, n, k, top_p, s);
-  V mv = V::set1(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + V::W <= n; i += V::W) mv = max(mv, V::load(x + i));
-  float m = reduce_max(mv, -std::numeric_limits<float>::infinity());
-  for (; i < n; ++i) m = std::max(m, x[i]);
+  const float m = row_top_k_top_p(x, n, k, top_p, s);  // NaN for a NaN row: then the total below is NaN too
   // exp(x - max): the probabilities up to their sum; min-p drops those below min_p of the largest (exp(0) = 1).
   s.e.resize(size_t(n));
   for_each_chunk<V>(n, [&](auto v, int64_t j) {

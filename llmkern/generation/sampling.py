@@ -326,6 +326,11 @@ def _uniforms(batch: int, generators: Sequence[torch.Generator | None] | None, d
     return u
 
 
+def _sampled_generators(params, generators):
+    """generators with the greedy rows' set to None: greedy rows draw nothing, so their generators do not advance."""
+    return None if generators is None else [None if p.greedy else g for p, g in zip(params, generators)]
+
+
 def sample_from_probabilities(probs: torch.Tensor, generators: Sequence[torch.Generator | None] | None = None):
     """One token per row of `probs` [B, V] by inverse CDF: the first token whose cumulative probability exceeds
     u * total, u ~ U[0, 1) drawn from the row's generator (torch's global one when None). One random number per
@@ -353,12 +358,10 @@ def sample(logits, params, prompt_ids=None, output_ids=None, generators=None) ->
     x = apply_penalties(logits, params, prompt_ids, output_ids)  # new fp32 logits unless they were already
     if x is logits or not x.is_contiguous():  # the op writes them; the caller's logits are never modified
         x = x.clone(memory_format=torch.contiguous_format)
-    if generators is not None:  # greedy rows draw nothing, so their generators do not advance
-        generators = [None if p.greedy else g for p, g in zip(params, generators)]
     device = x.device
     return sample_(x, _row_values(params, "temperature", device), _row_values(params, "top_k", device, torch.long),
                    _row_values(params, "top_p", device), _row_values(params, "min_p", device),
-                   _uniforms(len(params), generators, device))
+                   _uniforms(len(params), _sampled_generators(params, generators), device))
 
 
 def sample_with_probabilities(logits, params, prompt_ids=None, output_ids=None, generators=None):
@@ -371,9 +374,7 @@ def sample_with_probabilities(logits, params, prompt_ids=None, output_ids=None, 
         return argmax(apply_penalties(logits, params, prompt_ids, output_ids)), None
     probs = probabilities(logits, params, prompt_ids, output_ids)
     greedy = torch.tensor([p.greedy for p in params], device=probs.device)
-    if generators is not None:  # greedy rows draw nothing, so their generators do not advance
-        generators = [None if p.greedy else g for p, g in zip(params, generators)]
-    drawn = sample_from_probabilities(probs, generators)
+    drawn = sample_from_probabilities(probs, _sampled_generators(params, generators))
     return torch.where(greedy, argmax(probs), drawn), probs
 
 
