@@ -849,8 +849,6 @@ template <typename T, int DB> constexpr int kDqRows = kIsF64<T> || DB > 128 ? 1 
 template <typename T, int DB> constexpr int kDkdvKeys = kIsF64<T> ? (DB <= 128 ? 2 : 1) : (DB <= 128 ? 4 : 2);
 template <typename T, int DB> constexpr int kDkdvRows = kIsF64<T> || DB > 128 ? 2 : 4;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Calls f(std::integral_constant<int, DB>) for head_dim's bucket DB.
 template <typename F>
 cudaError_t visit_head_dim(int head_dim, F&& f) {

@@ -21,6 +21,13 @@ void run_on_current_stream(const char* op, F&& launch) {
   TORCH_CHECK(err == cudaSuccess, "llmkern::", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// Device scratch of `bytes` (none when 0) on the current device. The caching allocator keeps it valid for
+// the work queued on this stream after the tensor is released.
+Tensor workspace(int64_t bytes) {
+  if (bytes == 0) return {};
+  return at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
+}
+
 int sm_count() {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
@@ -62,17 +69,12 @@ struct CudaRope {
 
 struct CudaAttention {
   static constexpr c10::DeviceType device = c10::DeviceType::CUDA;
-  // Split-K decode (flash-decoding) partials go to a workspace the kernel sizes; the caching allocator keeps
-  // it valid for work queued on this stream after `ws` is released.
+  // Split-K decode (flash-decoding) partials go to a workspace the kernel sizes.
   static void fwd(const AttnParams& params) {
     AttnParams p = params;
-    Tensor ws;
-    const int64_t bytes = attn_fwd_cuda_workspace_bytes(p, sm_count());
-    if (bytes > 0) {
-      ws = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
-      p.workspace = ws.data_ptr();
-      p.workspace_bytes = bytes;
-    }
+    p.workspace_bytes = attn_fwd_cuda_workspace_bytes(p, sm_count());
+    const Tensor ws = workspace(p.workspace_bytes);
+    p.workspace = ws.defined() ? ws.data_ptr() : nullptr;
     run_on_current_stream("flash_attn_fwd", [&](cudaStream_t s) { return attn_fwd_cuda(p, s); });
   }
   static void bwd(const AttnBwdParams& p) {
@@ -89,7 +91,12 @@ struct CudaAttention {
 
 struct CudaQuant {
   static constexpr c10::DeviceType device = c10::DeviceType::CUDA;
-  static void qlinear(const QLinearParams& p) {
+  // Split-k partials go to a workspace the kernel sizes.
+  static void qlinear(const QLinearParams& params) {
+    QLinearParams p = params;
+    p.workspace_bytes = qlinear_cuda_workspace_bytes(p, sm_count());
+    const Tensor ws = workspace(p.workspace_bytes);
+    p.workspace = ws.defined() ? ws.data_ptr() : nullptr;
     run_on_current_stream("quantized linear", [&](cudaStream_t s) { return qlinear_cuda(p, s); });
   }
   static void dequantize(const QDequantParams& p) {

@@ -100,6 +100,8 @@ cudaError_t visit_cuda_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 inline unsigned next_pow2(int64_t v) {
   unsigned p = 1;
   while (p < v) p <<= 1;

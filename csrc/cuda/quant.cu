@@ -9,17 +9,19 @@
 // Kernels:
 // - dequant_vec_kernel<T, F>: 8 consecutive flattened elements per thread (4 packed bytes / 8 int8 bytes
 //   in, 16-byte stores out); dequant_elem_kernel<T>: one element per thread, any shape (the fallback).
-// - qgemv_kernel<T, F, MT> (m <= 8): 8 warps per block, 2 weight rows per warp. The block walks k in
+// - qmma_kernel<T, F, MT> (bf16/fp16 x, any m): tensor cores (mma.sync m16n8k16, fp32 accumulation); a block
+//   owns 128 weight rows and 16 MT rows of x and runs k in chunks of 128, with k split over blocks (fp32
+//   partials in a workspace, summed in order by qsplit_sum_kernel<T>) when the grid would not fill the GPU.
+//   Each lane streams its own 16/32 packed bytes per chunk from global memory straight into mma fragments
+//   (the k order inside a chunk is permuted to make that so); x is staged in shared memory by cp.async.
+// - qgemv_kernel<T, F, MT> (fp32 x, m <= 8): 8 warps per block, 2 weight rows per warp. The block walks k in
 //   chunks: all MT (m rounded up to 1/2/4/8) rows of the x chunk are staged in shared memory as fp32
 //   (swizzled, see xs_index), then every lane streams 16-byte units of its warp's two weight rows, so
 //   every weight byte is read once from global memory, decodes them in registers (nf4 through the
 //   16-entry code table in shared memory) and accumulates MT x 2 fp32 dot products; a warp shuffle
 //   reduction ends it.
-// - qgemm_mma_kernel<T, F> (m > 8, bf16/fp16 x): a 32 x 64 output tile per 128-thread block, k in steps
-//   of 32: the x tile and the W tile dequantized to T are staged in shared memory, mma.sync m16n8k16 with
-//   fp32 accumulators; the next step's global loads are issued before the current step's math.
-// - qgemm_kernel<T, F> (m > 8, fp32 x): the same on SIMT, a 64 x 64 output tile per 256-thread block,
-//   tiles staged as fp32 (k-major), each thread accumulating a 4 x 4 sub-tile.
+// - qgemm_kernel<T, F> (fp32 x, m > 8): SIMT, a 64 x 64 output tile per 256-thread block, tiles staged as
+//   fp32 (k-major), each thread accumulating a 4 x 4 sub-tile.
 // - qlinear_elem_kernel<T>: a warp per output element, any shape, any dtype (f64 included): the
 //   fallback for shapes the fast paths refuse (k % 32 != 0, unaligned data, non-power-of-two groups).
 //
@@ -423,32 +425,52 @@ __global__ void __launch_bounds__(kGemmThreads) qgemm_kernel(const QLinearParams
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Tiled GEMM (m > 8) on tensor cores for bf16/fp16 x: mma.sync m16n8k16, fp32 accumulation.
+// Linear on tensor cores (bf16/fp16 x, any m): mma.sync m16n8k16, fp32 accumulation, k split over blocks.
 //
 // The dequantized weight is rounded to T (bf16/fp16) before the multiply, as bitsandbytes' and every
-// dequantize-then-matmul path do; x is used as stored. Block tile: 32 rows of x (m) x 64 weight rows (n),
-// k in steps of 32; 4 warps, warp `warp` owns n columns warp * 16 .. + 15 of the tile (two n8 tiles) for
-// all 32 rows (two m16 tiles): 2 x 2 mma per 16 k.
+// dequantize-then-matmul path do; x is used as stored. A block has 4 warps and owns 128 weight rows (n) and
+// 16 MT rows of x (m); warp `warp` owns weight rows warp * 32 .. + 31 of them (4 n8 tiles) for all 16 MT
+// rows (MT m16 tiles). k goes in chunks of 128; blockIdx.z picks a run of chunks (the split).
 //
-// Shared tiles Xs[32][40], Ws[64][40] (T bits, k contiguous; the row stride of 40 elements = 20 words puts
-// the 8 rows a fragment load touches in 8 distinct 4-bank groups: g * 20 mod 32 = 0, 20, 8, 28, 16, 4, 24,
-// 12, plus tq in 0..3: all 32 banks distinct, conflict-free).
+// The k order inside a chunk is permuted so that each lane decodes one contiguous 32-element unit of its
+// weight row. A dot product does not care in which order k runs, as long as x and W use the same order:
+// lane tq (= lane % 4) of each row group owns unit tq (elements 32 tq .. + 31 of the chunk), and the chunk's
+// k16 step s (0..7) takes elements 32 tq + 4 s + j (j = 0..3) of each unit to the mma's k positions
+// 2 tq + {0, 1, 8, 9}[j]. Those are exactly the positions a lane holds in the fragments (PTX ISA, "Matrix
+// Fragments for mma.m16n8k16 with floating point type"; g = lane / 4; two consecutive-k elements per 32-bit
+// register, the lower k in the low half):
+//   A (x, 16 x 16): a0 = (row g, k 2tq, 2tq+1), a1 = (row g+8, same k), a2 = (row g, k 2tq+8, +9),
+//     a3 = (row g+8, k 2tq+8, +9): with the permutation, a0 | a2 are elements 4s .. 4s+3 of unit tq of x row g.
+//   B (W, 16 x 8, element (k, n) at W[n][k]): b0 = (k 2tq, 2tq+1; n g), b1 = (k 2tq+8, +9; n g): elements
+//     4s .. 4s+3 of unit tq of weight row g, i.e. decode4 j = s of the lane's own 16 (32 int8) packed bytes.
+//   C (16 x 8 fp32): c0, c1 = (row g; n 2tq, 2tq+1), c2, c3 = (row g+8; n 2tq, 2tq+1).
+// So every lane reads its weight straight from global memory into registers (16 or 32 bytes per unit, the
+// next chunk's loads in flight during this chunk's math) and no shuffle or shared memory is needed for W.
 //
-// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), g = lane / 4,
-// tq = lane % 4, each 32-bit register holding two consecutive-k elements, the lower k in the low half
-// (which is their order in memory, little-endian):
-//   A (16 x 16, row-major): a0 = (row g, k 2tq, 2tq+1), a1 = (row g+8, same k), a2 = (row g, k 2tq+8, +9),
-//     a3 = (row g+8, k 2tq+8, +9).
-//   B (16 x 8, "col": element (k, n) at W[n][k], k contiguous): b0 = (k 2tq, 2tq+1; n g), b1 = (k 2tq+8,
-//     +9; n g).
-//   C/D (16 x 8 fp32): c0, c1 = (row g; n 2tq, 2tq+1), c2, c3 = (row g+8; n 2tq, 2tq+1).
-constexpr int kMBM = 32, kMBN = 64, kMBK = 32, kMThreads = 128, kMStride = kMBK + 8;
+// x goes through shared memory (every warp of the block uses the same x chunk): cp.async copies of 16 bytes
+// (zero-filled past m or k), double-buffered, one barrier per chunk. Row `row` of the staged chunk holds its
+// 16 16-byte pieces at xpos(row, i) = row * 18 + i + i / 8: a lane's 16-byte fragment load (piece 4 tq + sp
+// of rows g, g + 8) then hits 8 distinct 4-bank groups in each quarter-warp (rows g, g + 1 differ by 18
+// pieces, 2 mod 8; tq = 0..3 lands on sp + {0, 4, 1, 5} mod 8), and so does the copy (8 consecutive pieces).
+//
+// With several splits each block writes its fp32 partial sums to p.workspace ([splits][m][n]) and
+// qsplit_sum_kernel adds them in split order (deterministic), with the bias, and rounds once to T.
+constexpr int kQWarps = 4, kQThreads = 32 * kQWarps, kQTilesN = 4;  // n8 tiles per warp
+constexpr int kQBlockN = kQWarps * kQTilesN * 8;                     // weight rows per block
+constexpr int kQChunk = 128, kQUnit = 32;                            // k per chunk; per lane and row
+constexpr int kQRowPieces = 18;                                      // 16 x 16 bytes + 2 of padding
 
-template <typename T> __device__ __forceinline__ uint32_t bits_of(float v);
-template <> __device__ __forceinline__ uint32_t bits_of<__nv_bfloat16>(float v) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+__device__ __forceinline__ int xpos(int row, int i) { return row * kQRowPieces + i + (i >> 3); }
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);  // round each to T
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
 }
-template <> __device__ __forceinline__ uint32_t bits_of<__half>(float v) { return __half_as_ushort(__float2half_rn(v)); }
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
 
 // d += a * b on one m16n8k16 tile.
 template <typename T>
@@ -468,132 +490,176 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
   }
 }
 
-__device__ __forceinline__ uint32_t lds32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// 16 bytes global -> shared without registers; src_bytes 0 writes zeros (src is not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
 
-// Grid: (ceil(n / 64), ceil(m / 32)).
-// Loaders: W: thread t decodes tile row wl = t / 2 at k offsets wk = 16 (t % 2) .. + 15 (2 x 16 = 32 = kMBK;
-// 64 rows x 2 = 128 threads): 8 packed bytes (4-bit; byte offset (k0 + wk) / 2, a multiple of 8) or 16
-// int8 bytes (offset k0 + wk, a multiple of 16), all in one block/group (group >= 32, k0 + wk a multiple
-// of 16 and the run inside one aligned 32-run). X: thread t copies tile row xl = t / 4 at k offsets
-// xk = 8 (t % 4) .. + 7 (16 bytes; 32 rows x 4 = 128 threads), as raw T bits.
-template <typename T, QFormat F>
-__global__ void __launch_bounds__(kMThreads) qgemm_mma_kernel(const QLinearParams p, int gshift, bool xvec) {
-  __shared__ __align__(16) uint16_t Xs[kMBM][kMStride];
-  __shared__ __align__(16) uint16_t Ws[kMBN][kMStride];
+// Grid: (ceil(n / 128), ceil(m / (16 MT)), splits); split z takes chunks [z cps, min((z + 1) cps, chunks)).
+// xvec: x 16-byte aligned with x_stride % 8 == 0 (cp.async); else x is staged with 2-byte loads.
+template <typename T, QFormat F, int MT>
+__global__ void __launch_bounds__(kQThreads) qmma_kernel(const QLinearParams p, int gshift, bool xvec, int cps) {
+  constexpr int W = F == QFormat::int8 ? 8 : 4;  // 32-bit words of a lane's 32-element unit
+  constexpr int XPieces = 16 * MT * 16;            // 16-byte pieces of one staged x chunk
+  __shared__ __align__(16) uint4 xs[2][16 * MT * kQRowPieces];
   __shared__ float cs[16], ncs[256];
   const QWeight& w = p.w;
   stage_tables<F>(w, cs, ncs);
   const int t = threadIdx.x, warp = t >> 5, lane = t & 31, g = lane >> 2, tq = lane & 3;
-  const int wl = t >> 1, wk = 16 * (t & 1), xl = t >> 2, xk = 8 * (t & 3);
-  const int64_t n0 = int64_t(blockIdx.x) * kMBN, m0 = int64_t(blockIdx.y) * kMBM;
-  const int64_t wr = n0 + wl, xr = m0 + xl;
-  const bool wvalid = wr < w.n, xvalid = xr < p.m;
-  const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + (wvalid ? wr : 0) * row_bytes<F>(w.k);
-  const uint16_t* xrow = static_cast<const uint16_t*>(p.x) + (xvalid ? xr : 0) * p.x_stride;
+  const int64_t m0 = int64_t(blockIdx.y) * 16 * MT;
+  const int64_t r0 = int64_t(blockIdx.x) * kQBlockN + warp * kQTilesN * 8 + g;  // this lane's row of n8 tile 0
+  const int64_t chunks = (w.k + kQChunk - 1) / kQChunk;
+  const int64_t ch0 = int64_t(blockIdx.z) * cps, ch1 = min(ch0 + cps, chunks);
+  const uint8_t* wbase = static_cast<const uint8_t*>(w.data);
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
 
-  uint32_t wd[4];
-  RunScale rs;
-  uint4 xraw;
-  auto load = [&](int64_t k0) {
-    const int64_t c = k0 + wk;
-    if (!wvalid) {
-      wd[0] = wd[1] = wd[2] = wd[3] = 0u;
-      rs = RunScale{0.f, 0.f};
-    } else {
-      if (F == QFormat::int8) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(wrow + c));
-        wd[0] = raw.x, wd[1] = raw.y, wd[2] = raw.z, wd[3] = raw.w;
-      } else {
-        const uint2 raw = __ldg(reinterpret_cast<const uint2*>(wrow + c / 2));
-        wd[0] = raw.x, wd[1] = raw.y, wd[2] = wd[3] = 0u;
-      }
-      rs = run_scale<F>(w, ncs, wr, c, gshift);
-    }
-    const int64_t cx = k0 + xk;
-    if (!xvalid) {
-      xraw = make_uint4(0u, 0u, 0u, 0u);
-    } else if (xvec) {  // x 16-byte aligned, x_stride % 8 == 0, cx % 8 == 0: one aligned 16-byte load
-      xraw = __ldg(reinterpret_cast<const uint4*>(xrow + cx));
-    } else {
-      uint32_t h[8];
+  // The lane's units of chunk ch (rows r0 + 8 nt, elements ch * 128 + 32 tq ..): packed words and run scale.
+  // Past n or k: zeros with scale 0 (a finite 0 for every format).
+  auto load_w = [&](int64_t ch, uint32_t (&wd)[kQTilesN][W], RunScale (&rs)[kQTilesN]) {
+    const int64_t c = ch * kQChunk + kQUnit * tq;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) h[i] = xrow[cx + i];
-      xraw = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+    for (int nt = 0; nt < kQTilesN; ++nt) {
+      const int64_t r = r0 + 8 * nt;
+      if (r < w.n && c < w.k) {
+        // Byte r * row_bytes + col_byte(c): a multiple of 16 (fast-path preconditions, c % 32 == 0).
+        const uint4* src = reinterpret_cast<const uint4*>(wbase + r * row_bytes<F>(w.k) + col_byte<F>(c));
+#pragma unroll
+        for (int h = 0; h < W / 4; ++h) {
+          const uint4 v = __ldg(src + h);
+          wd[nt][4 * h] = v.x, wd[nt][4 * h + 1] = v.y, wd[nt][4 * h + 2] = v.z, wd[nt][4 * h + 3] = v.w;
+        }
+        rs[nt] = run_scale<F>(w, ncs, r, c, gshift);
+      } else {
+#pragma unroll
+        for (int i = 0; i < W; ++i) wd[nt][i] = 0u;
+        rs[nt] = RunScale{0.f, 0.f};
+      }
+    }
+  };
+  // x rows m0 .. m0 + 16 MT, elements ch * 128 .. + 127 into xs[buf]; thread t copies pieces t, t + 128, ...
+  auto stage_x = [&](int64_t ch, int buf) {
+#pragma unroll
+    for (int j = 0; j < XPieces / kQThreads; ++j) {
+      const int piece = t + j * kQThreads, row = piece >> 4, i = piece & 15;
+      const int64_t m = m0 + row, c = ch * kQChunk + 8 * i;
+      const bool valid = m < p.m && c < w.k;  // k % 32 == 0: a piece is wholly in or out
+      uint4* dst = &xs[buf][xpos(row, i)];
+      const uint16_t* src = x + (valid ? m * p.x_stride + c : 0);
+      if (xvec) {
+        cp_async16(dst, src, valid ? 16 : 0);
+      } else {
+        uint32_t h[8] = {};
+        if (valid)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) h[e] = src[e];
+        *dst = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+      }
     }
   };
 
-  float acc[2][2][4];
+  float acc[MT][kQTilesN][4];
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int nt = 0; nt < kQTilesN; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
-  __syncthreads();  // the code tables: the first load may read ncs
-  load(0);
-  for (int64_t k0 = 0; k0 < w.k; k0 += kMBK) {
-    __syncthreads();  // the previous step's fragments are read
-    {
-      // decode4 j gives elements 4j .. 4j + 3 of the 16; pk[2j] = elements (4j, 4j + 1), pk[2j + 1] =
-      // (4j + 2, 4j + 3), so pk[0..3] are elements 0..7 and pk[4..7] elements 8..15, in k order.
-      uint32_t pk[8];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float v[4];
-        decode4<F>(wd, j, cs, rs.zoff, v);
-        pk[2 * j] = bits_of<T>(v[0] * rs.s) | (bits_of<T>(v[1] * rs.s) << 16);
-        pk[2 * j + 1] = bits_of<T>(v[2] * rs.s) | (bits_of<T>(v[3] * rs.s) << 16);
-      }
-      // Byte offsets wl * 80 + wk * 2 (+ 16) and xl * 80 + xk * 2: multiples of 16.
-      *reinterpret_cast<uint4*>(&Ws[wl][wk]) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
-      *reinterpret_cast<uint4*>(&Ws[wl][wk + 8]) = make_uint4(pk[4], pk[5], pk[6], pk[7]);
-      *reinterpret_cast<uint4*>(&Xs[xl][xk]) = xraw;
+  uint32_t wd[kQTilesN][W], wn[kQTilesN][W];
+  RunScale rs[kQTilesN], rn[kQTilesN];
+  __syncthreads();  // the code tables: load_w may read ncs
+  load_w(ch0, wd, rs);
+  stage_x(ch0, 0);
+  cp_async_wait_all();
+  __syncthreads();
+  for (int64_t ch = ch0; ch < ch1; ++ch) {
+    const int buf = int(ch - ch0) & 1;
+    const bool more = ch + 1 < ch1;
+    if (more) {  // in flight during the math below; xs[buf ^ 1] was last read before the previous barrier
+      load_w(ch + 1, wn, rn);
+      stage_x(ch + 1, buf ^ 1);
     }
-    __syncthreads();
-    if (k0 + kMBK < w.k) load(k0 + kMBK);  // in flight during the mma below
 #pragma unroll
-    for (int ks = 0; ks < kMBK / 16; ++ks) {
-      const int kb = ks * 16 + 2 * tq;  // even: every 32-bit fragment load is 4-byte aligned
-      uint32_t a[2][4], b[2][2];
+    for (int sp = 0; sp < 4; ++sp) {  // 16-byte piece sp of the lane's x units = k16 steps 2 sp, 2 sp + 1
+      uint4 xa[MT][2];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        const int r = mt * 16 + g;
-        a[mt][0] = lds32(&Xs[r][kb]);
-        a[mt][1] = lds32(&Xs[r + 8][kb]);
-        a[mt][2] = lds32(&Xs[r][kb + 8]);
-        a[mt][3] = lds32(&Xs[r + 8][kb + 8]);
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) xa[mt][h] = xs[buf][xpos(mt * 16 + g + 8 * h, 4 * tq + sp)];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int s = 2 * sp + half;
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          a[mt][0] = half ? xa[mt][0].z : xa[mt][0].x;
+          a[mt][1] = half ? xa[mt][1].z : xa[mt][1].x;
+          a[mt][2] = half ? xa[mt][0].w : xa[mt][0].y;
+          a[mt][3] = half ? xa[mt][1].w : xa[mt][1].y;
+        }
+#pragma unroll
+        for (int nt = 0; nt < kQTilesN; ++nt) {
+          float v[4];
+          decode4<F>(wd[nt], s, cs, rs[nt].zoff, v);
+          const float sc = rs[nt].s;
+          const uint32_t b[2] = {pack2<T>(v[0] * sc, v[1] * sc), pack2<T>(v[2] * sc, v[3] * sc)};
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) mma16816<T>(acc[mt][nt], a[mt], b);
+        }
       }
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const int nn = warp * 16 + nt * 8 + g;
-        b[nt][0] = lds32(&Ws[nn][kb]);
-        b[nt][1] = lds32(&Ws[nn][kb + 8]);
-      }
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) mma16816<T>(acc[mt][nt], a[mt], b[nt]);
     }
+    if (more) {
+#pragma unroll
+      for (int nt = 0; nt < kQTilesN; ++nt) {
+#pragma unroll
+        for (int i = 0; i < W; ++i) wd[nt][i] = wn[nt][i];
+        rs[nt] = rn[nt];
+      }
+    }
+    cp_async_wait_all();
+    __syncthreads();  // xs[buf ^ 1] is complete and xs[buf] is free
   }
 
+  const bool split = gridDim.z > 1;
   T* out = static_cast<T*>(p.out);
+  float* ws = split ? static_cast<float*>(p.workspace) + int64_t(blockIdx.z) * p.m * w.n : nullptr;
   const T* bias = static_cast<const T*>(p.bias);
 #pragma unroll
-  for (int nt = 0; nt < 2; ++nt)
+  for (int nt = 0; nt < kQTilesN; ++nt)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int64_t c = n0 + warp * 16 + nt * 8 + 2 * tq + e;  // C column 2tq + e of n8 tile nt
+      const int64_t c = r0 - g + 8 * nt + 2 * tq + e;  // C column 2tq + e of n8 tile nt
       if (c >= w.n) continue;
-      const float bc = bias ? float(to_acc(bias[c])) : 0.f;
+      const float bc = bias && !split ? float(to_acc(bias[c])) : 0.f;
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // C rows g (c0, c1) and g + 8 (c2, c3)
           const int64_t m = m0 + mt * 16 + g + 8 * h;
-          if (m < p.m) out[m * p.out_stride + c] = from_acc<T>(acc[mt][nt][2 * h + e] + bc);
+          if (m >= p.m) continue;
+          const float v = acc[mt][nt][2 * h + e];
+          if (split)
+            ws[m * w.n + c] = v;
+          else
+            out[m * p.out_stride + c] = from_acc<T>(v + bc);
         }
     }
+}
+
+// out = the sum of the splits' partials (in split order) + bias, rounded once to T.
+template <typename T>
+__global__ void __launch_bounds__(256) qsplit_sum_kernel(const QLinearParams p, int splits) {
+  const int64_t total = p.m * p.w.n;
+  const float* ws = static_cast<const float*>(p.workspace);
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = e / p.w.n, c = e - m * p.w.n;
+    float s = 0.f;
+    for (int z = 0; z < splits; ++z) s += ws[z * total + e];
+    static_cast<T*>(p.out)[m * p.out_stride + c] = from_acc<T>(s + (bias ? float(to_acc(bias[c])) : 0.f));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -669,30 +735,86 @@ cudaError_t launch_gemv(const QLinearParams& p, int gshift, cudaStream_t stream)
   return cudaGetLastError();
 }
 
-// Tensor cores for bf16/fp16 x, SIMT for fp32 x. grid.y holds at most 65535 row tiles: larger m runs
-// as several launches over consecutive row ranges (x and out offset by whole rows).
-template <typename T, QFormat F>
-cudaError_t launch_gemm(const QLinearParams& p, int gshift, cudaStream_t stream) {
-  constexpr bool kMma = !std::is_same<T, float>::value;
-  constexpr int BM = kMma ? kMBM : kBM, BN = kMma ? kMBN : kBN;
-  const int64_t gx = (p.w.n + BN - 1) / BN;
-  if (gx > INT_MAX) return cudaErrorInvalidValue;
-  const bool xvec = aligned16({p.x}) && p.x_stride % 8 == 0;
-  const int64_t rows_per_launch = int64_t(65535) * BM;
+// grid.y holds at most 65535 row tiles: larger m runs as several launches over consecutive row ranges (x and
+// out offset by whole rows). launch(q, row_tiles) launches one of them and returns cudaGetLastError().
+template <typename T, typename Launch>
+cudaError_t over_row_ranges(const QLinearParams& p, int tile_rows, Launch&& launch) {
+  const int64_t rows_per_launch = int64_t(65535) * tile_rows;
   for (int64_t r0 = 0; r0 < p.m; r0 += rows_per_launch) {
     QLinearParams q = p;
     q.m = std::min(rows_per_launch, p.m - r0);
     q.x = static_cast<const T*>(p.x) + r0 * p.x_stride;
     q.out = static_cast<T*>(p.out) + r0 * p.out_stride;
-    const dim3 grid(unsigned(gx), unsigned((q.m + BM - 1) / BM));
-    if constexpr (kMma)
-      qgemm_mma_kernel<T, F><<<grid, kMThreads, 0, stream>>>(q, gshift, xvec);
-    else
-      qgemm_kernel<T, F><<<grid, kGemmThreads, 0, stream>>>(q, gshift, xvec);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch(q, unsigned(ceil_div(q.m, tile_rows)));
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+// fp32 x, m > 8: SIMT tiles.
+template <QFormat F>
+cudaError_t launch_gemm(const QLinearParams& p, int gshift, cudaStream_t stream) {
+  const int64_t gx = ceil_div(p.w.n, kBN);
+  if (gx > INT_MAX) return cudaErrorInvalidValue;
+  const bool xvec = aligned16({p.x}) && p.x_stride % 8 == 0;
+  return over_row_ranges<float>(p, kBM, [&](const QLinearParams& q, unsigned tiles) {
+    qgemm_kernel<float, F><<<dim3(unsigned(gx), tiles), kGemmThreads, 0, stream>>>(q, gshift, xvec);
+    return cudaGetLastError();
+  });
+}
+
+// The tensor-core linear: m16 tiles per block (MT) and k splits.
+int qmma_tiles_m(int64_t m) { return m <= 16 ? 1 : m <= 32 ? 2 : 4; }
+
+bool qmma_path(const QLinearParams& p) {
+  return (p.dtype == DType::bf16 || p.dtype == DType::f16) && fast_weight(p.w) >= 0;
+}
+
+// Splits of k: enough blocks for ~4 per SM (16 warps to keep the weight loads in flight), each at least one
+// chunk and none empty. 1 when m needs several launches (the workspace holds one) or the grid is full.
+int qmma_splits(const QLinearParams& p, int num_sms) {
+  const int64_t tiles_m = ceil_div(p.m, 16 * qmma_tiles_m(p.m));
+  if (tiles_m > 65535) return 1;
+  const int64_t blocks = ceil_div(p.w.n, kQBlockN) * tiles_m, chunks = ceil_div(p.w.k, kQChunk);
+  const int64_t s = std::min(ceil_div(4 * int64_t(num_sms), blocks), chunks);
+  return s <= 1 ? 1 : int(ceil_div(chunks, ceil_div(chunks, s)));
+}
+
+int64_t qmma_workspace_bytes(const QLinearParams& p, int splits) {
+  return splits > 1 ? int64_t(splits) * p.m * p.w.n * int64_t(sizeof(float)) : 0;
+}
+
+template <typename T, QFormat F, int MT>
+cudaError_t launch_qmma_tiles(const QLinearParams& p, int gshift, int splits, cudaStream_t stream) {
+  const int64_t gx = ceil_div(p.w.n, kQBlockN), cps = ceil_div(ceil_div(p.w.k, kQChunk), splits);
+  if (gx > INT_MAX) return cudaErrorInvalidValue;
+  const bool xvec = aligned16({p.x}) && p.x_stride % 8 == 0;
+  const cudaError_t err = over_row_ranges<T>(p, 16 * MT, [&](const QLinearParams& q, unsigned tiles) {
+    const dim3 grid(unsigned(gx), tiles, unsigned(splits));
+    qmma_kernel<T, F, MT><<<grid, kQThreads, 0, stream>>>(q, gshift, xvec, int(cps));
+    return cudaGetLastError();
+  });
+  if (err != cudaSuccess || splits == 1) return err;
+  qsplit_sum_kernel<T><<<grid_for(p.m * p.w.n, 256), 256, 0, stream>>>(p, splits);  // same stream: after every split
+  return cudaGetLastError();
+}
+
+template <typename T, QFormat F>
+cudaError_t launch_qmma(const QLinearParams& p, int gshift, cudaStream_t stream) {
+  int splits = 1;
+  if (p.workspace) {
+    int dev = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (err != cudaSuccess) return err;
+    splits = qmma_splits(p, sms);
+    if (p.workspace_bytes < qmma_workspace_bytes(p, splits)) splits = 1;
+  }
+  switch (qmma_tiles_m(p.m)) {
+    case 1: return launch_qmma_tiles<T, F, 1>(p, gshift, splits, stream);
+    case 2: return launch_qmma_tiles<T, F, 2>(p, gshift, splits, stream);
+    default: return launch_qmma_tiles<T, F, 4>(p, gshift, splits, stream);
+  }
 }
 
 }  // namespace
@@ -735,13 +857,15 @@ cudaError_t qlinear_cuda(const QLinearParams& p, cudaStream_t stream) {
       if (gshift >= 0)
         return visit_format(p.w.format, [&](auto fmt) -> cudaError_t {
         constexpr QFormat F = decltype(fmt)::value;
-        if (p.m <= kGemvMaxM) {
+        if constexpr (!std::is_same<T, float>::value) {
+          return launch_qmma<T, F>(p, gshift, stream);
+        } else {
           if (p.m == 1) return launch_gemv<T, F, 1>(p, gshift, stream);
           if (p.m == 2) return launch_gemv<T, F, 2>(p, gshift, stream);
           if (p.m <= 4) return launch_gemv<T, F, 4>(p, gshift, stream);
-          return launch_gemv<T, F, 8>(p, gshift, stream);
+          if (p.m <= kGemvMaxM) return launch_gemv<T, F, 8>(p, gshift, stream);
+          return launch_gemm<F>(p, gshift, stream);
         }
-        return launch_gemm<T, F>(p, gshift, stream);
         });
     }
     const int64_t gx = (p.w.n + 7) / 8;
@@ -749,6 +873,12 @@ cudaError_t qlinear_cuda(const QLinearParams& p, cudaStream_t stream) {
     qlinear_elem_kernel<T><<<dim3(unsigned(gx), unsigned(std::min<int64_t>(p.m, 65535))), 256, 0, stream>>>(p);
     return cudaGetLastError();
   });
+}
+
+int64_t qlinear_cuda_workspace_bytes(const QLinearParams& p, int num_sms) {
+  using namespace cuda;
+  if (!valid_weight(p.w) || p.m <= 0 || p.w.n == 0 || !qmma_path(p)) return 0;
+  return qmma_workspace_bytes(p, qmma_splits(p, num_sms));
 }
 
 }  // namespace llmkern

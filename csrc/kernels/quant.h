@@ -54,6 +54,12 @@ struct QLinearParams {
   const void* bias = nullptr;  // [n] or nullptr
   void* out = nullptr;         // [m][n], unit stride along n
   int64_t out_stride = 0;
+
+  // Device scratch for the split-k partials of the CUDA tensor-core path (float32, no initialisation
+  // needed), sized by qlinear_cuda_workspace_bytes (cuda/launch.h); null / too small: k is not split.
+  // Unused by the CPU kernels.
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
 };
 
 // out[r][c] = w[r][c] in dtype, out contiguous [n][k] (nf4: the flattened n * k elements).

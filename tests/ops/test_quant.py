@@ -301,6 +301,19 @@ def test_linear_many_rows(device, m, dtype):
     check_linear("int8-k531", lk.int8_linear(x, q, s), x, lk.dequantize_int8_ref(q, s, torch.float32), None)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m, k", [(64, 4096), (2048, 512)])
+def test_linear_cuda_k_splits(m, k):
+    """The CUDA tensor-core path at real sizes: with 4096 rows of W, m = 64 leaves the grid small, so k is split
+    over blocks (16 splits of two 128-column chunks on an H200's 132 SMs); m = 2048 fills it, so each block runs
+    all four chunks itself. Every format."""
+    n = 4096
+    for name, linear, w32 in formats(n, k, "cuda"):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        bias = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+        check_linear(name, linear(x, bias), x, w32, bias)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m", [8, 48])
 def test_linear_tile_tasks(device, threads, m):
