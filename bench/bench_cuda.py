@@ -167,7 +167,7 @@ def quant() -> None:
     for name, (tensors, product) in formats.items():
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         copies = [[t.to(dev) for t in tensors] for _ in range(-(-span // nbytes))]
-        for m in (1, 16, 64, 256):
+        for m in (1, 4, 16, 64, 256):
             x = torch.randn(m, k, dtype=dt, device=dev)
             ms = time_ms(lambda: [product(x, *c) for c in copies], reps=5, graph=True) / len(copies)
             dense_ms.setdefault(m, ms)

@@ -305,8 +305,8 @@ def test_linear_many_rows(device, m, dtype):
 @pytest.mark.parametrize("m, k", [(64, 4096), (2048, 512)])
 def test_linear_cuda_k_splits(m, k):
     """The CUDA tensor-core path at real sizes: with 4096 rows of W, m = 64 leaves the grid small, so k is split
-    over blocks (16 splits of two 128-column chunks on an H200's 132 SMs); m = 2048 fills it, so each block runs
-    all four chunks itself. Every format."""
+    over blocks (on an H200, 8 splits of four 128-column chunks); m = 2048 fills it, so each block runs all four
+    chunks itself. Every format."""
     n = 4096
     for name, linear, w32 in formats(n, k, "cuda"):
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
