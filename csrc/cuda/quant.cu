@@ -9,17 +9,17 @@
 // Kernels:
 // - dequant_vec_kernel<T, F>: 8 consecutive flattened elements per thread (4 packed bytes / 8 int8 bytes
 //   in, 16-byte stores out); dequant_elem_kernel<T>: one element per thread, any shape (the fallback).
-// - qmma_kernel<T, F, MT> (bf16/fp16 x, any m): tensor cores (mma.sync m16n8k16, fp32 accumulation); a block
+// - qmma_kernel<T, F, MT> (bf16/fp16 x, m >= 2): tensor cores (mma.sync m16n8k16, fp32 accumulation); a block
 //   owns 128 weight rows and 16 MT rows of x and runs k in chunks of 128, with k split over blocks (fp32
 //   partials in a workspace, summed in order by qsplit_sum_kernel<T>) when the grid would not fill the GPU.
 //   Each lane streams its own 16/32 packed bytes per chunk from global memory straight into mma fragments
 //   (the k order inside a chunk is permuted to make that so); x is staged in shared memory by cp.async.
-// - qgemv_kernel<T, F, MT> (fp32 x, m <= 8): 8 warps per block, 2 weight rows per warp. The block walks k in
-//   chunks: all MT (m rounded up to 1/2/4/8) rows of the x chunk are staged in shared memory as fp32
-//   (swizzled, see xs_index), then every lane streams 16-byte units of its warp's two weight rows, so
-//   every weight byte is read once from global memory, decodes them in registers (nf4 through the
-//   16-entry code table in shared memory) and accumulates MT x 2 fp32 dot products; a warp shuffle
-//   reduction ends it.
+// - qgemv_kernel<T, F, MT> (fp32 x with m <= 8, bf16/fp16 x with m = 1): 8 warps per block, 2 weight rows
+//   per warp. The block walks k in chunks: all MT (m rounded up to 1/2/4/8) rows of the x chunk are staged in
+//   shared memory as fp32 (swizzled, see xs_index), then every lane streams 16-byte units of its warp's two
+//   weight rows, so every weight byte is read once from global memory, decodes them in registers (nf4
+//   through the 16-entry code table in shared memory) and accumulates MT x 2 fp32 dot products; a warp
+//   shuffle reduction ends it.
 // - qgemm_kernel<T, F> (fp32 x, m > 8): SIMT, a 64 x 64 output tile per 256-thread block, tiles staged as
 //   fp32 (k-major), each thread accumulating a 4 x 4 sub-tile.
 // - qlinear_elem_kernel<T>: a warp per output element, any shape, any dtype (f64 included): the
@@ -426,7 +426,7 @@ __global__ void __launch_bounds__(kGemmThreads) qgemm_kernel(const QLinearParams
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Linear on tensor cores (bf16/fp16 x, any m): mma.sync m16n8k16, fp32 accumulation, k split over blocks.
+// Linear on tensor cores (bf16/fp16 x, m >= 2): mma.sync m16n8k16, fp32 accumulation, k split over blocks.
 //
 // The dequantized weight is rounded to T (bf16/fp16) before the multiply, as bitsandbytes' and every
 // dequantize-then-matmul path do; x is used as stored. A block has 4 warps and owns 128 weight rows (n) and
@@ -658,7 +658,8 @@ __global__ void __launch_bounds__(256) qsplit_sum_kernel(const QLinearParams p, 
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = e / p.w.n, c = e - m * p.w.n;
     float s = 0.f;
-    for (int z = 0; z < splits; ++z) s += ws[z * total + e];
+#pragma unroll 4
+    for (int z = 0; z < splits; ++z) s += ws[z * total + e];  // unrolled: 4 loads in flight, the same order
     static_cast<T*>(p.out)[m * p.out_stride + c] = from_acc<T>(s + (bias ? float(to_acc(bias[c])) : 0.f));
   }
 }
@@ -767,10 +768,6 @@ cudaError_t launch_gemm(const QLinearParams& p, int gshift, cudaStream_t stream)
 // The tensor-core linear: m16 tiles per block (MT) and k splits.
 int qmma_tiles_m(int64_t m) { return m <= 16 ? 1 : m <= 32 ? 2 : 4; }
 
-// bf16/fp16 x takes the tensor cores from m = 5 on; below, the GEMV (on an H200 at 4096 x 4096 and m = 1:
-// 10.6 us int4, 11.5 us nf4 against 13.9 and 12.8 us on the tensor cores).
-constexpr int kGemvMaxM16 = 4;
-
 // Blocks of qmma_kernel<T, F, MT> resident on one SM at once (its registers and shared memory decide).
 template <typename T, QFormat F, int MT>
 int qmma_resident() {
@@ -878,10 +875,13 @@ cudaError_t qlinear_cuda(const QLinearParams& p, cudaStream_t stream) {
         return visit_format(p.w.format, [&](auto fmt) -> cudaError_t {
         constexpr QFormat F = decltype(fmt)::value;
         constexpr bool k16 = !std::is_same<T, float>::value;
+        // bf16/fp16 x: the GEMV at m = 1, the tensor cores from m = 2 on. On an H200 at 4096 x 4096: m = 1,
+        // 10.5 us int4 and 11.5 us nf4 on the GEMV against 13.9 and 12.8 us on the tensor cores; m = 4,
+        // 23.4 us on the GEMV, while the tensor cores take about as long at m = 16 as at m = 1 (15 us).
         if (p.m == 1) return launch_gemv<T, F, 1>(p, gshift, stream);
+        if constexpr (k16) return launch_qmma<T, F>(p, gshift, stream);
         if (p.m == 2) return launch_gemv<T, F, 2>(p, gshift, stream);
         if (p.m <= 4) return launch_gemv<T, F, 4>(p, gshift, stream);
-        if constexpr (k16) return launch_qmma<T, F>(p, gshift, stream);
         if (p.m <= kGemvMaxM) return launch_gemv<T, F, 8>(p, gshift, stream);
         return launch_gemm<F>(p, gshift, stream);
         });
@@ -895,8 +895,8 @@ cudaError_t qlinear_cuda(const QLinearParams& p, cudaStream_t stream) {
 
 int64_t qlinear_cuda_workspace_bytes(const QLinearParams& p, int num_sms) {
   using namespace cuda;
-  if (!valid_weight(p.w) || p.m <= kGemvMaxM16 || p.w.n == 0 || fast_weight(p.w) < 0) return 0;
-  int64_t bytes = 0;  // bf16/fp16 x only: the tensor-core path
+  if (!valid_weight(p.w) || p.m <= 1 || p.w.n == 0 || fast_weight(p.w) < 0) return 0;
+  int64_t bytes = 0;  // the tensor-core path only: bf16/fp16 x, m >= 2
   visit_cuda_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (sizeof(T) == 2)
