@@ -3,7 +3,9 @@ vocabulary. The logits were just written by the output head, so the rows are tim
 Greedy (ops.argmax): baselines torch.argmax(x, -1), eager and compiled. Sampling's top-k / top-p filter
 (ops.top_k_top_p_, float32 logits randn * 3, top_p 0.95 alone and top_k 50 with top_p 0.9; its time includes copying
 the logits into the buffer it filters): baselines transformers' warpers by a full sort (top_k_top_p_ref), eager and
-compiled.
+compiled. The whole draw (ops.sample_: temperature 0.8, top_p 0.95 and the inverse CDF, float32 logits randn * 3;
+its time includes the copy into its scratch buffer): baseline the same draw in PyTorch (the temperature, the full-sort
+filter top_k_top_p_ref, softmax, then sample_from_probabilities' cumsum and searchsorted), eager.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from bench.harness import Config, Row, compiled, run_case
 
 
 def run(cfg: Config) -> list[Row]:
-    from llmkern.ops.sampling import argmax, argmax_ref, top_k_top_p_, top_k_top_p_ref
+    from llmkern.generation import sample_from_probabilities
+    from llmkern.ops.sampling import argmax, argmax_ref, sample_, top_k_top_p_, top_k_top_p_ref
 
     rows = []
     ref_c = compiled(argmax_ref, cfg)
@@ -36,4 +39,13 @@ def run(cfg: Config) -> list[Row]:
                 "eager": lambda i: top_k_top_p_ref(x, k, p),
                 "compile": filter_c and (lambda i: filter_c(x, k, p)),
             }, cfg, 1))
+    for shape in ((16, 8192), (16, 128256)):
+        x, buf = torch.randn(shape) * 3, torch.empty(shape)
+        col = lambda v, dtype=torch.float32: torch.full(shape[:1], v, dtype=dtype)  # noqa: E731
+        t, k, p, min_p, u = col(0.8), col(0, torch.int64), col(0.95), col(0.0), torch.rand(shape[0])
+        rows.append(run_case("sample_ t=0.8 p=0.95", shape, torch.float32, 2 * x.numel() * 4, {
+            "llmkern": lambda i: sample_(buf.copy_(x), t, k, p, min_p, u),
+            "eager": lambda i: sample_from_probabilities(torch.softmax(top_k_top_p_ref(x / 0.8, k, p), dim=-1)),
+            "compile": None,
+        }, cfg, 1))
     return rows

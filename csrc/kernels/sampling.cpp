@@ -106,6 +106,7 @@ using Item = std::pair<uint32_t, float>;  // (key, weight)
 
 struct Scratch {
   std::vector<float> e, cv, cw;
+  std::vector<double> blocks;  // the draw's block sums
   std::vector<double> hist;  // 2 x kBins: even and odd items apart, so adds to one bin do not wait for each other
   std::vector<Item> items, last;
 };
@@ -216,6 +217,8 @@ float row_top_k_top_p(float* x, int64_t n, int64_t k, float top_p, Scratch& s) {
   return m;
 }
 
+constexpr int64_t kDrawBlock = 16;  // tokens a block of the draw's CDF walk
+
 // The token sample_kernel draws from row x (see kernels/sampling.h).
 int64_t row_sample(float* x, int64_t n, float t, int64_t k, float top_p, float min_p, float u, Scratch& s) {
   using V = VecF;
@@ -232,18 +235,28 @@ int64_t row_sample(float* x, int64_t n, float t, int64_t k, float top_p, float m
     const Vv e = exp(Vv::load(x + j) - Vv::set1(m));
     Vv::select_gt(Vv::set1(min_p), e, Vv::zero(), e).store(s.e.data() + j);
   });
+  // The total in double, through the sums of blocks of kDrawBlock tokens (four chains of adds in each, so they do
+  // not wait for each other). The draw walks those sums and scans only the block where the CDF crosses u * total:
+  // no branch per token (after top-p or min-p, whether a token kept any probability is a coin flip to the predictor).
+  const int64_t nb = (n + kDrawBlock - 1) / kDrawBlock;
+  s.blocks.resize(size_t(nb));
   double total = 0;
-  for (int64_t j = 0; j < n; ++j) total += s.e[j];
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t j0 = b * kDrawBlock, j1 = std::min(n, j0 + kDrawBlock);
+    double part[4] = {0, 0, 0, 0};
+    for (int64_t j = j0; j < j1; ++j) part[j & 3] += s.e[j];
+    total += s.blocks[size_t(b)] = (part[0] + part[1]) + (part[2] + part[3]);
+  }
   if (!(total > 0) || !std::isfinite(total)) return row_argmax(x, n);  // NaN (its first one), or an infinite max
   const double target = double(u) * total;
   double cum = 0;
-  int64_t last = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    if (s.e[j] == 0.f) continue;
-    cum += s.e[j], last = j;
-    if (cum > target) return j;
-  }
-  return last;  // u * total rounded up to the total: the last token with probability > 0
+  int64_t b = 0;
+  for (; b < nb && cum + s.blocks[size_t(b)] <= target; ++b) cum += s.blocks[size_t(b)];
+  for (int64_t j = b * kDrawBlock; j < n; ++j)  // a token with probability 0 never takes the CDF past target
+    if ((cum += s.e[j]) > target) return j;
+  int64_t last = n - 1;  // u * total rounded up to the total: the last token with probability > 0
+  while (s.e[size_t(last)] == 0.f) --last;
+  return last;
 }
 
 // compute_logprobs of one row (kernels/sampling.h): two vector passes for the log-sum-exp, one for the rank, and a
