@@ -42,7 +42,7 @@ cudaError_t kv_write_cuda(const KvWriteParams& p, cudaStream_t stream);
 // k % group != 0 or odd k). There is no CUDA quantize: quantization runs on the CPU.
 cudaError_t qlinear_cuda(const QLinearParams& p, cudaStream_t stream);
 // Bytes of p.workspace that qlinear_cuda uses to split k across blocks on a GPU with num_sms SMs (0: no
-// workspace needed); host only, no device call.
+// workspace needed); host only (an occupancy query of the kernel, nothing on a stream).
 int64_t qlinear_cuda_workspace_bytes(const QLinearParams& p, int num_sms);
 cudaError_t dequantize_cuda(const QDequantParams& p, cudaStream_t stream);
 
