@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import re
 import threading
@@ -221,6 +222,17 @@ def server_class():
     return DrainingServer
 
 
+def freeze_startup_heap() -> None:
+    """Takes every object alive now (the model, the tokenizer, the web framework: ~330k on the demo model) out of the
+    cyclic garbage collector's sight, as vLLM and SGLang do once loaded. A full collection walks every tracked object
+    with the GIL held and finds none of these garbage: serving the demo model at concurrency 16, one took 153 ms,
+    a stall of every stream (bench/RESULTS.md). Objects made later are collected as before; a cycle among the frozen
+    ones is never freed (reference counting still frees the rest)."""
+    gc.collect()
+    gc.freeze()
+    log.info("garbage collector: %d startup objects frozen", gc.get_freeze_count())
+
+
 def run(args: argparse.Namespace) -> int:
     """Bad flags raise ValueError before anything starts; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -257,7 +269,9 @@ def run(args: argparse.Namespace) -> int:
     log.info("kernel threads: %d (--threads), llmkern's pool", threads)
 
     def load():
-        return Engine.from_pretrained(args.model, config, dtype=dtype, quant=args.quant)
+        engine = Engine.from_pretrained(args.model, config, dtype=dtype, quant=args.quant)
+        freeze_startup_heap()
+        return engine
 
     # uvicorn's "auto" takes uvloop and httptools where installed (pyproject's dependencies): ~30% less of the event
     # loop's CPU a streamed token than asyncio + h11 (bench/RESULTS.md), CPU the kernels' cores give up to it.
