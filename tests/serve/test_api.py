@@ -269,7 +269,7 @@ def test_sigterm_drains_the_streaming_request_then_exits_0(tiny_checkpoint, tmp_
         assert proc.wait(timeout=60) == 0
     text = (tmp_path / "server.log").read_text()
     assert "draining" in text
-    # The loaded model's heap leaves the garbage collector's full passes before the first request (freeze_startup_heap).
+    # The loaded model's heap leaves the full garbage collections before the first request (freeze_startup_heap).
     assert text.index("startup objects frozen") < text.index("ready: serving")
 
 
