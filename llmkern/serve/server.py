@@ -223,11 +223,11 @@ def server_class():
 
 
 def freeze_startup_heap() -> None:
-    """Takes every object alive now (the model, the tokenizer, the web framework: ~330k on the demo model) out of the
-    cyclic garbage collector's sight, as vLLM and SGLang do once loaded. A full collection walks every tracked object
-    with the GIL held and finds none of these garbage: serving the demo model at concurrency 16, one took 153 ms,
-    a stall of every stream (bench/RESULTS.md). Objects made later are collected as before; a cycle among the frozen
-    ones is never freed (reference counting still frees the rest)."""
+    """Takes every object alive now (the model, the tokenizer, the web framework: ~330k on the demo model, alive as
+    long as the server) out of the cyclic garbage collector's sight, as vLLM and SGLang do once loaded. A full
+    collection walks every tracked object with the GIL held: serving the demo model at concurrency 16, one took
+    153 ms, a stall of every stream (bench/RESULTS.md). Objects made later are collected as before; a cycle among the
+    frozen ones is never freed (reference counting still frees the rest)."""
     gc.collect()
     gc.freeze()
     log.info("garbage collector: %d startup objects frozen", gc.get_freeze_count())
