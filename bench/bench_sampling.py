@@ -39,13 +39,14 @@ def run(cfg: Config) -> list[Row]:
                 "eager": lambda i: top_k_top_p_ref(x, k, p),
                 "compile": filter_c and (lambda i: filter_c(x, k, p)),
             }, cfg, 1))
+    temperature, top_p = 0.8, 0.95
     for shape in ((16, 8192), (16, 128256)):
         x, buf = torch.randn(shape) * 3, torch.empty(shape)
         col = lambda v, dtype=torch.float32: torch.full(shape[:1], v, dtype=dtype)  # noqa: E731
-        t, k, p, min_p, u = col(0.8), col(0, torch.int64), col(0.95), col(0.0), torch.rand(shape[0])
-        rows.append(run_case("sample_ t=0.8 p=0.95", shape, torch.float32, 2 * x.numel() * 4, {
+        t, k, p, min_p, u = col(temperature), col(0, torch.int64), col(top_p), col(0.0), torch.rand(shape[0])
+        rows.append(run_case(f"sample_ t={temperature} p={top_p}", shape, torch.float32, 2 * x.numel() * 4, {
             "llmkern": lambda i: sample_(buf.copy_(x), t, k, p, min_p, u),
-            "eager": lambda i: sample_from_probabilities(torch.softmax(top_k_top_p_ref(x / 0.8, k, p), dim=-1)),
+            "eager": lambda i: sample_from_probabilities(torch.softmax(top_k_top_p_ref(x / temperature, k, p), -1)),
             "compile": None,
         }, cfg, 1))
     return rows

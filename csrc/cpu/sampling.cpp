@@ -46,6 +46,14 @@ Tensor row_values(const Tensor& v, const char* name, int64_t rows, float lo, flo
   return c;
 }
 
+// An int64 [n] tensor with unit stride (n < 0: any length) on the CPU; its data is read through a pointer.
+void check_long(const Tensor& t, const char* name, int64_t n) {
+  check_device(t, name, c10::DeviceType::CPU);
+  TORCH_CHECK(t.dim() == 1 && (n < 0 || t.size(0) == n) && t.scalar_type() == at::kLong && t.is_contiguous(), name,
+              ": expected int64 [", n < 0 ? "T" : std::to_string(n), "] with unit stride, got ", t.scalar_type(), " ",
+              t.sizes());
+}
+
 // logits: float32 [rows, vocab] with unit stride along vocab, written in place.
 Rows logits_rows(Tensor& logits) {
   check_device(logits, "logits", c10::DeviceType::CPU);
@@ -58,10 +66,7 @@ Rows logits_rows(Tensor& logits) {
 // they point into stay alive with logits, top_k and top_p.
 TopKTopPParams filter_params(Tensor& logits, const Tensor& top_k, const Tensor& top_p) {
   const Rows xr = logits_rows(logits);
-  check_device(top_k, "top_k", c10::DeviceType::CPU);
-  TORCH_CHECK(top_k.dim() == 1 && top_k.size(0) == xr.rows && top_k.scalar_type() == at::kLong &&
-              top_k.is_contiguous(), "top_k: expected int64 [", xr.rows, "] with unit stride, got ",
-              top_k.scalar_type(), " ", top_k.sizes());
+  check_long(top_k, "top_k", xr.rows);
   const Tensor p = row_values(top_p, "top_p", xr.rows, 0.f, 1.f, Ends::kLowOpen);
   TORCH_CHECK(p.data_ptr() == top_p.data_ptr(), "top_p: expected a contiguous tensor");
   TopKTopPParams f;
@@ -106,12 +111,6 @@ void apply_penalties_(Tensor& logits, const Tensor& ids, const Tensor& offsets, 
                       const Tensor& repetition, const Tensor& frequency, const Tensor& presence) {
   const Rows xr = logits_rows(logits);
   const int64_t rows = xr.rows, vocab = xr.cols;
-  const auto check_long = [&](const Tensor& t, const char* name, int64_t n) {
-    check_device(t, name, c10::DeviceType::CPU);
-    TORCH_CHECK(t.dim() == 1 && (n < 0 || t.size(0) == n) && t.scalar_type() == at::kLong && t.is_contiguous(),
-                name, ": expected int64 [", n < 0 ? "T" : std::to_string(n), "] with unit stride, got ",
-                t.scalar_type(), " ", t.sizes());
-  };
   check_long(ids, "ids", -1);
   check_long(offsets, "offsets", rows + 1);
   check_long(output_start, "output_start", rows);

@@ -874,16 +874,18 @@ cudaError_t qlinear_cuda(const QLinearParams& p, cudaStream_t stream) {
       if (gshift >= 0)
         return visit_format(p.w.format, [&](auto fmt) -> cudaError_t {
         constexpr QFormat F = decltype(fmt)::value;
-        constexpr bool k16 = !std::is_same<T, float>::value;
         // bf16/fp16 x: the GEMV at m = 1, the tensor cores from m = 2 on. On an H200 at 4096 x 4096: m = 1,
         // 10.5 us int4 and 11.5 us nf4 on the GEMV against 13.9 and 12.8 us on the tensor cores; m = 4,
         // 23.4 us on the GEMV, while the tensor cores take about as long at m = 16 as at m = 1 (15 us).
         if (p.m == 1) return launch_gemv<T, F, 1>(p, gshift, stream);
-        if constexpr (k16) return launch_qmma<T, F>(p, gshift, stream);
-        if (p.m == 2) return launch_gemv<T, F, 2>(p, gshift, stream);
-        if (p.m <= 4) return launch_gemv<T, F, 4>(p, gshift, stream);
-        if (p.m <= kGemvMaxM) return launch_gemv<T, F, 8>(p, gshift, stream);
-        return launch_gemm<F>(p, gshift, stream);
+        if constexpr (!std::is_same<T, float>::value) {
+          return launch_qmma<T, F>(p, gshift, stream);
+        } else {  // fp32 x: the GEMV up to 8 rows, SIMT tiles past them
+          if (p.m == 2) return launch_gemv<T, F, 2>(p, gshift, stream);
+          if (p.m <= 4) return launch_gemv<T, F, 4>(p, gshift, stream);
+          if (p.m <= kGemvMaxM) return launch_gemv<T, F, 8>(p, gshift, stream);
+          return launch_gemm<F>(p, gshift, stream);
+        }
         });
     }
     const int64_t gx = (p.w.n + 7) / 8;

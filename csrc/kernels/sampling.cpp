@@ -321,6 +321,15 @@ void run_logprobs(const LogprobParams& p) {
   });
 }
 
+// fn(r, row r of f.x, scratch) for every row, the rows split over threads (~4 passes over each).
+template <typename Fn>
+void for_filter_rows(const TopKTopPParams& f, Fn&& fn) {
+  parallel_for(0, f.rows, grain_for(4 * f.cols * int64_t(sizeof(float))), [&](int64_t r0, int64_t r1) {
+    Scratch s;
+    for (int64_t r = r0; r < r1; ++r) fn(r, f.x + r * f.stride, s);
+  });
+}
+
 }  // namespace
 
 void logprobs_kernel(const LogprobParams& p) {
@@ -333,12 +342,8 @@ void argmax_kernel(const ArgmaxParams& p) {
 
 void sample_kernel(const SampleParams& p) {
   const TopKTopPParams& f = p.filter;
-  parallel_for(0, f.rows, grain_for(4 * f.cols * int64_t(sizeof(float))), [&](int64_t r0, int64_t r1) {
-    Scratch s;
-    for (int64_t r = r0; r < r1; ++r) {
-      float* x = f.x + r * f.stride;
-      p.out[r] = row_sample(x, f.cols, p.temperature[r], f.top_k[r], f.top_p[r], p.min_p[r], p.u[r], s);
-    }
+  for_filter_rows(f, [&](int64_t r, float* x, Scratch& s) {
+    p.out[r] = row_sample(x, f.cols, p.temperature[r], f.top_k[r], f.top_p[r], p.min_p[r], p.u[r], s);
   });
 }
 
@@ -364,10 +369,7 @@ void penalties_kernel(const PenaltyParams& p) {
 }
 
 void top_k_top_p_kernel(const TopKTopPParams& p) {
-  parallel_for(0, p.rows, grain_for(4 * p.cols * int64_t(sizeof(float))), [&](int64_t r0, int64_t r1) {
-    Scratch s;
-    for (int64_t r = r0; r < r1; ++r) row_top_k_top_p(p.x + r * p.stride, p.cols, p.top_k[r], p.top_p[r], s);
-  });
+  for_filter_rows(p, [&](int64_t r, float* x, Scratch& s) { row_top_k_top_p(x, p.cols, p.top_k[r], p.top_p[r], s); });
 }
 
 }  // namespace LLMKERN_ISA

@@ -27,6 +27,11 @@ from llmkern._ext import available
 from llmkern.ops.sampling import apply_penalties_, argmax, logprobs, sample_, top_k_top_p_, top_k_top_p_ref
 
 
+def _compiled(logits: torch.Tensor) -> bool:
+    """Whether the sampler's compiled CPU ops (llmkern.ops.sampling) take these logits."""
+    return logits.device.type == "cpu" and available()
+
+
 def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -187,7 +192,7 @@ def apply_penalties(logits, params, prompt_ids=None, output_ids=None) -> torch.T
     prompt_ids, output_ids = prompt_ids or empty, output_ids or empty
     if not any(p.penalized for p in params):
         return logits.float()
-    if logits.device.type == "cpu" and available():
+    if _compiled(logits):
         return _compiled_penalties(logits, params, prompt_ids, output_ids)
     repetition = [p.repetition_penalty != 1.0 for p in params]
     counted = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
@@ -238,7 +243,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     cumulative-probability rule of top-p). On the CPU the compiled filter; elsewhere computed on each row's n most
     likely candidates: a row whose kept tokens are all candidates is rebuilt from them; the others (top-p needing
     more than the candidates, or ties running past them) take the full sort."""
-    if logits.device.type == "cpu" and available():
+    if _compiled(logits):
         return top_k_top_p_(logits.to(torch.float32, copy=True), top_k, top_p.float())
     batch, vocab = logits.shape
     use_k, use_p = top_k > 0, top_p < 1.0
@@ -353,7 +358,7 @@ def sample(logits, params, prompt_ids=None, output_ids=None, generators=None) ->
     `probabilities` for the others. prompt_ids / output_ids: each row's previous tokens (lists or 1-D tensors),
     needed by the penalties. generators: each row's generator from make_generator (None entries: global RNG).
     On the CPU the warpers and the draw are one compiled op (llmkern.ops.sample_), with the same uniform numbers."""
-    if logits.device.type != "cpu" or not available() or all(p.greedy for p in params):
+    if not _compiled(logits) or all(p.greedy for p in params):
         return sample_with_probabilities(logits, params, prompt_ids, output_ids, generators)[0]
     x = apply_penalties(logits, params, prompt_ids, output_ids)  # new fp32 logits unless they were already
     if x is logits or not x.is_contiguous():  # the op writes them; the caller's logits are never modified
@@ -396,7 +401,7 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
             f"logits [B, V] and token_ids [B] expected, got {tuple(logits.shape)} and {tuple(token_ids.shape)}"
         )
     num_top = min(num_top, logits.shape[1])
-    if logits.device.type == "cpu" and available():  # one compiled pass per row, no [B, V] log_softmax
+    if _compiled(logits):  # one compiled pass per row, no [B, V] log_softmax
         x = logits if logits.dtype in (torch.float32, torch.bfloat16, torch.float16) else logits.float()
         return Logprobs(*logprobs(x, token_ids.long(), num_top))
     lp = logits.float().log_softmax(dim=-1)
