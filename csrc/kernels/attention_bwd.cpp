@@ -220,7 +220,7 @@ struct Bwd {
           sc = tv * Vv::set1(cap);
         }
         if (slope != A(0)) sc = fmadd(Vv::set1(-slope), abs(Vv::load(kIota) + Vv::set1(dist0 + A(c))), sc);
-        const Vv pr = exp(sc - Vv::set1(lse));
+        const Vv pr = exp_sub(sc, Vv::set1(lse));
         Vv dsv = (pr * Vv::set1(scale)) * (Vv::load(dsrow + c) - Vv::set1(delta));
         if (softcap) dsv = dsv * (Vv::set1(A(1)) - tv * tv);
         pr.store(prow + c);

@@ -474,7 +474,7 @@ struct TiledTask {
     for (int jj = 0; jj < nk; ++jj)
       for (int g = 0; g < G; ++g) {
         A* x = s + int64_t(jj) * mp + c + g * W;
-        const V e = exp(V::load(x) - mu[g]);
+        const V e = exp_sub(V::load(x), mu[g]);
         e.store(x);
         sum[g] = sum[g] + e;
       }
@@ -1008,7 +1008,7 @@ struct GroupTask {
     V sum = V::zero();
     const V muv = V::set1(mu);
     for (int jj = 0; jj < np; jj += W) {
-      const V e = exp(V::load(x + jj) - muv);
+      const V e = exp_sub(V::load(x + jj), muv);
       e.store(x + jj);
       sum = sum + e;
     }

@@ -35,7 +35,7 @@ auto row(T* x, int64_t n, int64_t t, float scale) {
   VecSum<V> sum;
   for_each_chunk<V>(n, [&](auto v, int64_t j) {
     using Vv = decltype(v);
-    const Vv e = exp(Vv::load(x + j) - Vv::set1(m));
+    const Vv e = exp_sub(Vv::load(x + j), Vv::set1(m));
     if constexpr (keep) e.store(x + j);
     sum.add(e);
   });
@@ -45,7 +45,7 @@ auto row(T* x, int64_t n, int64_t t, float scale) {
     using Vv = decltype(v);
     Vv e;
     if constexpr (keep) e = Vv::load(x + j);
-    else e = exp(Vv::load(x + j) - Vv::set1(m));
+    else e = exp_sub(Vv::load(x + j), Vv::set1(m));
     (e * Vv::set1(c)).store(x + j);
   });
   ScalarVec<A>{std::exp(xt - m) * c - A(scale)}.store(x + t);  // softmax - 1 at the target, from x[t] unrounded

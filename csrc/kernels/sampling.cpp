@@ -195,7 +195,7 @@ float row_top_k_top_p(float* x, int64_t n, int64_t k, float top_p, Scratch& s) {
   VecSum<V> sum;
   for_each_chunk<V>(n, [&](auto v, int64_t j) {
     using Vv = decltype(v);
-    const Vv e = exp(Vv::load(x + j) - Vv::set1(m));
+    const Vv e = exp_sub(Vv::load(x + j), Vv::set1(m));
     e.store(s.e.data() + j);
     sum.add(e);
   });
@@ -232,7 +232,7 @@ int64_t row_sample(float* x, int64_t n, float t, int64_t k, float top_p, float m
   s.e.resize(size_t(n));
   for_each_chunk<V>(n, [&](auto v, int64_t j) {
     using Vv = decltype(v);
-    const Vv e = exp(Vv::load(x + j) - Vv::set1(m));
+    const Vv e = exp_sub(Vv::load(x + j), Vv::set1(m));
     Vv::select_gt(Vv::set1(min_p), e, Vv::zero(), e).store(s.e.data() + j);
   });
   // The total in double, through the sums of blocks of kDrawBlock tokens (four chains of adds in each, so they do
@@ -277,7 +277,7 @@ void row_logprobs(const T* x, int64_t n, int64_t token, int64_t num_top, float* 
   VecSum<V> sum;
   for_each_chunk<V>(n, [&](auto v, int64_t j) {
     using Vv = decltype(v);
-    sum.add(exp(Vv::load(x + j) - Vv::set1(A(m))));
+    sum.add(exp_sub(Vv::load(x + j), Vv::set1(A(m))));
   });
   const float logs = std::log(float(sum.total()));
   const auto lp = [&](float v) { return (v - m) - logs; };  // as log_softmax rounds it

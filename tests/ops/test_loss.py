@@ -206,6 +206,32 @@ def test_cross_entropy_grad_strided_rows_and_ignored_rows(cpu_isa, dtype):
     check_ce(x, t, scale=2.0, ignore_index=7)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_grad_wide_logits(cpu_isa, dtype):
+    # Logits over +-200: exp(x - max) covers normal, denormal and underflowed results (the AVX-512 exp_sub masks the
+    # lanes below 2^-150 off, and its polynomial meets every exponent the row's range reaches).
+    x, t = _logits(33, 769, dtype)
+    check_ce((x.float() * 12).clamp(-200, 200).to(dtype), t, scale=0.37)
+
+
+def test_cross_entropy_grad_softmax_to_a_few_ulp(cpu_isa):
+    # Gradient j over the row maximum's gradient (both softmax * scale, scale / sum computed once) is exp(x_j - max)
+    # to within the rounding of that product: each exponential to ~1.3 ulp, plus |x_j - max| ulp for rounding the
+    # difference and (AVX-512) its multiple of log2 e, which a softmax cannot see but a bound must allow.
+    x, _ = _logits(7, 769, torch.float32)
+    am = x.argmax(1)
+    t = (am + 1) % 769
+    g = x.clone()
+    lk.cross_entropy_grad_(g, t, 1.0)
+    d = (x - x.max(1, keepdim=True).values).double()
+    ref = d.exp()
+    ratio = g.double() / g.gather(1, am[:, None]).double()
+    keep = (torch.arange(769)[None] != t[:, None]) & (ref > 1e-30)
+    ulp = 2.0**-24
+    err = ((ratio - ref).abs() / ref)[keep]
+    assert (err <= ulp * (2.5 + 2.5 * d.abs()[keep])).all(), f"{(err / ulp).max().item():.1f} ulp"
+
+
 def test_cross_entropy_grad_masked_and_nan_logits():
     x, t = _logits(4, 300, torch.float32)
     t[:] = torch.tensor([3, 5, 7, 9])

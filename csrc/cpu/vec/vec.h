@@ -26,6 +26,13 @@ namespace llmkern { namespace LLMKERN_ISA { using VecF = ArrayVec<8>; } }
 namespace llmkern {
 namespace LLMKERN_ISA {
 
+// exp(x - m), the exponent of every softmax (x <= m there): AVX-512 has a cheaper form of its own (friend of
+// VecAvx512, preferred by overload resolution); elsewhere it is exp of the difference.
+template <typename V>
+inline V exp_sub(V x, V m) {
+  return exp(x - m);
+}
+
 // Vector type a kernel computes with for storage type T: float lanes (fp32 accumulation) for
 // fp32/bf16/fp16, one double lane for fp64 (the gradcheck path, where speed does not matter).
 template <typename T> struct VecFor { using type = VecF; };
