@@ -70,12 +70,10 @@ struct VecAvx512 {
   // degree-5 Taylor polynomial, 2^n applied by vscalefps (exact inf above 128, 0 below -150). For results
   // rounded to 16 bits (2^-8 / 2^-11 relative), whose rounding swamps that error.
   friend VecAvx512 exp2_fast(VecAvx512 t) {
-    const VecAvx512 x = max(set1(-256.f), min(set1(256.f), t));  // +-inf - n would be NaN; NaN passes (second)
-    const VecAvx512 n = round_nearest(x), f = x - n;             // f in [-0.5, 0.5]
-    VecAvx512 p = set1(1.3333558146e-3f);                        // ln2^k / k!
-    for (float c : {9.6181291076e-3f, 5.5504108665e-2f, 2.4022650696e-1f, 6.9314718056e-1f, 1.f})
-      p = fmadd(p, f, set1(c));
-    return scale_pow2(p, n, t, -150.f);
+    static constexpr float kTaylor[] = {1.3333558146e-3f, 9.6181291076e-3f, 5.5504108665e-2f,  // ln2^k / k!
+                                        2.4022650696e-1f, 6.9314718056e-1f, 1.f};
+    // +-inf - n would be NaN; NaN passes (min and max return their second operand)
+    return pow2_poly(max(set1(-256.f), min(set1(256.f), t)), t, kTaylor);
   }
   // exp(x - m), the softmax's exponent, in 13 vector ops against exp's 16 (side by side, in process:
   // cross_entropy_grad_ 1.11-1.18x fp32, 1.19-1.30x bf16; logprobs 1.11-1.15x; sample_ 1.03-1.05x; the fp32
@@ -85,13 +83,10 @@ struct VecAvx512 {
   // The clamp at 128 keeps +inf from becoming inf - inf (NaN); NaN passes (min returns its second operand); lanes
   // below 2^-150 are masked off as in exp (see scale_pow2).
   friend VecAvx512 exp_sub(VecAvx512 x, VecAvx512 m) {
+    static constexpr float kMinimax[] = {1.5337577497120947e-4f, 1.3399859890341759e-3f, 9.618519805371761e-3f,
+                                         5.550329014658928e-2f, 2.4022646248340607e-1f, 6.931471824645996e-1f, 1.f};
     const VecAvx512 t = min(set1(128.f), (x - m) * set1(1.44269504088896341f));
-    const VecAvx512 n = round_nearest(t), f = t - n;
-    VecAvx512 p = set1(1.5337577497120947e-4f);
-    for (float c : {1.3399859890341759e-3f, 9.618519805371761e-3f, 5.550329014658928e-2f, 2.4022646248340607e-1f,
-                    6.931471824645996e-1f, 1.f})
-      p = fmadd(p, f, set1(c));
-    return scale_pow2(p, n, t, -150.f);
+    return pow2_poly(t, t, kMinimax);
   }
   friend VecAvx512 tanh(VecAvx512 a) { return tanh_cephes(a); }
   friend VecAvx512 abs(VecAvx512 a) { return max(a, zero() - a); }
@@ -99,6 +94,16 @@ struct VecAvx512 {
 
   static VecAvx512 round_nearest(VecAvx512 a) {
     return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  // 2^x for x clamped to where x - round(x) is finite: n = round(x), 2^(x - n) by the polynomial c (highest degree
+  // first) in x - n, within [-0.5, 0.5], and 2^n by vscalefps, 0 in the lanes where t < -150 (see scale_pow2). The
+  // two fast exps differ only in their clamp and polynomial.
+  template <size_t N>
+  static VecAvx512 pow2_poly(VecAvx512 x, VecAvx512 t, const float (&c)[N]) {
+    const VecAvx512 n = round_nearest(x), f = x - n;
+    VecAvx512 p = set1(c[0]);
+    for (size_t i = 1; i < N; ++i) p = fmadd(p, f, set1(c[i]));
+    return scale_pow2(p, n, t, -150.f);
   }
   // p * 2^n, 0 in the lanes where x < zero_below (those whose result is 0 anyway). Those lanes are masked off
   // instead of computed: on Intel cores every vscalefps whose result underflows takes a microcode assist
