@@ -5,6 +5,13 @@ answer 400 or 429 before streaming anything) and queues it; the engine thread ta
 between steps, runs steps while work remains, and hands each output to its request's asyncio.Queue with
 call_soon_threadsafe. If a step raises, the engine is dead: every open stream raises EngineDeadError and
 `healthy` turns False (the server's /health then answers 503).
+
+While more steps follow, a step's outputs are handed over when the next step's model starts rather than as the
+step ends: the event loop's Python for them (~60 us a streamed token) then runs while the kernels hold no GIL,
+instead of contending for the GIL with the engine's own Python between the model calls (scheduling, sampling).
+Side by side in one server, switching between the two by signal, concurrency 16 on demo-target: 1.035x and
+1.054x the output tokens/s (the later handover faster in 15 of 24 rounds); the tokens reach the loop ~0.2 ms
+later (the next step's scheduling).
 """
 
 from __future__ import annotations
@@ -155,6 +162,13 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self.engine
+        pending: list[tuple[RequestStream, RequestOutput]] = []  # outputs for the next step's model start
+
+        def hand_over() -> None:  # one wake-up of the event loop a step, not one a request
+            if pending:
+                self._loop.call_soon_threadsafe(_put_all, pending[:])
+                pending.clear()
+
         try:
             while True:
                 with self._lock:
@@ -171,18 +185,19 @@ class AsyncEngine:
                         self._finish(request_id, e)
                 for request_id in aborts:
                     engine.abort_request(request_id)
-                delivered = []
-                outputs = engine.step()
+                outputs = engine.step(on_model_start=hand_over)
+                hand_over()  # the step ran no model: the last step's outputs go now
                 with self._lock:
                     for out in outputs:
                         stream = self._streams.get(out.request_id)
                         if out.finished:
                             self._streams.pop(out.request_id, None)
                         if stream is not None:
-                            delivered.append((stream, out))
-                if delivered:  # one wake-up of the event loop a step, not one a request
-                    self._loop.call_soon_threadsafe(_put_all, delivered)
+                            pending.append((stream, out))
+                if not engine.has_unfinished_requests():  # no next step to wait for
+                    hand_over()
         except BaseException as e:  # the engine is unusable: fail every open request, /health turns 503
+            hand_over()  # what was produced before the failure, then the error
             log.exception("engine loop failed")
             self.error = e
             with self._lock:

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import numbers
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -274,7 +275,10 @@ class Engine:
 
     # ---- the step ----
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_model_start: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """One engine step: schedule, run the model over the scheduled tokens, sample, and return the outputs of
+        the requests that advanced (and of those aborted since the last step). on_model_start is called once the
+        step's input is built, just before the model runs (not at all when nothing is scheduled)."""
         t0 = time.perf_counter()
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule()
@@ -288,7 +292,10 @@ class Engine:
             seq, start = s.seq, s.seq.num_computed
             tokens = seq.token_slice(start, start + s.num_tokens) + draft.tokens
             chunks.append(SequenceChunk(tokens, start, seq.blocks, num_logits=(1 + len(draft.tokens)) * s.completes))
-        logits = self.model.step(build_step_input(chunks, self.config.block_size, self.device), self.kv_caches)
+        step_input = build_step_input(chunks, self.config.block_size, self.device)
+        if on_model_start is not None:
+            on_model_start()
+        logits = self.model.step(step_input, self.kv_caches)
 
         # Each completing sequence's rows of logits: one, or 1 + its draft tokens.
         plain, plain_rows, speculated, row = [], [], [], 0

@@ -71,12 +71,15 @@ class StepGate:
         self.allowed = allowed
         engine.step = self.step
 
-    def step(self):
-        with self.cond:  # bounded: a forgotten gate slows a test down instead of hanging it
+    def step(self, on_model_start=None):
+        with self.cond:
+            if on_model_start is not None and self.allowed == 0:
+                on_model_start()  # the last step's outputs, which AsyncEngine holds for this step's model start
+            # bounded: a forgotten gate slows a test down instead of hanging it
             self.cond.wait_for(lambda: self.allowed is None or self.allowed > 0, timeout=30)
             if self.allowed is not None:
                 self.allowed = max(0, self.allowed - 1)
-        return self.real_step()
+        return self.real_step(on_model_start=on_model_start)
 
     def allow(self, steps: int | None) -> None:
         with self.cond:

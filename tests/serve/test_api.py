@@ -379,11 +379,11 @@ def test_engine_death_ends_streams_with_an_error_and_health_503(tiny_checkpoint)
         engine = server.aengine.engine
         real_step, steps = engine.step, []
 
-        def failing_step():
+        def failing_step(on_model_start=None):
             steps.append(1)
             if len(steps) > 3:
                 raise RuntimeError("device lost")
-            return real_step()
+            return real_step(on_model_start)
 
         engine.step = failing_step
         body = {**GOOD, "max_tokens": 50, "ignore_eos": True, "stream": True}

@@ -74,7 +74,7 @@ def test_abort_ends_the_stream_and_frees_blocks(checkpoint):
 def test_a_failing_step_kills_the_engine_and_fails_every_stream(checkpoint):
     async def main():
         e = engine(checkpoint)
-        e.step = lambda: 1 / 0
+        e.step = lambda on_model_start=None: 1 / 0
         aengine = AsyncEngine(e)
         aengine.start()
         assert aengine.healthy
