@@ -31,7 +31,7 @@ from llmkern.serve.metrics import RequestTimer, ServerMetrics
 from llmkern.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                     ChatCompletionChunk, ChatCompletionRequest, ChatLogprobs, Completion,
                                     CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, ErrorInfo,
-                                    ErrorResponse, ModelCard, ModelList, TokenLogprob, TopLogprob, Usage)
+                                    ErrorResponse, ModelCard, ModelList, TextChunks, TokenLogprob, TopLogprob, Usage)
 
 log = logging.getLogger("llmkern.serve")
 
@@ -380,6 +380,9 @@ async def create_completion(state: ServerState, body: CompletionRequest) -> Resp
                           usage=usage)
 
     if body.stream:
+        text_chunks = TextChunks(lambda k, text, reason: chunk([CompletionChoice(index=k, text=text,
+                                                                                 finish_reason=reason)]).model_dump_json())
+
         async def chunks():
             started = [False] * num
             async for k, d in run.outputs():
@@ -388,6 +391,9 @@ async def create_completion(state: ServerState, body: CompletionRequest) -> Resp
                     continue
                 text = d.text if started[k] else echo[k] + d.text
                 started[k] = True
+                if logprobs is None:
+                    yield text_chunks.render(k, text, d.finish_reason)
+                    continue
                 choice = CompletionChoice(index=k, text=text, logprobs=logprobs, finish_reason=d.finish_reason)
                 yield chunk([choice]).model_dump_json()
             if body.include_usage:
@@ -456,6 +462,9 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                                        model=state.served_model_name, choices=choices,
                                        **usage).model_dump_json(exclude_unset=True)
 
+        text_chunks = TextChunks(lambda k, text, reason: chunk([ChatChunkChoice(
+            index=k, delta=Delta(content=text), logprobs=None, finish_reason=reason)]))
+
         async def chunks():
             for k in range(num):  # the role first, as OpenAI and vLLM do
                 yield chunk([ChatChunkChoice(index=k, delta=Delta(role="assistant", content=""), logprobs=None,
@@ -463,6 +472,9 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
             async for k, d in run.outputs():
                 logprobs = logprobs_of(d)
                 if not (d.text or d.finish_reason or (logprobs and logprobs.content)):
+                    continue
+                if logprobs is None:
+                    yield text_chunks.render(k, d.text, d.finish_reason)
                     continue
                 yield chunk([ChatChunkChoice(index=k, delta=Delta(content=d.text), logprobs=logprobs,
                                              finish_reason=d.finish_reason)])

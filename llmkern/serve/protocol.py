@@ -9,6 +9,8 @@ SamplingParams' own, so the server and `llmkern generate` say the same thing.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -255,3 +257,37 @@ class ErrorInfo(_Response):
 
 class ErrorResponse(_Response):
     error: ErrorInfo
+
+
+class TextChunks:
+    """The JSON of one request's streamed chunks that carry a choice's text alone (no logprobs):
+    `render(index, text, finish_reason)` returns what `dump(index, text, finish_reason)` does (a chunk model's
+    model_dump_json), joined from that dump's own parts. Building and dumping the models took ~10 us a streamed
+    token, most of what the event loop spent on a chunk besides the socket; the parts take ~2.5.
+
+    The parts are cut out of dumps of sentinel values: two indices differ in one place, and the text and the
+    reason are private-use characters, which JSON leaves as they are (json.dumps and pydantic escape every other
+    character alike, tests/serve/test_protocol.py). If a fixed field (id, model name) dumps as a sentinel does,
+    or a rendered probe differs from its dump, render is dump itself."""
+
+    _TEXT, _REASON = json.dumps("\ue000", ensure_ascii=False), json.dumps("\ue001", ensure_ascii=False)
+
+    def __init__(self, dump: Callable[[int, str, str | None], str]):
+        self.render = dump
+        text, reason = self._TEXT[1:-1], self._REASON[1:-1]
+        first, other, ended = dump(0, text, None), dump(7, text, None), dump(0, text, reason)
+        at = next((i for i, (a, b) in enumerate(zip(first, other)) if a != b), None)
+        if (at is None or len(first) != len(other) or first.count(self._TEXT) != 1
+                or ended.count(self._REASON) != 1 or not first[:at].endswith(":")):
+            return
+        self._head = first[:at]  # ... "index":
+        self._to_text, self._unfinished = first[at + 1:].split(self._TEXT)
+        self._to_reason, self._end = ended.split(self._TEXT)[1].split(self._REASON)
+        probes = ((13, 'a"b\\c\n\x01\u2028 é😀', None), (2, "", "stop"))
+        if all(self._render(*p) == dump(*p) for p in probes):
+            self.render = self._render
+
+    def _render(self, index: int, text: str, finish_reason: str | None) -> str:
+        tail = self._unfinished if finish_reason is None else (
+            self._to_reason + json.dumps(finish_reason, ensure_ascii=False) + self._end)
+        return f"{self._head}{index}{self._to_text}{json.dumps(text, ensure_ascii=False)}{tail}"
