@@ -380,8 +380,8 @@ async def create_completion(state: ServerState, body: CompletionRequest) -> Resp
                           usage=usage)
 
     if body.stream:
-        text_chunks = TextChunks(lambda k, text, reason: chunk([CompletionChoice(index=k, text=text,
-                                                                                 finish_reason=reason)]).model_dump_json())
+        text_chunks = TextChunks(lambda k, text, reason: chunk([CompletionChoice(
+            index=k, text=text, finish_reason=reason)]).model_dump_json())
 
         async def chunks():
             started = [False] * num

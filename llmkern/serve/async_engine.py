@@ -197,11 +197,11 @@ class AsyncEngine:
                 if not engine.has_unfinished_requests():  # no next step to wait for
                     hand_over()
         except BaseException as e:  # the engine is unusable: fail every open request, /health turns 503
-            hand_over()  # what was produced before the failure, then the error
             log.exception("engine loop failed")
             self.error = e
             with self._lock:
                 streams, self._streams = list(self._streams.values()), {}
+            hand_over()  # what was produced before the failure, then the error
             for stream in streams:
                 self._deliver(stream, EngineDeadError(f"the engine stopped on an error: {e!r}"))
 
