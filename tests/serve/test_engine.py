@@ -215,3 +215,15 @@ def test_greedy_tokens_on_each_device_are_the_models_argmax(checkpoint, hf64, pr
     seeded = SamplingParams(n=2, temperature=1.0, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True)
     a, b = run(engine, prompts[3:4], seeded)["0"], run(engine, prompts[3:4], seeded)["0"]
     assert a == b and a[0] != a[1]  # seeded sampling with the device's generator: reproducible, samples differ
+
+
+def test_on_model_start_runs_once_a_step_before_the_model(checkpoint, prompts):
+    engine = make_engine(checkpoint)
+    events = []
+    real_model_step = engine.model.step
+    engine.model.step = lambda *a, **k: (events.append("model"), real_model_step(*a, **k))[1]
+    assert engine.step(on_model_start=lambda: events.append("start")) == [] and events == []  # nothing scheduled
+    engine.add_request("a", prompts[0], GREEDY)
+    while engine.has_unfinished_requests():
+        engine.step(on_model_start=lambda: events.append("start"))
+    assert events == ["start", "model"] * (len(events) // 2) and len(events) >= 2 * GREEDY.max_tokens
