@@ -270,19 +270,19 @@ class TextChunks:
     character alike, tests/serve/test_protocol.py). If a fixed field (id, model name) dumps as a sentinel does,
     or a rendered probe differs from its dump, render is dump itself."""
 
-    _TEXT, _REASON = json.dumps("\ue000", ensure_ascii=False), json.dumps("\ue001", ensure_ascii=False)
+    _TEXT, _REASON = "\ue000", "\ue001"
 
     def __init__(self, dump: Callable[[int, str, str | None], str]):
         self.render = dump
-        text, reason = self._TEXT[1:-1], self._REASON[1:-1]
-        first, other, ended = dump(0, text, None), dump(7, text, None), dump(0, text, reason)
+        text, reason = f'"{self._TEXT}"', f'"{self._REASON}"'  # as the dumps write them
+        first, other, ended = dump(0, self._TEXT, None), dump(7, self._TEXT, None), dump(0, self._TEXT, self._REASON)
         at = next((i for i, (a, b) in enumerate(zip(first, other)) if a != b), None)
-        if (at is None or len(first) != len(other) or first.count(self._TEXT) != 1
-                or ended.count(self._REASON) != 1 or not first[:at].endswith(":")):
+        if (at is None or len(first) != len(other) or first.count(text) != 1 or ended.count(reason) != 1
+                or not first[:at].endswith(":")):
             return
         self._head = first[:at]  # ... "index":
-        self._to_text, self._unfinished = first[at + 1:].split(self._TEXT)
-        self._to_reason, self._end = ended.split(self._TEXT)[1].split(self._REASON)
+        self._to_text, self._unfinished = first[at + 1:].split(text)
+        self._to_reason, self._end = ended.split(text)[1].split(reason)
         probes = ((13, 'a"b\\c\n\x01\u2028 é😀', None), (2, "", "stop"))
         if all(self._render(*p) == dump(*p) for p in probes):
             self.render = self._render

@@ -221,7 +221,12 @@ def test_on_model_start_runs_once_a_step_before_the_model(checkpoint, prompts):
     engine = make_engine(checkpoint)
     events = []
     real_model_step = engine.model.step
-    engine.model.step = lambda *a, **k: (events.append("model"), real_model_step(*a, **k))[1]
+
+    def model_step(*args, **kwargs):
+        events.append("model")
+        return real_model_step(*args, **kwargs)
+
+    engine.model.step = model_step
     assert engine.step(on_model_start=lambda: events.append("start")) == [] and events == []  # nothing scheduled
     engine.add_request("a", prompts[0], GREEDY)
     while engine.has_unfinished_requests():
