@@ -366,6 +366,24 @@ def test_linear_gemv_row_tails(device, m, n):
         check_linear(name, linear(x, None), x, w32, None)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_gemv_rows_independent_of_m(cpu_isa, dtype):
+    """On AVX512_VNNI the int4 GEMV of one or two rows of x splits x's int16 copy into high and low bytes
+    (vpdpbusd), from three rows it keeps the int16 words (vpdpwssd); both sums are exact, so a row's output must not
+    depend on the rows beside it: y[:m] for m = 1, 2 equals the first rows of the m = 3 call bit for bit. x spans
+    the int16 range of each block (outliers, both signs, values whose low byte is -128 after the split), and k ends
+    in a partial chunk (group 32: 4128 = 32 * 129)."""
+    for n, k in [(37, 4128), (8, 320)]:
+        x = torch.randn(3, k) * torch.exp(torch.randn(3, k))
+        x[:, ::61] *= -50.0  # outputs stay finite in fp16
+        x = x.to(dtype)
+        for name, linear, _ in formats(n, k, "cpu"):
+            if name.startswith("int4"):
+                y3 = linear(x, None)
+                for m in (1, 2):
+                    assert torch.equal(linear(x[:m], None), y3[:m]), f"{name} m={m}"
+
+
 @pytest.mark.parametrize("k", [77, 1531])
 @pytest.mark.parametrize("m, dtype", [(1, torch.float32), (4, torch.float32), (3, torch.bfloat16),
                                       (15, torch.bfloat16), (6, torch.float16)])
