@@ -420,7 +420,7 @@ static void fast_p(const QLinearParams& p) {
 // ---------------------------------------------------------------- AVX-512 int16 GEMV (M <= gemv_rows<T>())
 //
 // int4, nf4 and int8 at few rows of x (gemv_rows). x is quantized once per call to int16 with one fp32 scale per
-// block of XB = max(group, 128) elements (int8: 128; xs = max|x| / 32767 over the block: error <= xs / 2 per
+// block of XB = max(group, 128) elements (int8: 128; xs = max|x| / kXMax (32639) over the block: error <= xs / 2 per
 // element, ~1e-5 of the block's largest), and each chunk of 128 weights of a row is dotted with it by vpmaddwd,
 // 32 products a µop (fp32 FMA: 16). A 4-bit chunk is one 64-byte load of 32 words; nibble j of word w is element
 // 4w + (j ^ 1) of the chunk (high nibble first), so x is stored as four permuted vectors of 32 int16 per chunk
@@ -463,7 +463,7 @@ struct XqGemv {
   const float* xsg;     // [m][groups + 16]: the x scale of each group's block (zero padded)
   const float* sx;      // [m][groups + 16]: sum over each group of the quantized x (zero padded)
   float code_scale;     // nf4: max|code| / kCodeOne (a code's value per int16 unit)
-  bool bytes;           // int4, one row of x, AVX512_VNNI: xq holds x's high and low bytes (see above)
+  bool bytes;           // int4, one or two rows of x, AVX512_VNNI: xq holds x's high and low bytes (see above)
   alignas(64) int16_t code16[32];  // nf4: the codes in int16 units, twice
 };
 

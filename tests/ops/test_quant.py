@@ -371,9 +371,9 @@ def test_int4_gemv_rows_independent_of_m(cpu_isa, dtype):
     """On AVX512_VNNI the int4 GEMV of one or two rows of x splits x's int16 copy into high and low bytes
     (vpdpbusd), from three rows it keeps the int16 words (vpdpwssd); both sums are exact, so a row's output must not
     depend on the rows beside it: y[:m] for m = 1, 2 equals the first rows of the m = 3 call bit for bit. x spans
-    the int16 range of each block (outliers, both signs, values whose low byte is -128 after the split), and k ends
-    in a partial chunk (group 32: 4128 = 32 * 129)."""
-    for n, k in [(37, 4128), (8, 320)]:
+    the int16 range of each block (outliers, both signs); k = 4128 ends in a partial chunk (groups of 32 only), k = 384
+    takes groups of 32, 64 and 128; n = 37 leaves a 5-row tail after the 8-row blocks."""
+    for n, k in [(37, 4128), (8, 384)]:
         x = torch.randn(3, k) * torch.exp(torch.randn(3, k))
         x[:, ::61] *= -50.0  # outputs stay finite in fp16
         x = x.to(dtype)
