@@ -473,6 +473,20 @@ static bool quantize_x16(const QLinearParams& p, const XqGemv& j, int16_t* xq, f
   const bool natural = p.w.format == QFormat::int8;
   alignas(64) float buf[kQC];
   alignas(64) int32_t qi[kQC];
+  // The permutations of a chunk's 128 int16 (as two vectors of 64): the words' nibble orders (see above) and the
+  // bytes' even and odd elements, made once a call.
+  __m512i word_idx[4], byte_idx[2];
+  {
+    alignas(64) int16_t id[32];
+    for (int jn = 0; jn < 4; ++jn) {  // word wd of order jn: element 4 wd + (jn ^ 1) of its half
+      for (int wd = 0; wd < 32; ++wd) id[wd] = int16_t(4 * (wd % 16) + (jn ^ 1));
+      word_idx[jn] = _mm512_load_si512(id);
+    }
+    for (int e = 0; e < 2; ++e) {  // element 2 i + e
+      for (int i = 0; i < 32; ++i) id[i] = int16_t(2 * i + e);
+      byte_idx[e] = _mm512_load_si512(id);
+    }
+  }
   for (int64_t m = 0; m < p.m; ++m) {
     const T* x = static_cast<const T*>(p.x) + m * p.x_stride;
     float* xs_m = xsg + m * gs;
@@ -516,12 +530,9 @@ static bool quantize_x16(const QLinearParams& p, const XqGemv& j, int16_t* xq, f
         for (int t = 0; natural && t < 4; ++t) _mm512_store_si512(dst + 32 * t, w16[t]);
         if (j.bytes) {  // dst bytes [h][e] then [l][e] for e = even, odd: byte b is element 2 b + e's high / low byte
           int8_t* db = reinterpret_cast<int8_t*>(dst);
-          alignas(64) int16_t id[32];
           for (int e = 0; e < 2; ++e) {
-            for (int i = 0; i < 32; ++i) id[i] = int16_t(2 * i + e);
-            const __m512i idx = _mm512_load_si512(id);
             for (int half = 0; half < 2; ++half) {  // elements 64 half + 2 i + e, i < 32
-              const __m512i v = _mm512_permutex2var_epi16(w16[2 * half], idx, w16[2 * half + 1]);
+              const __m512i v = _mm512_permutex2var_epi16(w16[2 * half], byte_idx[e], w16[2 * half + 1]);
               const __m512i h = _mm512_srai_epi16(_mm512_add_epi16(v, _mm512_set1_epi16(128)), 8);
               const __m512i l = _mm512_sub_epi16(v, _mm512_slli_epi16(h, 8));
               _mm256_store_si256(reinterpret_cast<__m256i*>(db + 64 * e + 32 * half), _mm512_cvtepi16_epi8(h));
@@ -530,11 +541,8 @@ static bool quantize_x16(const QLinearParams& p, const XqGemv& j, int16_t* xq, f
           }
         }
         for (int jn = 0; !natural && !j.bytes && jn < 4; ++jn) {  // dst[jn][wd] = chunk[4 wd + (jn ^ 1)]
-          alignas(64) int16_t id[32];
-          for (int wd = 0; wd < 32; ++wd) id[wd] = int16_t(4 * (wd % 16) + (jn ^ 1));
-          const __m512i idx = _mm512_load_si512(id);
-          const __m512i lo = _mm512_permutex2var_epi16(w16[0], idx, w16[1]);
-          const __m512i hi = _mm512_permutex2var_epi16(w16[2], idx, w16[3]);
+          const __m512i lo = _mm512_permutex2var_epi16(w16[0], word_idx[jn], w16[1]);
+          const __m512i hi = _mm512_permutex2var_epi16(w16[2], word_idx[jn], w16[3]);
           _mm512_store_si512(dst + 32 * jn, _mm512_mask_blend_epi16(0xFFFF0000u, lo, hi));
         }
         const int64_t gl = std::min<int64_t>(G, kQC);  // a group (or a group's part) in this chunk
