@@ -311,10 +311,15 @@ void run_matmul(const LinearParams& p) {
 // 1.54x / 1.95x / 2.74x / 2.80x at 1-64; oneDNN's bf16 GEMM (torch) is as fast at 128 rows and 1.6-1.9x faster from
 // 512 (ops/linear.py routes those to torch).
 constexpr int64_t kTileCols = 64;  // rows of x per product
-// From this many rows: below, a decode step's small linears (demo-target, one sequence) ran 1.27x slower in all on
-// the tiles than in the dot form (per-call costs: x^T's packing, scratch, the tile configuration; 16 columns of tile
-// products for one row of x).
-constexpr int64_t kTileMinRows = 8;
+// From this many rows. Below, the dot form wins: a decode step's small linears (demo-target, one sequence) ran 1.27x
+// slower in all on the tiles (per-call costs: x^T's packing, scratch, the tile configuration; 16 columns of tile
+// products for one row of x), and 1.06-1.16x slower at 2 rows; at 3, level. From 4 the tiles win, as the dot form's
+// 4-row blocks and the 5-8-row ones (narrower in W) cost more µops per weight byte. One process alternating, 2
+// threads, the dot form's time / the tiles': whole decoder steps of demo-target / demo-draft at 4 / 5 / 6 rows
+// 1.05-1.33 / 1.40-1.51 / 1.60-1.65 and 1.23-1.26 / 1.36-1.39 / 1.47-1.49 (a verification step of 4 draft tokens
+// then costs ~1.1x a 1-row step, not ~2x); single linears from memory at 4 / 5 / 6 / 7 rows: 4096 x 4096 1.13 / 1.36
+// / 1.52 / 1.90, 11008 x 4096 1.06 / 1.21 / 1.41 / 1.76, 4096 x 11008 1.11 / 1.29 / 1.36 / 1.70.
+constexpr int64_t kTileMinRows = 4;
 // ... and to this many: every 32-row task streams all of x^T (from memory once it outgrows the caches), so at 1024
 // rows the tiles only matched the outer form.
 constexpr int64_t kTileMaxRows = 512;

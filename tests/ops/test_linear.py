@@ -44,9 +44,9 @@ def test_strided_and_batched(cpu_isa, dtype):
     assert linear(torch.randn(2, 0, 70).to(dtype), w).shape == (2, 0, 9)
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 17, 64, 65, 130, 513])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 17, 64, 65, 130, 513])
 def test_bf16_whole_k_tiles(cpu_isa, m):
-    # k a multiple of 32: bf16 on the amx path takes the tile products from 8 to 512 rows (x^T packed in 16-row column
+    # k a multiple of 32: bf16 on the amx path takes the tile products from 4 to 512 rows (x^T packed in 16-row column
     # groups, 64 rows a product, weight tiles of 32 rows, a partial last one copied out); strided x, a weight slice,
     # a bias.
     x = strided(torch.randn(m, 96).to(torch.bfloat16)) if m % 2 else torch.randn(m, 96).to(torch.bfloat16)
