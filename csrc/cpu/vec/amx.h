@@ -130,10 +130,12 @@ static inline void transpose_words(const uint32_t* src, int rows, int64_t lds, i
 }
 
 // The B operand of y^T = W x^T for m rows of bf16 x (row stride x_stride, k even): xt[i][c] = (x[c][2i],
-// x[c][2i + 1]) for i < k / 2, c < mp = m rounded up to 16, zero in the columns past m.
-static inline void pack_xt(const bf16* x, int64_t m, int64_t x_stride, int64_t k, uint32_t* xt) {
+// x[c][2i + 1]) for i < k / 2, c < mp = m rounded up to 16, zero in the columns past m. Only the column groups
+// [g0, g1) of 16 (all of them by default), so that threads can share the packing.
+static inline void pack_xt(const bf16* x, int64_t m, int64_t x_stride, int64_t k, uint32_t* xt, int64_t g0 = 0,
+                           int64_t g1 = -1) {
   const int64_t mp = (m + 15) / 16 * 16;
-  for (int64_t c0 = 0; c0 < mp; c0 += 16) {
+  for (int64_t c0 = 16 * g0; c0 < (g1 < 0 ? mp : 16 * g1); c0 += 16) {
     const bf16* rows[16];
     for (int t = 0; t < 16; ++t) rows[t] = c0 + t < m ? x + (c0 + t) * x_stride : nullptr;
     transpose_pairs(rows, int(k), xt + c0, mp);
