@@ -72,6 +72,16 @@ def test_step_returns_the_wanted_rows_only(hf_checkpoints):
     assert batch.logits_indices.tolist() == [3, 6]
     assert batch.attn.slot_mapping.tolist() == [6, 7, 8, 0, 9, 10, 3]
     assert batch.attn.cu_seqlens_q.tolist() == [0, 4, 6, 7] and batch.attn.block_tables.dtype == torch.int32
+    # decodes past the first block and a verification of 1 + 1 draft tokens; block tables padded with zeros
+    later = build_step_input([SequenceChunk([8], 4, [0, 2]), SequenceChunk([9, 10], 5, [1, 3, 0], num_logits=2)],
+                             BLOCK)
+    assert later.input_ids.tolist() == [8, 9, 10] and later.positions.tolist() == [4, 5, 6]
+    assert later.attn.slot_mapping.tolist() == [7, 11, 0] and later.logits_indices.tolist() == [0, 1, 2]
+    assert later.attn.cu_seqlens_q.tolist() == [0, 1, 3] and later.attn.cu_seqlens_k.tolist() == [0, 5, 12]
+    assert (later.attn.max_seqlen_q, later.attn.max_seqlen_k) == (2, 7)
+    assert later.attn.block_tables.tolist() == [[0, 2, 0], [1, 3, 0]]
+    assert {t.dtype for t in (later.input_ids, later.positions, later.attn.slot_mapping, later.logits_indices)} == {
+        torch.int64} and later.attn.cu_seqlens_k.dtype == torch.int32
     logits = model.step(batch, kv)
     with torch.no_grad():
         full = model(torch.tensor([[1, 2, 3, 4]])).logits[0, -1]
