@@ -31,6 +31,19 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// Whether logits_indices is 0, 1, .., tokens - 1 (a step of decodes, one token and one logit a sequence): then the
+// head reads x as it is, without aten's gather (~20 us of a 16-sequence decode step of ~1 ms). Read on the CPU only,
+// where looking costs no device synchronization.
+bool wants_every_row(const Tensor& logits_indices, int64_t tokens) {
+  if (!logits_indices.device().is_cpu() || logits_indices.scalar_type() != at::kLong || logits_indices.dim() != 1 ||
+      logits_indices.size(0) != tokens || !logits_indices.is_contiguous())
+    return false;
+  const int64_t* idx = logits_indices.data_ptr<int64_t>();
+  for (int64_t i = 0; i < tokens; ++i)
+    if (idx[i] != i) return false;
+  return true;
+}
+
 Tensor decoder_step(const Tensor& input_ids, const Tensor& positions, const Tensor& cu_seqlens_q,
                     const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const Tensor& block_tables,
                     const Tensor& slot_mapping, const Tensor& logits_indices,
@@ -119,7 +132,8 @@ Tensor decoder_step(const Tensor& input_ids, const Tensor& positions, const Tens
     x = linear(act, l + kDown, w[l + kDownBias], kLinDown);
   }
   add_rms_norm_.call(x, residual, w[kFinalNorm], eps, false);
-  return linear(x.index_select(0, logits_indices), kLmHead, std::nullopt, kLinHead);
+  return linear(wants_every_row(logits_indices, tokens) ? x : x.index_select(0, logits_indices), kLmHead,
+                std::nullopt, kLinHead);
 }
 
 }  // namespace

@@ -271,6 +271,21 @@ def test_varlen_lse_layout(device):
     torch.testing.assert_close(lse[:, :3].cpu(), lse0[0].float(), rtol=1e-5, atol=1e-5)
 
 
+def test_varlen_rows_outside_sequences(device):
+    # Packed rows before the first offset and after the last are not attention rows: out 0, lse +inf (the op
+    # clears only those rows on the CPU). Blocks of the same size freed full of NaN first, so that rows the op left
+    # unwritten would show.
+    q = rand(12, 2, 32, dtype=torch.float32, device=device)
+    cu = torch.tensor([2, 5, 9], dtype=torch.int32, device=device)
+    for _ in range(3):
+        torch.full_like(q, float("nan")), torch.full((2, 12), float("nan"), device=device)
+        out, lse, _ = lk.flash_attn_varlen_func(q, q, q, cu, cu, 4, 4, return_attn_probs=True)
+        outside = [0, 1, 9, 10, 11]
+        assert (out[outside] == 0).all() and torch.isposinf(lse[:, outside]).all()
+        for a, b in ((2, 5), (5, 9)):
+            torch.testing.assert_close(out[a:b], lk.flash_attn_func(q[None, a:b], q[None, a:b], q[None, a:b])[0])
+
+
 # ---- paged KV cache ----
 
 
