@@ -139,7 +139,7 @@ struct AttentionOps {
 
   // Packed q: zero out and set lse to +inf in the rows outside every sequence. The kernels write the rows of the
   // sequences, so on the CPU (where cu_seqlens_q can be read) only the rows before the first sequence and after the
-  // last are cleared: a decode step's two whole-tensor fills cost ~8 us of its ~40 us attention call.
+  // last are cleared: the two whole-tensor fills took ~8 us of a 16-sequence decode step's 56-78 us attention call.
   static void clear_outside_rows(Tensor& out, Tensor& lse, const AttnParams& p) {
     if constexpr (Backend::device == c10::DeviceType::CPU) {
       const int64_t total = out.size(0), first = p.cu_seqlens_q[0], last = p.cu_seqlens_q[p.batch];
