@@ -335,12 +335,7 @@ void run_tiles(const LinearGroup& g) {
   const LinearParams& px = g.parts[0];
   const int64_t m = px.m, k = px.k, mp = (m + 15) / 16 * 16, kh = k / 2;
   attn::Scratch<U> xt(size_t(kh * mp));
-  // x^T packed by all threads, 16 KB of x a task: one thread packing it alone left the others idle (2 threads, one
-  // process alternating, serial time / shared at 128 / 397 / 512 rows: 1.05-1.09 / 1.05-1.09 / 1.09-1.14 at
-  // 320 x 320 and 448 x 320, 1.07 / 1.16-1.17 / 1.15-1.17 at 320 x 864, 0.95-1.05 at 1728 x 320 and 8192 x 320).
-  parallel_for(0, mp / 16, grain_for(16 * k * int64_t(sizeof(bf16)), 16 * 1024), [&](int64_t g0, int64_t g1) {
-    tmul::pack_xt(static_cast<const bf16*>(px.x), m, px.x_stride, k, xt.ptr, g0, g1);
-  });
+  outer::pack_xt_shared(static_cast<const bf16*>(px.x), m, px.x_stride, k, xt.ptr);
   constexpr int64_t kRows = 32;  // weight rows per task
   static_assert(kRows <= outer::kStoreRows);
   const outer::PartTiles tiles(g.count, kRows, [&](int i) { return g.parts[i].n; });

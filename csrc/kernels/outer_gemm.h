@@ -226,6 +226,18 @@ static void store_rows(T* out, int64_t ld, int64_t n0, int64_t rows, int64_t r0,
     for (int64_t j = 0; j < rows; ++j) one(i, j);
 }
 
+#if defined(LLMKERN_ISA_AMX)
+// The AMX tiles' x^T (tmul::pack_xt) packed by all threads, 16 KB of x a task: one thread packing it alone left the
+// others idle (the dense linear, 2 threads, one process alternating, serial time / shared at 128 / 397 / 512 rows:
+// 1.05-1.09 / 1.05-1.09 / 1.09-1.14 at 320 x 320 and 448 x 320, 1.07 / 1.16-1.17 / 1.15-1.17 at 320 x 864, 0.95-1.05
+// at 1728 x 320 and 8192 x 320; the quantized linears at 64 rows, 4096 x 4096 and 4096 x 11008: 0.99-1.01).
+static inline void pack_xt_shared(const bf16* x, int64_t m, int64_t x_stride, int64_t k, uint32_t* xt) {
+  parallel_for(0, (m + 15) / 16, grain_for(16 * k * int64_t(sizeof(bf16)), 16 * 1024), [&](int64_t g0, int64_t g1) {
+    tmul::pack_xt(x, m, x_stride, k, xt, g0, g1);
+  });
+}
+#endif
+
 // Tiles of several weights (parts) in one index space, for one parallel region over all of them: part i's tiles are
 // [first[i], first[i + 1]), each of at most tile_rows rows, none straddling two parts.
 struct PartTiles {

@@ -357,9 +357,9 @@ static void gemm_tiles(const QLinearParams& p) {
   if (run > 0) {
     Scratch<bf16> xr(size_t(m * w.k));
     permute_runs(static_cast<const bf16*>(p.x), m, p.x_stride, w.k, run, xr.ptr);
-    tmul::pack_xt(xr.ptr, m, w.k, w.k, xt.ptr);
+    outer::pack_xt_shared(xr.ptr, m, w.k, w.k, xt.ptr);
   } else {
-    tmul::pack_xt(static_cast<const bf16*>(p.x), m, p.x_stride, w.k, xt.ptr);
+    outer::pack_xt_shared(static_cast<const bf16*>(p.x), m, p.x_stride, w.k, xt.ptr);
   }
   parallel_for(0, (w.n + kTileW - 1) / kTileW, 1, [&](int64_t t0, int64_t t1) {
     tmul::TileScope scope;
