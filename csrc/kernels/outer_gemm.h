@@ -259,14 +259,14 @@ struct PartTiles {
 // null dst, for its prefetches only.
 template <int64_t Chunk, typename E, typename Decode, typename Store>
 static void gemm_parts(int parts, const int64_t* n, const Panels& pn, const E* xt, Decode&& decode, Store&& store,
-                       const Direct<E>* direct) {
+                       const Direct<E>* direct, int64_t align = 2 * L) {
   static_assert(Chunk % (2 * L) == 0, "chunks start on the 4-bit decode's 2L-column runs");
   constexpr int per = kPer<E>;
   const PartTiles tiles(parts, kTileRows, [&](int i) { return n[i]; });
   // As few chunks as Chunk allows, of equal width (whole 2L runs): k = 514 in 272 + 242, not 512 + 2, so no fp32
   // chain is longer than it must be (chains of 512 erred 2-3x PyTorch's there, of 272 1.4-1.9x).
   const int64_t chunks = (pn.k + Chunk - 1) / Chunk;
-  const int64_t step = ((pn.k + chunks - 1) / chunks + 2 * L - 1) / (2 * L) * (2 * L);
+  const int64_t step = ((pn.k + chunks - 1) / chunks + align - 1) / align * align;
   parallel_for(0, tiles.total() * pn.count, 1, [&](int64_t t0, int64_t t1) {
     attn::Scratch<E> a(size_t(kTileRows * kLda<Chunk>));
     attn::Scratch<float> c(size_t(kTileRows * pn.width));
@@ -297,13 +297,14 @@ static void gemm_parts(int parts, const int64_t* n, const Panels& pn, const E* x
 
 // gemm_parts for one weight of n rows: decode(row, c0, c1, dst), store(n0, rows, r0, nr, c, ldc).
 template <int64_t Chunk, typename E, typename Decode, typename Store>
-static void gemm(int64_t n, const Panels& pn, const E* xt, Decode&& decode, Store&& store, Direct<E> direct = {}) {
+static void gemm(int64_t n, const Panels& pn, const E* xt, Decode&& decode, Store&& store, Direct<E> direct = {},
+                 int64_t align = 2 * L) {
   gemm_parts<Chunk>(
       1, &n, pn, xt, [&](int, int64_t r, int64_t c0, int64_t c1, E* dst) { decode(r, c0, c1, dst); },
       [&](int, int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
         store(n0, rows, r0, nr, c, ldc);
       },
-      &direct);
+      &direct, align);
 }
 
 }  // namespace outer

@@ -8,8 +8,10 @@
 // 2L elements thus decodes to [the L even elements, the L odd elements]; x^T is stored in that same
 // permuted k order, so the product is unchanged. int8 decodes in natural order (the scale at the end).
 //
-// bf16 x on avx512bf16: W decodes to bf16 pairs instead (decode_row's Bf16Pair overload) and the product runs over pairs, one
-// vdpbf16ps per two FMAs (4096 x 4096 int4, Zen 4, side by side: 1.47x at M = 16, 1.75x at M = 64). On the amx build,
+// bf16 x on avx512bf16: W decodes to bf16 pairs instead and the product runs over pairs, one vdpbf16ps per two FMAs
+// (4096 x 4096 int4, Zen 4, side by side: 1.47x at M = 16, 1.75x at M = 64); 4-bit W and x in the runs' k order
+// (decode_row_runs: 4 vector µops per 32 weights instead of 7; Zen 5, one process alternating, int4 1.09-1.14x at
+// M = 16, 1.03-1.06x at 32 and 64; nf4, whose 64-column blocks each build their table, 1.00-1.07x). On the amx build,
 // bf16 x from 8 to 512 rows runs on the AMX tiles (gemm_tiles, qlinear_tiles).
 #include <algorithm>
 #include <cstdint>
@@ -154,99 +156,26 @@ static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, floa
 }
 
 #if defined(LLMKERN_ISA_AVX512BF16)
-// decode_row for bf16 x on avx512bf16: columns [c0, c1) of row r as bf16 pairs (W[2i], W[2i + 1]), natural order.
-// 4-bit: each dequantized value rounded to bf16 (as a bf16 dequantize-then-matmul rounds it); the two nibbles of
-// each of 16 bytes become the halves of one 32-bit lane of 16-bit indices, and one vpermw looks all 32 up in the
-// group's 16-entry bf16 table. int8: q itself (exact in bf16; the scale at the end). c0, c1 multiples of 32
-// (pairs_ok).
+// decode_row for bf16 x on avx512bf16, int8: columns [c0, c1) of row r as bf16 pairs (W[2i], W[2i + 1]) of q itself
+// (exact in bf16; the scale at the end). c0, c1 multiples of 32 (pairs_ok). The 4-bit formats take decode_row_runs.
 static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, attn::Bf16Pair* dst) {
-  if (w.format == QFormat::int8) {
-    const int8_t* q = static_cast<const int8_t*>(w.data) + r * w.k;
-    for (int64_t c = c0; c < c1; c += 32) {
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c))));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c + 16))));
-      _mm512_storeu_si512(dst + (c - c0) / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
-    return;
+  const int8_t* q = static_cast<const int8_t*>(w.data) + r * w.k;
+  for (int64_t c = c0; c < c1; c += 32) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c))));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c + 16))));
+    _mm512_storeu_si512(dst + (c - c0) / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
   }
-  const __m512i low4 = _mm512_set1_epi32(15);
-  for_each_group(w, r, c0, c1, [&](const uint8_t* row, int64_t c, int64_t hi, const float* base, float s, float z) {
-    const __m512 t32 = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(base), _mm512_set1_ps(z)), _mm512_set1_ps(s));
-    const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t32));  // entries 0-15 (upper unused)
-    for (; c < hi; c += 32) {
-      const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
-      const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(u, 4), _mm512_slli_epi32(_mm512_and_si512(u, low4), 16));
-      _mm512_storeu_si512(dst + (c - c0) / 2, _mm512_permutexvar_epi16(idx, table));
-    }
-  });
-}
-#endif
-
-// Whether bf16 x takes the pair path: every chunk whole 32-column runs (4-bit: k is a multiple of 32 already).
-static inline bool pairs_ok(const QWeight& w) { return w.format != QFormat::int8 || w.k % 32 == 0; }
-
-// ---------------------------------------------------------------- driver
-
-// E = float: W decoded to fp32, x^T in the decode order (4-bit chunks of 2L columns hold the even columns, then
-// the odd ones). E = attn::Bf16Pair (bf16 x, avx512bf16): both as bf16 pairs in natural order.
-template <typename T, typename E = float>
-static void gemm_typed(const QLinearParams& p) {
-  const QWeight& w = p.w;
-  const outer::Panels pn(p.m, w.k, outer::kPer<E>);
-  Scratch<E> xt(size_t(pn.size()));
-  const bool perm = w.format != QFormat::int8;  // (fp32 only: pairs are in natural order)
-  outer::transpose_x(static_cast<const T*>(p.x), p.x_stride, pn, xt.ptr, [&](int64_t pos) {
-    const int64_t j = pos % (2 * L), c0 = pos - j;
-    return perm ? c0 + (j < L ? 2 * j : 2 * (j - L) + 1) : pos;
-  });
-  const auto decode = [&](int64_t r, int64_t c0, int64_t c1, E* dst) {
-    prefetch_next_chunk(w, r, c1);
-    decode_row(w, r, c0, c1, dst);
-  };
-  const auto store = [&](int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
-    float s[outer::kTileRows];  // the int8 row scales (the 4-bit formats' scales are decoded into the weights)
-    const bool int8 = w.format == QFormat::int8;
-    for (int64_t j = 0; int8 && j < rows; ++j) s[j] = scale_at(w, n0 + j);
-    outer::store_rows(static_cast<T*>(p.out), p.out_stride, n0, rows, r0, nr, c, ldc, int8 ? s : nullptr,
-                      static_cast<const T*>(p.bias));
-  };
-  outer::gemm<kChunk>(w.n, pn, xt.ptr, decode, store);
 }
 
-#if defined(LLMKERN_ISA_AMX)
-// bf16 x on the AMX tiles (the amx build): y^T = W x^T as in the dense linear (kernels/linear.cpp, run_tiles), each
-// task's kTileW rows of W decoded to bf16 (the values the vdpbf16ps GEMM multiplies; 4-bit in the tiles' k order,
-// decode_row_runs) kTileChunk columns at a time into a scratch the tiles read as A, x^T packed once a call as B tiles
-// of column pairs in the same k order, and C^T (kTileW rows x all of x's rows, fp32) accumulated over the chunks,
-// then stored through outer::store_rows. Against the vdpbf16ps GEMM (which issues at half the fp32 FMA rate on these
-// Xeons), int4 bf16 on Emerald Rapids: 4096 x 4096 M = 16 5.5 -> 1.7 ms, M = 64 18.0 -> 4.0 ms.
-// A 4-bit chunk is decoded while the one before it is on the tiles (between its k steps). Against decoding after the
-// products, int4 and nf4 in process, alternating, the three issue shapes twice: M = 16 0.97-1.19x (>= 1.10x in 8 of
-// 12), M = 64 0.93-1.14x (a wash), M = 8 0.98-1.01x.
-constexpr int64_t kTileW = 32;
-static_assert(kTileW <= outer::kStoreRows);
-// Columns decoded per pass. int4 bf16, in process, alternating (512 / 1024 / 2048 / 4096 / dense bf16 ms): M = 64
-// 4096 x 4096 5.02 / 4.40 / 4.34 / 4.16 / 5.78, 4096 x 11008 13.90 / 13.40 / 13.33 / 13.75 / 14.19; M = 16 4096 x 4096
-// 2.07 / 1.76 / 1.76 / 1.64 / 2.67, 4096 x 11008 5.48 / 4.75 / 4.82 / 4.89 / 7.35.
-constexpr int64_t kTileChunk = 2048;
-// Rows of x the tiles take: from this many (below, the int16 GEMV: int4 / nf4 bf16 at 4096 x 4096, in process,
-// GEMV / tiles ms: M = 4 1.07 / 1.54, 6 1.65 / 1.70, 8 2.04 / 1.74, 12 3.05 / 1.72; 11008 x 4096 M = 8 5.68 / 4.32) up
-// to kTileMaxRows, beyond which each task's pass over all of x^T (k x m bf16) outgrows L2 (the dense linear's tiles
-// stop at 512 rows too).
-constexpr int64_t kTileMinRows = 8, kTileMaxRows = 512;
-
-static bool tiles_ok(const QLinearParams& p) {
-  return p.dtype == DType::bf16 && p.w.k % 32 == 0 && p.m >= kTileMinRows && p.m <= kTileMaxRows;
-}
-
-// The tiles' k order for a 4-bit W: each run of run_cols(w) columns holds its even columns, then its odd ones (the high
-// nibbles of its bytes, then the low ones), so a run decodes by one zero-extend, one shift or and, and one vpermw per
-// 32 values (twice the rate of decode_row's pairs); x^T is packed in the same order (permute_runs), which leaves the
-// product unchanged. Runs never straddle a group. int8 keeps the natural order (0).
+// The runs' k order for a 4-bit W (the AMX tiles' and, for bf16 x, the pairs'): each run of run_cols(w) columns holds
+// its even columns, then its odd ones (the high nibbles of its bytes, then the low ones), so a run decodes by one
+// zero-extend, one shift or and, and one vpermw per 32 values (pairs of adjacent columns took 7 µops per 32); x is permuted
+// the same way (permute_runs), which leaves the product unchanged. Runs never straddle a group. int8 keeps the
+// natural order (0).
 static int run_cols(const QWeight& w) { return w.format == QFormat::int8 ? 0 : w.group % 64 == 0 ? 64 : 32; }
 
-// Row r of a 4-bit W, columns [c0, c1) (multiples of the run), to bf16 in the tiles' k order: each value rounded to
-// bf16, as decode_row's pairs (and a bf16 dequantize-then-matmul) round it.
+// Row r of a 4-bit W, columns [c0, c1) (multiples of the run), to bf16 in the runs' k order: each value rounded to
+// bf16, as a bf16 dequantize-then-matmul rounds it.
 static void decode_row_runs(const QWeight& w, int64_t r, int64_t c0, int64_t c1, bf16* dst) {
   const __m512i low4 = _mm512_set1_epi16(15);
   const bool wide = run_cols(w) == 64;
@@ -273,7 +202,7 @@ static void decode_row_runs(const QWeight& w, int64_t r, int64_t c0, int64_t c1,
 }
 
 // x's m rows (row stride ld) with each run of `run` columns rearranged into its even columns, then its odd ones (the
-// tiles' k order), into dst [m][k]; k a multiple of run.
+// runs' k order), into dst [m][k]; k a multiple of run.
 static void permute_runs(const bf16* x, int64_t m, int64_t ld, int64_t k, int run, bf16* dst) {
   alignas(64) uint16_t idx[64] = {};  // run 32 fills the first half (hi is then unused)
   for (int t = 0; t < run / 2; ++t) idx[t] = uint16_t(2 * t), idx[run / 2 + t] = uint16_t(2 * t + 1);
@@ -292,6 +221,83 @@ static void permute_runs(const bf16* x, int64_t m, int64_t ld, int64_t k, int ru
       _mm512_storeu_si512(out + c + 32, _mm512_permutex2var_epi16(a, hi, b));
     }
   }
+}
+#endif
+
+// Whether bf16 x takes the pair path: every chunk whole 32-column runs (4-bit: k is a multiple of 32 already).
+static inline bool pairs_ok(const QWeight& w) { return w.format != QFormat::int8 || w.k % 32 == 0; }
+
+// ---------------------------------------------------------------- driver
+
+// E = float: W decoded to fp32, x^T in the decode order (4-bit chunks of 2L columns hold the even columns, then
+// the odd ones). E = attn::Bf16Pair (bf16 x, avx512bf16): both as bf16 pairs, 4-bit W and x in the runs' k order
+// (each pair two columns of the same parity), int8 in natural order.
+template <typename T, typename E = float>
+static void gemm_typed(const QLinearParams& p) {
+  const QWeight& w = p.w;
+  const outer::Panels pn(p.m, w.k, outer::kPer<E>);
+  Scratch<E> xt(size_t(pn.size()));
+  // bf16 pairs of a 4-bit W: x permuted into the runs' k order (run_cols), as W decodes.
+  int run = 0;
+  const T* x = static_cast<const T*>(p.x);
+  int64_t x_stride = p.x_stride;
+#if defined(LLMKERN_ISA_AVX512BF16)
+  Scratch<T> xr(size_t(std::is_same_v<E, float> ? 1 : p.m * w.k));
+  if constexpr (!std::is_same_v<E, float>) {
+    if ((run = run_cols(w)) > 0) {
+      permute_runs(x, p.m, x_stride, w.k, run, xr.ptr);
+      x = xr.ptr, x_stride = w.k;
+    }
+  }
+#endif
+  const bool perm = w.format != QFormat::int8;  // (fp32 only: pairs are in natural order)
+  outer::transpose_x(x, x_stride, pn, xt.ptr, [&](int64_t pos) {
+    const int64_t j = pos % (2 * L), c0 = pos - j;
+    return perm ? c0 + (j < L ? 2 * j : 2 * (j - L) + 1) : pos;
+  });
+  const auto decode = [&](int64_t r, int64_t c0, int64_t c1, E* dst) {
+    prefetch_next_chunk(w, r, c1);
+#if defined(LLMKERN_ISA_AVX512BF16)
+    if constexpr (!std::is_same_v<E, float>) {
+      if (run > 0) return decode_row_runs(w, r, c0, c1, reinterpret_cast<bf16*>(dst));
+    }
+#endif
+    decode_row(w, r, c0, c1, dst);
+  };
+  const auto store = [&](int64_t n0, int64_t rows, int64_t r0, int64_t nr, const float* c, int64_t ldc) {
+    float s[outer::kTileRows];  // the int8 row scales (the 4-bit formats' scales are decoded into the weights)
+    const bool int8 = w.format == QFormat::int8;
+    for (int64_t j = 0; int8 && j < rows; ++j) s[j] = scale_at(w, n0 + j);
+    outer::store_rows(static_cast<T*>(p.out), p.out_stride, n0, rows, r0, nr, c, ldc, int8 ? s : nullptr,
+                      static_cast<const T*>(p.bias));
+  };
+  outer::gemm<kChunk>(w.n, pn, xt.ptr, decode, store, {}, std::max(run, 2 * L));
+}
+
+#if defined(LLMKERN_ISA_AMX)
+// bf16 x on the AMX tiles (the amx build): y^T = W x^T as in the dense linear (kernels/linear.cpp, run_tiles), each
+// task's kTileW rows of W decoded to bf16 (the values the vdpbf16ps GEMM multiplies; 4-bit in the runs' k order,
+// decode_row_runs) kTileChunk columns at a time into a scratch the tiles read as A, x^T packed once a call as B tiles
+// of column pairs in the same k order, and C^T (kTileW rows x all of x's rows, fp32) accumulated over the chunks,
+// then stored through outer::store_rows. Against the vdpbf16ps GEMM (which issues at half the fp32 FMA rate on these
+// Xeons), int4 bf16 on Emerald Rapids: 4096 x 4096 M = 16 5.5 -> 1.7 ms, M = 64 18.0 -> 4.0 ms.
+// A 4-bit chunk is decoded while the one before it is on the tiles (between its k steps). Against decoding after the
+// products, int4 and nf4 in process, alternating, the three issue shapes twice: M = 16 0.97-1.19x (>= 1.10x in 8 of
+// 12), M = 64 0.93-1.14x (a wash), M = 8 0.98-1.01x.
+constexpr int64_t kTileW = 32;
+static_assert(kTileW <= outer::kStoreRows);
+// Columns decoded per pass. int4 bf16, in process, alternating (512 / 1024 / 2048 / 4096 / dense bf16 ms): M = 64
+// 4096 x 4096 5.02 / 4.40 / 4.34 / 4.16 / 5.78, 4096 x 11008 13.90 / 13.40 / 13.33 / 13.75 / 14.19; M = 16 4096 x 4096
+// 2.07 / 1.76 / 1.76 / 1.64 / 2.67, 4096 x 11008 5.48 / 4.75 / 4.82 / 4.89 / 7.35.
+constexpr int64_t kTileChunk = 2048;
+// Rows of x the tiles take: from this many (below, the int16 GEMV: int4 / nf4 bf16 at 4096 x 4096, in process,
+// GEMV / tiles ms: M = 4 1.07 / 1.54, 6 1.65 / 1.70, 8 2.04 / 1.74, 12 3.05 / 1.72; 11008 x 4096 M = 8 5.68 / 4.32) up
+// to kTileMaxRows, beyond which each task's pass over all of x^T (k x m bf16) outgrows L2 (the dense linear's tiles
+// stop at 512 rows too).
+constexpr int64_t kTileMinRows = 8, kTileMaxRows = 512;
+
+static bool tiles_ok(const QLinearParams& p) {
+  return p.dtype == DType::bf16 && p.w.k % 32 == 0 && p.m >= kTileMinRows && p.m <= kTileMaxRows;
 }
 
 constexpr int64_t kTileLd = kTileChunk + 32;  // decoded rows, bf16; 64 bytes past 4 KB: rows do not share L1's sets
