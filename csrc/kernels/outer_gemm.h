@@ -262,15 +262,17 @@ struct PartTiles {
 // is output row r0 + i (i < nr), column n0 + j (j < rows) of part i, e.g. through store_rows. n[i]: part i's rows;
 // direct: each part's rows to read in place, or null. xt holds pn.size() elements E (transpose_x; for bf16 pairs
 // with pn built for 2 columns per element). Tasks that read direct rows in place (in_place) call decode with a
-// null dst, for its prefetches only.
+// null dst, for its prefetches only. align: chunks start on multiples of it (a multiple of 2L dividing Chunk; the
+// quantized pairs' 64-column runs).
 template <int64_t Chunk, typename E, typename Decode, typename Store>
 static void gemm_parts(int parts, const int64_t* n, const Panels& pn, const E* xt, Decode&& decode, Store&& store,
                        const Direct<E>* direct, int64_t align = 2 * L) {
   static_assert(Chunk % (2 * L) == 0, "chunks start on the 4-bit decode's 2L-column runs");
   constexpr int per = kPer<E>;
   const PartTiles tiles(parts, kTileRows, [&](int i) { return n[i]; });
-  // As few chunks as Chunk allows, of equal width (whole 2L runs): k = 514 in 272 + 242, not 512 + 2, so no fp32
-  // chain is longer than it must be (chains of 512 erred 2-3x PyTorch's there, of 272 1.4-1.9x).
+  // As few chunks as Chunk allows, of equal width (whole runs of `align` columns, at least the 4-bit decode's 2L):
+  // k = 514 in 272 + 242, not 512 + 2, so no fp32 chain is longer than it must be (chains of 512 erred 2-3x
+  // PyTorch's there, of 272 1.4-1.9x).
   const int64_t chunks = (pn.k + Chunk - 1) / Chunk;
   const int64_t step = ((pn.k + chunks - 1) / chunks + align - 1) / align * align;
   parallel_for(0, tiles.total() * pn.count, 1, [&](int64_t t0, int64_t t1) {

@@ -160,18 +160,18 @@ static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, floa
 // (exact in bf16; the scale at the end). c0, c1 multiples of 32 (pairs_ok). The 4-bit formats take decode_row_runs.
 static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, attn::Bf16Pair* dst) {
   const int8_t* q = static_cast<const int8_t*>(w.data) + r * w.k;
-  for (int64_t c = c0; c < c1; c += 32) {
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c))));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c + 16))));
-    _mm512_storeu_si512(dst + (c - c0) / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-  }
+  const auto widen = [&](int64_t c) {  // 16 codes as fp32
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c))));
+  };
+  for (int64_t c = c0; c < c1; c += 32)
+    _mm512_storeu_si512(dst + (c - c0) / 2, (__m512i)_mm512_cvtne2ps_pbh(widen(c + 16), widen(c)));
 }
 
 // The runs' k order for a 4-bit W (the AMX tiles' and, for bf16 x, the pairs'): each run of run_cols(w) columns holds
 // its even columns, then its odd ones (the high nibbles of its bytes, then the low ones), so a run decodes by one
-// zero-extend, one shift or and, and one vpermw per 32 values (pairs of adjacent columns took 7 µops per 32); x is permuted
-// the same way (permute_runs), which leaves the product unchanged. Runs never straddle a group. int8 keeps the
-// natural order (0).
+// zero-extend, one shift or and, and one vpermw per 32 values (pairs of adjacent columns took 7 µops per 32); x is
+// permuted the same way (permute_runs), which leaves the product unchanged. Runs never straddle a group. int8 keeps
+// the natural order (0).
 static int run_cols(const QWeight& w) { return w.format == QFormat::int8 ? 0 : w.group % 64 == 0 ? 64 : 32; }
 
 // Row r of a 4-bit W, columns [c0, c1) (multiples of the run), to bf16 in the runs' k order: each value rounded to
