@@ -105,6 +105,21 @@ const char* cpu_isa_name(CpuIsa isa) {
   }
 }
 
+bool avx512_double_pumped() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool zen4 = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u || d != 0x69746e65u || c != 0x444d4163u) return false;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;  // "AuthenticAMD" above; family below
+    const unsigned base = (a >> 8) & 0xf, family = base == 0xf ? base + ((a >> 20) & 0xff) : base;
+    return family == 0x19;
+  }();
+  return zen4;
+#else
+  return false;
+#endif
+}
+
 std::vector<std::string> supported_cpu_isas() {
   std::vector<std::string> names;
   for (CpuIsa isa : kIsas)

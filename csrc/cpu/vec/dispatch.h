@@ -18,6 +18,10 @@ void set_cpu_isa(const std::string& name);
 const char* cpu_isa_name(CpuIsa isa);
 // Names of the paths this CPU can run, narrowest first.
 std::vector<std::string> supported_cpu_isas();
+// Whether the CPU runs each 512-bit vector operation as two 256-bit halves (AMD family 0x19: Zen 4, the only one of
+// that family with AVX-512), at half the 512-bit product rate of later cores: crossovers between a kernel's
+// compute-bound and memory-bound forms move with it.
+bool avx512_double_pumped();
 
 }  // namespace llmkern
 
