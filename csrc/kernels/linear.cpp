@@ -258,11 +258,15 @@ void run_outer(const LinearGroup& g) {
 // per two FMAs) the dot form keeps up with the outer one to 128 rows at k >= 864 (Zen 4, dot time / outer time at
 // 16 / 32 / 64 / 128 rows, n x k: 0.64 / 0.77 / 1.11 / 1.16 at 4096 x 4096, 0.66 / 0.68 / 0.68 / 0.82 at 512 x 2048,
 // 0.83 / 0.94 / 0.97 / 1.02 at 320 x 864), while short rows favour the outer form from 16 (1.09 / 1.35 / 1.39 / 1.45
-// at 864 x 320, 1.26 / 1.44 / 1.51 / 1.53 at 8192 x 320).
+// at 864 x 320, 1.26 / 1.44 / 1.51 / 1.53 at 8192 x 320). Where 512-bit products run at full width (Zen 5, twice Zen
+// 4's rate) the outer form wins from 64 rows at k > 512 (dot / outer at 32 / 64 / 96 rows, weights from memory:
+// 2048 x 2048 1.09 / 1.25 / 1.18, 8192 x 2048 1.07 / 1.33 / 1.25, 2048 x 8192 0.99 / 1.28 / 1.24, 4864 x 896 1.75 /
+// 1.58 / 1.46, 4096 x 11008 1.41 at 32 and 1.46 at 64; a Llama-1B-shaped layer at 64 rows ~1.29x), except on narrow
+// outputs such as 512 x 2048 (0.91 from memory, 0.78 in cache at 64 rows).
 template <typename T>
 bool outer_form(int64_t m, int64_t k) {
   if constexpr (attn::kPairProducts<T>)
-    if (k % 2 == 0) return k <= 512 ? m >= 16 : m >= 128;
+    if (k % 2 == 0) return k <= 512 ? m >= 16 : m >= (avx512_double_pumped() ? 128 : 64);
   return !std::is_same_v<T, double> && (m >= 32 || (m >= 16 && k <= 512));  // fp64 (gradcheck): the dot form
 }
 
