@@ -242,9 +242,10 @@ static void gemm_typed(const QLinearParams& p) {
   const T* x = static_cast<const T*>(p.x);
   int64_t x_stride = p.x_stride;
 #if defined(LLMKERN_ISA_AVX512BF16)
-  Scratch<T> xr(size_t(std::is_same_v<E, float> ? 1 : p.m * w.k));
+  if constexpr (!std::is_same_v<E, float>) run = run_cols(w);
+  Scratch<T> xr(size_t(run > 0 ? p.m * w.k : 1));  // the permuted copy (none for int8 or fp32 elements)
   if constexpr (!std::is_same_v<E, float>) {
-    if ((run = run_cols(w)) > 0) {
+    if (run > 0) {
       permute_runs(x, p.m, x_stride, w.k, run, xr.ptr);
       x = xr.ptr, x_stride = w.k;
     }
