@@ -222,6 +222,153 @@ static void permute_runs(const bf16* x, int64_t m, int64_t ld, int64_t k, int ru
     }
   }
 }
+
+// ---------------------------------------------------------------- 4-bit W, bf16 x, up to 16 rows (avx512bf16)
+//
+// code_tiles: the GEMM of one vector of x rows (m <= 16) with a 4-bit W, where the decode, not the products, set the
+// pace of the chunked form above (gemm_typed: each weight's 7 -> 4 decode µops still took a fifth of an int4 M = 16
+// call, in a pass of its own beside the products). Each weight decodes to the bf16 of its code alone (int4 q - 8,
+// exact; nf4 the code value), from one fixed table, so a tile's rows need no table of their own; the scale, and an
+// asymmetric zero point's share through the group's column sums of x, is applied once per group and row:
+//   y[i][r] = sum_g s[r][g] (sum_{c in g} code(W[r][c]) x[i][c] - (z[r][g] - 8) sum_{c in g} x[i][c])
+// each inner sum an fp32 chain of at most kPiece columns, added into the tile's fp32 C. (The chunked form rounds each
+// (q - z) s to bf16 first; here the scale multiplies in fp32: errors against float64 the same or smaller.) A tile's
+// rows decode piece by piece (kPiece columns), each row's next piece between the k steps of the piece before, so the
+// decode's shuffles issue beside the vdpbf16ps chains instead of in a pass of their own.
+constexpr int64_t kPiece = 128;
+
+// Rows of W per tile: 24 accumulators; 16 ran 4-5% slower (one process alternating, int4 M = 16).
+constexpr int kCodeRows = 24;
+
+// Columns ahead that each row's line is prefetched into L2 (the next tile's first lines at the end of a row): a tile's
+// rows are 24 streams the hardware prefetchers do not keep up with (without: 1.18 against 0.84 ms at int4 4096 x 4096,
+// M = 16); 256 to 4096 columns measured alike, as did prefetching into L1 or four lines at once.
+constexpr int64_t kCodeAhead = 1024;
+
+// Whether code_tiles takes this weight: 4-bit, k whole pieces, and groups that are whole pieces or divide one.
+static bool code_tiles_ok(const QWeight& w) {
+  return run_cols(w) > 0 && w.k % kPiece == 0 && (w.group % kPiece == 0 || kPiece % w.group == 0);
+}
+
+// The runs' k order (run_cols) over one piece of a 4-bit row, as bf16 codes from a fixed 16-entry table.
+struct CodeDecoder {
+  const uint8_t* data;
+  int64_t half;   // bytes per row
+  __m512i table;  // int4: q - 8; nf4: bf16(code[q])
+  bool wide;      // runs of 64 columns (else 32)
+  explicit CodeDecoder(const QWeight& w)
+      : data(static_cast<const uint8_t*>(w.data)), half(w.k / 2), wide(run_cols(w) == 64) {
+    const __m512 t = w.format == QFormat::nf4 ? _mm512_loadu_ps(w.code)
+                                              : _mm512_sub_ps(_mm512_loadu_ps(kIota), _mm512_set1_ps(8.f));
+    table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t));
+  }
+  void piece(int64_t row, int64_t c, bf16* out) const {
+    const uint8_t* src = data + row * half + c / 2;
+    const __m512i low4 = _mm512_set1_epi16(15);
+    if (wide) {
+#pragma GCC unroll 2
+      for (int q = 0; q < kPiece; q += 64) {
+        const __m512i u = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + q / 2)));
+        _mm512_storeu_si512(out + q, _mm512_permutexvar_epi16(_mm512_srli_epi16(u, 4), table));
+        _mm512_storeu_si512(out + q + 32, _mm512_permutexvar_epi16(_mm512_and_si512(u, low4), table));
+      }
+      return;
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < kPiece; q += 32) {
+      const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + q / 2)));
+      const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(u, 4)),
+                                             _mm256_and_si256(u, _mm512_castsi512_si256(low4)), 1);
+      _mm512_storeu_si512(out + q, _mm512_permutexvar_epi16(idx, table));
+    }
+  }
+};
+
+// Per group, the column sums of x's 16 rows (fp32 [groups][16]) from x^T's pairs (xt, k / 2 pairs of 16 rows).
+static void group_sums(const attn::Bf16Pair* xt, int64_t k, int64_t group, float* out) {
+  const __m512bh ones = (__m512bh)_mm512_set1_epi32(0x3f803f80);  // the pair (1, 1)
+  for (int64_t g = 0; g < k / group; ++g) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t kk = g * group / 2; kk < (g + 1) * group / 2; ++kk)
+      sum = _mm512_dpbf16_ps(sum, ones, (__m512bh)_mm512_loadu_si512(xt + kk * 16));
+    _mm512_storeu_ps(out + g * 16, sum);
+  }
+}
+
+// Tiles [t0, t1) of MR rows of W (rows past n repeat the last row; their outputs are not stored), the pieces of each
+// tile in order, against xt (x^T as pairs, one panel of 16 rows, in the runs' k order). Every FG columns (the group, or
+// kPiece for larger groups) the products fold into c (MR x 16 fp32), which store(n0, rows, c) takes after a tile's
+// last piece. buf: two pieces of MR decoded rows. xsum: group_sums, for asymmetric int4 (else null).
+template <int MR, int FG, typename Store>
+static void code_tiles(const QWeight& w, const CodeDecoder& d, const attn::Bf16Pair* xt, const float* xsum,
+                       int64_t t0, int64_t t1, bf16* buf, float* c, Store&& store) {
+  constexpr int KP = kPiece / 2, KS = KP / MR, GP = FG / 2;  // k steps (pairs): a piece, after each row's decode, a fold
+  static_assert(KS >= 1 && KP % KS == 0 && GP % KS == 0 && KP % GP == 0 && KP / KS >= MR);
+  const int64_t pieces = w.k / kPiece, items = (t1 - t0) * pieces, groups = w.k / w.group;
+  const bool nf4 = w.format == QFormat::nf4;
+  const auto row_of = [&](int64_t t, int r) { return std::min(t * MR + r, w.n - 1); };
+  for (int r = 0; r < MR; ++r) d.piece(row_of(t0, r), 0, buf + r * kPiece);
+  for (int64_t i = 0; i < items; ++i) {  // item i: tile t's piece at column p0; the next item's rows decode meanwhile
+    const int64_t t = t0 + i / pieces, p0 = i % pieces * kPiece;
+    const int64_t nt = t0 + (i + 1) / pieces, np0 = (i + 1) % pieces * kPiece;
+    const bool more = i + 1 < items;
+    const uint32_t* a = reinterpret_cast<const uint32_t*>(buf + i % 2 * MR * kPiece);
+    bf16* next = buf + (i + 1) % 2 * MR * kPiece;
+    const attn::Bf16Pair* b = xt + p0 / 2 * 16;
+    const int64_t ac = p0 + kCodeAhead, at = ac < w.k ? t : t + 1, acol = ac < w.k ? ac : ac - w.k;
+    const bool ahead = at * MR < w.n;
+    if (p0 == 0) std::memset(c, 0, sizeof(float) * MR * 16);
+    __m512 acc[MR];
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+    const auto fold = [&](int64_t col) {  // acc (the group's columns up to the piece's col) into c
+      const int64_t g = (p0 + col - 1) / w.group;
+#pragma GCC unroll 32  // (a rolled loop indexes acc at run time, which puts it on the stack)
+      for (int r = 0; r < MR; ++r) {
+        const int64_t bi = row_of(t, r) * groups + g;
+        const float s = nf4 ? nf4_absmax(w, bi) : scale_at(w, bi);
+        __m512 v = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(s), _mm512_loadu_ps(c + r * 16));
+        if (xsum) v = _mm512_fnmadd_ps(_mm512_loadu_ps(xsum + g * 16), _mm512_set1_ps(s * (float(w.zeros[bi]) - 8)), v);
+        _mm512_storeu_ps(c + r * 16, v);
+        acc[r] = _mm512_setzero_ps();
+      }
+    };
+    const auto kstep = [&](int kk) {
+      const __m512bh bv = (__m512bh)_mm512_loadu_si512(b + kk * 16);
+#pragma GCC unroll 32
+      for (int r = 0; r < MR; ++r)
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(a[r * KP + kk])), bv);
+    };
+#pragma GCC unroll 1
+    for (int slot = 0; slot < KP / KS; ++slot) {
+      if (slot < MR) {
+        if (more) d.piece(row_of(nt, slot), np0, next + slot * kPiece);
+        if (ahead) prefetch_l2(d.data + row_of(at, slot) * d.half + acol / 2);
+      }
+#pragma GCC unroll 8
+      for (int s = 0; s < KS; ++s) kstep(slot * KS + s);
+      if ((slot + 1) * KS % GP == 0) fold((slot + 1) * KS * 2);
+    }
+    if (p0 + kPiece == w.k) store(t * MR, std::min<int64_t>(MR, w.n - t * MR), c);
+  }
+}
+
+// code_tiles over all of W, parallel over tiles.
+static void code_gemm(const QLinearParams& p, const attn::Bf16Pair* xt,
+                      const std::function<void(int64_t, int64_t, const float*)>& store) {
+  const QWeight& w = p.w;
+  Scratch<float> xsum(size_t(w.zeros ? w.k / w.group * 16 : 1));
+  if (w.zeros) group_sums(xt, w.k, w.group, xsum.ptr);
+  const CodeDecoder d(w);
+  parallel_for(0, (w.n + kCodeRows - 1) / kCodeRows, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<bf16> buf(size_t(2 * kCodeRows * kPiece));
+    Scratch<float> c(size_t(kCodeRows * 16));
+    const float* xs = w.zeros ? xsum.ptr : nullptr;
+    if (w.group == 32) code_tiles<kCodeRows, 32>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, store);
+    else if (w.group == 64) code_tiles<kCodeRows, 64>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, store);
+    else code_tiles<kCodeRows, kPiece>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, store);
+  });
+}
 #endif
 
 // Whether bf16 x takes the pair path: every chunk whole 32-column runs (4-bit: k is a multiple of 32 already).
@@ -272,6 +419,12 @@ static void gemm_typed(const QLinearParams& p) {
     outer::store_rows(static_cast<T*>(p.out), p.out_stride, n0, rows, r0, nr, c, ldc, int8 ? s : nullptr,
                       static_cast<const T*>(p.bias));
   };
+#if defined(LLMKERN_ISA_AVX512BF16)
+  if constexpr (!std::is_same_v<E, float>) {
+    if (pn.width == 16 && code_tiles_ok(w))
+      return code_gemm(p, xt.ptr, [&](int64_t n0, int64_t rows, const float* c) { store(n0, rows, 0, p.m, c, 16); });
+  }
+#endif
   outer::gemm<kChunk>(w.n, pn, xt.ptr, decode, store, {}, std::max(run, 2 * L));
 }
 
