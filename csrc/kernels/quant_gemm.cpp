@@ -295,18 +295,33 @@ static void group_sums(const attn::Bf16Pair* xt, int64_t k, int64_t group, float
   }
 }
 
+// Row `row`'s scales as fp32 (s[g], nf4: its absmax) and, for asymmetric int4, s[g] (z[g] - 8) (sz[g]).
+static void row_scales(const QWeight& w, int64_t row, float* s, float* sz) {
+  const int64_t groups = w.k / w.group, b0 = row * groups;
+  if (w.format == QFormat::nf4) {
+    for (int64_t g = 0; g < groups; ++g) s[g] = nf4_absmax(w, b0 + g);
+  } else if (w.scales_dtype == DType::bf16) {  // (the usual case, as a loop the compiler vectorizes)
+    const bf16* src = static_cast<const bf16*>(w.scales) + b0;
+    for (int64_t g = 0; g < groups; ++g) s[g] = to_float(src[g]);
+  } else {
+    for (int64_t g = 0; g < groups; ++g) s[g] = scale_at(w, b0 + g);
+  }
+  if (sz)
+    for (int64_t g = 0; g < groups; ++g) sz[g] = s[g] * (float(w.zeros[b0 + g]) - 8.f);
+}
+
 // Tiles [t0, t1) of MR rows of W (rows past n repeat the last row; their outputs are not stored), the pieces of each
 // tile in order, against xt (x^T as pairs, one panel of 16 rows, in the runs' k order). Every FG columns (the group, or
 // kPiece for larger groups) the products fold into c (MR x 16 fp32), which store(n0, rows, c) takes after a tile's
 // last piece. buf: two pieces of MR decoded rows. xsum: group_sums, for asymmetric int4 (else null).
 template <int MR, int FG, typename Store>
 static void code_tiles(const QWeight& w, const CodeDecoder& d, const attn::Bf16Pair* xt, const float* xsum,
-                       int64_t t0, int64_t t1, bf16* buf, float* c, Store&& store) {
+                       int64_t t0, int64_t t1, bf16* buf, float* c, float* ts, Store&& store) {
   constexpr int KP = kPiece / 2, KS = KP / MR, GP = FG / 2;  // k steps (pairs): a piece, after each row's decode, a fold
   static_assert(KS >= 1 && KP % KS == 0 && GP % KS == 0 && KP % GP == 0 && KP / KS >= MR);
   const int64_t pieces = w.k / kPiece, items = (t1 - t0) * pieces, groups = w.k / w.group;
-  const bool nf4 = w.format == QFormat::nf4;
   const auto row_of = [&](int64_t t, int r) { return std::min(t * MR + r, w.n - 1); };
+  float* tsz = xsum ? ts + MR * groups : nullptr;  // ts: [MR][groups] scales, then (asymmetric) [MR][groups] s (z - 8)
   for (int r = 0; r < MR; ++r) d.piece(row_of(t0, r), 0, buf + r * kPiece);
   for (int64_t i = 0; i < items; ++i) {  // item i: tile t's piece at column p0; the next item's rows decode meanwhile
     const int64_t t = t0 + i / pieces, p0 = i % pieces * kPiece;
@@ -317,7 +332,10 @@ static void code_tiles(const QWeight& w, const CodeDecoder& d, const attn::Bf16P
     const attn::Bf16Pair* b = xt + p0 / 2 * 16;
     const int64_t ac = p0 + kCodeAhead, at = ac < w.k ? t : t + 1, acol = ac < w.k ? ac : ac - w.k;
     const bool ahead = at * MR < w.n;
-    if (p0 == 0) std::memset(c, 0, sizeof(float) * MR * 16);
+    if (p0 == 0) {
+      std::memset(c, 0, sizeof(float) * MR * 16);
+      for (int r = 0; r < MR; ++r) row_scales(w, row_of(t, r), ts + r * groups, tsz ? tsz + r * groups : nullptr);
+    }
     __m512 acc[MR];
 #pragma GCC unroll 32
     for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
@@ -325,10 +343,8 @@ static void code_tiles(const QWeight& w, const CodeDecoder& d, const attn::Bf16P
       const int64_t g = (p0 + col - 1) / w.group;
 #pragma GCC unroll 32  // (a rolled loop indexes acc at run time, which puts it on the stack)
       for (int r = 0; r < MR; ++r) {
-        const int64_t bi = row_of(t, r) * groups + g;
-        const float s = nf4 ? nf4_absmax(w, bi) : scale_at(w, bi);
-        __m512 v = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(s), _mm512_loadu_ps(c + r * 16));
-        if (xsum) v = _mm512_fnmadd_ps(_mm512_loadu_ps(xsum + g * 16), _mm512_set1_ps(s * (float(w.zeros[bi]) - 8)), v);
+        __m512 v = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(ts[r * groups + g]), _mm512_loadu_ps(c + r * 16));
+        if (tsz) v = _mm512_fnmadd_ps(_mm512_loadu_ps(xsum + g * 16), _mm512_set1_ps(tsz[r * groups + g]), v);
         _mm512_storeu_ps(c + r * 16, v);
         acc[r] = _mm512_setzero_ps();
       }
@@ -363,10 +379,11 @@ static void code_gemm(const QLinearParams& p, const attn::Bf16Pair* xt,
   parallel_for(0, (w.n + kCodeRows - 1) / kCodeRows, 1, [&](int64_t t0, int64_t t1) {
     Scratch<bf16> buf(size_t(2 * kCodeRows * kPiece));
     Scratch<float> c(size_t(kCodeRows * 16));
+    Scratch<float> ts(size_t(kCodeRows * (w.k / w.group) * (w.zeros ? 2 : 1)));
     const float* xs = w.zeros ? xsum.ptr : nullptr;
-    if (w.group == 32) code_tiles<kCodeRows, 32>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, store);
-    else if (w.group == 64) code_tiles<kCodeRows, 64>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, store);
-    else code_tiles<kCodeRows, kPiece>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, store);
+    if (w.group == 32) code_tiles<kCodeRows, 32>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, ts.ptr, store);
+    else if (w.group == 64) code_tiles<kCodeRows, 64>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, ts.ptr, store);
+    else code_tiles<kCodeRows, kPiece>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, ts.ptr, store);
   });
 }
 #endif
