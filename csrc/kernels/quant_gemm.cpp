@@ -262,8 +262,8 @@ struct CodeDecoder {
                                               : _mm512_sub_ps(_mm512_loadu_ps(kIota), _mm512_set1_ps(8.f));
     table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t));
   }
-  void piece(int64_t row, int64_t c, bf16* out) const {
-    const uint8_t* src = data + row * half + c / 2;
+  void piece(int64_t row, int64_t c, bf16* out) const { decode(data + row * half + c / 2, out); }
+  void decode(const uint8_t* src, bf16* out) const {
     const __m512i low4 = _mm512_set1_epi16(15);
     if (wide) {
 #pragma GCC unroll 2
@@ -355,12 +355,19 @@ static void code_tiles(const QWeight& w, const CodeDecoder& d, const attn::Bf16P
       for (int r = 0; r < MR; ++r)
         acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(a[r * KP + kk])), bv);
     };
-#pragma GCC unroll 1
-    for (int slot = 0; slot < KP / KS; ++slot) {
-      if (slot < MR) {
-        if (more) d.piece(row_of(nt, slot), np0, next + slot * kPiece);
-        if (ahead) prefetch_l2(d.data + row_of(at, slot) * d.half + acol / 2);
-      }
+    const int64_t nrow0 = nt * MR, arow0 = at * MR;
+    const uint8_t* nsrc = d.data + np0 / 2;
+    const uint8_t* asrc = d.data + acol / 2;
+#pragma GCC unroll 2
+    for (int slot = 0; slot < MR; ++slot) {
+      if (more) d.decode(nsrc + std::min(nrow0 + slot, w.n - 1) * d.half, next + slot * kPiece);
+      if (ahead) prefetch_l2(asrc + std::min(arow0 + slot, w.n - 1) * d.half);
+#pragma GCC unroll 8
+      for (int s = 0; s < KS; ++s) kstep(slot * KS + s);
+      if ((slot + 1) * KS % GP == 0) fold((slot + 1) * KS * 2);
+    }
+#pragma GCC unroll 2
+    for (int slot = MR; slot < KP / KS; ++slot) {
 #pragma GCC unroll 8
       for (int s = 0; s < KS; ++s) kstep(slot * KS + s);
       if ((slot + 1) * KS % GP == 0) fold((slot + 1) * KS * 2);
