@@ -317,7 +317,7 @@ static void row_scales(const QWeight& w, int64_t row, float* s, float* sz) {
 template <int MR, int FG, typename Store>
 static void code_tiles(const QWeight& w, const CodeDecoder& d, const attn::Bf16Pair* xt, const float* xsum,
                        int64_t t0, int64_t t1, bf16* buf, float* c, float* ts, Store&& store) {
-  constexpr int KP = kPiece / 2, KS = KP / MR, GP = FG / 2;  // k steps (pairs): a piece, after each row's decode, a fold
+  constexpr int KP = kPiece / 2, KS = KP / MR, GP = FG / 2;  // k steps (pairs): a piece, after a row's decode, a fold
   static_assert(KS >= 1 && KP % KS == 0 && GP % KS == 0 && KP % GP == 0 && KP / KS >= MR);
   const int64_t pieces = w.k / kPiece, items = (t1 - t0) * pieces, groups = w.k / w.group;
   const auto row_of = [&](int64_t t, int r) { return std::min(t * MR + r, w.n - 1); };
@@ -565,6 +565,15 @@ bool qlinear_tiles(const QLinearParams& p) {
 #endif
   (void)p;
   return false;
+}
+
+bool qlinear_code_tiles(const QWeight& w) {
+#if defined(LLMKERN_ISA_AVX512BF16)
+  return code_tiles_ok(w);
+#else
+  (void)w;
+  return false;
+#endif
 }
 
 void qlinear_gemm(const QLinearParams& p) {

@@ -23,7 +23,7 @@
 // and are reduced once at the end.
 //
 // On AVX-512 all three formats take their own GEMV path instead (int16 x and vpmaddwd; see "AVX-512 int16 GEMV"
-// below) at M <= 4 for fp32 x and up to gemv_rows<T>() rows (11 or 15 with bf16 pairs, else 64) for bf16 / fp16 x.
+// below) at M <= 4 for fp32 x and up to gemv_rows<T>() rows (8, 11 or 15 with bf16 pairs, else 64) for bf16 / fp16 x.
 //
 // Generic path (nf4 whose rows do not start on a block boundary or odd k, fp64): each row of W is
 // dequantized to fp32 once and dotted with every row of x.
@@ -857,16 +857,18 @@ static bool gemv_xq(const QLinearParams&) { return false; }
 // M = 16, 3.55-3.83 vs 3.37-3.65 at M = 24; on plain avx512 11.3 vs 13.1 ms at M = 64; fp32 x at M = 1, 2, 4 0.67,
 // 0.68, 0.99 vs 0.72, 1.20, 2.14 ms. Zen 5 issues the bf16 pairs' products at twice Zen 4's rate, and there the GEMM
 // beat the GEMV from M = 12 (int4 / int8 / nf4 at the three issue shapes, in process, GEMV time / GEMM time: M = 12
-// 1.05-1.32, 13 1.09-1.36, 15 1.16-1.41; M = 11 0.91-1.13, M = 10 0.79-1.06).
+// 1.05-1.32, 13 1.09-1.36, 15 1.16-1.41; M = 11 0.91-1.13, M = 10 0.79-1.06); the 4-bit weights' code_tiles from M = 9
+// (int4 / nf4, GEMV / code_tiles: M = 9 1.11-1.26, 10 1.20-1.39, 11 1.26-1.49; M = 8 0.97-1.05).
 template <typename T>
-static int64_t gemm_rows() {
-  return attn::kPairProducts<T> && !avx512_double_pumped() ? 12 : 16;
+static int64_t gemm_rows(const QWeight& w) {
+  if (!attn::kPairProducts<T> || avx512_double_pumped()) return 16;
+  return qlinear_code_tiles(w) ? 9 : 12;
 }
 
 template <typename T>
-static int64_t gemv_rows() {
+static int64_t gemv_rows(const QWeight& w) {
   if constexpr (std::is_same_v<T, float>) return 4;
-  else return attn::kPairProducts<T> ? gemm_rows<T>() - 1 : 64;
+  else return attn::kPairProducts<T> ? gemm_rows<T>(w) - 1 : 64;
 }
 
 template <typename T>
@@ -942,15 +944,15 @@ void qlinear_kernel(const QLinearParams& p) {
     if constexpr (std::is_same_v<T, double>) {
       generic<T>(p);
     } else {
-      // M >= gemm_rows (16; 12 for bf16 pairs on full-width AVX-512): the tile-dequantizing GEMM path (qlinear_gemm,
-      // quant_gemm.cpp); measured on 4096 x 4096 int4 bf16 it is on par with fast() at M = 12..16 and 1.7x faster
-      // at M = 64, slower at M = 8 (before the GEMM moved to kernels/outer_gemm.h, which made M = 16 another
-      // 1.2-1.3x faster). The int16 GEMV (AVX-512) goes first up to gemv_rows<T>(). On the amx build, bf16 x from
+      // M >= gemm_rows (16; 9 or 12 for bf16 pairs on full-width AVX-512): the tile-dequantizing GEMM path
+      // (qlinear_gemm, quant_gemm.cpp); measured on 4096 x 4096 int4 bf16 it is on par with fast() at M = 12..16 and
+      // 1.7x faster at M = 64, slower at M = 8 (before the GEMM moved to kernels/outer_gemm.h, which made M = 16
+      // another 1.2-1.3x faster). The int16 GEMV (AVX-512) goes first up to gemv_rows<T>(). On the amx build, bf16 x from
       // 8 rows runs on the AMX tiles before any of them (qlinear_tiles).
       if (!fast_ok(p)) return generic<T>(p);
       if (qlinear_tiles(p)) return;
-      if (p.m <= gemv_rows<T>() && gemv_xq<T>(p)) return;
-      if (p.m >= gemm_rows<T>()) return qlinear_gemm(p);
+      if (p.m <= gemv_rows<T>(p.w) && gemv_xq<T>(p)) return;
+      if (p.m >= gemm_rows<T>(p.w)) return qlinear_gemm(p);
       fast<T>(p);
     }
   });
