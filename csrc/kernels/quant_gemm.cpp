@@ -234,10 +234,12 @@ static void permute_runs(const bf16* x, int64_t m, int64_t ld, int64_t k, int ru
 // each inner sum an fp32 chain of at most kPiece columns, added into the tile's fp32 C. (The chunked form rounds each
 // (q - z) s to bf16 first; here the scale multiplies in fp32: errors against float64 the same or smaller.) A tile's
 // rows decode piece by piece (kPiece columns), each row's next piece between the k steps of the piece before, so the
-// decode's shuffles issue beside the vdpbf16ps chains instead of in a pass of their own.
+// decode's shuffles issue beside the vdpbf16ps chains instead of in a pass of their own (a piece's rows all decoded
+// before its products ran 1.13x slower, in an earlier form of this loop). Int4 M = 16 against the chunked form, Zen 5:
+// see bench/RESULTS.md (1.2-1.3x; 2.07-2.17x torch's int4pack op).
 constexpr int64_t kPiece = 128;
 
-// Rows of W per tile: 24 accumulators; 16 ran 4-5% slower (one process alternating, int4 M = 16).
+// Rows of W per tile: 24 accumulators (16, in separate runs: 0.94-1.02x the speed at the three issue shapes).
 constexpr int kCodeRows = 24;
 
 // Columns ahead that each row's line is prefetched into L2 (the next tile's first lines at the end of a row): a tile's
