@@ -11,8 +11,9 @@
 // bf16 x on avx512bf16: W decodes to bf16 pairs instead and the product runs over pairs, one vdpbf16ps per two FMAs
 // (4096 x 4096 int4, Zen 4, side by side: 1.47x at M = 16, 1.75x at M = 64); 4-bit W and x in the runs' k order
 // (decode_row_runs: 4 vector µops per 32 weights instead of 7; Zen 5, one process alternating, int4 1.09-1.14x at
-// M = 16, 1.03-1.06x at 32 and 64; nf4, whose 64-column blocks each build their table, 1.00-1.07x). On the amx build,
-// bf16 x from 8 to 512 rows runs on the AMX tiles (gemm_tiles, qlinear_tiles).
+// M = 16, 1.03-1.06x at 32 and 64; nf4, whose 64-column blocks each build their table, 1.00-1.07x). Up to 16 rows
+// with a 4-bit W whose k is a multiple of 128: code_tiles (codes decoded between the products, scales per group). On
+// the amx build, bf16 x from 8 to 512 rows runs on the AMX tiles (gemm_tiles, qlinear_tiles).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -244,7 +245,7 @@ constexpr int kCodeRows = 24;
 
 // Columns ahead that each row's line is prefetched into L2 (the next tile's first lines at the end of a row): a tile's
 // rows are 24 streams the hardware prefetchers do not keep up with (without: 1.18 against 0.84 ms at int4 4096 x 4096,
-// M = 16); 256 to 4096 columns measured alike, as did prefetching into L1 or four lines at once.
+// M = 16); 256 to 4096 columns measured alike; prefetching into L1 as well, or several lines at once, 0.93-0.99x.
 constexpr int64_t kCodeAhead = 1024;
 
 // Whether code_tiles takes this weight: 4-bit, k whole pieces, and groups that are whole pieces or divide one.

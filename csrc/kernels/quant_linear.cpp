@@ -947,8 +947,8 @@ void qlinear_kernel(const QLinearParams& p) {
       // M >= gemm_rows (16; 9 or 12 for bf16 pairs on full-width AVX-512): the tile-dequantizing GEMM path
       // (qlinear_gemm, quant_gemm.cpp); measured on 4096 x 4096 int4 bf16 it is on par with fast() at M = 12..16 and
       // 1.7x faster at M = 64, slower at M = 8 (before the GEMM moved to kernels/outer_gemm.h, which made M = 16
-      // another 1.2-1.3x faster). The int16 GEMV (AVX-512) goes first up to gemv_rows<T>(). On the amx build, bf16 x from
-      // 8 rows runs on the AMX tiles before any of them (qlinear_tiles).
+      // another 1.2-1.3x faster). The int16 GEMV (AVX-512) goes first up to gemv_rows<T>(). On the amx build, bf16 x
+      // from 8 rows runs on the AMX tiles before any of them (qlinear_tiles).
       if (!fast_ok(p)) return generic<T>(p);
       if (qlinear_tiles(p)) return;
       if (p.m <= gemv_rows<T>(p.w) && gemv_xq<T>(p)) return;
