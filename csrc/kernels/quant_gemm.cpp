@@ -11,7 +11,7 @@
 // bf16 x on avx512bf16: W decodes to bf16 pairs instead and the product runs over pairs, one vdpbf16ps per two FMAs
 // (4096 x 4096 int4, Zen 4, side by side: 1.47x at M = 16, 1.75x at M = 64); 4-bit W and x in the runs' k order
 // (decode_row_runs: 4 vector µops per 32 weights instead of 7; Zen 5, one process alternating, int4 1.09-1.14x at
-// M = 16, 1.03-1.06x at 32 and 64; nf4, whose 64-column blocks each build their table, 1.00-1.07x). Up to 16 rows
+// M = 16, 1.03-1.06x at 32 and 64; nf4, whose 64-column blocks each build their table, 1.00-1.07x). Up to 32 rows
 // with a 4-bit W whose k is a multiple of 128: code_tiles (codes decoded between the products, scales per group). On
 // the amx build, bf16 x from 8 to 512 rows runs on the AMX tiles (gemm_tiles, qlinear_tiles).
 #include <algorithm>
@@ -224,23 +224,26 @@ static void permute_runs(const bf16* x, int64_t m, int64_t ld, int64_t k, int ru
   }
 }
 
-// ---------------------------------------------------------------- 4-bit W, bf16 x, up to 16 rows (avx512bf16)
+// ---------------------------------------------------------------- 4-bit W, bf16 x, up to 32 rows (avx512bf16)
 //
-// code_tiles: the GEMM of one vector of x rows (m <= 16) with a 4-bit W, where the decode, not the products, set the
-// pace of the chunked form above (gemm_typed: each weight's 7 -> 4 decode µops still took a fifth of an int4 M = 16
-// call, in a pass of its own beside the products). Each weight decodes to the bf16 of its code alone (int4 q - 8,
-// exact; nf4 the code value), from one fixed table, so a tile's rows need no table of their own; the scale, and an
-// asymmetric zero point's share through the group's column sums of x, is applied once per group and row:
+// code_tiles: the GEMM of one or two vectors of x rows (m <= 32) with a 4-bit W, where the decode, not the products,
+// set the pace of the chunked form above (gemm_typed: each weight's 7 -> 4 decode µops still took a fifth of an int4
+// M = 16 call, in a pass of its own beside the products). Each weight decodes to the bf16 of its code alone (int4
+// q - 8, exact; nf4 the code value), from one fixed table, so a tile's rows need no table of their own; the scale,
+// and an asymmetric zero point's share through the group's column sums of x, is applied once per group and row:
 //   y[i][r] = sum_g s[r][g] (sum_{c in g} code(W[r][c]) x[i][c] - (z[r][g] - 8) sum_{c in g} x[i][c])
 // each inner sum an fp32 chain of at most kPiece columns, added into the tile's fp32 C. (The chunked form rounds each
 // (q - z) s to bf16 first; here the scale multiplies in fp32: errors against float64 the same or smaller.) A tile's
 // rows decode piece by piece (kPiece columns), each row's next piece between the k steps of the piece before, so the
 // decode's shuffles issue beside the vdpbf16ps chains instead of in a pass of their own (a piece's rows all decoded
 // before its products ran 1.13x slower, in an earlier form of this loop). Int4 M = 16 against the chunked form, Zen 5:
-// see bench/RESULTS.md (1.2-1.3x; 2.07-2.17x torch's int4pack op).
+// see bench/RESULTS.md (1.2-1.3x; 2.07-2.17x torch's int4pack op). Two vectors (M = 32, 12-row tiles): 1.14-1.15x the
+// chunked form; three and four (M = 48, 64) 1.06-1.09x and 0.90-1.04x, there x^T (k x 48 or 64 bf16) outgrows L2 at
+// k = 11008 (the chunked form reads it a chunk at a time): not taken.
 constexpr int64_t kPiece = 128;
 
-// Rows of W per tile: 24 accumulators (16, in separate runs: 0.94-1.02x the speed at the three issue shapes).
+// Rows of W per tile against one vector of x rows (half as many against two): 24 accumulators (16, in separate runs:
+// 0.94-1.02x the speed at the three issue shapes).
 constexpr int kCodeRows = 24;
 
 // Columns ahead that each row's line is prefetched into L2 (the next tile's first lines at the end of a row): a tile's
@@ -287,15 +290,16 @@ struct CodeDecoder {
   }
 };
 
-// Per group, the column sums of x's 16 rows (fp32 [groups][16]) from x^T's pairs (xt, k / 2 pairs of 16 rows).
-static void group_sums(const attn::Bf16Pair* xt, int64_t k, int64_t group, float* out) {
+// Per group, the column sums of x's rows (fp32 [groups][pw]) from x^T's pairs (xt, k / 2 pairs of pw rows).
+static void group_sums(const attn::Bf16Pair* xt, int64_t k, int64_t group, int64_t pw, float* out) {
   const __m512bh ones = (__m512bh)_mm512_set1_epi32(0x3f803f80);  // the pair (1, 1)
-  for (int64_t g = 0; g < k / group; ++g) {
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t kk = g * group / 2; kk < (g + 1) * group / 2; ++kk)
-      sum = _mm512_dpbf16_ps(sum, ones, (__m512bh)_mm512_loadu_si512(xt + kk * 16));
-    _mm512_storeu_ps(out + g * 16, sum);
-  }
+  for (int64_t g = 0; g < k / group; ++g)
+    for (int64_t j = 0; j < pw; j += 16) {
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t kk = g * group / 2; kk < (g + 1) * group / 2; ++kk)
+        sum = _mm512_dpbf16_ps(sum, ones, (__m512bh)_mm512_loadu_si512(xt + kk * pw + j));
+      _mm512_storeu_ps(out + g * pw + j, sum);
+    }
 }
 
 // Row `row`'s scales as fp32 (s[g], nf4: its absmax) and, for asymmetric int4, s[g] (z[g] - 8) (sz[g]).
@@ -314,14 +318,16 @@ static void row_scales(const QWeight& w, int64_t row, float* s, float* sz) {
 }
 
 // Tiles [t0, t1) of MR rows of W (rows past n repeat the last row; their outputs are not stored), the pieces of each
-// tile in order, against xt (x^T as pairs, one panel of 16 rows, in the runs' k order). Every FG columns (the group, or
-// kPiece for larger groups) the products fold into c (MR x 16 fp32), which store(n0, rows, c) takes after a tile's
-// last piece. buf: two pieces of MR decoded rows. xsum: group_sums, for asymmetric int4 (else null).
-template <int MR, int FG, typename Store>
+// tile in order, against xt (x^T as pairs, one panel of NR vectors of x rows, in the runs' k order). Every FG columns
+// (the group, or kPiece for larger groups) the products fold into c (MR x 16 NR fp32), which store(n0, rows, c) takes
+// after a tile's last piece. buf: two pieces of MR decoded rows. xsum: group_sums, for asymmetric int4 (else null).
+template <int MR, int NR, int FG, typename Store>
 static void code_tiles(const QWeight& w, const CodeDecoder& d, const attn::Bf16Pair* xt, const float* xsum,
                        int64_t t0, int64_t t1, bf16* buf, float* c, float* ts, Store&& store) {
-  constexpr int KP = kPiece / 2, KS = KP / MR, GP = FG / 2;  // k steps (pairs): a piece, after a row's decode, a fold
-  static_assert(KS >= 1 && KP % KS == 0 && GP % KS == 0 && KP % GP == 0 && KP / KS >= MR);
+  // k steps (pairs): a piece; after each row's decode (a power of two: fold points fall between them); a fold
+  constexpr int KP = kPiece / 2, GP = FG / 2, PW = 16 * NR;
+  constexpr int KS = KP / MR >= 8 ? 8 : KP / MR >= 4 ? 4 : KP / MR >= 2 ? 2 : 1;
+  static_assert(KS * MR <= KP && GP % KS == 0 && KP % GP == 0);
   const int64_t pieces = w.k / kPiece, items = (t1 - t0) * pieces, groups = w.k / w.group;
   const auto row_of = [&](int64_t t, int r) { return std::min(t * MR + r, w.n - 1); };
   float* tsz = xsum ? ts + MR * groups : nullptr;  // ts: [MR][groups] scales, then (asymmetric) [MR][groups] s (z - 8)
@@ -332,31 +338,42 @@ static void code_tiles(const QWeight& w, const CodeDecoder& d, const attn::Bf16P
     const bool more = i + 1 < items;
     const uint32_t* a = reinterpret_cast<const uint32_t*>(buf + i % 2 * MR * kPiece);
     bf16* next = buf + (i + 1) % 2 * MR * kPiece;
-    const attn::Bf16Pair* b = xt + p0 / 2 * 16;
+    const attn::Bf16Pair* b = xt + p0 / 2 * PW;
     const int64_t ac = p0 + kCodeAhead, at = ac < w.k ? t : t + 1, acol = ac < w.k ? ac : ac - w.k;
     const bool ahead = at * MR < w.n;
     if (p0 == 0) {
-      std::memset(c, 0, sizeof(float) * MR * 16);
+      std::memset(c, 0, sizeof(float) * MR * PW);
       for (int r = 0; r < MR; ++r) row_scales(w, row_of(t, r), ts + r * groups, tsz ? tsz + r * groups : nullptr);
     }
-    __m512 acc[MR];
+    __m512 acc[MR][NR];
 #pragma GCC unroll 32
-    for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
     const auto fold = [&](int64_t col) {  // acc (the group's columns up to the piece's col) into c
       const int64_t g = (p0 + col - 1) / w.group;
 #pragma GCC unroll 32  // (a rolled loop indexes acc at run time, which puts it on the stack)
-      for (int r = 0; r < MR; ++r) {
-        __m512 v = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(ts[r * groups + g]), _mm512_loadu_ps(c + r * 16));
-        if (tsz) v = _mm512_fnmadd_ps(_mm512_loadu_ps(xsum + g * 16), _mm512_set1_ps(tsz[r * groups + g]), v);
-        _mm512_storeu_ps(c + r * 16, v);
-        acc[r] = _mm512_setzero_ps();
-      }
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; ++j) {
+          float* cp = c + r * PW + j * 16;
+          __m512 v = _mm512_fmadd_ps(acc[r][j], _mm512_set1_ps(ts[r * groups + g]), _mm512_loadu_ps(cp));
+          if (tsz)
+            v = _mm512_fnmadd_ps(_mm512_loadu_ps(xsum + g * PW + j * 16), _mm512_set1_ps(tsz[r * groups + g]), v);
+          _mm512_storeu_ps(cp, v);
+          acc[r][j] = _mm512_setzero_ps();
+        }
     };
     const auto kstep = [&](int kk) {
-      const __m512bh bv = (__m512bh)_mm512_loadu_si512(b + kk * 16);
+      __m512bh bv[NR];
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + kk * PW + j * 16);
 #pragma GCC unroll 32
-      for (int r = 0; r < MR; ++r)
-        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(a[r * KP + kk])), bv);
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh ar = (__m512bh)_mm512_set1_epi32(int(a[r * KP + kk]));
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], ar, bv[j]);
+      }
     };
     const int64_t nrow0 = nt * MR, arow0 = at * MR;
     const uint8_t* nsrc = d.data + np0 / 2;
@@ -379,21 +396,22 @@ static void code_tiles(const QWeight& w, const CodeDecoder& d, const attn::Bf16P
   }
 }
 
-// code_tiles over all of W, parallel over tiles.
+// code_tiles over all of W (MR rows a tile against NR vectors of x rows, one panel), parallel over tiles.
+template <int MR, int NR>
 static void code_gemm(const QLinearParams& p, const attn::Bf16Pair* xt,
                       const std::function<void(int64_t, int64_t, const float*)>& store) {
   const QWeight& w = p.w;
-  Scratch<float> xsum(size_t(w.zeros ? w.k / w.group * 16 : 1));
-  if (w.zeros) group_sums(xt, w.k, w.group, xsum.ptr);
+  Scratch<float> xsum(size_t(w.zeros ? w.k / w.group * 16 * NR : 1));
+  if (w.zeros) group_sums(xt, w.k, w.group, 16 * NR, xsum.ptr);
   const CodeDecoder d(w);
-  parallel_for(0, (w.n + kCodeRows - 1) / kCodeRows, 1, [&](int64_t t0, int64_t t1) {
-    Scratch<bf16> buf(size_t(2 * kCodeRows * kPiece));
-    Scratch<float> c(size_t(kCodeRows * 16));
-    Scratch<float> ts(size_t(kCodeRows * (w.k / w.group) * (w.zeros ? 2 : 1)));
+  parallel_for(0, (w.n + MR - 1) / MR, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<bf16> buf(size_t(2 * MR * kPiece));
+    Scratch<float> c(size_t(MR * 16 * NR));
+    Scratch<float> ts(size_t(MR * (w.k / w.group) * (w.zeros ? 2 : 1)));
     const float* xs = w.zeros ? xsum.ptr : nullptr;
-    if (w.group == 32) code_tiles<kCodeRows, 32>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, ts.ptr, store);
-    else if (w.group == 64) code_tiles<kCodeRows, 64>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, ts.ptr, store);
-    else code_tiles<kCodeRows, kPiece>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, ts.ptr, store);
+    if (w.group == 32) code_tiles<MR, NR, 32>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, ts.ptr, store);
+    else if (w.group == 64) code_tiles<MR, NR, 64>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, ts.ptr, store);
+    else code_tiles<MR, NR, kPiece>(w, d, xt, xs, t0, t1, buf.ptr, c.ptr, ts.ptr, store);
   });
 }
 #endif
@@ -448,8 +466,11 @@ static void gemm_typed(const QLinearParams& p) {
   };
 #if defined(LLMKERN_ISA_AVX512BF16)
   if constexpr (!std::is_same_v<E, float>) {
-    if (pn.width == 16 && code_tiles_ok(w))
-      return code_gemm(p, xt.ptr, [&](int64_t n0, int64_t rows, const float* c) { store(n0, rows, 0, p.m, c, 16); });
+    if (pn.width <= 32 && code_tiles_ok(w)) {
+      const auto st = [&](int64_t n0, int64_t rows, const float* c) { store(n0, rows, 0, p.m, c, pn.width); };
+      if (pn.width == 16) return code_gemm<kCodeRows, 1>(p, xt.ptr, st);
+      return code_gemm<kCodeRows / 2, 2>(p, xt.ptr, st);
+    }
   }
 #endif
   outer::gemm<kChunk>(w.n, pn, xt.ptr, decode, store, {}, std::max(run, 2 * L));

@@ -60,7 +60,7 @@ void qlinear_gemm(const QLinearParams& p);
 // tiles (quant_gemm.cpp), returning true; false (nothing done) elsewhere.
 bool qlinear_tiles(const QLinearParams& p);
 
-// Whether qlinear_gemm runs w against bf16 x of up to 16 rows as code_tiles (quant_gemm.cpp: avx512bf16, a 4-bit W
+// Whether qlinear_gemm runs w against bf16 x of up to 32 rows as code_tiles (quant_gemm.cpp: avx512bf16, a 4-bit W
 // with k a multiple of 128 and groups of 32, 64 or a multiple of 128).
 bool qlinear_code_tiles(const QWeight& w);
 

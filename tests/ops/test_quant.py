@@ -281,14 +281,15 @@ def test_linear_vs_dequantize_matmul(device, m, dtype):
 
 
 @pytest.mark.parametrize("m, dtype", [(8, torch.bfloat16), (10, torch.bfloat16), (13, torch.bfloat16),
-                                      (16, torch.bfloat16), (33, torch.float32), (65, torch.bfloat16),
-                                      (128, torch.float16), (512, torch.bfloat16), (513, torch.bfloat16)])
+                                      (16, torch.bfloat16), (24, torch.bfloat16), (33, torch.float32),
+                                      (65, torch.bfloat16), (128, torch.float16), (512, torch.bfloat16),
+                                      (513, torch.bfloat16)])
 def test_linear_many_rows(device, m, dtype):
     """The many-row (GEMM) path over several row tiles, k chunks and x panels: n and k not multiples of the tile
     (24 rows; 32 on the AMX tiles) or the chunk (1024 columns; 2048 on the tiles), M not a multiple of the vector
     width (a partial last panel at 65; 13 rows, from which bf16 takes the GEMM on full-width AVX-512, 10 for 4-bit
-    weights whose k is a multiple of 128: code_tiles); the tiles' row range (8-512 on amx) and past it; a last tile
-    of at most 16 rows (n = 40) with a strided x; int8 with a k that is not a multiple of 32."""
+    weights whose k is a multiple of 128: code_tiles, up to 32 rows); the tiles' row range (8-512 on amx) and past
+    it; a last tile of at most 16 rows (n = 40) with a strided x; int8 with a k that is not a multiple of 32."""
     n, k = 155, 2560
     for name, linear, w32 in formats(n, k, device):
         x = torch.randn(m, k, dtype=dtype, device=device)
