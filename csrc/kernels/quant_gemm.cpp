@@ -237,7 +237,7 @@ static void permute_runs(const bf16* x, int64_t m, int64_t ld, int64_t k, int ru
 // rows decode piece by piece (kPiece columns), each row's next piece between the k steps of the piece before, so the
 // decode's shuffles issue beside the vdpbf16ps chains instead of in a pass of their own (a piece's rows all decoded
 // before its products ran 1.13x slower, in an earlier form of this loop). Int4 M = 16 against the chunked form, Zen 5:
-// see bench/RESULTS.md (1.2-1.3x; 2.07-2.17x torch's int4pack op). Two vectors (M = 32, 12-row tiles): 1.14-1.15x the
+// see bench/RESULTS.md (1.2-1.3x; 2.07-2.17x torch's int4pack op). Two vectors (M = 32, 12-row tiles): 1.10-1.15x the
 // chunked form; three and four (M = 48, 64) 1.06-1.09x and 0.90-1.04x, there x^T (k x 48 or 64 bf16) outgrows L2 at
 // k = 11008 (the chunked form reads it a chunk at a time): not taken.
 constexpr int64_t kPiece = 128;
@@ -327,7 +327,7 @@ static void code_tiles(const QWeight& w, const CodeDecoder& d, const attn::Bf16P
   // k steps (pairs): a piece; after each row's decode (a power of two: fold points fall between them); a fold
   constexpr int KP = kPiece / 2, GP = FG / 2, PW = 16 * NR;
   constexpr int KS = KP / MR >= 8 ? 8 : KP / MR >= 4 ? 4 : KP / MR >= 2 ? 2 : 1;
-  static_assert(KS * MR <= KP && GP % KS == 0 && KP % GP == 0);
+  static_assert(KS * MR <= KP && GP % KS == 0 && KP % GP == 0 && NR <= 2);
   const int64_t pieces = w.k / kPiece, items = (t1 - t0) * pieces, groups = w.k / w.group;
   const auto row_of = [&](int64_t t, int r) { return std::min(t * MR + r, w.n - 1); };
   float* tsz = xsum ? ts + MR * groups : nullptr;  // ts: [MR][groups] scales, then (asymmetric) [MR][groups] s (z - 8)
@@ -345,34 +345,36 @@ static void code_tiles(const QWeight& w, const CodeDecoder& d, const attn::Bf16P
       std::memset(c, 0, sizeof(float) * MR * PW);
       for (int r = 0; r < MR; ++r) row_scales(w, row_of(t, r), ts + r * groups, tsz ? tsz + r * groups : nullptr);
     }
-    __m512 acc[MR][NR];
+    __m512 acc[MR * NR];  // acc[r * NR + j]: row r of W, vector j of x rows
 #pragma GCC unroll 32
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int i = 0; i < MR * NR; ++i) acc[i] = _mm512_setzero_ps();
     const auto fold = [&](int64_t col) {  // acc (the group's columns up to the piece's col) into c
       const int64_t g = (p0 + col - 1) / w.group;
-#pragma GCC unroll 32  // (a rolled loop indexes acc at run time, which puts it on the stack)
-      for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-        for (int j = 0; j < NR; ++j) {
-          float* cp = c + r * PW + j * 16;
-          __m512 v = _mm512_fmadd_ps(acc[r][j], _mm512_set1_ps(ts[r * groups + g]), _mm512_loadu_ps(cp));
-          if (tsz)
-            v = _mm512_fnmadd_ps(_mm512_loadu_ps(xsum + g * PW + j * 16), _mm512_set1_ps(tsz[r * groups + g]), v);
-          _mm512_storeu_ps(cp, v);
-          acc[r][j] = _mm512_setzero_ps();
-        }
+#pragma GCC unroll 32  // (one flat loop: a rolled one indexes acc at run time, which puts it on the stack; a
+      // nested loop over x's vectors spilled general registers in the k steps' loop)
+      for (int i = 0; i < MR * NR; ++i) {  // i = r NR + j: c's row r, x's vector j
+        const int r = i / NR;
+        __m512 v = _mm512_fmadd_ps(acc[i], _mm512_set1_ps(ts[r * groups + g]), _mm512_loadu_ps(c + i * 16));
+        if (tsz)
+          v = _mm512_fnmadd_ps(_mm512_loadu_ps(xsum + g * PW + i % NR * 16), _mm512_set1_ps(tsz[r * groups + g]), v);
+        _mm512_storeu_ps(c + i * 16, v);
+        acc[i] = _mm512_setzero_ps();
+      }
     };
-    const auto kstep = [&](int kk) {
-      __m512bh bv[NR];
-#pragma GCC unroll 4
-      for (int j = 0; j < NR; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + kk * PW + j * 16);
+    const auto kstep = [&](int kk) {  // (written out per NR: a loop over x's vectors cost 3-7% at M = 16)
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kk * PW);
+      if constexpr (NR == 1) {
 #pragma GCC unroll 32
-      for (int r = 0; r < MR; ++r) {
-        const __m512bh ar = (__m512bh)_mm512_set1_epi32(int(a[r * KP + kk]));
-#pragma GCC unroll 4
-        for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], ar, bv[j]);
+        for (int r = 0; r < MR; ++r)
+          acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(a[r * KP + kk])), b0);
+      } else {
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kk * PW + 16);
+#pragma GCC unroll 32
+        for (int r = 0; r < MR; ++r) {
+          const __m512bh ar = (__m512bh)_mm512_set1_epi32(int(a[r * KP + kk]));
+          acc[2 * r] = _mm512_dpbf16_ps(acc[2 * r], ar, b0);
+          acc[2 * r + 1] = _mm512_dpbf16_ps(acc[2 * r + 1], ar, b1);
+        }
       }
     };
     const int64_t nrow0 = nt * MR, arow0 = at * MR;
