@@ -175,30 +175,40 @@ static void decode_row(const QWeight& w, int64_t r, int64_t c0, int64_t c1, attn
 // the natural order (0).
 static int run_cols(const QWeight& w) { return w.format == QFormat::int8 ? 0 : w.group % 64 == 0 ? 64 : 32; }
 
+// The 16-entry bf16 table (base[q] - z) s (entries 0-15 in the low 256 bits, for vpermw).
+static inline __m512i bf16_table(const float* base, float z, float s) {
+  const __m512 t32 = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(base), _mm512_set1_ps(z)), _mm512_set1_ps(s));
+  return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t32));
+}
+
+// cols columns (whole runs) of 4-bit codes at src to bf16 through table, in the runs' k order: runs of 64 columns
+// (wide) or of 32.
+static inline void decode_runs(const uint8_t* src, int64_t cols, bool wide, __m512i table, bf16* out) {
+  const __m512i low4 = _mm512_set1_epi16(15);
+  if (wide) {
+#pragma GCC unroll 2
+    for (int64_t q = 0; q < cols; q += 64) {
+      const __m512i u = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + q / 2)));
+      _mm512_storeu_si512(out + q, _mm512_permutexvar_epi16(_mm512_srli_epi16(u, 4), table));
+      _mm512_storeu_si512(out + q + 32, _mm512_permutexvar_epi16(_mm512_and_si512(u, low4), table));
+    }
+    return;
+  }
+#pragma GCC unroll 4
+  for (int64_t q = 0; q < cols; q += 32) {
+    const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + q / 2)));
+    const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(u, 4)),
+                                           _mm256_and_si256(u, _mm512_castsi512_si256(low4)), 1);
+    _mm512_storeu_si512(out + q, _mm512_permutexvar_epi16(idx, table));
+  }
+}
+
 // Row r of a 4-bit W, columns [c0, c1) (multiples of the run), to bf16 in the runs' k order: each value rounded to
 // bf16, as a bf16 dequantize-then-matmul rounds it.
 static void decode_row_runs(const QWeight& w, int64_t r, int64_t c0, int64_t c1, bf16* dst) {
-  const __m512i low4 = _mm512_set1_epi16(15);
   const bool wide = run_cols(w) == 64;
   for_each_group(w, r, c0, c1, [&](const uint8_t* row, int64_t c, int64_t hi, const float* base, float s, float z) {
-    const __m512 t32 = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(base), _mm512_set1_ps(z)), _mm512_set1_ps(s));
-    const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t32));  // entries 0-15
-    const uint8_t* src = row + c / 2;
-    bf16* out = dst + (c - c0);
-    if (wide) {
-      for (int64_t n = (hi - c) / 64; n > 0; --n, src += 32, out += 64) {
-        const __m512i u = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-        _mm512_storeu_si512(out, _mm512_permutexvar_epi16(_mm512_srli_epi16(u, 4), table));
-        _mm512_storeu_si512(out + 32, _mm512_permutexvar_epi16(_mm512_and_si512(u, low4), table));
-      }
-      return;
-    }
-    for (int64_t n = (hi - c) / 32; n > 0; --n, src += 16, out += 32) {
-      const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-      const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(u, 4)),
-                                             _mm256_and_si256(u, _mm512_castsi512_si256(low4)), 1);
-      _mm512_storeu_si512(out, _mm512_permutexvar_epi16(idx, table));
-    }
+    decode_runs(row + c / 2, hi - c, wide, bf16_table(base, z, s), dst + (c - c0));
   });
 }
 
@@ -263,31 +273,11 @@ struct CodeDecoder {
   __m512i table;  // int4: q - 8; nf4: bf16(code[q])
   bool wide;      // runs of 64 columns (else 32)
   explicit CodeDecoder(const QWeight& w)
-      : data(static_cast<const uint8_t*>(w.data)), half(w.k / 2), wide(run_cols(w) == 64) {
-    const __m512 t = w.format == QFormat::nf4 ? _mm512_loadu_ps(w.code)
-                                              : _mm512_sub_ps(_mm512_loadu_ps(kIota), _mm512_set1_ps(8.f));
-    table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t));
-  }
+      : data(static_cast<const uint8_t*>(w.data)), half(w.k / 2),
+        table(w.format == QFormat::nf4 ? bf16_table(w.code, 0.f, 1.f) : bf16_table(kIota, 8.f, 1.f)),
+        wide(run_cols(w) == 64) {}
   void piece(int64_t row, int64_t c, bf16* out) const { decode(data + row * half + c / 2, out); }
-  void decode(const uint8_t* src, bf16* out) const {
-    const __m512i low4 = _mm512_set1_epi16(15);
-    if (wide) {
-#pragma GCC unroll 2
-      for (int q = 0; q < kPiece; q += 64) {
-        const __m512i u = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + q / 2)));
-        _mm512_storeu_si512(out + q, _mm512_permutexvar_epi16(_mm512_srli_epi16(u, 4), table));
-        _mm512_storeu_si512(out + q + 32, _mm512_permutexvar_epi16(_mm512_and_si512(u, low4), table));
-      }
-      return;
-    }
-#pragma GCC unroll 4
-    for (int q = 0; q < kPiece; q += 32) {
-      const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + q / 2)));
-      const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(u, 4)),
-                                             _mm256_and_si256(u, _mm512_castsi512_si256(low4)), 1);
-      _mm512_storeu_si512(out + q, _mm512_permutexvar_epi16(idx, table));
-    }
-  }
+  void decode(const uint8_t* src, bf16* out) const { decode_runs(src, kPiece, wide, table, out); }
 };
 
 // Per group, the column sums of x's rows (fp32 [groups][pw]) from x^T's pairs (xt, k / 2 pairs of pw rows).
